@@ -1,0 +1,200 @@
+//! Map key and value types shared by kpr's kernel programs and its agent.
+//!
+//! The layout follows Cilium's `lb4_*` maps (bpf/lib/lb.h): one services map keyed by
+//! (frontend address, port, protocol, slot) where slot 0 describes the frontend and slots
+//! `1..=count` each name a backend id, plus a backends map from id to address. Splitting the
+//! two lets one backend serve many frontends and lets the agent change a frontend's backend
+//! set slot by slot without a window in which the frontend is missing.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding so the kernel and userspace agree on
+//! the bytes (the verifier rejects reads of uninitialised padding in keys, and hash maps hash
+//! every byte of a key). Sizes are asserted at compile time. Fields that hold network-byte-
+//! order values say so in their name (`_be`).
+//!
+//! Map names carry a version suffix: a change to a layout gets a new name, so an agent that
+//! is upgraded in place never reinterprets a pinned map written by an older layout.
+#![no_std]
+
+/// Services map: [`Service4Key`] → [`Service4Value`].
+pub const SERVICES_MAP: &str = "KPR_SVC4_V1";
+/// Backends map: backend id (`u32`) → [`Backend4Value`].
+pub const BACKENDS_MAP: &str = "KPR_BE4_V1";
+/// Socket reverse-NAT map: [`SockRevNat4Key`] → [`SockRevNat4Value`].
+pub const SOCK_REVNAT_MAP: &str = "KPR_SKNAT4_V1";
+/// Per-CPU datapath counters, indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "KPR_CNT_V1";
+
+/// Default capacities. The agent may override them at load time.
+pub const SERVICES_MAP_MAX: u32 = 262_144;
+pub const BACKENDS_MAP_MAX: u32 = 131_072;
+pub const SOCK_REVNAT_MAP_MAX: u32 = 262_144;
+
+/// IP protocol numbers, as the kernel reports them in `bpf_sock_addr.protocol`.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Key of the services map.
+///
+/// Slot 0 is the frontend itself; slots `1..=count` hold the frontend's backends in the
+/// order the agent chose. The program picks a slot at random, so the order does not bias
+/// the choice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service4Key {
+    /// Frontend IPv4 address, network byte order.
+    pub address_be: u32,
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    /// 0 for the frontend, `1..=count` for backends.
+    pub backend_slot: u16,
+    /// IP protocol number ([`IPPROTO_TCP`], [`IPPROTO_UDP`], ...).
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 3],
+}
+
+impl Service4Key {
+    pub const fn new(address_be: u32, port_be: u16, proto: u8, backend_slot: u16) -> Self {
+        Self {
+            address_be,
+            port_be,
+            backend_slot,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Value of the services map.
+///
+/// For slot 0: `count` backends and the frontend's `rev_nat_id`; `backend_id` is 0.
+/// For slot n > 0: `backend_id` names the backend; `count` and `rev_nat_id` repeat slot 0's so a
+/// slot can be checked against its frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Service4Value {
+    pub backend_id: u32,
+    /// Number of backends in slots `1..=count`. 0 means the service has no endpoints.
+    pub count: u16,
+    /// Identifies the frontend; stored in socket reverse-NAT entries so a reply can be checked
+    /// against a frontend that still exists.
+    pub rev_nat_id: u16,
+    /// [`SVC_FLAG_*`](SVC_FLAG_NONE) bits.
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+pub const SVC_FLAG_NONE: u8 = 0;
+
+/// Value of the backends map (key: backend id, `u32`, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend4Value {
+    /// Backend IPv4 address, network byte order.
+    pub address_be: u32,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Key of the socket reverse-NAT map: which socket talked to which backend.
+///
+/// Keyed by the socket cookie as well as the backend so that two sockets of different
+/// services that happen to share a backend never see each other's frontend address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNat4Key {
+    pub cookie: u64,
+    /// Backend IPv4 address, network byte order.
+    pub address_be: u32,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    pub pad: u16,
+}
+
+/// Value of the socket reverse-NAT map: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNat4Value {
+    /// Frontend IPv4 address, network byte order.
+    pub address_be: u32,
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    pub rev_nat_id: u16,
+}
+
+/// Datapath counters: translations done and typed drop/failure reasons.
+///
+/// The index of each variant in [`COUNTERS_MAP`] is its discriminant; new reasons are
+/// appended so that older agents still read the ones they know.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connect/sendmsg to a frontend was translated to a backend.
+    Translated = 0,
+    /// A frontend with no backends was hit; the socket call was refused.
+    DropNoBackend = 1,
+    /// A service slot pointed at a backend id missing from the backends map (the agent is
+    /// mid-update or a map is corrupt); the call was refused rather than sent to the VIP.
+    DropBackendMissing = 2,
+    /// A service slot in `1..=count` was missing.
+    DropSlotMissing = 3,
+    /// The socket reverse-NAT entry could not be written; replies to an unconnected UDP
+    /// socket would show the backend address, so the call was refused.
+    DropRevNatUpdate = 4,
+    /// A reply/getpeername address was translated back to its frontend.
+    RevTranslated = 5,
+    /// A reverse-NAT entry whose frontend no longer exists was found and removed.
+    RevNatStale = 6,
+}
+
+/// Number of counters; size of [`COUNTERS_MAP`].
+pub const COUNTER_MAX: u32 = 16;
+
+impl Counter {
+    pub const ALL: [Counter; 7] = [
+        Counter::Translated,
+        Counter::DropNoBackend,
+        Counter::DropBackendMissing,
+        Counter::DropSlotMissing,
+        Counter::DropRevNatUpdate,
+        Counter::RevTranslated,
+        Counter::RevNatStale,
+    ];
+
+    /// Name used in logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Translated => "translated",
+            Counter::DropNoBackend => "drop_no_backend",
+            Counter::DropBackendMissing => "drop_backend_missing",
+            Counter::DropSlotMissing => "drop_slot_missing",
+            Counter::DropRevNatUpdate => "drop_revnat_update",
+            Counter::RevTranslated => "rev_translated",
+            Counter::RevNatStale => "revnat_stale",
+        }
+    }
+}
+
+// The kernel and userspace must agree on these sizes; a change here is a layout change and
+// needs a new map-name version.
+const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
+const _: () = assert!(core::mem::size_of::<Service4Value>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend4Value>() == 8);
+const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevNat4Value>() == 8);
+const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers, so any
+    // byte pattern the kernel hands back is a valid value.
+    unsafe impl aya::Pod for Service4Key {}
+    unsafe impl aya::Pod for Service4Value {}
+    unsafe impl aya::Pod for Backend4Value {}
+    unsafe impl aya::Pod for SockRevNat4Key {}
+    unsafe impl aya::Pod for SockRevNat4Value {}
+}

@@ -1,0 +1,220 @@
+//! kpr's kernel programs: socket-level service load balancing ("socket LB").
+//!
+//! The cgroup v2 sock_addr hooks run when a process in the cgroup calls connect(), sendmsg(),
+//! recvmsg() or getpeername() on an IPv4 socket. A connect or send to a service frontend
+//! (ClusterIP:port) is rewritten to a backend chosen at random, once, at the socket call:
+//! nothing runs per packet afterwards, which is why this path costs the same at 1 service as at
+//! 100,000. The receive and getpeername hooks undo the rewrite in what the application sees, so
+//! an unconnected UDP client gets replies "from" the ClusterIP and a TCP client's peer is the
+//! ClusterIP it dialled.
+//!
+//! The map layout is documented in `kpr-common`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use kpr_common::{
+    Backend4Value, Counter, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
+    BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX,
+    SOCK_REVNAT_MAP_MAX,
+};
+
+// Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
+#[map(name = "KPR_SVC4_V1")]
+static SERVICES: HashMap<Service4Key, Service4Value> = HashMap::pinned(SERVICES_MAP_MAX, 0);
+
+#[map(name = "KPR_BE4_V1")]
+static BACKENDS: HashMap<u32, Backend4Value> = HashMap::pinned(BACKENDS_MAP_MAX, 0);
+
+// LRU: entries for sockets that closed are never deleted explicitly; the LRU evicts them.
+#[map(name = "KPR_SKNAT4_V1")]
+static SOCK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
+    LruHashMap::pinned(SOCK_REVNAT_MAP_MAX, 0);
+
+#[map(name = "KPR_CNT_V1")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
+
+/// sock_addr programs allow the call with 1 and refuse it with 0.
+const SYS_PROCEED: i32 = 1;
+const SYS_REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[cgroup_sock_addr(connect4)]
+pub fn kpr_connect4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kpr_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kpr_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx);
+    // recvmsg hooks must return 1; there is nothing to refuse here.
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn kpr_getpeer4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx);
+    SYS_PROCEED
+}
+
+/// connect4 / sendmsg4: translate a frontend to a backend, or refuse the call.
+#[inline(always)]
+fn forward(ctx: &SockAddrContext) -> i32 {
+    match try_forward(ctx) {
+        Ok(Some(())) => {
+            count(Counter::Translated);
+            SYS_PROCEED
+        }
+        // Not a frontend: leave the call alone.
+        Ok(None) => SYS_PROCEED,
+        Err(reason) => {
+            count(reason);
+            // Refuse with ECONNREFUSED, as a TCP RST would: a service with no usable backend
+            // must fail fast, not hang until a timeout. Sending the packet on to the VIP would
+            // only reach nothing.
+            // SAFETY: bpf_set_retval is available to connect4/sendmsg4 (kernel >= 5.18).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            SYS_REJECT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_forward(ctx: &SockAddrContext) -> Result<Option<()>, Counter> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr for its whole run.
+    let (address_be, port_be, proto) = unsafe {
+        (
+            (*sa).user_ip4,
+            (*sa).user_port as u16,
+            (*sa).protocol as u8,
+        )
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(None);
+    }
+    let frontend_key = Service4Key::new(address_be, port_be, proto, 0);
+    // SAFETY: values are plain data, copied out at once.
+    let frontend: Service4Value = match unsafe { SERVICES.get(&frontend_key) } {
+        Some(v) => *v,
+        None => return Ok(None),
+    };
+    if frontend.count == 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    // SAFETY: helper without preconditions.
+    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
+    let slot_key = Service4Key::new(address_be, port_be, proto, pick as u16 + 1);
+    let backend_id = match unsafe { SERVICES.get(&slot_key) } {
+        Some(v) => v.backend_id,
+        None => return Err(Counter::DropSlotMissing),
+    };
+    let backend: Backend4Value = match unsafe { BACKENDS.get(&backend_id) } {
+        Some(b) => *b,
+        None => return Err(Counter::DropBackendMissing),
+    };
+
+    // Remember what this socket asked for, so recvmsg/getpeername can show it again.
+    // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let revnat_key = SockRevNat4Key {
+        cookie,
+        address_be: backend.address_be,
+        port_be: backend.port_be,
+        pad: 0,
+    };
+    let revnat = SockRevNat4Value {
+        address_be,
+        port_be,
+        rev_nat_id: frontend.rev_nat_id,
+    };
+    // An unconnected UDP socket sends many datagrams to the same backend: skip the write (and
+    // the LRU bookkeeping it costs) when the entry is already there.
+    let known = matches!(unsafe { SOCK_REVNAT.get(&revnat_key) }, Some(v) if *v == revnat);
+    if !known && SOCK_REVNAT.insert(&revnat_key, &revnat, 0).is_err() {
+        return Err(Counter::DropRevNatUpdate);
+    }
+
+    // SAFETY: user_ip4/user_port are writable in connect4 and sendmsg4.
+    unsafe {
+        (*sa).user_ip4 = backend.address_be;
+        (*sa).user_port = u32::from(backend.port_be);
+    }
+    Ok(Some(()))
+}
+
+/// recvmsg4 / getpeername4: show the frontend instead of the backend the socket really talks to.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as in try_forward.
+    let (address_be, port_be, proto) = unsafe {
+        (
+            (*sa).user_ip4,
+            (*sa).user_port as u16,
+            (*sa).protocol as u8,
+        )
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return;
+    }
+    // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNat4Key {
+        cookie,
+        address_be,
+        port_be,
+        pad: 0,
+    };
+    let revnat: SockRevNat4Value = match unsafe { SOCK_REVNAT.get(&key) } {
+        Some(v) => *v,
+        None => return,
+    };
+    // Only translate back to a frontend that still exists and is the same service: a deleted
+    // (or deleted and re-created) ClusterIP must not keep being shown to the application.
+    let frontend_key = Service4Key::new(revnat.address_be, revnat.port_be, proto, 0);
+    match unsafe { SERVICES.get(&frontend_key) } {
+        Some(f) if f.rev_nat_id == revnat.rev_nat_id => {}
+        _ => {
+            let _ = SOCK_REVNAT.remove(&key);
+            count(Counter::RevNatStale);
+            return;
+        }
+    }
+    // SAFETY: user_ip4/user_port are writable in recvmsg4 and getpeername4.
+    unsafe {
+        (*sa).user_ip4 = revnat.address_be;
+        (*sa).user_port = u32::from(revnat.port_be);
+    }
+    count(Counter::RevTranslated);
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
