@@ -138,6 +138,7 @@ fn try_forward(ctx: &SockAddrContext) -> Result<Option<()>, Counter> {
     let revnat = SockRevNat4Value {
         address_be,
         port_be,
+        pad: 0,
         rev_nat_id: frontend.rev_nat_id,
     };
     // An unconnected UDP socket sends many datagrams to the same backend: skip the write (and

@@ -75,14 +75,15 @@ impl Service4Key {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Service4Value {
     pub backend_id: u32,
+    /// Identifies the frontend; stored in socket reverse-NAT entries so a reply can be checked
+    /// against a frontend that still exists. 32 bits (Cilium uses 16): kpr targets more than
+    /// 65,535 frontends.
+    pub rev_nat_id: u32,
     /// Number of backends in slots `1..=count`. 0 means the service has no endpoints.
     pub count: u16,
-    /// Identifies the frontend; stored in socket reverse-NAT entries so a reply can be checked
-    /// against a frontend that still exists.
-    pub rev_nat_id: u16,
     /// [`SVC_FLAG_*`](SVC_FLAG_NONE) bits.
     pub flags: u8,
-    pub pad: [u8; 3],
+    pub pad: u8,
 }
 
 pub const SVC_FLAG_NONE: u8 = 0;
@@ -122,7 +123,8 @@ pub struct SockRevNat4Value {
     pub address_be: u32,
     /// Frontend port, network byte order.
     pub port_be: u16,
-    pub rev_nat_id: u16,
+    pub pad: u16,
+    pub rev_nat_id: u32,
 }
 
 /// Datapath counters: translations done and typed drop/failure reasons.
@@ -184,7 +186,7 @@ const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
 const _: () = assert!(core::mem::size_of::<Service4Value>() == 12);
 const _: () = assert!(core::mem::size_of::<Backend4Value>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
-const _: () = assert!(core::mem::size_of::<SockRevNat4Value>() == 8);
+const _: () = assert!(core::mem::size_of::<SockRevNat4Value>() == 12);
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
 
 #[cfg(feature = "user")]

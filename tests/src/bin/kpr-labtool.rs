@@ -1,1 +1,123 @@
-fn main(){}
+//! `kpr-labtool`: echo servers and bounded traffic loops for the kpr lab. Every client
+//! subcommand prints one JSON object on stdout.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kpr_lab::tool;
+
+#[derive(Parser)]
+#[command(name = "kpr-labtool", about = "Traffic tool for the kpr lab")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Answer `NAME\n` to every TCP connection (after its first read) and UDP datagram.
+    Serve {
+        #[arg(long)]
+        name: String,
+        /// Comma-separated TCP ports.
+        #[arg(long, default_value = "8080,8081")]
+        tcp: String,
+        /// Comma-separated UDP ports.
+        #[arg(long, default_value = "5353")]
+        udp: String,
+        /// Accepting threads per TCP port.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+    },
+    /// N sequential TCP connections: connect, send "x", read the name, close.
+    TcpSpread {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// N UDP requests over one socket (unconnected sendto/recvfrom unless --connected).
+    UdpSpread {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        connected: bool,
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
+    },
+    /// Connection-rate loop (connect, 1 byte, response, RST) bounded by duration and max.
+    BenchConnect {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        max: u64,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Per-operation timeout (connect, write, read).
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// One connection attempt.
+    ConnectOnce {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+}
+
+fn print<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).expect("serializable"));
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let ms = Duration::from_millis;
+    match cli.cmd {
+        Cmd::Serve {
+            name,
+            tcp,
+            udp,
+            workers,
+        } => {
+            let tcp = tool::parse_ports(&tcp).map_err(anyhow::Error::msg)?;
+            let udp = tool::parse_ports(&udp).map_err(anyhow::Error::msg)?;
+            tool::serve(&name, &tcp, &udp, workers)?
+        }
+        Cmd::TcpSpread {
+            target,
+            count,
+            timeout_ms,
+        } => print(&tool::tcp_spread(target, count, ms(timeout_ms))),
+        Cmd::UdpSpread {
+            target,
+            count,
+            connected,
+            timeout_ms,
+        } => print(&tool::udp_spread(target, count, connected, ms(timeout_ms))),
+        Cmd::BenchConnect {
+            target,
+            duration_ms,
+            max,
+            concurrency,
+            timeout_ms,
+        } => print(&tool::bench_connect(
+            target,
+            ms(duration_ms),
+            max,
+            concurrency,
+            ms(timeout_ms),
+        )),
+        Cmd::ConnectOnce { target, timeout_ms } => {
+            print(&tool::connect_once(target, ms(timeout_ms)))
+        }
+    }
+    Ok(())
+}

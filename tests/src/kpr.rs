@@ -1,0 +1,139 @@
+//! Running the kpr agent for a lab: in the node's network namespace, attached to the lab's
+//! cgroup, pinning in the lab's bpffs, reading a manifest directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::{Lab, LabError, ProcessGuard};
+
+type Result<T> = std::result::Result<T, LabError>;
+
+/// How long to wait for kpr's first sync (a 100,000-service manifest takes a while to parse).
+const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The part of kpr's `--status-file` the lab reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct KprStatus {
+    pub syncs: u64,
+    pub failed_syncs: u64,
+    pub last_sync_duration_ms: f64,
+    pub first_sync_after_start_ms: Option<f64>,
+    pub model_errors: usize,
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// A running kpr. Killed when dropped (its programs detach; pins stay in the lab's bpffs
+/// until the lab is torn down).
+pub struct Kpr {
+    process: ProcessGuard,
+    status_file: PathBuf,
+    log_file: PathBuf,
+}
+
+/// Locates the `kpr` binary: `$KPR_BIN`, else `target/<profile>/kpr` next to (or above) the
+/// current executable.
+pub fn kpr_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("KPR_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent().map(Path::to_path_buf);
+        for _ in 0..2 {
+            let Some(d) = dir else { break };
+            let candidate = d.join("kpr");
+            if candidate.is_file() {
+                return candidate;
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+    PathBuf::from("kpr")
+}
+
+impl Kpr {
+    /// Starts kpr for `lab` on `manifests` and waits until it has programmed them once.
+    /// `name` keeps pins, status and log of several kpr runs in one lab apart.
+    pub fn start(lab: &Lab, bin: &Path, manifests: &Path, name: &str, extra: &[&str]) -> Result<Kpr> {
+        let pin_dir = lab.bpffs_dir().join(name);
+        let status_file = lab.work_dir().join(format!("{name}-status.json"));
+        let log_file = lab.work_dir().join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&status_file);
+        let log = std::fs::File::create(&log_file)
+            .map_err(|e| LabError::Other(format!("creating {}: {e}", log_file.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| LabError::Other(format!("{}: {e}", log_file.display())))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--manifests")
+            .arg(manifests)
+            .arg("--bpf-pin-dir")
+            .arg(&pin_dir)
+            .arg("--cgroup-path")
+            .arg(lab.cgroup_dir())
+            .arg("--status-file")
+            .arg(&status_file)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        let process = lab.spawn_in_node(cmd)?;
+        let mut kpr = Kpr {
+            process,
+            status_file,
+            log_file,
+        };
+        kpr.wait_for_syncs(1, FIRST_SYNC_TIMEOUT)?;
+        Ok(kpr)
+    }
+
+    /// The last status kpr wrote, if any.
+    pub fn status(&self) -> Option<KprStatus> {
+        let bytes = std::fs::read(&self.status_file).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Waits (bounded) until kpr has completed `n` successful syncs; fails early if it exits.
+    pub fn wait_for_syncs(&mut self, n: u64, timeout: Duration) -> Result<KprStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status() {
+                if s.syncs >= n {
+                    return Ok(s);
+                }
+            }
+            if let Ok(Some(exit)) = self.process.try_wait() {
+                return Err(LabError::Other(format!(
+                    "kpr exited ({exit}) before its sync #{n}; log:\n{}",
+                    self.log()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Other(format!(
+                    "kpr did not complete sync #{n} within {timeout:?}; log:\n{}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kpr's log so far (stderr and stdout).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Stops kpr (SIGTERM, then SIGKILL) and returns its log.
+    pub fn stop(self) -> String {
+        let log_file = self.log_file.clone();
+        let _ = self.process.terminate();
+        std::fs::read_to_string(log_file).unwrap_or_default()
+    }
+}

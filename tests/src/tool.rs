@@ -1,0 +1,481 @@
+//! The traffic tool behind `kpr-labtool`: echo servers and bounded client loops, with
+//! their JSON result types (shared with the tests that parse them).
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Error kinds that always appear (possibly with 0) in `error_kinds`.
+pub const COMMON_ERROR_KINDS: [&str; 5] = [
+    "ECONNREFUSED",
+    "ETIMEDOUT",
+    "ECONNRESET",
+    "EHOSTUNREACH",
+    "ENETUNREACH",
+];
+
+/// Output of `kpr-labtool tcp-spread`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TcpSpread {
+    pub target: String,
+    pub count: u64,
+    /// Answers per backend name.
+    pub counts: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub error_kinds: BTreeMap<String, u64>,
+    /// getpeername() of the connected sockets.
+    pub peers: BTreeMap<String, u64>,
+}
+
+/// Output of `kpr-labtool udp-spread`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UdpSpread {
+    pub target: String,
+    pub count: u64,
+    pub connected: bool,
+    pub counts: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub error_kinds: BTreeMap<String, u64>,
+    /// recvfrom() source addresses (getpeername() with --connected).
+    pub sources: BTreeMap<String, u64>,
+}
+
+/// Output of `kpr-labtool bench-connect`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BenchConnect {
+    pub target: String,
+    pub concurrency: u64,
+    /// Completed transactions (connect, request, response, RST).
+    pub connections: u64,
+    pub errors: u64,
+    pub error_kinds: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+    pub per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Output of `kpr-labtool connect-once`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConnectOnce {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub elapsed_us: u64,
+    pub backend: Option<String>,
+    /// getpeername() of the connected socket.
+    pub peer: Option<String>,
+}
+
+/// A short name for an error: the errno name (`ECONNREFUSED`), `ETIMEDOUT` for timeouts.
+pub fn error_kind(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => "ETIMEDOUT".into(),
+        Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
+        None => match e.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "ETIMEDOUT".into(),
+            io::ErrorKind::UnexpectedEof => "EMPTY_RESPONSE".into(),
+            k => format!("{k:?}"),
+        },
+    }
+}
+
+fn error_kinds() -> BTreeMap<String, u64> {
+    COMMON_ERROR_KINDS
+        .iter()
+        .map(|k| (k.to_string(), 0))
+        .collect()
+}
+
+fn bump(map: &mut BTreeMap<String, u64>, key: String) {
+    *map.entry(key).or_insert(0) += 1;
+}
+
+// ---------------------------------------------------------------------------------------
+// Server
+
+/// Request/read timeout of the TCP server for one connection.
+const SERVE_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn tcp_listener(port: u16) -> io::Result<TcpListener> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    let fd: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+    )?;
+    // -1: the namespace's net.core.somaxconn (4096 by default).
+    listen(&fd, Backlog::MAXALLOWABLE)?;
+    Ok(TcpListener::from(fd))
+}
+
+fn handle_tcp(mut s: TcpStream, reply: &[u8]) {
+    let _ = s.set_read_timeout(Some(SERVE_READ_TIMEOUT));
+    let _ = s.set_write_timeout(Some(SERVE_READ_TIMEOUT));
+    let mut buf = [0u8; 64];
+    // Answer after the first read: with >= 1 byte of request, or on half-close (0 bytes).
+    // n == 0 (the client half-closed without a request) is answered too.
+    if let Ok(_n) = s.read(&mut buf) {
+        let _ = s.write_all(reply);
+        let _ = s.shutdown(Shutdown::Write);
+    }
+}
+
+/// Runs the echo servers: each accepted TCP connection gets `NAME\n` after its first read;
+/// each UDP datagram gets `NAME\n` back to its sender. `workers` threads accept on each
+/// TCP port and handle each short connection inline. Never returns unless a socket cannot
+/// be set up (the process is meant to be killed).
+pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -> io::Result<()> {
+    let reply: Arc<[u8]> = Arc::from(format!("{name}\n").into_bytes());
+    let mut listeners = Vec::new();
+    for &port in tcp_ports {
+        listeners.push(tcp_listener(port)?);
+    }
+    let mut udp = Vec::new();
+    for &port in udp_ports {
+        udp.push(UdpSocket::bind(SocketAddrV4::new(
+            Ipv4Addr::UNSPECIFIED,
+            port,
+        ))?);
+    }
+    for l in listeners {
+        for _ in 0..workers.max(1) {
+            let l = l.try_clone()?;
+            let reply = reply.clone();
+            std::thread::spawn(move || loop {
+                match l.accept() {
+                    Ok((s, _)) => handle_tcp(s, &reply),
+                    // EMFILE and friends: back off briefly.
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            });
+        }
+    }
+    for sock in udp {
+        let reply = reply.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            loop {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&reply, from);
+                }
+            }
+        });
+    }
+    // Tell whoever watches our stdout that the sockets are bound.
+    println!(
+        "{}",
+        serde_json::json!({"serving": name, "tcp": tcp_ports, "udp": udp_ports})
+    );
+    let _ = io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+fn set_rst_on_close(s: &TcpStream) {
+    let lg = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &lg);
+}
+
+/// Reads a `NAME\n` answer (until newline or EOF, at most 64 bytes).
+fn read_answer<R: Read>(s: &mut R) -> io::Result<String> {
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < buf.len() {
+        let k = s.read(&mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+        if buf[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    if text.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "empty response",
+        ));
+    }
+    Ok(text)
+}
+
+/// One TCP transaction: connect, send "x", read the name, close (with RST if `rst`).
+/// Returns (backend name, getpeername()).
+pub fn tcp_transaction(
+    target: SocketAddr,
+    timeout: Duration,
+    rst: bool,
+) -> io::Result<(String, SocketAddr)> {
+    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    let peer = s.peer_addr()?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"x")?;
+    let name = read_answer(&mut s);
+    if rst {
+        set_rst_on_close(&s);
+    }
+    drop(s);
+    Ok((name?, peer))
+}
+
+/// `count` sequential TCP transactions.
+pub fn tcp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSpread {
+    let mut r = TcpSpread {
+        target: target.to_string(),
+        count,
+        error_kinds: error_kinds(),
+        ..Default::default()
+    };
+    for _ in 0..count {
+        match tcp_transaction(target, timeout, false) {
+            Ok((name, peer)) => {
+                bump(&mut r.counts, name);
+                bump(&mut r.peers, peer.to_string());
+            }
+            Err(e) => {
+                r.errors += 1;
+                bump(&mut r.error_kinds, error_kind(&e));
+            }
+        }
+    }
+    r
+}
+
+/// `count` UDP request/response pairs over one socket: unconnected (sendto/recvfrom) by
+/// default, connected (connect/send/recv) with `connected`.
+pub fn udp_spread(target: SocketAddr, count: u64, connected: bool, timeout: Duration) -> UdpSpread {
+    let mut r = UdpSpread {
+        target: target.to_string(),
+        count,
+        connected,
+        error_kinds: error_kinds(),
+        ..Default::default()
+    };
+    let sock = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.set_read_timeout(Some(timeout)).map(|_| s))
+        .and_then(|s| {
+            if connected {
+                s.connect(target).map(|_| s)
+            } else {
+                Ok(s)
+            }
+        }) {
+        Ok(s) => s,
+        Err(e) => {
+            r.errors = count;
+            *r.error_kinds.entry(error_kind(&e)).or_insert(0) += count;
+            return r;
+        }
+    };
+    let mut buf = [0u8; 2048];
+    for _ in 0..count {
+        let res = if connected {
+            sock.send(b"x")
+                .and_then(|_| sock.recv(&mut buf))
+                .and_then(|n| sock.peer_addr().map(|p| (n, p)))
+        } else {
+            sock.send_to(b"x", target)
+                .and_then(|_| sock.recv_from(&mut buf))
+        };
+        match res {
+            Ok((n, from)) => {
+                let name = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                bump(&mut r.counts, name);
+                bump(&mut r.sources, from.to_string());
+            }
+            Err(e) => {
+                r.errors += 1;
+                bump(&mut r.error_kinds, error_kind(&e));
+            }
+        }
+    }
+    r
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)] as f64
+}
+
+/// Connection-rate benchmark: `concurrency` threads loop connect, send 1 byte, read the
+/// answer, close with RST (no TIME_WAIT), until `duration` has passed or `max`
+/// transactions were started.
+pub fn bench_connect(
+    target: SocketAddr,
+    duration: Duration,
+    max: u64,
+    concurrency: usize,
+    timeout: Duration,
+) -> BenchConnect {
+    let concurrency = concurrency.max(1);
+    let remaining = Arc::new(AtomicU64::new(max));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let handles: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let remaining = remaining.clone();
+            std::thread::spawn(move || {
+                let mut lat: Vec<u32> = Vec::with_capacity(65536);
+                let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    if remaining
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    let t0 = Instant::now();
+                    match tcp_transaction(target, timeout, true) {
+                        Ok(_) => lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32),
+                        Err(e) => {
+                            errors += 1;
+                            bump(&mut kinds, error_kind(&e));
+                        }
+                    }
+                }
+                (lat, errors, kinds)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut r = BenchConnect {
+        target: target.to_string(),
+        concurrency: concurrency as u64,
+        error_kinds: error_kinds(),
+        ..Default::default()
+    };
+    for h in handles {
+        if let Ok((lat, errors, kinds)) = h.join() {
+            all.extend(lat);
+            r.errors += errors;
+            for (k, v) in kinds {
+                *r.error_kinds.entry(k).or_insert(0) += v;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    r.connections = all.len() as u64;
+    r.elapsed_s = elapsed;
+    r.per_sec = if elapsed > 0.0 {
+        r.connections as f64 / elapsed
+    } else {
+        0.0
+    };
+    r.p50_us = percentile(&all, 50.0);
+    r.p99_us = percentile(&all, 99.0);
+    r
+}
+
+/// One connection attempt (connect, send "x", read the name, close).
+pub fn connect_once(target: SocketAddr, timeout: Duration) -> ConnectOnce {
+    let t0 = Instant::now();
+    let res = tcp_transaction(target, timeout, false);
+    let elapsed_us = t0.elapsed().as_micros() as u64;
+    match res {
+        Ok((name, peer)) => ConnectOnce {
+            ok: true,
+            error: None,
+            elapsed_us,
+            backend: Some(name),
+            peer: Some(peer.to_string()),
+        },
+        Err(e) => ConnectOnce {
+            ok: false,
+            error: Some(error_kind(&e)),
+            elapsed_us,
+            backend: None,
+            peer: None,
+        },
+    }
+}
+
+/// Parses "8080,8081" (empty string: no ports).
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u16>().map_err(|e| format!("bad port {p:?}: {e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        assert_eq!(
+            error_kind(&io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            "ECONNREFUSED"
+        );
+        assert_eq!(
+            error_kind(&io::Error::from_raw_os_error(libc::EAGAIN)),
+            "ETIMEDOUT"
+        );
+        assert_eq!(
+            error_kind(&io::Error::new(io::ErrorKind::TimedOut, "x")),
+            "ETIMEDOUT"
+        );
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_ports("8080, 8081").unwrap(), vec![8080, 8081]);
+        assert_eq!(parse_ports("").unwrap(), Vec::<u16>::new());
+        assert!(parse_ports("x").is_err());
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 51.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    /// Server and clients over loopback in this (unprivileged is fine) namespace.
+    #[test]
+    fn loopback_roundtrip() {
+        let l = tcp_listener(0).unwrap();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, l.local_addr().unwrap().port()));
+        std::thread::spawn(move || {
+            for s in l.incoming().take(3).flatten() {
+                handle_tcp(s, b"t1\n");
+            }
+        });
+        let r = tcp_spread(addr, 2, Duration::from_secs(1));
+        assert_eq!(r.counts.get("t1"), Some(&2), "{r:?}");
+        assert_eq!(r.peers.get(&addr.to_string()), Some(&2));
+        let o = connect_once(addr, Duration::from_secs(1));
+        assert!(o.ok && o.backend.as_deref() == Some("t1"), "{o:?}");
+    }
+}

@@ -1,0 +1,278 @@
+//! The sync runner: kube-proxy's bounded-frequency behaviour (pkg/util/async/bounded_frequency_runner.go).
+//!
+//! - Nothing is programmed before the source delivered its first complete snapshot.
+//! - A change after a quiet period syncs at once; changes closer together than
+//!   `min_sync_period` coalesce into one sync.
+//! - Every `sync_period`, and after a failed sync (with backoff), a full sync re-reads what the
+//!   dataplane holds and repairs it.
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use crate::model::{self, DesiredState};
+use crate::source::ClusterSnapshot;
+
+/// What a dataplane reports after a sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncReport {
+    pub frontends: usize,
+    pub backends: usize,
+    pub writes: usize,
+    pub deletes: usize,
+}
+
+/// Every proxy mode implements this; the runner does not know which one it drives.
+pub trait Dataplane {
+    /// Programs `desired`. With `full`, first re-reads the dataplane's actual state.
+    fn sync(
+        &mut self,
+        desired: &DesiredState,
+        full: bool,
+    ) -> Result<SyncReport, Box<dyn Error + Send + Sync>>;
+
+    /// Datapath counters (typed drop reasons and the like), by name.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    /// Where to write a JSON status after each sync (tests and benchmarks read it).
+    pub status_file: Option<PathBuf>,
+}
+
+/// The status file's content.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Status {
+    pub syncs: u64,
+    pub failed_syncs: u64,
+    pub last_sync_unix_ms: u128,
+    pub last_sync_duration_ms: f64,
+    /// Time from agent start to the end of the first successful sync.
+    pub first_sync_after_start_ms: Option<f64>,
+    pub last_report: SyncReport,
+    pub model_errors: usize,
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Runs until the source's sender is dropped.
+pub async fn run<D: Dataplane>(
+    dataplane: &mut D,
+    mut source: watch::Receiver<Option<Arc<ClusterSnapshot>>>,
+    cfg: &RunnerConfig,
+) {
+    let started = Instant::now();
+    let mut status = Status::default();
+
+    // Wait for the first complete read.
+    loop {
+        if source.borrow_and_update().is_some() {
+            break;
+        }
+        if source.changed().await.is_err() {
+            return;
+        }
+    }
+    tracing::info!("source delivered its first complete snapshot; programming the dataplane");
+
+    let mut last_sync: Option<Instant> = None;
+    let mut next_full = Instant::now() + cfg.sync_period;
+    let mut pending = true;
+    let mut full = true;
+    let mut source_open = true;
+    loop {
+        if !pending {
+            tokio::select! {
+                changed = source.changed(), if source_open => match changed {
+                    Ok(()) => pending = true,
+                    Err(_) => source_open = false,
+                },
+                _ = tokio::time::sleep_until(next_full.into()) => {
+                    pending = true;
+                    full = true;
+                }
+            }
+            if !source_open && !pending {
+                return;
+            }
+            if !pending {
+                continue;
+            }
+        }
+        // Coalesce: at most one sync per min_sync_period.
+        if let Some(last) = last_sync {
+            let since = last.elapsed();
+            if since < cfg.min_sync_period {
+                tokio::time::sleep(cfg.min_sync_period - since).await;
+            }
+        }
+        let snapshot = match source.borrow_and_update().clone() {
+            Some(s) => s,
+            None => continue,
+        };
+        pending = false;
+
+        let t0 = Instant::now();
+        let (desired, errors) = model::build(&snapshot.services, &snapshot.slices);
+        for e in &errors {
+            tracing::warn!("skipped: {e}");
+        }
+        status.model_errors = errors.len();
+        let result = dataplane.sync(&desired, full);
+        let took = t0.elapsed();
+        last_sync = Some(Instant::now());
+        match result {
+            Ok(report) => {
+                tracing::info!(
+                    frontends = report.frontends,
+                    backends = report.backends,
+                    writes = report.writes,
+                    deletes = report.deletes,
+                    full,
+                    "synced in {:.1} ms",
+                    took.as_secs_f64() * 1e3
+                );
+                status.syncs += 1;
+                status.last_report = report;
+                status.last_sync_duration_ms = took.as_secs_f64() * 1e3;
+                status.first_sync_after_start_ms.get_or_insert(started.elapsed().as_secs_f64() * 1e3);
+                if full {
+                    next_full = Instant::now() + cfg.sync_period;
+                }
+                full = false;
+            }
+            Err(e) => {
+                tracing::error!("sync failed, full resync in {RETRY_BACKOFF:?}: {e}");
+                status.failed_syncs += 1;
+                full = true;
+                next_full = Instant::now() + RETRY_BACKOFF;
+            }
+        }
+        status.last_sync_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        status.counters = dataplane
+            .counters()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        if let Some(path) = &cfg.status_file {
+            if let Err(e) = write_status(path, &status) {
+                tracing::warn!("writing status file {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+fn write_status(path: &std::path::Path, status: &Status) -> std::io::Result<()> {
+    // Write then rename, so a reader never sees half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+    std::fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder {
+        calls: Arc<Mutex<Vec<(usize, bool)>>>,
+        fail_next: bool,
+    }
+
+    impl Dataplane for Recorder {
+        fn sync(
+            &mut self,
+            desired: &DesiredState,
+            full: bool,
+        ) -> Result<SyncReport, Box<dyn Error + Send + Sync>> {
+            self.calls.lock().unwrap().push((desired.services.len(), full));
+            if std::mem::take(&mut self.fail_next) {
+                return Err("injected".into());
+            }
+            Ok(SyncReport::default())
+        }
+    }
+
+    fn cfg() -> RunnerConfig {
+        RunnerConfig {
+            min_sync_period: Duration::from_millis(500),
+            sync_period: Duration::from_secs(30),
+            status_file: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_the_first_snapshot_then_coalesces_changes() {
+        let (tx, rx) = watch::channel(None);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut dp = Recorder {
+            calls: calls.clone(),
+            fail_next: false,
+        };
+        let task = tokio::spawn(async move {
+            run(&mut dp, rx, &cfg()).await;
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(calls.lock().unwrap().is_empty(), "synced before the first snapshot");
+
+        tx.send(Some(Arc::new(ClusterSnapshot::default()))).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(calls.lock().unwrap().len(), 1);
+
+        // Five changes within the min sync period become one sync.
+        for _ in 0..5 {
+            tx.send(Some(Arc::new(ClusterSnapshot::default()))).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_sync_is_retried_as_a_full_sync() {
+        let (tx, rx) = watch::channel(Some(Arc::new(ClusterSnapshot::default())));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut dp = Recorder {
+            calls: calls.clone(),
+            fail_next: false,
+        };
+        let task = tokio::spawn(async move {
+            run(&mut dp, rx, &cfg()).await;
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // First sync is full; arrange the next one to fail.
+        assert_eq!(calls.lock().unwrap().as_slice(), &[(0, true)]);
+        drop(tx);
+        task.await.unwrap();
+
+        let (tx, rx) = watch::channel(Some(Arc::new(ClusterSnapshot::default())));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut dp = Recorder {
+            calls: calls.clone(),
+            fail_next: true,
+        };
+        let task = tokio::spawn(async move {
+            run(&mut dp, rx, &cfg()).await;
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let seen = calls.lock().unwrap().clone();
+        assert_eq!(seen, vec![(0, true), (0, true)], "retry must be a full sync");
+        drop(tx);
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,49 @@
+//! Building the workspace's binaries for the lab.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Paths of the binaries the lab runs.
+pub struct Bins {
+    pub kpr: PathBuf,
+    pub labtool: PathBuf,
+}
+
+/// Builds the agent and the lab's traffic tool; `release` for the demo and benchmark.
+pub fn binaries(release: bool) -> Result<Bins> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--quiet", "-p", "kpr", "-p", "kpr-lab", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let dir = root()
+        .join("target")
+        .join(if release { "release" } else { "debug" });
+    Ok(Bins {
+        kpr: dir.join("kpr"),
+        labtool: dir.join("kpr-labtool"),
+    })
+}
