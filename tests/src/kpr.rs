@@ -57,7 +57,13 @@ pub fn kpr_path() -> PathBuf {
 impl Kpr {
     /// Starts kpr for `lab` on `manifests` and waits until it has programmed them once.
     /// `name` keeps pins, status and log of several kpr runs in one lab apart.
-    pub fn start(lab: &Lab, bin: &Path, manifests: &Path, name: &str, extra: &[&str]) -> Result<Kpr> {
+    pub fn start(
+        lab: &Lab,
+        bin: &Path,
+        manifests: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<Kpr> {
         let pin_dir = lab.bpffs_dir().join(name);
         let status_file = lab.work_dir().join(format!("{name}-status.json"));
         let log_file = lab.work_dir().join(format!("{name}.log"));
@@ -128,6 +134,12 @@ impl Kpr {
 
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Leaves kpr running beyond this handle (for a persistent lab, whose teardown kills
+    /// every process in the lab's namespaces). Returns its pid.
+    pub fn detach(self) -> u32 {
+        self.process.detach()
     }
 
     /// Stops kpr (SIGTERM, then SIGKILL) and returns its log.

@@ -128,7 +128,10 @@ impl Lab {
                 labtool.display()
             )));
         }
-        create_dir_all_retry(&work_dir)?;
+        create_dir_all_retry(Path::new(crate::LAB_RUN_DIR))?;
+        // Atomic claim of the prefix: whoever creates the work directory builds the lab.
+        fs::create_dir(&work_dir)
+            .map_err(|e| LabError::io(format!("mkdir {}", work_dir.display()), e))?;
         let me = std::process::id() as i32;
         let mut namespaces = vec![node_ns.clone()];
         namespaces.extend(pods.iter().map(|p| p.ns.clone()));
@@ -665,7 +668,7 @@ fn probe_tcp(pod: &Pod, port: u16) -> bool {
     let mut buf = [0u8; 64];
     s.write_all(b"x").is_ok()
         && s.read(&mut buf)
-            .is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).trim() == pod.name)
+            .is_ok_and(|n| crate::tool::split_answer(String::from_utf8_lossy(&buf[..n]).trim()).0 == pod.name)
 }
 
 fn probe_udp(pod: &Pod, port: u16) -> bool {
@@ -676,7 +679,7 @@ fn probe_udp(pod: &Pod, port: u16) -> bool {
     let mut buf = [0u8; 64];
     s.send_to(b"x", (pod.ip, port)).is_ok()
         && s.recv_from(&mut buf)
-            .is_ok_and(|(n, _)| String::from_utf8_lossy(&buf[..n]).trim() == pod.name)
+            .is_ok_and(|(n, _)| crate::tool::split_answer(String::from_utf8_lossy(&buf[..n]).trim()).0 == pod.name)
 }
 
 fn join_ports(p: &[u16]) -> String {

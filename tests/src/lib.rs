@@ -24,6 +24,7 @@ mod lab;
 mod netns;
 mod process;
 mod state;
+pub mod kpr;
 pub mod tool;
 
 pub use error::LabError;

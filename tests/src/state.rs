@@ -233,8 +233,9 @@ fn unmount(dir: &Path, errors: &mut Vec<String>) {
     }
 }
 
-/// Removes the lab's work directory: only after nothing is mounted below it, and only
-/// files and empty directories (never recursing into a file system that is still mounted).
+/// Removes the lab's work directory, only after nothing is mounted below it: then the
+/// subdirectories users of the lab create (manifests, benchmark inputs) hold only this file
+/// system's files and may be removed recursively.
 fn remove_work_dir(dir: &Path, errors: &mut Vec<String>) {
     if !dir.exists() {
         return;
@@ -251,7 +252,7 @@ fn remove_work_dir(dir: &Path, errors: &mut Vec<String>) {
         for e in rd.flatten() {
             let p = e.path();
             let r = match e.file_type() {
-                Ok(t) if t.is_dir() => fs::remove_dir(&p),
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&p),
                 _ => fs::remove_file(&p),
             };
             match r {

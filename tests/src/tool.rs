@@ -31,6 +31,9 @@ pub struct TcpSpread {
     pub error_kinds: BTreeMap<String, u64>,
     /// getpeername() of the connected sockets.
     pub peers: BTreeMap<String, u64>,
+    /// Answers per backend port (the port the backend's server answered on).
+    #[serde(default)]
+    pub ports: BTreeMap<String, u64>,
 }
 
 /// Output of `kpr-labtool udp-spread`.
@@ -44,6 +47,9 @@ pub struct UdpSpread {
     pub error_kinds: BTreeMap<String, u64>,
     /// recvfrom() source addresses (getpeername() with --connected).
     pub sources: BTreeMap<String, u64>,
+    /// Answers per backend port.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u64>,
 }
 
 /// Output of `kpr-labtool bench-connect`.
@@ -140,19 +146,21 @@ fn handle_tcp(mut s: TcpStream, reply: &[u8]) {
 /// TCP port and handle each short connection inline. Never returns unless a socket cannot
 /// be set up (the process is meant to be killed).
 pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -> io::Result<()> {
-    let reply: Arc<[u8]> = Arc::from(format!("{name}\n").into_bytes());
+    // The answer names the backend and the port that served it, so a test can tell which
+    // target port a service port was translated to.
+    let reply = |port: u16| -> Arc<[u8]> { Arc::from(format!("{name} {port}\n").into_bytes()) };
     let mut listeners = Vec::new();
     for &port in tcp_ports {
-        listeners.push(tcp_listener(port)?);
+        listeners.push((tcp_listener(port)?, reply(port)));
     }
     let mut udp = Vec::new();
     for &port in udp_ports {
-        udp.push(UdpSocket::bind(SocketAddrV4::new(
-            Ipv4Addr::UNSPECIFIED,
-            port,
-        ))?);
+        udp.push((
+            UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?,
+            reply(port),
+        ));
     }
-    for l in listeners {
+    for (l, reply) in listeners {
         for _ in 0..workers.max(1) {
             let l = l.try_clone()?;
             let reply = reply.clone();
@@ -165,8 +173,7 @@ pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -
             });
         }
     }
-    for sock in udp {
-        let reply = reply.clone();
+    for (sock, reply) in udp {
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             loop {
@@ -222,6 +229,11 @@ fn read_answer<R: Read>(s: &mut R) -> io::Result<String> {
     Ok(text)
 }
 
+/// A server's answer is `NAME PORT`: the backend's name and the port it answered on.
+pub fn split_answer(answer: &str) -> (&str, &str) {
+    answer.split_once(' ').unwrap_or((answer, ""))
+}
+
 /// One TCP transaction: connect, send "x", read the name, close (with RST if `rst`).
 /// Returns (backend name, getpeername()).
 pub fn tcp_transaction(
@@ -252,8 +264,10 @@ pub fn tcp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSprea
     };
     for _ in 0..count {
         match tcp_transaction(target, timeout, false) {
-            Ok((name, peer)) => {
-                bump(&mut r.counts, name);
+            Ok((answer, peer)) => {
+                let (name, port) = split_answer(&answer);
+                bump(&mut r.counts, name.to_string());
+                bump(&mut r.ports, port.to_string());
                 bump(&mut r.peers, peer.to_string());
             }
             Err(e) => {
@@ -303,8 +317,10 @@ pub fn udp_spread(target: SocketAddr, count: u64, connected: bool, timeout: Dura
         };
         match res {
             Ok((n, from)) => {
-                let name = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-                bump(&mut r.counts, name);
+                let answer = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                let (name, port) = split_answer(&answer);
+                bump(&mut r.counts, name.to_string());
+                bump(&mut r.ports, port.to_string());
                 bump(&mut r.sources, from.to_string());
             }
             Err(e) => {
@@ -401,11 +417,11 @@ pub fn connect_once(target: SocketAddr, timeout: Duration) -> ConnectOnce {
     let res = tcp_transaction(target, timeout, false);
     let elapsed_us = t0.elapsed().as_micros() as u64;
     match res {
-        Ok((name, peer)) => ConnectOnce {
+        Ok((answer, peer)) => ConnectOnce {
             ok: true,
             error: None,
             elapsed_us,
-            backend: Some(name),
+            backend: Some(split_answer(&answer).0.to_string()),
             peer: Some(peer.to_string()),
         },
         Err(e) => ConnectOnce {

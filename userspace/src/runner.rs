@@ -1,8 +1,9 @@
 //! The sync runner: kube-proxy's bounded-frequency behaviour (pkg/util/async/bounded_frequency_runner.go).
 //!
 //! - Nothing is programmed before the source delivered its first complete snapshot.
-//! - A change after a quiet period syncs at once; changes closer together than
-//!   `min_sync_period` coalesce into one sync.
+//! - Syncs are rate-limited by a token bucket like kube-proxy's (burst 2, one token per
+//!   `min_sync_period`): a change after a quiet period, or right after another sync, applies
+//!   at once; a flurry of changes coalesces into one sync per `min_sync_period`.
 //! - Every `sync_period`, and after a failed sync (with backoff), a full sync re-reads what the
 //!   dataplane holds and repairs it.
 
@@ -63,6 +64,48 @@ pub struct Status {
 }
 
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// kube-proxy's burstSyncs.
+const BURST: f64 = 2.0;
+/// How often the status file's counters are refreshed between syncs.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+/// kube-proxy's BoundedFrequencyRunner limiter: `BURST` runs at once, then one per `period`.
+struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+    period: Duration,
+}
+
+impl TokenBucket {
+    fn new(period: Duration) -> Self {
+        Self {
+            tokens: BURST,
+            at: Instant::now(),
+            period,
+        }
+    }
+
+    /// Takes a token, first waiting until one is there.
+    async fn take(&mut self) {
+        self.refill();
+        if self.tokens < 1.0 && !self.period.is_zero() {
+            tokio::time::sleep(self.period.mul_f64(1.0 - self.tokens)).await;
+            self.refill();
+        }
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        if self.period.is_zero() {
+            self.tokens = BURST;
+        } else {
+            let gained = now.duration_since(self.at).as_secs_f64() / self.period.as_secs_f64();
+            self.tokens = (self.tokens + gained).min(BURST);
+        }
+        self.at = now;
+    }
+}
 
 /// Runs until the source's sender is dropped.
 pub async fn run<D: Dataplane>(
@@ -84,7 +127,9 @@ pub async fn run<D: Dataplane>(
     }
     tracing::info!("source delivered its first complete snapshot; programming the dataplane");
 
-    let mut last_sync: Option<Instant> = None;
+    let mut limiter = TokenBucket::new(cfg.min_sync_period);
+    let mut status_tick = tokio::time::interval(STATUS_REFRESH);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_full = Instant::now() + cfg.sync_period;
     let mut pending = true;
     let mut full = true;
@@ -100,6 +145,9 @@ pub async fn run<D: Dataplane>(
                     pending = true;
                     full = true;
                 }
+                _ = status_tick.tick() => {
+                    write_status(dataplane, &mut status, cfg);
+                }
             }
             if !source_open && !pending {
                 return;
@@ -108,13 +156,7 @@ pub async fn run<D: Dataplane>(
                 continue;
             }
         }
-        // Coalesce: at most one sync per min_sync_period.
-        if let Some(last) = last_sync {
-            let since = last.elapsed();
-            if since < cfg.min_sync_period {
-                tokio::time::sleep(cfg.min_sync_period - since).await;
-            }
-        }
+        limiter.take().await;
         let snapshot = match source.borrow_and_update().clone() {
             Some(s) => s,
             None => continue,
@@ -129,7 +171,6 @@ pub async fn run<D: Dataplane>(
         status.model_errors = errors.len();
         let result = dataplane.sync(&desired, full);
         let took = t0.elapsed();
-        last_sync = Some(Instant::now());
         match result {
             Ok(report) => {
                 tracing::info!(
@@ -144,7 +185,9 @@ pub async fn run<D: Dataplane>(
                 status.syncs += 1;
                 status.last_report = report;
                 status.last_sync_duration_ms = took.as_secs_f64() * 1e3;
-                status.first_sync_after_start_ms.get_or_insert(started.elapsed().as_secs_f64() * 1e3);
+                status
+                    .first_sync_after_start_ms
+                    .get_or_insert(started.elapsed().as_secs_f64() * 1e3);
                 if full {
                     next_full = Instant::now() + cfg.sync_period;
                 }
@@ -161,24 +204,29 @@ pub async fn run<D: Dataplane>(
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        status.counters = dataplane
-            .counters()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        if let Some(path) = &cfg.status_file {
-            if let Err(e) = write_status(path, &status) {
-                tracing::warn!("writing status file {}: {e}", path.display());
-            }
-        }
+        write_status(dataplane, &mut status, cfg);
     }
 }
 
-fn write_status(path: &std::path::Path, status: &Status) -> std::io::Result<()> {
+/// Refreshes the counters and writes the status file, if one is configured.
+fn write_status<D: Dataplane>(dataplane: &D, status: &mut Status, cfg: &RunnerConfig) {
+    let Some(path) = &cfg.status_file else {
+        return;
+    };
+    status.counters = dataplane
+        .counters()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     // Write then rename, so a reader never sees half a file.
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
-    std::fs::rename(tmp, path)
+    let result = serde_json::to_vec_pretty(status)
+        .map_err(std::io::Error::from)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::warn!("writing status file {}: {e}", path.display());
+    }
 }
 
 #[cfg(test)]
@@ -198,7 +246,10 @@ mod tests {
             desired: &DesiredState,
             full: bool,
         ) -> Result<SyncReport, Box<dyn Error + Send + Sync>> {
-            self.calls.lock().unwrap().push((desired.services.len(), full));
+            self.calls
+                .lock()
+                .unwrap()
+                .push((desired.services.len(), full));
             if std::mem::take(&mut self.fail_next) {
                 return Err("injected".into());
             }
@@ -226,19 +277,31 @@ mod tests {
             run(&mut dp, rx, &cfg()).await;
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(calls.lock().unwrap().is_empty(), "synced before the first snapshot");
+        assert!(
+            calls.lock().unwrap().is_empty(),
+            "synced before the first snapshot"
+        );
 
         tx.send(Some(Arc::new(ClusterSnapshot::default()))).unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(calls.lock().unwrap().len(), 1);
 
-        // Five changes within the min sync period become one sync.
+        // The first change right after a sync still applies at once (burst of 2)...
+        tx.send(Some(Arc::new(ClusterSnapshot::default()))).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        // ...then the bucket is empty: five changes within the min sync period become one sync.
         for _ in 0..5 {
             tx.send(Some(Arc::new(ClusterSnapshot::default()))).unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            2,
+            "synced before a token was back"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(calls.lock().unwrap().len(), 2);
+        assert_eq!(calls.lock().unwrap().len(), 3);
         drop(tx);
         task.await.unwrap();
     }
@@ -271,7 +334,11 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(3)).await;
         let seen = calls.lock().unwrap().clone();
-        assert_eq!(seen, vec![(0, true), (0, true)], "retry must be a full sync");
+        assert_eq!(
+            seen,
+            vec![(0, true), (0, true)],
+            "retry must be a full sync"
+        );
         drop(tx);
         task.await.unwrap();
     }

@@ -87,8 +87,10 @@ impl EbpfDataplane {
                 .try_into()
                 .map_err(|e| EbpfError::Program(name, e))?;
             prog.load().map_err(|e| EbpfError::Program(name, e))?;
-            // AllowMultiple: never displace another agent's programs on the same cgroup.
-            prog.attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            // aya attaches with a bpf_link (kernel >= 5.7). Links always coexist with other
+            // programs on the cgroup (the kernel attaches them as BPF_F_ALLOW_MULTI) and the
+            // kernel rejects that flag in link_create, so the mode passed is Single (flags 0).
+            prog.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| EbpfError::Program(name, e))?;
         }
 

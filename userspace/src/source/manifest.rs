@@ -52,6 +52,14 @@ pub enum ManifestError {
         index: usize,
         source: ModelError,
     },
+    /// Well-formed, but nothing kpr (or kube-proxy) serves; reported so that an operator who
+    /// expected it to matter learns why it does not.
+    #[error("{}: document {index}: ignored: {reason}", path.display())]
+    Ignored {
+        path: PathBuf,
+        index: usize,
+        reason: &'static str,
+    },
 }
 
 /// Reads every manifest in `dir` (not recursive, in file-name order).
@@ -183,6 +191,13 @@ fn load_document(
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice: EndpointSlice = format.parse(doc).map_err(parse_error)?;
             model::validate_slice(&slice).map_err(invalid)?;
+            if slice.address_type == "FQDN" {
+                return Err(ManifestError::Ignored {
+                    path: path.to_owned(),
+                    index,
+                    reason: "EndpointSlice with addressType FQDN (kube-proxy does not proxy these)",
+                });
+            }
             snapshot.slices.push(slice);
         }
         _ => {
@@ -496,6 +511,7 @@ endpoints:
                     (file(path), *index, "UnknownKind")
                 }
                 ManifestError::Invalid { path, index, .. } => (file(path), *index, "Invalid"),
+                ManifestError::Ignored { path, index, .. } => (file(path), *index, "Ignored"),
             })
             .collect()
     }
@@ -536,6 +552,7 @@ endpoints:
             vec![
                 ("b.yaml".into(), 1, "Parse"),
                 ("b.yaml".into(), 2, "Invalid"),
+                ("b.yaml".into(), 4, "Ignored"),
                 ("b.yaml".into(), 5, "UnknownKind"),
             ]
         );
@@ -544,7 +561,7 @@ endpoints:
             names(&snap),
             (
                 vec!["first".into(), "web".into(), "api".into()],
-                vec!["web-1".into(), "web-fqdn".into()]
+                vec!["web-1".into()]
             )
         );
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -553,8 +570,8 @@ endpoints:
             "{}",
             text[1]
         );
-        assert!(text[2].contains("apps/v1/Deployment"), "{}", text[2]);
-        // The FQDN slice is kept but contributes nothing, and is no error either.
+        assert!(text[2].contains("FQDN"), "{}", text[2]);
+        assert!(text[3].contains("apps/v1/Deployment"), "{}", text[3]);
         let (state, model_errors) = model::build(&snap.services, &snap.slices);
         assert_eq!(model_errors, vec![]);
         assert_eq!(state.services.len(), 3);
