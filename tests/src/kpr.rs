@@ -127,6 +127,30 @@ impl Kpr {
         }
     }
 
+    /// Waits (bounded) until kpr's datapath counter `name` reaches `at_least`; kpr refreshes
+    /// the counters in its status file every second.
+    pub fn wait_for_counter(
+        &self,
+        name: &str,
+        at_least: u64,
+        timeout: Duration,
+    ) -> Result<KprStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status().unwrap_or_default();
+            if status.counters.get(name).copied().unwrap_or(0) >= at_least {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Other(format!(
+                    "counter {name} did not reach {at_least} within {timeout:?}: {:?}",
+                    status.counters
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// kpr's log so far (stderr and stdout).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()

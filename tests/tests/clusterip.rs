@@ -136,8 +136,9 @@ fn tcp_clusterip_reaches_all_backends_and_getpeername_shows_the_clusterip() {
         vec!["10.96.0.10:80"],
         "{r:?}"
     );
-    let st = s.kpr.status().unwrap();
-    assert!(st.counters["translated"] >= 300, "{:?}", st.counters);
+    s.kpr
+        .wait_for_counter("translated", 300, Duration::from_secs(3))
+        .unwrap();
 }
 
 #[test]
@@ -290,8 +291,9 @@ fn a_service_without_endpoints_is_refused_at_once() {
     assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
     // Refused by the connect hook itself, not by a timeout.
     assert!(once.elapsed_us < 100_000, "{once:?}");
-    let st = s.kpr.status().unwrap();
-    assert!(st.counters["drop_no_backend"] >= 1, "{:?}", st.counters);
+    s.kpr
+        .wait_for_counter("drop_no_backend", 1, Duration::from_secs(3))
+        .unwrap();
 }
 
 #[test]
