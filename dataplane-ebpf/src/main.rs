@@ -22,8 +22,7 @@ use aya_ebpf::{
 };
 use kpr_common::{
     Backend4Value, Counter, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
-    BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX,
-    SOCK_REVNAT_MAP_MAX,
+    BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX,
 };
 
 // Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
@@ -95,13 +94,8 @@ fn forward(ctx: &SockAddrContext) -> i32 {
 fn try_forward(ctx: &SockAddrContext) -> Result<Option<()>, Counter> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands the program a valid bpf_sock_addr for its whole run.
-    let (address_be, port_be, proto) = unsafe {
-        (
-            (*sa).user_ip4,
-            (*sa).user_port as u16,
-            (*sa).protocol as u8,
-        )
-    };
+    let (address_be, port_be, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Ok(None);
     }
@@ -161,13 +155,8 @@ fn try_forward(ctx: &SockAddrContext) -> Result<Option<()>, Counter> {
 fn reverse(ctx: &SockAddrContext) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: as in try_forward.
-    let (address_be, port_be, proto) = unsafe {
-        (
-            (*sa).user_ip4,
-            (*sa).user_port as u16,
-            (*sa).protocol as u8,
-        )
-    };
+    let (address_be, port_be, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return;
     }

@@ -667,8 +667,9 @@ fn probe_tcp(pod: &Pod, port: u16) -> bool {
     let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
     let mut buf = [0u8; 64];
     s.write_all(b"x").is_ok()
-        && s.read(&mut buf)
-            .is_ok_and(|n| crate::tool::split_answer(String::from_utf8_lossy(&buf[..n]).trim()).0 == pod.name)
+        && s.read(&mut buf).is_ok_and(|n| {
+            crate::tool::split_answer(String::from_utf8_lossy(&buf[..n]).trim()).0 == pod.name
+        })
 }
 
 fn probe_udp(pod: &Pod, port: u16) -> bool {
@@ -678,8 +679,9 @@ fn probe_udp(pod: &Pod, port: u16) -> bool {
     let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = [0u8; 64];
     s.send_to(b"x", (pod.ip, port)).is_ok()
-        && s.recv_from(&mut buf)
-            .is_ok_and(|(n, _)| crate::tool::split_answer(String::from_utf8_lossy(&buf[..n]).trim()).0 == pod.name)
+        && s.recv_from(&mut buf).is_ok_and(|(n, _)| {
+            crate::tool::split_answer(String::from_utf8_lossy(&buf[..n]).trim()).0 == pod.name
+        })
 }
 
 fn join_ports(p: &[u16]) -> String {

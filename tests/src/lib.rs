@@ -20,11 +20,11 @@
 //! state file, and [`cleanup_stale`] removes what crashed test processes left behind.
 
 mod error;
+pub mod kpr;
 mod lab;
 mod netns;
 mod process;
 mod state;
-pub mod kpr;
 pub mod tool;
 
 pub use error::LabError;

@@ -1,7 +1,7 @@
 //! kpr: a kube-proxy replacement. The agent's library: the pure model, the sources that feed
 //! it, the dataplane backends that program the node, and the runner that ties them together.
-pub mod model;
-pub mod source;
-pub mod iptables;
 pub mod ebpf;
+pub mod iptables;
+pub mod model;
 pub mod runner;
+pub mod source;

@@ -13,7 +13,11 @@ use kpr::source::manifest::{self, ManifestSource};
 use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
-#[command(name = "kpr", version, about = "kpr: a kube-proxy replacement with an eBPF dataplane")]
+#[command(
+    name = "kpr",
+    version,
+    about = "kpr: a kube-proxy replacement with an eBPF dataplane"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -146,7 +150,10 @@ fn render_iptables(
         cluster_cidr,
         masquerade_all: false,
     };
-    print!("{}", render_kube_proxy_iptables_with_last(&state, &cfg, last.as_ref()));
+    print!(
+        "{}",
+        render_kube_proxy_iptables_with_last(&state, &cfg, last.as_ref())
+    );
     Ok(())
 }
 
@@ -154,7 +161,10 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     match args.proxy_mode {
         ProxyMode::Ebpf => {}
         ProxyMode::Nftables | ProxyMode::Iptables => {
-            bail!("--proxy-mode {:?} is not implemented yet; use --proxy-mode ebpf", args.proxy_mode)
+            bail!(
+                "--proxy-mode {:?} is not implemented yet; use --proxy-mode ebpf",
+                args.proxy_mode
+            )
         }
         ProxyMode::Ipvs => bail!(
             "--proxy-mode ipvs is not supported (this kernel has no IPVS); use --proxy-mode ebpf"
@@ -164,7 +174,8 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         bail!("no source of cluster state: pass --manifests DIR");
     };
 
-    let allow_root = args.allow_cgroup_root || args.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
+    let allow_root =
+        args.allow_cgroup_root || args.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
     if args.cgroup_path == std::path::Path::new(DEFAULT_CGROUP) {
         ensure_cgroup2_mounted(&args.cgroup_path)?;
     }

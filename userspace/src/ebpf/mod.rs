@@ -20,7 +20,12 @@ use crate::model::DesiredState;
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpr"));
 
 /// The socket-LB programs, by function name in dataplane-ebpf.
-const SOCK_PROGRAMS: [&str; 4] = ["kpr_connect4", "kpr_sendmsg4", "kpr_recvmsg4", "kpr_getpeer4"];
+const SOCK_PROGRAMS: [&str; 4] = [
+    "kpr_connect4",
+    "kpr_sendmsg4",
+    "kpr_recvmsg4",
+    "kpr_getpeer4",
+];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -64,10 +69,18 @@ pub struct EbpfDataplane {
 
 impl EbpfDataplane {
     pub fn load(cfg: &EbpfConfig) -> Result<Self, EbpfError> {
-        check_fs(&cfg.pin_dir, BPF_FS_MAGIC, "not on a bpffs (mount -t bpf bpf DIR)")
-            .map_err(|e| EbpfError::PinDir(cfg.pin_dir.clone(), e))?;
-        check_fs(&cfg.cgroup, CGROUP2_SUPER_MAGIC, "not in a cgroup v2 hierarchy")
-            .map_err(|e| EbpfError::Cgroup(cfg.cgroup.clone(), e))?;
+        check_fs(
+            &cfg.pin_dir,
+            BPF_FS_MAGIC,
+            "not on a bpffs (mount -t bpf bpf DIR)",
+        )
+        .map_err(|e| EbpfError::PinDir(cfg.pin_dir.clone(), e))?;
+        check_fs(
+            &cfg.cgroup,
+            CGROUP2_SUPER_MAGIC,
+            "not in a cgroup v2 hierarchy",
+        )
+        .map_err(|e| EbpfError::Cgroup(cfg.cgroup.clone(), e))?;
         if !cfg.allow_cgroup_root && is_cgroup2_root(&cfg.cgroup) {
             return Err(EbpfError::Cgroup(
                 cfg.cgroup.clone(),

@@ -424,7 +424,8 @@ mod tests {
                 }
                 let mut bs: Vec<(u32, u16)> = (1..=v.count)
                     .map(|s| {
-                        let sv = self.services[&Service4Key::new(k.address_be, k.port_be, k.proto, s)];
+                        let sv =
+                            self.services[&Service4Key::new(k.address_be, k.port_be, k.proto, s)];
                         let b = self.backends[&sv.backend_id];
                         (b.address_be, b.port_be)
                     })
@@ -455,7 +456,11 @@ mod tests {
             self.check_invariant();
             Ok(())
         }
-        fn put_service(&mut self, key: &Service4Key, value: &Service4Value) -> Result<(), MapOpError> {
+        fn put_service(
+            &mut self,
+            key: &Service4Key,
+            value: &Service4Value,
+        ) -> Result<(), MapOpError> {
             self.op()?;
             self.services.insert(*key, *value);
             self.check_invariant();
@@ -538,7 +543,10 @@ mod tests {
             assert_eq!(s.maps().resolve(), expected(desired));
         }
         assert!(s.maps().services.is_empty());
-        assert!(s.maps().backends.is_empty(), "unused backends must be deleted");
+        assert!(
+            s.maps().backends.is_empty(),
+            "unused backends must be deleted"
+        );
     }
 
     #[test]
@@ -576,7 +584,11 @@ mod tests {
         assert_eq!(restarted.maps().backends, before_backends);
         // New ids do not collide with restored ones.
         restarted
-            .sync(&state(&[(fe(1, 80), &[11, 12, 13]), (fe(2, 53), &[12]), (fe(4, 8080), &[20])]))
+            .sync(&state(&[
+                (fe(1, 80), &[11, 12, 13]),
+                (fe(2, 53), &[12]),
+                (fe(4, 8080), &[20]),
+            ]))
             .unwrap();
         let revs: BTreeSet<u32> = restarted
             .maps()
@@ -590,8 +602,16 @@ mod tests {
 
     #[test]
     fn every_injected_failure_is_recovered_by_the_next_sync() {
-        let from = state(&[(fe(1, 80), &[11, 12, 13]), (fe(2, 53), &[12]), (fe(5, 81), &[16])]);
-        let to = state(&[(fe(1, 80), &[12, 14]), (fe(3, 443), &[15, 11]), (fe(5, 81), &[])]);
+        let from = state(&[
+            (fe(1, 80), &[11, 12, 13]),
+            (fe(2, 53), &[12]),
+            (fe(5, 81), &[16]),
+        ]);
+        let to = state(&[
+            (fe(1, 80), &[12, 14]),
+            (fe(3, 443), &[15, 11]),
+            (fe(5, 81), &[]),
+        ]);
         // Count the operations a clean transition takes, then fail each one in turn.
         let mut probe = LbSyncer::restore(FakeMaps::default()).unwrap();
         probe.sync(&from).unwrap();
@@ -608,7 +628,11 @@ mod tests {
             // The invariant held at every step (checked by the fake); now recover.
             s.sync(&to).unwrap();
             assert_eq!(s.maps().resolve(), expected(&to), "after failing op {n}");
-            assert_eq!(s.maps().backends.len(), 4, "no leaked backends after failing op {n}");
+            assert_eq!(
+                s.maps().backends.len(),
+                4,
+                "no leaked backends after failing op {n}"
+            );
         }
     }
 
@@ -624,18 +648,48 @@ mod tests {
         };
         maps.backends.insert(7, b.value());
         maps.backends.insert(9, b.value());
-        maps.services.insert(fk.slot(0), Service4Value { rev_nat_id: 3, count: 1, ..Default::default() });
-        maps.services.insert(fk.slot(1), Service4Value { backend_id: 7, rev_nat_id: 3, ..Default::default() });
-        maps.services.insert(fk.slot(2), Service4Value { backend_id: 9, rev_nat_id: 3, ..Default::default() });
+        maps.services.insert(
+            fk.slot(0),
+            Service4Value {
+                rev_nat_id: 3,
+                count: 1,
+                ..Default::default()
+            },
+        );
+        maps.services.insert(
+            fk.slot(1),
+            Service4Value {
+                backend_id: 7,
+                rev_nat_id: 3,
+                ..Default::default()
+            },
+        );
+        maps.services.insert(
+            fk.slot(2),
+            Service4Value {
+                backend_id: 9,
+                rev_nat_id: 3,
+                ..Default::default()
+            },
+        );
         let orphan = frontend_key(&fe(9, 99)).unwrap();
-        maps.services.insert(orphan.slot(1), Service4Value { backend_id: 7, ..Default::default() });
+        maps.services.insert(
+            orphan.slot(1),
+            Service4Value {
+                backend_id: 7,
+                ..Default::default()
+            },
+        );
 
         let mut s = LbSyncer::restore(maps).unwrap();
         let d = state(&[(fe(1, 80), &[11])]);
         s.sync(&d).unwrap();
         assert_eq!(s.maps().resolve(), expected(&d));
         assert_eq!(s.maps().services.len(), 2, "{:?}", s.maps().services);
-        assert_eq!(s.maps().backends.keys().copied().collect::<Vec<_>>(), vec![7]);
+        assert_eq!(
+            s.maps().backends.keys().copied().collect::<Vec<_>>(),
+            vec![7]
+        );
         // The restored frontend kept its reverse-NAT id.
         assert_eq!(s.maps().services[&fk.slot(0)].rev_nat_id, 3);
     }
