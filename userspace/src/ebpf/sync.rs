@@ -10,7 +10,7 @@
 //! Ids (backend ids, reverse-NAT ids) are restored from the pinned maps at start, so a restart
 //! of the agent neither re-shuffles nor invalidates what live sockets recorded.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use kpr_common::{Backend4Value, Service4Key, Service4Value, SVC_FLAG_NONE};
@@ -89,6 +89,9 @@ pub struct LbSyncer<M> {
     /// Backend ids present in the map that no key owns (duplicates found on restore).
     stray_backends: BTreeSet<u32>,
     frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
+    /// Ids present in the maps, kept alongside so allocation is O(1) (not a scan per new id).
+    backend_ids: HashSet<u32>,
+    rev_nat_ids: HashSet<u32>,
     next_backend_id: u32,
     next_rev_nat_id: u32,
     /// Set when a sync failed midway: our view may differ from the maps, so the next sync
@@ -105,6 +108,8 @@ impl<M: LbMaps> LbSyncer<M> {
             backends: HashMap::new(),
             stray_backends: BTreeSet::new(),
             frontends: BTreeMap::new(),
+            backend_ids: HashSet::new(),
+            rev_nat_ids: HashSet::new(),
             next_backend_id: 1,
             next_rev_nat_id: 1,
             dirty: false,
@@ -126,9 +131,12 @@ impl<M: LbMaps> LbSyncer<M> {
         self.backends.clear();
         self.stray_backends.clear();
         self.frontends.clear();
+        self.backend_ids.clear();
+        self.rev_nat_ids.clear();
         let mut max_backend = 0;
         for (id, v) in self.maps.dump_backends()? {
             max_backend = max_backend.max(id);
+            self.backend_ids.insert(id);
             let key = BackendKey {
                 address_be: v.address_be,
                 port_be: v.port_be,
@@ -153,6 +161,7 @@ impl<M: LbMaps> LbSyncer<M> {
                 f.rev_nat_id = Some(v.rev_nat_id);
                 f.count = v.count;
                 max_rev = max_rev.max(v.rev_nat_id);
+                self.rev_nat_ids.insert(v.rev_nat_id);
             } else {
                 f.slots.insert(k.backend_slot, v.backend_id);
             }
@@ -281,9 +290,10 @@ impl<M: LbMaps> LbSyncer<M> {
             .collect();
         for fk in gone {
             let old = &self.frontends[&fk];
-            if old.rev_nat_id.is_some() {
+            if let Some(rev) = old.rev_nat_id {
                 self.maps.delete_service(&fk.slot(0))?;
                 stats.deletes += 1;
+                self.rev_nat_ids.remove(&rev);
             }
             let slots: Vec<u16> = old.slots.keys().copied().collect();
             for slot in slots {
@@ -309,11 +319,13 @@ impl<M: LbMaps> LbSyncer<M> {
             self.maps.delete_backend(id)?;
             stats.deletes += 1;
             self.backends.remove(&bk);
+            self.backend_ids.remove(&id);
         }
         for id in std::mem::take(&mut self.stray_backends) {
             if !used.contains(&id) {
                 self.maps.delete_backend(id)?;
                 stats.deletes += 1;
+                self.backend_ids.remove(&id);
             }
         }
 
@@ -323,20 +335,19 @@ impl<M: LbMaps> LbSyncer<M> {
     }
 
     fn alloc_backend_id(&mut self) -> Result<u32, SyncError> {
-        let in_use: BTreeSet<u32> = self.backends.values().copied().collect();
-        let id = next_free(&mut self.next_backend_id, |id| in_use.contains(&id))
+        let used = &self.backend_ids;
+        let id = next_free(&mut self.next_backend_id, |id| used.contains(&id))
             .ok_or(SyncError::IdsExhausted("backend"))?;
+        self.backend_ids.insert(id);
         Ok(id)
     }
 
     fn alloc_rev_nat_id(&mut self) -> Result<u32, SyncError> {
-        let in_use: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .filter_map(|f| f.rev_nat_id)
-            .collect();
-        next_free(&mut self.next_rev_nat_id, |id| in_use.contains(&id))
-            .ok_or(SyncError::IdsExhausted("reverse-NAT"))
+        let used = &self.rev_nat_ids;
+        let id = next_free(&mut self.next_rev_nat_id, |id| used.contains(&id))
+            .ok_or(SyncError::IdsExhausted("reverse-NAT"))?;
+        self.rev_nat_ids.insert(id);
+        Ok(id)
     }
 }
 
