@@ -387,22 +387,18 @@ impl Lab {
         &self.state.pods
     }
     pub fn backends(&self) -> &[Pod] {
-        let n = self
-            .state
-            .pods
-            .iter()
-            .filter(|p| p.role == PodRole::Backend)
-            .count();
-        &self.state.pods[..n]
+        &self.state.pods[..self.backend_count()]
     }
     pub fn clients(&self) -> &[Pod] {
-        let n = self
-            .state
+        &self.state.pods[self.backend_count()..]
+    }
+    /// Pods are stored backends first, then clients.
+    fn backend_count(&self) -> usize {
+        self.state
             .pods
             .iter()
             .filter(|p| p.role == PodRole::Backend)
-            .count();
-        &self.state.pods[n..]
+            .count()
     }
     /// A pod by name (`be1`, `cl1`, ...).
     pub fn pod(&self, name: &str) -> Option<&Pod> {
