@@ -21,8 +21,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use kpr_common::{
-    Backend4Value, Counter, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
-    BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX,
+    Backend4Value, Counter, Service4Key, Service4Value, SockFwd4Key, SockFwd4Value, SockRevNat4Key,
+    SockRevNat4Value, BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX,
+    SOCK_REVNAT_MAP_MAX,
 };
 
 // Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
@@ -37,6 +38,11 @@ static BACKENDS: HashMap<u32, Backend4Value> = HashMap::pinned(BACKENDS_MAP_MAX,
 static SOCK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
     LruHashMap::pinned(SOCK_REVNAT_MAP_MAX, 0);
 
+// LRU for the same reason as SOCK_REVNAT.
+#[map(name = "KPR_SKFWD4_V1")]
+static SOCK_FWD: LruHashMap<SockFwd4Key, SockFwd4Value> =
+    LruHashMap::pinned(SOCK_REVNAT_MAP_MAX, 0);
+
 #[map(name = "KPR_CNT_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
 
@@ -47,12 +53,14 @@ const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn kpr_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    // A connect is translated once for the socket's life: no stickiness needed.
+    forward(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn kpr_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    // Unconnected UDP: keep the socket on its backend, as conntrack keeps a UDP flow.
+    forward(&ctx, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -70,8 +78,8 @@ pub fn kpr_getpeer4(ctx: SockAddrContext) -> i32 {
 
 /// connect4 / sendmsg4: translate a frontend to a backend, or refuse the call.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext) -> i32 {
-    match try_forward(ctx) {
+fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
+    match try_forward(ctx, sticky) {
         Ok(Some(())) => {
             count(Counter::Translated);
             SYS_PROCEED
@@ -91,7 +99,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn try_forward(ctx: &SockAddrContext) -> Result<Option<()>, Counter> {
+fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counter> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands the program a valid bpf_sock_addr for its whole run.
     let (address_be, port_be, proto) =
@@ -108,21 +116,59 @@ fn try_forward(ctx: &SockAddrContext) -> Result<Option<()>, Counter> {
     if frontend.count == 0 {
         return Err(Counter::DropNoBackend);
     }
-    // SAFETY: helper without preconditions.
-    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
-    let slot_key = Service4Key::new(address_be, port_be, proto, pick as u16 + 1);
-    let backend_id = match unsafe { SERVICES.get(&slot_key) } {
-        Some(v) => v.backend_id,
-        None => return Err(Counter::DropSlotMissing),
+    // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let fwd_key = SockFwd4Key {
+        cookie,
+        address_be,
+        port_be,
+        proto,
+        pad: 0,
+    };
+
+    // The socket's previous choice, if its slot still names the same backend.
+    let mut chosen: Option<(u16, u32)> = None;
+    if sticky {
+        if let Some(prev) = unsafe { SOCK_FWD.get(&fwd_key) } {
+            let prev = *prev;
+            if prev.slot >= 1 && prev.slot <= frontend.count {
+                let key = Service4Key::new(address_be, port_be, proto, prev.slot);
+                if matches!(unsafe { SERVICES.get(&key) }, Some(v) if v.backend_id == prev.backend_id)
+                {
+                    chosen = Some((prev.slot, prev.backend_id));
+                    count(Counter::StickyReused);
+                }
+            }
+        }
+    }
+    let (slot, backend_id) = match chosen {
+        Some(c) => c,
+        None => {
+            // SAFETY: helper without preconditions.
+            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
+            let slot = pick as u16 + 1;
+            let slot_key = Service4Key::new(address_be, port_be, proto, slot);
+            match unsafe { SERVICES.get(&slot_key) } {
+                Some(v) => (slot, v.backend_id),
+                None => return Err(Counter::DropSlotMissing),
+            }
+        }
     };
     let backend: Backend4Value = match unsafe { BACKENDS.get(&backend_id) } {
         Some(b) => *b,
         None => return Err(Counter::DropBackendMissing),
     };
+    if sticky && chosen.is_none() {
+        let v = SockFwd4Value {
+            backend_id,
+            slot,
+            pad: 0,
+        };
+        // Best effort: without the entry the next datagram picks again, as before.
+        let _ = SOCK_FWD.insert(&fwd_key, &v, 0);
+    }
 
     // Remember what this socket asked for, so recvmsg/getpeername can show it again.
-    // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let revnat_key = SockRevNat4Key {
         cookie,
         address_be: backend.address_be,

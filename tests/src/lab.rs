@@ -524,7 +524,7 @@ impl Lab {
         pod: &Pod,
         target: SocketAddr,
         count: u64,
-        connected: bool,
+        mode: crate::tool::UdpMode,
     ) -> Result<UdpSpread> {
         let t = target.to_string();
         let c = count.to_string();
@@ -537,8 +537,10 @@ impl Lab {
             "--timeout-ms",
             "500",
         ];
-        if connected {
-            args.push("--connected");
+        match mode {
+            crate::tool::UdpMode::SocketPerRequest => {}
+            crate::tool::UdpMode::OneSocket => args.push("--one-socket"),
+            crate::tool::UdpMode::Connected => args.push("--connected"),
         }
         self.labtool_json(pod, &args, Duration::from_secs(10 + count))
     }

@@ -47,6 +47,9 @@ pub struct UdpSpread {
     pub error_kinds: BTreeMap<String, u64>,
     /// recvfrom() source addresses (getpeername() with --connected).
     pub sources: BTreeMap<String, u64>,
+    /// The backend that answered each request, in order ("" for a failed request).
+    #[serde(default)]
+    pub sequence: Vec<String>,
     /// Answers per backend port.
     #[serde(default)]
     pub ports: BTreeMap<String, u64>,
@@ -279,51 +282,76 @@ pub fn tcp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSprea
     r
 }
 
-/// `count` UDP request/response pairs over one socket: unconnected (sendto/recvfrom) by
-/// default, connected (connect/send/recv) with `connected`.
-pub fn udp_spread(target: SocketAddr, count: u64, connected: bool, timeout: Duration) -> UdpSpread {
+/// How `udp_spread` uses sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpMode {
+    /// A new unconnected socket per request: every request is its own flow (5-tuple).
+    SocketPerRequest,
+    /// One unconnected socket (sendto/recvfrom) for all requests: one flow.
+    OneSocket,
+    /// One connected socket (connect/send/recv).
+    Connected,
+}
+
+/// `count` UDP request/response pairs.
+pub fn udp_spread(
+    target: SocketAddr,
+    count: u64,
+    mode: UdpMode,
+    timeout: Duration,
+    interval: Duration,
+) -> UdpSpread {
     let mut r = UdpSpread {
         target: target.to_string(),
         count,
-        connected,
+        connected: mode == UdpMode::Connected,
         error_kinds: error_kinds(),
         ..Default::default()
     };
-    let sock = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|s| s.set_read_timeout(Some(timeout)).map(|_| s))
-        .and_then(|s| {
-            if connected {
-                s.connect(target).map(|_| s)
-            } else {
-                Ok(s)
-            }
-        }) {
-        Ok(s) => s,
-        Err(e) => {
-            r.errors = count;
-            *r.error_kinds.entry(error_kind(&e)).or_insert(0) += count;
-            return r;
+    let open = || -> io::Result<UdpSocket> {
+        let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_read_timeout(Some(timeout))?;
+        if mode == UdpMode::Connected {
+            s.connect(target)?;
         }
+        Ok(s)
     };
+    let mut shared: Option<UdpSocket> = None;
     let mut buf = [0u8; 2048];
-    for _ in 0..count {
-        let res = if connected {
-            sock.send(b"x")
-                .and_then(|_| sock.recv(&mut buf))
-                .and_then(|n| sock.peer_addr().map(|p| (n, p)))
-        } else {
-            sock.send_to(b"x", target)
-                .and_then(|_| sock.recv_from(&mut buf))
-        };
+    for i in 0..count {
+        if i > 0 && !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+        let res = (|| -> io::Result<(usize, SocketAddr)> {
+            let sock = match (mode, &shared) {
+                (UdpMode::SocketPerRequest, _) => open()?,
+                (_, Some(s)) => s.try_clone()?,
+                (_, None) => {
+                    let s = open()?;
+                    shared = Some(s.try_clone()?);
+                    s
+                }
+            };
+            if mode == UdpMode::Connected {
+                sock.send(b"x")?;
+                let n = sock.recv(&mut buf)?;
+                Ok((n, sock.peer_addr()?))
+            } else {
+                sock.send_to(b"x", target)?;
+                sock.recv_from(&mut buf)
+            }
+        })();
         match res {
             Ok((n, from)) => {
                 let answer = String::from_utf8_lossy(&buf[..n]).trim().to_string();
                 let (name, port) = split_answer(&answer);
+                r.sequence.push(name.to_string());
                 bump(&mut r.counts, name.to_string());
                 bump(&mut r.ports, port.to_string());
                 bump(&mut r.sources, from.to_string());
             }
             Err(e) => {
+                r.sequence.push(String::new());
                 r.errors += 1;
                 bump(&mut r.error_kinds, error_kind(&e));
             }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr};
+use kpr_lab::tool::{UdpMode, UdpSpread};
 use kpr_lab::{skip_unless_root, Lab, LabSpec};
 
 const VIP: &str = "10.96.0.10";
@@ -46,12 +47,15 @@ impl Setup {
 
     /// Replaces the manifest and waits until kpr has applied it.
     fn update(&mut self, manifest: &str) {
-        let before = self.kpr.status().map(|s| s.syncs).unwrap_or(0);
-        write(&self.dir.join("svc.yaml"), manifest);
-        self.kpr
-            .wait_for_syncs(before + 1, Duration::from_secs(5))
-            .expect("kpr applies the change");
+        update(&mut self.kpr, &self.dir, manifest);
     }
+}
+
+fn update(kpr: &mut Kpr, dir: &Path, manifest: &str) {
+    let before = kpr.status().map(|s| s.syncs).unwrap_or(0);
+    write(&dir.join("svc.yaml"), manifest);
+    kpr.wait_for_syncs(before + 1, Duration::from_secs(5))
+        .expect("kpr applies the change");
 }
 
 fn write(path: &Path, text: &str) {
@@ -149,7 +153,12 @@ fn udp_clusterip_unconnected_and_connected() {
     let s = Setup::new("udp", &web_and_dns(&ALL));
     let r = s
         .lab
-        .udp_spread(&s.client(), addr("10.96.0.10:53"), 300, false)
+        .udp_spread(
+            &s.client(),
+            addr("10.96.0.10:53"),
+            300,
+            UdpMode::SocketPerRequest,
+        )
         .unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
     assert_spread(&r.counts, 300, "unconnected UDP");
@@ -165,7 +174,7 @@ fn udp_clusterip_unconnected_and_connected() {
     // the ClusterIP.
     let r = s
         .lab
-        .udp_spread(&s.client(), addr("10.96.0.10:53"), 20, true)
+        .udp_spread(&s.client(), addr("10.96.0.10:53"), 20, UdpMode::Connected)
         .unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
     assert_eq!(r.counts.len(), 1, "{r:?}");
@@ -174,6 +183,58 @@ fn udp_clusterip_unconnected_and_connected() {
         vec!["10.96.0.10:53"],
         "{r:?}"
     );
+}
+
+#[test]
+fn one_unconnected_udp_socket_stays_on_its_backend_until_it_is_removed() {
+    if skip_unless_root("udp_sticky") {
+        return;
+    }
+    let s = Setup::new("udpstick", &web_and_dns(&ALL));
+    let client = s.client();
+    let Setup { lab, mut kpr, dir } = s;
+    // One socket is one flow: like conntrack for kube-proxy, kpr keeps it on the backend its
+    // first datagram went to. Keep the flow alive (60 requests, 50 ms apart) and remove its
+    // backend meanwhile: it must move to a remaining one, not stay on a removed backend.
+    let flow = |lab: &Lab| -> UdpSpread {
+        lab.labtool_json(
+            &client,
+            &[
+                "udp-spread",
+                "--target",
+                "10.96.0.10:53",
+                "--count",
+                "60",
+                "--one-socket",
+                "--interval-ms",
+                "50",
+                "--timeout-ms",
+                "500",
+            ],
+            Duration::from_secs(30),
+        )
+        .unwrap()
+    };
+    let r = std::thread::scope(|scope| {
+        let running = scope.spawn(|| flow(&lab));
+        std::thread::sleep(Duration::from_millis(1000));
+        // Keep only the backend the flow is NOT on... which we do not know yet: keep be1 and
+        // judge by the sequence below.
+        update(&mut kpr, &dir, &web_and_dns(&["10.244.1.11"]));
+        running.join().unwrap()
+    });
+    assert_eq!(
+        r.sources.keys().collect::<Vec<_>>(),
+        vec!["10.96.0.10:53"],
+        "{r:?}"
+    );
+    let first = &r.sequence[0];
+    // Before the update: one backend throughout the first ~20 requests.
+    assert!(r.sequence[..15].iter().all(|b| b == first), "{r:?}");
+    // At the end: only be1 is left, so the flow is on be1 whatever it started on.
+    assert!(r.sequence[50..].iter().all(|b| b == "be1"), "{r:?}");
+    // A request may be lost in the instant of the switch, no more.
+    assert!(r.errors <= 1, "{r:?}");
 }
 
 #[test]
@@ -236,7 +297,7 @@ fn a_deleted_service_stops_being_translated() {
     assert_eq!(once.backend, None);
     let r = s
         .lab
-        .udp_spread(&s.client(), addr("10.96.0.10:53"), 3, false)
+        .udp_spread(&s.client(), addr("10.96.0.10:53"), 3, UdpMode::OneSocket)
         .unwrap();
     assert_eq!(r.errors, 3, "UDP still translated after deletion: {r:?}");
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use kpr_lab::tool::UdpMode;
 use kpr_lab::{Lab, LabSpec};
 
 fn netns_names() -> Vec<String> {
@@ -58,9 +59,13 @@ fn lab_up_traffic_down() {
 
     // UDP, unconnected and connected.
     let target = SocketAddr::from((be.ip, 5353));
-    for connected in [false, true] {
+    for mode in [
+        UdpMode::SocketPerRequest,
+        UdpMode::OneSocket,
+        UdpMode::Connected,
+    ] {
         let r = lab
-            .udp_spread(&client, target, 20, connected)
+            .udp_spread(&client, target, 20, mode)
             .expect("udp-spread");
         assert_eq!(r.errors, 0, "{r:?}");
         assert_eq!(r.counts.get(&be.name), Some(&20), "{r:?}");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 use kpr_lab::kpr::Kpr;
+use kpr_lab::tool::UdpMode;
 use kpr_lab::{Lab, LabSpec};
 
 use crate::{build, setup};
@@ -80,8 +81,8 @@ pub fn run() -> Result<()> {
         tcp.error_kinds
     );
 
-    println!("\n==> {REQUESTS} UDP requests (unconnected socket) to {VIP_UDP}");
-    let udp = lab.udp_spread(&client, vip_udp, REQUESTS, false)?;
+    println!("\n==> {REQUESTS} UDP requests to {VIP_UDP}, each from a new unconnected socket");
+    let udp = lab.udp_spread(&client, vip_udp, REQUESTS, UdpMode::SocketPerRequest)?;
     print_table(&udp.counts, udp.errors);
     println!(
         "    replies came from: {:?}",

@@ -21,6 +21,8 @@ pub const SERVICES_MAP: &str = "KPR_SVC4_V1";
 pub const BACKENDS_MAP: &str = "KPR_BE4_V1";
 /// Socket reverse-NAT map: [`SockRevNat4Key`] → [`SockRevNat4Value`].
 pub const SOCK_REVNAT_MAP: &str = "KPR_SKNAT4_V1";
+/// Socket forward map: [`SockFwd4Key`] → [`SockFwd4Value`].
+pub const SOCK_FWD_MAP: &str = "KPR_SKFWD4_V1";
 /// Per-CPU datapath counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "KPR_CNT_V1";
 
@@ -127,6 +129,34 @@ pub struct SockRevNat4Value {
     pub rev_nat_id: u32,
 }
 
+/// Key of the socket forward map: which backend an unconnected UDP socket was sent to for a
+/// frontend.
+///
+/// kube-proxy keeps a UDP flow on one backend through conntrack; without this, every datagram
+/// of an unconnected socket would pick a new backend, which breaks any protocol with state
+/// across datagrams (QUIC, DTLS, most RPC over UDP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockFwd4Key {
+    pub cookie: u64,
+    /// Frontend IPv4 address, network byte order.
+    pub address_be: u32,
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Value of the socket forward map. The entry is used only while the frontend's slot `slot`
+/// still names `backend_id`: a backend removed from the service is never kept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockFwd4Value {
+    pub backend_id: u32,
+    pub slot: u16,
+    pub pad: u16,
+}
+
 /// Datapath counters: translations done and typed drop/failure reasons.
 ///
 /// The index of each variant in [`COUNTERS_MAP`] is its discriminant; new reasons are
@@ -150,13 +180,15 @@ pub enum Counter {
     RevTranslated = 5,
     /// A reverse-NAT entry whose frontend no longer exists was found and removed.
     RevNatStale = 6,
+    /// An unconnected UDP send reused the backend its socket used before.
+    StickyReused = 7,
 }
 
 /// Number of counters; size of [`COUNTERS_MAP`].
 pub const COUNTER_MAX: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Translated,
         Counter::DropNoBackend,
         Counter::DropBackendMissing,
@@ -164,6 +196,7 @@ impl Counter {
         Counter::DropRevNatUpdate,
         Counter::RevTranslated,
         Counter::RevNatStale,
+        Counter::StickyReused,
     ];
 
     /// Name used in logs and metrics.
@@ -176,6 +209,7 @@ impl Counter {
             Counter::DropRevNatUpdate => "drop_revnat_update",
             Counter::RevTranslated => "rev_translated",
             Counter::RevNatStale => "revnat_stale",
+            Counter::StickyReused => "sticky_reused",
         }
     }
 }
@@ -187,6 +221,8 @@ const _: () = assert!(core::mem::size_of::<Service4Value>() == 12);
 const _: () = assert!(core::mem::size_of::<Backend4Value>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNat4Value>() == 12);
+const _: () = assert!(core::mem::size_of::<SockFwd4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<SockFwd4Value>() == 8);
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
 
 #[cfg(feature = "user")]
@@ -199,4 +235,6 @@ mod user {
     unsafe impl aya::Pod for Backend4Value {}
     unsafe impl aya::Pod for SockRevNat4Key {}
     unsafe impl aya::Pod for SockRevNat4Value {}
+    unsafe impl aya::Pod for SockFwd4Key {}
+    unsafe impl aya::Pod for SockFwd4Value {}
 }

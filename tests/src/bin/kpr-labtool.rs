@@ -39,14 +39,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
-    /// N UDP requests over one socket (unconnected sendto/recvfrom unless --connected).
+    /// N UDP requests: each from a new unconnected socket (its own flow, sendto/recvfrom); with
+    /// --one-socket all from one unconnected socket; with --connected over one connected socket.
     UdpSpread {
         #[arg(long)]
         target: SocketAddr,
         #[arg(long)]
         count: u64,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "one_socket")]
         connected: bool,
+        #[arg(long)]
+        one_socket: bool,
+        /// Pause between requests (to keep a flow alive while something changes).
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
         #[arg(long, default_value_t = 500)]
         timeout_ms: u64,
     },
@@ -100,8 +106,25 @@ fn main() -> anyhow::Result<()> {
             target,
             count,
             connected,
+            one_socket,
             timeout_ms,
-        } => print(&tool::udp_spread(target, count, connected, ms(timeout_ms))),
+            interval_ms,
+        } => {
+            let mode = if connected {
+                tool::UdpMode::Connected
+            } else if one_socket {
+                tool::UdpMode::OneSocket
+            } else {
+                tool::UdpMode::SocketPerRequest
+            };
+            print(&tool::udp_spread(
+                target,
+                count,
+                mode,
+                ms(timeout_ms),
+                ms(interval_ms),
+            ))
+        }
         Cmd::BenchConnect {
             target,
             duration_ms,
