@@ -1,7 +1,8 @@
 //! Sources of cluster state: they produce [`ClusterSnapshot`]s for the model.
+pub mod kube;
 pub mod manifest;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// A complete, consistent view of the objects kpr proxies, as one source last read them.
@@ -9,4 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 pub struct ClusterSnapshot {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// This node's Node object, when the source knows it (the API source does; a manifest
+    /// directory may not).
+    pub node: Option<Node>,
 }
