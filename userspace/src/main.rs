@@ -203,6 +203,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             min_sync_period: args.min_sync_period,
             sync_period: args.sync_period,
             status_file: args.status_file.clone(),
+            observers: Vec::new(),
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+use k8s_openapi::api::core::v1::Node;
+
+use crate::changes;
 use crate::model::{self, DesiredState};
 use crate::source::ClusterSnapshot;
 
@@ -39,14 +42,52 @@ pub trait Dataplane {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+
+    /// How full the dataplane's tables are.
+    fn occupancy(&self) -> Vec<MapOccupancy> {
+        Vec::new()
+    }
 }
 
-#[derive(Clone, Debug)]
+/// Entries in one of the dataplane's tables, and its capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapOccupancy {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// What the runner reports as it goes: metrics and health are observers. Every method has a
+/// no-op default so an observer implements only what it needs.
+pub trait SyncObserver: Send + Sync {
+    /// A change arrived from the source and waits to be programmed.
+    fn update_queued(&self, _at: SystemTime) {}
+    /// A sync succeeded.
+    fn sync_succeeded(&self, _report: &SyncReport, _took: Duration, _full: bool, _at: SystemTime) {}
+    fn sync_failed(&self) {}
+    /// Objects that changed since the last programmed snapshot (kube-proxy's change counters).
+    fn changes_seen(&self, _services: usize, _endpoint_slices: usize) {}
+    /// Network programming latency: from a slice's trigger time to programmed.
+    fn network_programmed(&self, _latency: Duration) {}
+    /// This node's Node object, as of the last snapshot.
+    fn node_seen(&self, _node: &Node) {}
+    /// Datapath state, after every sync and periodically.
+    fn datapath(
+        &self,
+        _counters: &[(&'static str, u64)],
+        _occupancy: &[MapOccupancy],
+        _model_errors: usize,
+    ) {
+    }
+}
+
+#[derive(Clone)]
 pub struct RunnerConfig {
     pub min_sync_period: Duration,
     pub sync_period: Duration,
     /// Where to write a JSON status after each sync (tests and benchmarks read it).
     pub status_file: Option<PathBuf>,
+    pub observers: Vec<Arc<dyn SyncObserver>>,
 }
 
 /// The status file's content.
@@ -61,6 +102,7 @@ pub struct Status {
     pub last_report: SyncReport,
     pub model_errors: usize,
     pub counters: std::collections::BTreeMap<String, u64>,
+    pub occupancy: Vec<MapOccupancy>,
 }
 
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -134,11 +176,22 @@ pub async fn run<D: Dataplane>(
     let mut pending = true;
     let mut full = true;
     let mut source_open = true;
+    // The snapshot last programmed successfully, to tell what changed since.
+    let mut programmed: Option<Arc<ClusterSnapshot>> = None;
+    let notify = |f: &dyn Fn(&dyn SyncObserver)| {
+        for o in &cfg.observers {
+            f(o.as_ref());
+        }
+    };
+    notify(&|o| o.update_queued(SystemTime::now()));
     loop {
         if !pending {
             tokio::select! {
                 changed = source.changed(), if source_open => match changed {
-                    Ok(()) => pending = true,
+                    Ok(()) => {
+                        pending = true;
+                        notify(&|o| o.update_queued(SystemTime::now()));
+                    }
                     Err(_) => source_open = false,
                 },
                 _ = tokio::time::sleep_until(next_full.into()) => {
@@ -162,6 +215,11 @@ pub async fn run<D: Dataplane>(
             None => continue,
         };
         pending = false;
+
+        let changes = changes::between(programmed.as_deref(), &snapshot);
+        if let Some(node) = &snapshot.node {
+            notify(&|o| o.node_seen(node));
+        }
 
         let t0 = Instant::now();
         let (desired, errors) = model::build(&snapshot.services, &snapshot.slices);
@@ -191,10 +249,21 @@ pub async fn run<D: Dataplane>(
                 if full {
                     next_full = Instant::now() + cfg.sync_period;
                 }
+                let now = SystemTime::now();
+                notify(&|o| {
+                    o.changes_seen(changes.services, changes.endpoint_slices);
+                    o.sync_succeeded(&report, took, full, now);
+                    for t in &changes.trigger_times {
+                        // A trigger time in the future (clock skew) counts as zero.
+                        o.network_programmed(now.duration_since(*t).unwrap_or_default());
+                    }
+                });
+                programmed = Some(snapshot.clone());
                 full = false;
             }
             Err(e) => {
                 tracing::error!("sync failed, full resync in {RETRY_BACKOFF:?}: {e}");
+                notify(&|o| o.sync_failed());
                 status.failed_syncs += 1;
                 full = true;
                 next_full = Instant::now() + RETRY_BACKOFF;
@@ -208,13 +277,18 @@ pub async fn run<D: Dataplane>(
     }
 }
 
-/// Refreshes the counters and writes the status file, if one is configured.
+/// Refreshes the datapath figures, hands them to the observers, and writes the status file if
+/// one is configured.
 fn write_status<D: Dataplane>(dataplane: &D, status: &mut Status, cfg: &RunnerConfig) {
+    let counters = dataplane.counters();
+    status.occupancy = dataplane.occupancy();
+    for o in &cfg.observers {
+        o.datapath(&counters, &status.occupancy, status.model_errors);
+    }
     let Some(path) = &cfg.status_file else {
         return;
     };
-    status.counters = dataplane
-        .counters()
+    status.counters = counters
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
@@ -262,6 +336,7 @@ mod tests {
             min_sync_period: Duration::from_millis(500),
             sync_period: Duration::from_secs(30),
             status_file: None,
+            observers: Vec::new(),
         }
     }
 
@@ -304,6 +379,74 @@ mod tests {
         assert_eq!(calls.lock().unwrap().len(), 3);
         drop(tx);
         task.await.unwrap();
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        events: Mutex<Vec<String>>,
+    }
+
+    impl SyncObserver for Seen {
+        fn update_queued(&self, _at: SystemTime) {
+            self.events.lock().unwrap().push("queued".into());
+        }
+        fn sync_succeeded(&self, _r: &SyncReport, _took: Duration, full: bool, _at: SystemTime) {
+            self.events.lock().unwrap().push(format!("synced full={full}"));
+        }
+        fn changes_seen(&self, services: usize, slices: usize) {
+            self.events.lock().unwrap().push(format!("changes {services} {slices}"));
+        }
+        fn network_programmed(&self, latency: Duration) {
+            // The trigger time below is 2 s before "now"; allow for the test's own run time.
+            let ok = latency >= Duration::from_secs(2) && latency < Duration::from_secs(60);
+            self.events.lock().unwrap().push(format!("latency ok={ok}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn observers_see_queueing_syncs_changes_and_programming_latency() {
+        let (tx, rx) = watch::channel(Some(Arc::new(ClusterSnapshot::default())));
+        let seen = Arc::new(Seen::default());
+        let mut config = cfg();
+        config.observers = vec![seen.clone()];
+        let mut dp = Recorder::default();
+        let task = tokio::spawn(async move { run(&mut dp, rx, &config).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let trigger = k8s_openapi::jiff::Timestamp::try_from(
+            SystemTime::now() - Duration::from_secs(2),
+        )
+        .unwrap();
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "a-1", "namespace": "ns",
+                             "labels": {"kubernetes.io/service-name": "a"},
+                             "annotations": {(changes::TRIGGER_TIME_ANNOTATION): trigger.to_string()}},
+                "addressType": "IPv4",
+                "endpoints": []
+            }))
+            .unwrap();
+        tx.send(Some(Arc::new(ClusterSnapshot {
+            slices: vec![slice],
+            ..Default::default()
+        })))
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(tx);
+        task.await.unwrap();
+        let events = seen.events.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            vec![
+                "queued",
+                "changes 0 0",
+                "synced full=true",
+                "queued",
+                "changes 0 1",
+                "synced full=false",
+                "latency ok=true",
+            ],
+        );
     }
 
     #[tokio::test(start_paused = true)]

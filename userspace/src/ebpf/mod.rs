@@ -202,4 +202,20 @@ impl crate::runner::Dataplane for EbpfDataplane {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         EbpfDataplane::counters(self)
     }
+
+    fn occupancy(&self) -> Vec<crate::runner::MapOccupancy> {
+        let (services, backends) = self.syncer.map_entries();
+        vec![
+            crate::runner::MapOccupancy {
+                map: SERVICES_MAP,
+                entries: services as u64,
+                capacity: u64::from(kpr_common::SERVICES_MAP_MAX),
+            },
+            crate::runner::MapOccupancy {
+                map: BACKENDS_MAP,
+                entries: backends as u64,
+                capacity: u64::from(kpr_common::BACKENDS_MAP_MAX),
+            },
+        ]
+    }
 }

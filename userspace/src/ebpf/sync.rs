@@ -127,6 +127,17 @@ impl<M: LbMaps> LbSyncer<M> {
         (self.frontends.len(), self.backends.len())
     }
 
+    /// Entries this syncer keeps in the services map (slot 0 plus backend slots per frontend)
+    /// and in the backends map.
+    pub fn map_entries(&self) -> (usize, usize) {
+        let services = self
+            .frontends
+            .values()
+            .map(|f| usize::from(f.rev_nat_id.is_some()) + f.slots.len())
+            .sum();
+        (services, self.backend_ids.len())
+    }
+
     fn reload(&mut self) -> Result<(), SyncError> {
         self.backends.clear();
         self.stray_backends.clear();
