@@ -14,16 +14,20 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
     EbpfContext,
 };
 use kpr_common::{
-    Backend4Value, Counter, Service4Key, Service4Value, SockFwd4Key, SockFwd4Value, SockRevNat4Key,
-    SockRevNat4Value, BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX,
-    SOCK_REVNAT_MAP_MAX,
+    Affinity4Key, Affinity4Value, Backend4Value, Counter, Service4Key, Service4Value, SockFwd4Key,
+    SockFwd4Value, SockRevNat4Key, SockRevNat4Value, AFFINITY_MAP_MAX, AFFINITY_SCAN_MAX,
+    BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX,
+    SVC_FLAG_AFFINITY,
 };
 
 // Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
@@ -42,6 +46,10 @@ static SOCK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
 #[map(name = "KPR_SKFWD4_V1")]
 static SOCK_FWD: LruHashMap<SockFwd4Key, SockFwd4Value> =
     LruHashMap::pinned(SOCK_REVNAT_MAP_MAX, 0);
+
+// LRU: a client that went away is forgotten; the timeout is checked on use, not by expiry.
+#[map(name = "KPR_AFF4_V1")]
+static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(AFFINITY_MAP_MAX, 0);
 
 #[map(name = "KPR_CNT_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
@@ -126,17 +134,49 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
         pad: 0,
     };
 
-    // The socket's previous choice, if its slot still names the same backend.
+    // The socket's previous choice, if that backend is still in the service.
     let mut chosen: Option<(u16, u32)> = None;
     if sticky {
         if let Some(prev) = unsafe { SOCK_FWD.get(&fwd_key) } {
             let prev = *prev;
-            if prev.slot >= 1 && prev.slot <= frontend.count {
-                let key = Service4Key::new(address_be, port_be, proto, prev.slot);
-                if matches!(unsafe { SERVICES.get(&key) }, Some(v) if v.backend_id == prev.backend_id)
-                {
-                    chosen = Some((prev.slot, prev.backend_id));
-                    count(Counter::StickyReused);
+            if let Some(slot) =
+                backend_slot(&frontend_key, frontend.count, prev.slot, prev.backend_id)
+            {
+                chosen = Some((slot, prev.backend_id));
+                count(Counter::StickyReused);
+            }
+        }
+    }
+
+    // Session affinity: the client's backend for this frontend, unless the timeout passed since
+    // its last new connection or the backend left the service.
+    let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
+    let mut now = 0;
+    let affinity_key = Affinity4Key {
+        // SAFETY: sock_addr programs may call bpf_get_netns_cookie on their context.
+        client_cookie: if affinity {
+            unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+        } else {
+            0
+        },
+        rev_nat_id: frontend.rev_nat_id,
+        pad: 0,
+    };
+    if affinity {
+        // SAFETY: helper without preconditions.
+        now = unsafe { bpf_ktime_get_ns() };
+        if chosen.is_none() {
+            if let Some(prev) = unsafe { AFFINITY.get(&affinity_key) } {
+                let prev = *prev;
+                // For slot 0, backend_id is the affinity timeout in seconds.
+                let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
+                if now.wrapping_sub(prev.last_used_ns) <= timeout_ns {
+                    if let Some(slot) =
+                        backend_slot(&frontend_key, frontend.count, prev.slot, prev.backend_id)
+                    {
+                        chosen = Some((slot, prev.backend_id));
+                        count(Counter::AffinityReused);
+                    }
                 }
             }
         }
@@ -158,7 +198,7 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
         Some(b) => *b,
         None => return Err(Counter::DropBackendMissing),
     };
-    if sticky && chosen.is_none() {
+    if sticky {
         let v = SockFwd4Value {
             backend_id,
             slot,
@@ -166,6 +206,16 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
         };
         // Best effort: without the entry the next datagram picks again, as before.
         let _ = SOCK_FWD.insert(&fwd_key, &v, 0);
+    }
+    if affinity {
+        let v = Affinity4Value {
+            last_used_ns: now,
+            backend_id,
+            slot,
+            pad: 0,
+        };
+        // Best effort: without the entry the client's next connection chooses anew.
+        let _ = AFFINITY.insert(&affinity_key, &v, 0);
     }
 
     // Remember what this socket asked for, so recvmsg/getpeername can show it again.
@@ -194,6 +244,31 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
         (*sa).user_port = u32::from(backend.port_be);
     }
     Ok(Some(()))
+}
+
+/// The slot of `frontend` that holds `backend_id`: `hint` if it still does, else the first of
+/// up to AFFINITY_SCAN_MAX slots that does. None when the backend left the service.
+#[inline(always)]
+fn backend_slot(frontend: &Service4Key, count: u16, hint: u16, backend_id: u32) -> Option<u16> {
+    let holds = |slot: u16| {
+        let key = Service4Key::new(frontend.address_be, frontend.port_be, frontend.proto, slot);
+        // SAFETY: values are plain data, read at once.
+        matches!(unsafe { SERVICES.get(&key) }, Some(v) if v.backend_id == backend_id)
+    };
+    if hint >= 1 && hint <= count && holds(hint) {
+        return Some(hint);
+    }
+    let mut slot = 1;
+    while slot <= AFFINITY_SCAN_MAX {
+        if slot > count {
+            break;
+        }
+        if holds(slot) {
+            return Some(slot);
+        }
+        slot += 1;
+    }
+    None
 }
 
 /// recvmsg4 / getpeername4: show the frontend instead of the backend the socket really talks to.

@@ -1,6 +1,7 @@
 //! Running the kpr agent for a lab: in the node's network namespace, attached to the lab's
 //! cgroup, pinning in the lab's bpffs, reading a manifest directory.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,6 +65,14 @@ impl Kpr {
         name: &str,
         extra: &[&str],
     ) -> Result<Kpr> {
+        let mut args: Vec<&OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        Self::start_with(lab, bin, name, &args)
+    }
+
+    /// Starts kpr for `lab` with its source given in `args` (e.g. `--master URL`), and waits
+    /// until it has completed its first sync.
+    pub fn start_with(lab: &Lab, bin: &Path, name: &str, args: &[&OsStr]) -> Result<Kpr> {
         let pin_dir = lab.bpffs_dir().join(name);
         let status_file = lab.work_dir().join(format!("{name}-status.json"));
         let log_file = lab.work_dir().join(format!("{name}.log"));
@@ -74,15 +83,13 @@ impl Kpr {
             .try_clone()
             .map_err(|e| LabError::Other(format!("{}: {e}", log_file.display())))?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--manifests")
-            .arg(manifests)
-            .arg("--bpf-pin-dir")
+        cmd.arg("--bpf-pin-dir")
             .arg(&pin_dir)
             .arg("--cgroup-path")
             .arg(lab.cgroup_dir())
             .arg("--status-file")
             .arg(&status_file)
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

@@ -23,6 +23,9 @@ pub const BACKENDS_MAP: &str = "KPR_BE4_V1";
 pub const SOCK_REVNAT_MAP: &str = "KPR_SKNAT4_V1";
 /// Socket forward map: [`SockFwd4Key`] → [`SockFwd4Value`].
 pub const SOCK_FWD_MAP: &str = "KPR_SKFWD4_V1";
+/// Session-affinity map: [`Affinity4Key`] → [`Affinity4Value`].
+pub const AFFINITY_MAP: &str = "KPR_AFF4_V1";
+pub const AFFINITY_MAP_MAX: u32 = 262_144;
 /// Per-CPU datapath counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "KPR_CNT_V1";
 
@@ -70,7 +73,8 @@ impl Service4Key {
 
 /// Value of the services map.
 ///
-/// For slot 0: `count` backends and the frontend's `rev_nat_id`; `backend_id` is 0.
+/// For slot 0: `count` backends and the frontend's `rev_nat_id`; `backend_id` holds the session
+/// affinity timeout in seconds when [`SVC_FLAG_AFFINITY`] is set (Cilium's union), else 0.
 /// For slot n > 0: `backend_id` names the backend; `count` and `rev_nat_id` repeat slot 0's so a
 /// slot can be checked against its frontend.
 #[repr(C)]
@@ -89,6 +93,12 @@ pub struct Service4Value {
 }
 
 pub const SVC_FLAG_NONE: u8 = 0;
+/// `sessionAffinity: ClientIP`; slot 0's `backend_id` is the timeout in seconds.
+pub const SVC_FLAG_AFFINITY: u8 = 1 << 0;
+
+/// How many backend slots the datapath scans to check that an affinity's backend is still in the
+/// service when it is no longer in its recorded slot. Beyond this, affinity is re-chosen.
+pub const AFFINITY_SCAN_MAX: u16 = 64;
 
 /// Value of the backends map (key: backend id, `u32`, never 0).
 #[repr(C)]
@@ -157,6 +167,32 @@ pub struct SockFwd4Value {
     pub pad: u16,
 }
 
+/// Key of the session-affinity map: a client and a frontend.
+///
+/// At the socket layer the client is identified by its network namespace cookie: connect()
+/// on an unbound socket has no source address yet, and every socket of a pod shares the pod's
+/// namespace (host processes share the host's, as they share the node's address for
+/// kube-proxy). The frontend is its reverse-NAT id, unique per frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Affinity4Key {
+    pub client_cookie: u64,
+    pub rev_nat_id: u32,
+    pub pad: u32,
+}
+
+/// Value of the session-affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Affinity4Value {
+    /// bpf_ktime_get_ns() of the client's last new connection to the frontend.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    /// Slot the backend was in; checked first, then up to [`AFFINITY_SCAN_MAX`] slots.
+    pub slot: u16,
+    pub pad: u16,
+}
+
 /// Datapath counters: translations done and typed drop/failure reasons.
 ///
 /// The index of each variant in [`COUNTERS_MAP`] is its discriminant; new reasons are
@@ -182,13 +218,15 @@ pub enum Counter {
     RevNatStale = 6,
     /// An unconnected UDP send reused the backend its socket used before.
     StickyReused = 7,
+    /// A new connection went to the client's affinity backend.
+    AffinityReused = 8,
 }
 
 /// Number of counters; size of [`COUNTERS_MAP`].
 pub const COUNTER_MAX: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Translated,
         Counter::DropNoBackend,
         Counter::DropBackendMissing,
@@ -197,6 +235,7 @@ impl Counter {
         Counter::RevTranslated,
         Counter::RevNatStale,
         Counter::StickyReused,
+        Counter::AffinityReused,
     ];
 
     /// Name used in logs and metrics.
@@ -210,6 +249,7 @@ impl Counter {
             Counter::RevTranslated => "rev_translated",
             Counter::RevNatStale => "revnat_stale",
             Counter::StickyReused => "sticky_reused",
+            Counter::AffinityReused => "affinity_reused",
         }
     }
 }
@@ -223,6 +263,8 @@ const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNat4Value>() == 12);
 const _: () = assert!(core::mem::size_of::<SockFwd4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<SockFwd4Value>() == 8);
+const _: () = assert!(core::mem::size_of::<Affinity4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<Affinity4Value>() == 16);
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
 
 #[cfg(feature = "user")]
@@ -237,4 +279,6 @@ mod user {
     unsafe impl aya::Pod for SockRevNat4Value {}
     unsafe impl aya::Pod for SockFwd4Key {}
     unsafe impl aya::Pod for SockFwd4Value {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for Affinity4Value {}
 }
