@@ -116,12 +116,19 @@ mod tests {
     fn counts_adds_changes_and_removals_and_collects_trigger_times() {
         let old = ClusterSnapshot {
             services: vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
-            slices: vec![slice("a-1", "10.0.0.1", None), slice("b-1", "10.0.0.2", None)],
+            slices: vec![
+                slice("a-1", "10.0.0.1", None),
+                slice("b-1", "10.0.0.2", None),
+            ],
             node: None,
         };
         let new = ClusterSnapshot {
             // a unchanged, b changed, c added.
-            services: vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.9"), svc("c", "10.96.0.3")],
+            services: vec![
+                svc("a", "10.96.0.1"),
+                svc("b", "10.96.0.9"),
+                svc("c", "10.96.0.3"),
+            ],
             // a-1 changed (with a trigger time), b-1 removed.
             slices: vec![slice("a-1", "10.0.0.7", Some("2026-11-23T10:00:00Z"))],
             node: None,

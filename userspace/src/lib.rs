@@ -2,7 +2,11 @@
 //! it, the dataplane backends that program the node, and the runner that ties them together.
 pub mod changes;
 pub mod ebpf;
+pub mod health;
+mod http_server;
 pub mod iptables;
+pub mod metrics;
 pub mod model;
+mod observers;
 pub mod runner;
 pub mod source;

@@ -391,10 +391,16 @@ mod tests {
             self.events.lock().unwrap().push("queued".into());
         }
         fn sync_succeeded(&self, _r: &SyncReport, _took: Duration, full: bool, _at: SystemTime) {
-            self.events.lock().unwrap().push(format!("synced full={full}"));
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("synced full={full}"));
         }
         fn changes_seen(&self, services: usize, slices: usize) {
-            self.events.lock().unwrap().push(format!("changes {services} {slices}"));
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("changes {services} {slices}"));
         }
         fn network_programmed(&self, latency: Duration) {
             // The trigger time below is 2 s before "now"; allow for the test's own run time.
@@ -413,10 +419,9 @@ mod tests {
         let task = tokio::spawn(async move { run(&mut dp, rx, &config).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
 
-        let trigger = k8s_openapi::jiff::Timestamp::try_from(
-            SystemTime::now() - Duration::from_secs(2),
-        )
-        .unwrap();
+        let trigger =
+            k8s_openapi::jiff::Timestamp::try_from(SystemTime::now() - Duration::from_secs(2))
+                .unwrap();
         let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "a-1", "namespace": "ns",
