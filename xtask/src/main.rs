@@ -32,6 +32,8 @@ enum Task {
     Test,
     /// Connection rate and latency: direct pod IP vs kpr vs kube-proxy's iptables rules.
     Bench(bench::Args),
+    /// Regenerate deploy/*.yaml from deploy/gen
+    GenDeploy,
 }
 
 fn main() -> Result<()> {
@@ -42,5 +44,10 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Bench(args) => bench::run(args),
+        Task::GenDeploy => build::run(
+            std::process::Command::new("cargo")
+                .args(["run", "-q", "-p", "kpr-deploy", "--", "--out"])
+                .arg(build::root().join("deploy")),
+        ),
     }
 }
