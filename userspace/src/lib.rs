@@ -1,6 +1,7 @@
 //! kpr: a kube-proxy replacement. The agent's library: the pure model, the sources that feed
 //! it, the dataplane backends that program the node, and the runner that ties them together.
 pub mod changes;
+pub mod config;
 pub mod ebpf;
 pub mod health;
 mod http_server;

@@ -1,120 +1,42 @@
 //! The kpr agent.
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use kpr::config::{self, Action, ConfigError, Settings, DEFAULT_CGROUP};
 use kpr::ebpf::{EbpfConfig, EbpfDataplane};
 use kpr::iptables::{render_kube_proxy_iptables_with_last, KubeProxyIptablesConfig};
 use kpr::runner::{self, RunnerConfig};
 use kpr::source::manifest::{self, ManifestSource};
 use tokio::sync::watch;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "kpr",
-    version,
-    about = "kpr: a kube-proxy replacement with an eBPF dataplane"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Print the iptables-restore input kube-proxy (iptables mode) would load for the Services
-    /// in a manifest directory. The benchmark's baseline.
-    RenderIptables {
-        #[arg(long)]
-        manifests: PathBuf,
-        #[arg(long)]
-        cluster_cidr: Option<String>,
-        /// Place this Service's ("namespace/name") rules last in KUBE-SERVICES (worst case).
-        #[arg(long)]
-        last: Option<String>,
-    },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ProxyMode {
-    Ebpf,
-    Nftables,
-    Iptables,
-    Ipvs,
-}
-
-#[derive(clap::Args, Debug)]
-struct RunArgs {
-    /// Read Services and EndpointSlices from YAML files in this directory (and follow changes).
-    #[arg(long, env = "KPR_MANIFESTS")]
-    manifests: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "ebpf")]
-    proxy_mode: ProxyMode,
-    /// bpffs directory where kpr pins its maps (kept across restarts).
-    #[arg(long, default_value = "/sys/fs/bpf/kpr")]
-    bpf_pin_dir: PathBuf,
-    /// cgroup v2 directory whose processes get socket-level load balancing. The default is the
-    /// host's cgroup v2 root, mounted there if absent (what a DaemonSet wants).
-    #[arg(long, default_value = "/run/kpr/cgroupv2")]
-    cgroup_path: PathBuf,
-    /// Allow attaching to the root of a cgroup v2 hierarchy (implied by the default path).
-    #[arg(long)]
-    allow_cgroup_root: bool,
-    /// Minimum interval between syncs; changes closer together are coalesced.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    min_sync_period: Duration,
-    /// Interval of full resyncs.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    sync_period: Duration,
-    /// How often the manifest directory is checked for changes.
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
-    manifest_poll: Duration,
-    /// Write a JSON status after every sync.
-    #[arg(long)]
-    status_file: Option<PathBuf>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m)"))?;
-    let n: f64 = num.parse().map_err(|_| format!("{s:?}: bad number"))?;
-    let secs = match unit {
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
-
-const DEFAULT_CGROUP: &str = "/run/kpr/cgroupv2";
-
+/// Exit codes: 0 success, 2 usage or configuration error (as clap's), 1 runtime error.
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: logs usually land in files and collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::RenderIptables {
+    let resolved = match config::from_args(std::env::args_os()) {
+        Ok(r) => r,
+        // --help, --version (exit 0) and usage errors (exit 2), printed by clap.
+        Err(ConfigError::Cli(e)) => e.exit(),
+        Err(e) => {
+            init_logging(0);
+            eprintln!("kpr: {e}");
+            return ExitCode::from(ConfigError::EXIT_CODE);
+        }
+    };
+    init_logging(resolved.verbosity);
+    for w in &resolved.warnings {
+        tracing::warn!("{w}");
+    }
+    let result = match resolved.action {
+        Action::RenderIptables {
             manifests,
             cluster_cidr,
             last,
-        }) => render_iptables(&manifests, cluster_cidr, last.as_deref()),
-        None => run_agent(cli.run),
+        } => render_iptables(&manifests, cluster_cidr, last.as_deref()),
+        Action::InitOnly(_) => {
+            tracing::info!("--init-only: configuration is valid; kpr has no separate init step");
+            Ok(())
+        }
+        Action::Run(settings) => run_agent(*settings),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,6 +45,20 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Logs to stderr; RUST_LOG, if set, wins over the verbosity (`-v`, `logging.verbosity`).
+fn init_logging(verbosity: u32) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(config::log_filter(verbosity))
+            }),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs usually land in files and collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 fn render_iptables(
@@ -157,38 +93,29 @@ fn render_iptables(
     Ok(())
 }
 
-fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    match args.proxy_mode {
-        ProxyMode::Ebpf => {}
-        ProxyMode::Nftables | ProxyMode::Iptables => {
-            bail!(
-                "--proxy-mode {:?} is not implemented yet; use --proxy-mode ebpf",
-                args.proxy_mode
-            )
-        }
-        ProxyMode::Ipvs => bail!(
-            "--proxy-mode ipvs is not supported (this kernel has no IPVS); use --proxy-mode ebpf"
-        ),
-    }
-    let Some(dir) = args.manifests.clone() else {
+/// Runs the agent with the resolved settings (the proxy mode is ebpf: the config module refuses
+/// or replaces the others).
+fn run_agent(settings: Settings) -> anyhow::Result<()> {
+    tracing::debug!(settings = %settings.to_json(), "effective configuration");
+    let Some(dir) = settings.manifests.clone() else {
         bail!("no source of cluster state: pass --manifests DIR");
     };
 
     let allow_root =
-        args.allow_cgroup_root || args.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
-    if args.cgroup_path == std::path::Path::new(DEFAULT_CGROUP) {
-        ensure_cgroup2_mounted(&args.cgroup_path)?;
+        settings.allow_cgroup_root || settings.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
+    if settings.cgroup_path == std::path::Path::new(DEFAULT_CGROUP) {
+        ensure_cgroup2_mounted(&settings.cgroup_path)?;
     }
-    std::fs::create_dir_all(&args.bpf_pin_dir)
-        .with_context(|| format!("creating {}", args.bpf_pin_dir.display()))?;
+    std::fs::create_dir_all(&settings.bpf_pin_dir)
+        .with_context(|| format!("creating {}", settings.bpf_pin_dir.display()))?;
     let mut dataplane = EbpfDataplane::load(&EbpfConfig {
-        pin_dir: args.bpf_pin_dir.clone(),
-        cgroup: args.cgroup_path.clone(),
+        pin_dir: settings.bpf_pin_dir.clone(),
+        cgroup: settings.cgroup_path.clone(),
         allow_cgroup_root: allow_root,
     })?;
     tracing::info!(
-        cgroup = %args.cgroup_path.display(),
-        pins = %args.bpf_pin_dir.display(),
+        cgroup = %settings.cgroup_path.display(),
+        pins = %settings.bpf_pin_dir.display(),
         "socket-LB programs attached"
     );
 
@@ -197,12 +124,12 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let (tx, rx) = watch::channel(None::<Arc<kpr::source::ClusterSnapshot>>);
-        let source = ManifestSource::new(dir, args.manifest_poll);
+        let source = ManifestSource::new(dir, settings.manifest_poll);
         tokio::spawn(source.run(tx));
         let cfg = RunnerConfig {
-            min_sync_period: args.min_sync_period,
-            sync_period: args.sync_period,
-            status_file: args.status_file.clone(),
+            min_sync_period: settings.min_sync_period,
+            sync_period: settings.sync_period,
+            status_file: settings.status_file.clone(),
             observers: Vec::new(),
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,0 +1,383 @@
+//! The command line: kube-proxy's flags (those kpr uses, and the rest accepted and ignored so that
+//! a kube-proxy DaemonSet's arguments work unchanged) plus kpr's own.
+//!
+//! Syntax follows kube-proxy's (spf13/pflag): `--flag=value` or `--flag value`; boolean flags are
+//! `--flag`, `--flag=true` or `--flag=false` (never `--flag false`); a repeated flag's last value
+//! wins (lists such as `--nodeport-addresses` accumulate); `-v=2`, `-v 2` and `--v=2` set the
+//! log verbosity.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Arg, ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use super::duration::parse_go_duration;
+use super::ProxyMode;
+
+const USED: &str = "kube-proxy flags";
+const OWN: &str = "kpr flags";
+const IGNORED: &str = "kube-proxy flags accepted and ignored by kpr";
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "kpr",
+    version,
+    about = "kpr: a kube-proxy replacement with an eBPF dataplane",
+    long_about = "kpr: a kube-proxy replacement with an eBPF dataplane.\n\n\
+        It takes kube-proxy's flags and its --config file (KubeProxyConfiguration, as kubeadm \
+        writes it in the kube-proxy ConfigMap), so it can run in place of kube-proxy unchanged. \
+        Settings kpr does not use are accepted with a warning.",
+    args_override_self = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CliCommand {
+    /// Print the iptables-restore input kube-proxy (iptables mode) would load for the Services
+    /// in a manifest directory. The benchmark's baseline.
+    RenderIptables {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long)]
+        cluster_cidr: Option<String>,
+        /// Place this Service's ("namespace/name") rules last in KUBE-SERVICES (worst case).
+        #[arg(long)]
+        last: Option<String>,
+    },
+}
+
+/// The agent's flags as given. `None`: not on the command line (defaults are applied when the
+/// flags and the config file are resolved into [`super::Settings`]).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// The path to the configuration file (KubeProxyConfiguration). When given, kube-proxy's
+    /// configuration flags below are ignored, as in kube-proxy, except --hostname-override and -v.
+    #[arg(long, value_name = "FILE", help_heading = USED)]
+    pub config: Option<PathBuf>,
+    /// Which proxy mode to use: 'ebpf' (kpr's, the default), or kube-proxy's 'nftables',
+    /// 'iptables', 'ipvs' (not available in kpr); '' means the default.
+    #[arg(long, value_name = "MODE", value_parser = parse_proxy_mode, help_heading = USED)]
+    pub proxy_mode: Option<ProxyMode>,
+    /// If non-empty, will be used as the name of the Node that kpr is running on (default: the
+    /// hostname). Applies even with --config.
+    #[arg(long, value_name = "NAME", help_heading = USED)]
+    pub hostname_override: Option<String>,
+    /// The CIDR range(s) of the pods in the cluster (a comma-separated dual-stack pair at most).
+    #[arg(long, value_name = "CIDRS", help_heading = USED)]
+    pub cluster_cidr: Option<String>,
+    /// Comma-separated CIDR ranges of the node IPs that accept NodePort connections, or the
+    /// keyword 'primary' (also 'localhost', 'all'). Default: all local IPs.
+    #[arg(
+        long,
+        value_name = "CIDRS",
+        value_delimiter = ',',
+        action = ArgAction::Append,
+        help_heading = USED
+    )]
+    pub nodeport_addresses: Option<Vec<String>>,
+    /// SNAT all traffic sent via Service cluster IPs.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool,
+        help_heading = USED
+    )]
+    pub masquerade_all: Option<bool>,
+    /// Path to kubeconfig file with authorization information (the master location can be
+    /// overridden by the master flag).
+    #[arg(long, value_name = "FILE", help_heading = USED)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The address of the Kubernetes API server (overrides any value in kubeconfig). Applies
+    /// even with --config.
+    #[arg(long, value_name = "URL", help_heading = USED)]
+    pub master: Option<String>,
+    /// Overrides kpr's idea of what its node's primary IP is [default: 0.0.0.0].
+    #[arg(long, value_name = "IP", help_heading = USED)]
+    pub bind_address: Option<String>,
+    /// The IP address and port for the health check server to serve on; empty to disable
+    /// [default: 0.0.0.0:10256].
+    #[arg(long, value_name = "IP:PORT", help_heading = USED)]
+    pub healthz_bind_address: Option<String>,
+    /// The IP address and port for the metrics server to serve on; empty to disable
+    /// [default: 127.0.0.1:10249].
+    #[arg(long, value_name = "IP:PORT", help_heading = USED)]
+    pub metrics_bind_address: Option<String>,
+    /// Deprecated (kube-proxy): the health check server's port; 0 disables it.
+    #[arg(long, value_name = "PORT", hide = true)]
+    pub healthz_port: Option<u16>,
+    /// Deprecated (kube-proxy): the metrics server's port; 0 disables it.
+    #[arg(long, value_name = "PORT", hide = true)]
+    pub metrics_port: Option<u16>,
+    /// kube-proxy's name for --sync-period (honoured: kpr replaces the iptables proxier).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub iptables_sync_period: Option<Duration>,
+    /// kube-proxy's name for --min-sync-period (honoured: kpr replaces the iptables proxier).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub iptables_min_sync_period: Option<Duration>,
+    /// Log level verbosity (0-3 info, 4-5 debug, 6+ trace; RUST_LOG, if set, wins).
+    #[arg(short = 'v', long = "v", value_name = "LEVEL", help_heading = USED)]
+    pub verbosity: Option<u32>,
+
+    /// Read Services and EndpointSlices from YAML files in this directory (and follow changes).
+    #[arg(long, env = "KPR_MANIFESTS", value_name = "DIR", help_heading = OWN)]
+    pub manifests: Option<PathBuf>,
+    /// bpffs directory where kpr pins its maps (kept across restarts).
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr", help_heading = OWN)]
+    pub bpf_pin_dir: PathBuf,
+    /// cgroup v2 directory whose processes get socket-level load balancing. The default is the
+    /// host's cgroup v2 root, mounted there if absent (what a DaemonSet wants).
+    #[arg(long, value_name = "DIR", default_value = super::DEFAULT_CGROUP, help_heading = OWN)]
+    pub cgroup_path: PathBuf,
+    /// Allow attaching to the root of a cgroup v2 hierarchy (implied by the default path).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = parse_go_bool,
+        help_heading = OWN
+    )]
+    pub allow_cgroup_root: bool,
+    /// Interval of full resyncs [default: 30s]. Applies even with --config (it is kpr's flag).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = OWN)]
+    pub sync_period: Option<Duration>,
+    /// Minimum interval between syncs; changes closer together are coalesced [default: 1s].
+    /// Applies even with --config.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = OWN)]
+    pub min_sync_period: Option<Duration>,
+    /// How often the manifest directory is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration, help_heading = OWN)]
+    pub manifest_poll: Duration,
+    /// Write a JSON status after every sync.
+    #[arg(long, value_name = "FILE", help_heading = OWN)]
+    pub status_file: Option<PathBuf>,
+}
+
+/// What kpr does with a kube-proxy flag it has no use for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Treatment {
+    /// Accepted; one warning.
+    Ignore,
+    /// `--cleanup`, `--write-config-to`: they make kube-proxy do something else and exit;
+    /// running the proxy instead would be wrong, so kpr refuses (exit 2).
+    Refuse(&'static str),
+    /// `--init-only`: kpr has no separate privileged init step; it checks its configuration
+    /// and exits 0.
+    InitOnly,
+}
+
+/// A kube-proxy flag kpr does not use.
+pub struct OtherFlag {
+    pub name: &'static str,
+    /// Boolean flags take no value or `=BOOL`; the others take one.
+    pub boolean: bool,
+    /// Not shown by --help: removed from kube-proxy (klog's pre-1.26 flags, userspace proxy)
+    /// but still found in old DaemonSets.
+    pub hidden: bool,
+    pub treatment: Treatment,
+    pub help: &'static str,
+}
+
+const fn ignore(name: &'static str, boolean: bool, help: &'static str) -> OtherFlag {
+    OtherFlag {
+        name,
+        boolean,
+        hidden: false,
+        treatment: Treatment::Ignore,
+        help,
+    }
+}
+
+const fn legacy(name: &'static str, boolean: bool) -> OtherFlag {
+    OtherFlag {
+        name,
+        boolean,
+        hidden: true,
+        treatment: Treatment::Ignore,
+        help: "removed from kube-proxy; ignored",
+    }
+}
+
+/// kube-proxy's flags (cmd/kube-proxy/app/options.go and component-base's logging flags) that
+/// kpr accepts without using them.
+pub const OTHER_FLAGS: &[OtherFlag] = &[
+    OtherFlag {
+        name: "cleanup",
+        boolean: true,
+        hidden: false,
+        treatment: Treatment::Refuse("kpr has no cleanup mode (it leaves no iptables or IPVS rules; its pinned maps are under --bpf-pin-dir)"),
+        help: "kube-proxy: clean up iptables and IPVS rules and exit (refused by kpr)",
+    },
+    OtherFlag {
+        name: "write-config-to",
+        boolean: false,
+        hidden: false,
+        treatment: Treatment::Refuse("kpr cannot write a default KubeProxyConfiguration; use kube-proxy's"),
+        help: "kube-proxy: write the default configuration to this file and exit (refused by kpr)",
+    },
+    OtherFlag {
+        name: "init-only",
+        boolean: true,
+        hidden: false,
+        treatment: Treatment::InitOnly,
+        help: "kube-proxy: do the privileged initialization and exit; kpr has none: it checks its configuration and exits 0",
+    },
+    ignore("feature-gates", false, "feature gates (key=value pairs)"),
+    ignore("kube-api-content-type", false, "content type of requests sent to the apiserver"),
+    ignore("kube-api-burst", false, "burst to use while talking with the apiserver"),
+    ignore("kube-api-qps", false, "QPS to use while talking with the apiserver"),
+    ignore("bind-address-hard-fail", true, "treat failure to bind a port as fatal"),
+    ignore("profiling", true, "profiling via /debug/pprof"),
+    ignore("show-hidden-metrics-for-version", false, "show metrics hidden in this version"),
+    ignore("iptables-masquerade-bit", false, "fwmark bit for SNAT"),
+    ignore("iptables-localhost-nodeports", true, "NodePorts on localhost"),
+    ignore("ipvs-sync-period", false, "IPVS mode's sync period"),
+    ignore("ipvs-min-sync-period", false, "IPVS mode's minimum sync period"),
+    ignore("ipvs-scheduler", false, "IPVS scheduler"),
+    ignore("ipvs-exclude-cidrs", false, "CIDRs the IPVS proxier leaves alone"),
+    ignore("ipvs-strict-arp", true, "strict ARP for kube-ipvs0"),
+    ignore("ipvs-tcp-timeout", false, "IPVS TCP idle timeout"),
+    ignore("ipvs-tcpfin-timeout", false, "IPVS TCP FIN timeout"),
+    ignore("ipvs-udp-timeout", false, "IPVS UDP timeout"),
+    ignore("detect-local-mode", false, "how local traffic is detected"),
+    ignore("pod-bridge-interface", false, "bridge for --detect-local-mode=BridgeInterface"),
+    ignore("pod-interface-name-prefix", false, "prefix for --detect-local-mode=InterfaceNamePrefix"),
+    ignore("oom-score-adj", false, "oom-score-adj of the process"),
+    ignore("conntrack-max-per-core", false, "conntrack entries per core"),
+    ignore("conntrack-min", false, "minimum conntrack entries"),
+    ignore("conntrack-tcp-timeout-established", false, "conntrack TCP established timeout"),
+    ignore("conntrack-tcp-timeout-close-wait", false, "conntrack TCP CLOSE_WAIT timeout"),
+    ignore("conntrack-tcp-be-liberal", true, "conntrack TCP liberal mode"),
+    ignore("conntrack-udp-timeout", false, "conntrack UDP unreplied timeout"),
+    ignore("conntrack-udp-timeout-stream", false, "conntrack UDP assured timeout"),
+    ignore("config-sync-period", false, "how often configuration from the apiserver is refreshed"),
+    ignore("vmodule", false, "per-file log verbosity"),
+    ignore("log-flush-frequency", false, "log flush interval"),
+    ignore("logging-format", false, "log format (text, json)"),
+    ignore("log-json-split-stream", true, "JSON logs: info to stdout"),
+    ignore("log-json-info-buffer-size", false, "JSON logs: info buffer"),
+    ignore("log-text-split-stream", true, "text logs: info to stdout"),
+    ignore("log-text-info-buffer-size", false, "text logs: info buffer"),
+    legacy("logtostderr", true),
+    legacy("alsologtostderr", true),
+    legacy("log-dir", false),
+    legacy("log-file", false),
+    legacy("log-file-max-size", false),
+    legacy("skip-headers", true),
+    legacy("skip-log-headers", true),
+    legacy("one-output", true),
+    legacy("stderrthreshold", false),
+    legacy("add-dir-header", true),
+    legacy("log-backtrace-at", false),
+    legacy("proxy-port-range", false),
+    legacy("udp-timeout", false),
+    legacy("resource-container", false),
+    legacy("conntrack-max", false),
+    legacy("cleanup-ipvs", true),
+    OtherFlag {
+        name: "cleanup-iptables",
+        boolean: true,
+        hidden: true,
+        treatment: Treatment::Refuse("kpr has no cleanup mode"),
+        help: "removed from kube-proxy",
+    },
+];
+
+/// The clap command: [`Cli`] plus [`OTHER_FLAGS`].
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for f in OTHER_FLAGS {
+        let mut arg = Arg::new(f.name)
+            .long(f.name)
+            .help(f.help)
+            .hide(f.hidden)
+            .help_heading(IGNORED);
+        arg = if f.boolean {
+            arg.value_name("BOOL")
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true")
+                .value_parser(parse_go_bool)
+                .action(ArgAction::Append)
+        } else {
+            // Append: a flag kube-proxy takes as a list (--feature-gates, --ipvs-exclude-cidrs)
+            // may be repeated.
+            arg.value_name("VALUE")
+                .num_args(1)
+                .action(ArgAction::Append)
+        };
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+/// A kube-proxy flag that kpr does not use, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenOther {
+    pub name: &'static str,
+    pub treatment: Treatment,
+    /// A boolean flag's (last) value; true for the others.
+    pub on: bool,
+}
+
+/// Parses the command line (`args[0]` is the program name). Errors are clap's (usage: exit 2;
+/// `--help`, `--version`: exit 0; `clap::Error::exit` prints and exits accordingly).
+pub fn parse<I, T>(args: I) -> Result<(Cli, Vec<GivenOther>), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    Ok((cli, given_others(&matches)))
+}
+
+fn given_others(m: &ArgMatches) -> Vec<GivenOther> {
+    let mut given: Vec<(usize, GivenOther)> = Vec::new();
+    for f in OTHER_FLAGS {
+        let Some(index) = m.indices_of(f.name).and_then(|mut i| i.next()) else {
+            continue;
+        };
+        let on = !f.boolean
+            || m.get_many::<bool>(f.name)
+                .and_then(|mut v| v.next_back().copied())
+                .unwrap_or(false);
+        given.push((
+            index,
+            GivenOther {
+                name: f.name,
+                treatment: f.treatment,
+                on,
+            },
+        ));
+    }
+    // Command-line order, so warnings read like the command line.
+    given.sort_by_key(|(i, _)| *i);
+    given.into_iter().map(|(_, g)| g).collect()
+}
+
+/// pflag's (Go's strconv.ParseBool) booleans.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true, false, 1, 0, t, f)")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_go_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_proxy_mode(s: &str) -> Result<ProxyMode, String> {
+    ProxyMode::parse(s)
+}

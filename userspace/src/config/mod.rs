@@ -1,0 +1,685 @@
+//! kube-proxy compatibility: kpr takes kube-proxy's flags and its `--config` file
+//! (`KubeProxyConfiguration`), so it can replace kube-proxy in a DaemonSet unchanged, and
+//! resolves them, with kpr's own flags, into [`Settings`], what the agent uses.
+//!
+//! Entry point: [`from_args`] (the command line → [`Resolved`]: what to do, the warnings to log
+//! and the log verbosity). Errors are [`ConfigError`]: usage or configuration errors, exit code
+//! 2 (clap's too); runtime errors elsewhere in the agent exit with 1.
+//!
+//! # Flags and `--config`: which wins
+//!
+//! kpr does what kube-proxy does (cmd/kube-proxy/app/options.go, `Options.Complete`): when
+//! `--config` is given, the file's configuration *replaces* everything kube-proxy's flags set
+//! (`o.config = c`), so those flags are ignored even when given explicitly. kube-proxy's own
+//! help says "This parameter is ignored if a config file is specified by --config"; attempts
+//! to make flags win (kubernetes PRs 98303 and 101273) were closed unmerged; issues 98302,
+//! 107156, 120603 describe the behaviour. The exceptions, also kube-proxy's:
+//! - `--hostname-override` wins over the file's `hostnameOverride` (`processHostnameOverrideFlag`);
+//! - `-v`/`--v` wins over `logging.verbosity` (`copyLogsFromFlags`);
+//! - `--master` always applies (it is not part of the configuration).
+//!
+//! Unlike kube-proxy, kpr warns about each flag it ignores because of `--config`. kpr's own
+//! flags (`--manifests`, `--bpf-pin-dir`, `--cgroup-path`, `--allow-cgroup-root`,
+//! `--sync-period`, `--min-sync-period`, `--manifest-poll`, `--status-file`) are not part of
+//! the file and always apply; `--sync-period`/`--min-sync-period` thereby override the file's.
+//!
+//! # Proxy mode
+//!
+//! `--proxy-mode ebpf` (or `''`, or nothing) is kpr's dataplane. kube-proxy's modes given with
+//! the `--proxy-mode` flag are honoured, and refused (exit 2): `nftables` and `iptables` are not
+//! implemented yet, `ipvs` needs IPVS, which this kernel lacks. In the config file, though,
+//! `mode: iptables` (or nftables, ipvs) is what an unchanged kube-proxy ConfigMap says (kubeadm
+//! writes `mode: ""`, many clusters set it explicitly): kpr is the replacement for that
+//! kube-proxy, so it warns and uses ebpf. The mode the file names still selects, as in
+//! kube-proxy, which section (`iptables`, `ipvs`, `nftables`) the sync periods and
+//! masqueradeAll are read from.
+pub mod duration;
+pub mod file;
+pub mod flags;
+
+#[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use self::file::KubeProxyConfiguration;
+use self::flags::{CliCommand, RunArgs, Treatment};
+
+/// The default `--cgroup-path`: the host's cgroup v2 hierarchy, mounted there if absent.
+pub const DEFAULT_CGROUP: &str = "/run/kpr/cgroupv2";
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/kpr";
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+pub const DEFAULT_MANIFEST_POLL: Duration = Duration::from_millis(200);
+/// kube-proxy's ports (pkg/cluster/ports): ProxyHealthzPort, ProxyStatusPort.
+pub const HEALTHZ_PORT: u16 = 10256;
+pub const METRICS_PORT: u16 = 10249;
+
+/// Usage and configuration errors: the agent exits with [`ConfigError::EXIT_CODE`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// From clap, including `--help` and `--version`: `clap::Error::exit` prints it and exits
+    /// with clap's code (0 for those two, 2 otherwise).
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+    #[error("--{flag}={value:?}: {reason}")]
+    Flag {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "--proxy-mode {0}: the {0} proxy mode is not implemented in kpr yet; use --proxy-mode ebpf"
+    )]
+    ModeNotImplemented(ProxyMode),
+    #[error("--proxy-mode ipvs: this kernel has no IPVS (CONFIG_IP_VS is not set); use --proxy-mode ebpf")]
+    Ipvs,
+    #[error("--{flag} is not supported: {reason}")]
+    Unsupported {
+        flag: &'static str,
+        reason: &'static str,
+    },
+    #[error("config file {}: {source}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// A field with a wrong type or value; `field` is its path (`iptables.syncPeriod`).
+    #[error("config file {}: {field}: {message}", path.display())]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    pub const EXIT_CODE: u8 = 2;
+}
+
+/// The dataplane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    Ebpf,
+    Nftables,
+    Iptables,
+    Ipvs,
+}
+
+impl ProxyMode {
+    /// kube-proxy's spelling; `""` is the default (ebpf in kpr).
+    pub fn parse(s: &str) -> Result<ProxyMode, String> {
+        match s {
+            "" | "ebpf" => Ok(ProxyMode::Ebpf),
+            "nftables" => Ok(ProxyMode::Nftables),
+            "iptables" => Ok(ProxyMode::Iptables),
+            "ipvs" => Ok(ProxyMode::Ipvs),
+            "kernelspace" => Err(
+                "\"kernelspace\" is kube-proxy's Windows mode; kpr runs on Linux: use ebpf".into(),
+            ),
+            other => Err(format!(
+                "{other:?} is not a proxy mode (ebpf, nftables, iptables, ipvs)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Ebpf => "ebpf",
+            ProxyMode::Nftables => "nftables",
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Ipvs => "ipvs",
+        }
+    }
+}
+
+impl fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An IP prefix, as written (host bits are kept, like Go's ParseCIDR keeps the IP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let bad = || format!("{s:?} is not a CIDR (such as 10.244.0.0/16)");
+        let (ip, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One entry of `--nodeport-addresses` / `nodePortAddresses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    /// The Node object's primary IP(s).
+    Primary,
+    /// 127.0.0.0/8 and ::1/128.
+    Localhost,
+    /// 0.0.0.0/0 and ::/0.
+    All,
+    Cidr(Cidr),
+}
+
+impl FromStr for NodePortAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NodePortAddress, String> {
+        match s.trim() {
+            "primary" => Ok(NodePortAddress::Primary),
+            "localhost" => Ok(NodePortAddress::Localhost),
+            "all" => Ok(NodePortAddress::All),
+            cidr => cidr
+                .parse()
+                .map(NodePortAddress::Cidr)
+                .map_err(|_| format!("{s:?} is neither a CIDR nor one of primary, localhost, all")),
+        }
+    }
+}
+
+impl fmt::Display for NodePortAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodePortAddress::Primary => f.write_str("primary"),
+            NodePortAddress::Localhost => f.write_str("localhost"),
+            NodePortAddress::All => f.write_str("all"),
+            NodePortAddress::Cidr(c) => c.fmt(f),
+        }
+    }
+}
+
+impl Serialize for NodePortAddress {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The effective configuration: what the agent uses.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Settings {
+    /// Always [`ProxyMode::Ebpf`] once resolved (the others are refused or replaced).
+    pub proxy_mode: ProxyMode,
+    /// `--config`, if given.
+    pub config_file: Option<PathBuf>,
+    /// The Node's name; `None`: the hostname. Trimmed and lowercased, as kube-proxy does.
+    pub hostname_override: Option<String>,
+    /// `--cluster-cidr` / `clusterCIDR`, split at commas.
+    pub cluster_cidrs: Vec<Cidr>,
+    /// Empty: all local IPs.
+    pub nodeport_addresses: Vec<NodePortAddress>,
+    pub masquerade_all: bool,
+    pub kubeconfig: Option<PathBuf>,
+    /// API server URL, overriding the kubeconfig's.
+    pub master: Option<String>,
+    /// kube-proxy's "primary IP of the node" override (0.0.0.0: unset).
+    pub bind_address: IpAddr,
+    /// `None`: the server is disabled.
+    pub healthz_bind_address: Option<SocketAddr>,
+    pub metrics_bind_address: Option<SocketAddr>,
+    #[serde(serialize_with = "duration::serialize")]
+    pub sync_period: Duration,
+    #[serde(serialize_with = "duration::serialize")]
+    pub min_sync_period: Duration,
+    /// klog-style verbosity (`-v`, `logging.verbosity`); see [`log_filter`].
+    pub verbosity: u32,
+    pub manifests: Option<PathBuf>,
+    pub bpf_pin_dir: PathBuf,
+    pub cgroup_path: PathBuf,
+    pub allow_cgroup_root: bool,
+    #[serde(serialize_with = "duration::serialize")]
+    pub manifest_poll: Duration,
+    pub status_file: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        Settings {
+            proxy_mode: ProxyMode::Ebpf,
+            config_file: None,
+            hostname_override: None,
+            cluster_cidrs: Vec::new(),
+            nodeport_addresses: Vec::new(),
+            masquerade_all: false,
+            kubeconfig: None,
+            master: None,
+            bind_address: any,
+            healthz_bind_address: Some(default_healthz(any)),
+            metrics_bind_address: Some(default_metrics(any)),
+            sync_period: DEFAULT_SYNC_PERIOD,
+            min_sync_period: DEFAULT_MIN_SYNC_PERIOD,
+            verbosity: 0,
+            manifests: None,
+            bpf_pin_dir: DEFAULT_BPF_PIN_DIR.into(),
+            cgroup_path: DEFAULT_CGROUP.into(),
+            allow_cgroup_root: false,
+            manifest_poll: DEFAULT_MANIFEST_POLL,
+            status_file: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Stable, pretty JSON (durations in Go syntax): logs and golden tests.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("settings serialize")
+    }
+}
+
+/// kube-proxy's defaults (v1alpha1 defaults.go): 0.0.0.0:10256, or [::]:10256 when the bind
+/// address is IPv6.
+fn default_healthz(bind: IpAddr) -> SocketAddr {
+    match bind {
+        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), HEALTHZ_PORT),
+        IpAddr::V6(_) => SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), HEALTHZ_PORT),
+    }
+}
+
+/// 127.0.0.1:10249, or [::1]:10249 when the bind address is IPv6.
+fn default_metrics(bind: IpAddr) -> SocketAddr {
+    match bind {
+        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), METRICS_PORT),
+        IpAddr::V6(_) => SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), METRICS_PORT),
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Action {
+    /// Run the agent.
+    Run(Box<Settings>),
+    /// `--init-only`: the configuration is valid; exit 0.
+    InitOnly(Box<Settings>),
+    /// `kpr render-iptables`.
+    RenderIptables {
+        manifests: PathBuf,
+        cluster_cidr: Option<String>,
+        last: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Resolved {
+    pub action: Action,
+    /// To log (at warn level) once logging is set up.
+    pub warnings: Vec<String>,
+    pub verbosity: u32,
+}
+
+/// The tracing filter for a klog verbosity (RUST_LOG, if set, wins): 0-3 info, 4-5 kpr's debug,
+/// 6-7 kpr's trace, 8 everything's debug, 9+ everything's trace.
+pub fn log_filter(verbosity: u32) -> &'static str {
+    match verbosity {
+        0..=3 => "info",
+        4..=5 => "info,kpr=debug",
+        6..=7 => "info,kpr=trace",
+        8 => "debug,kpr=trace",
+        _ => "trace",
+    }
+}
+
+/// Parses the command line (`args[0]` is the program name) and resolves it, with the config
+/// file if one is given.
+pub fn from_args<I, T>(args: I) -> Result<Resolved, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let (cli, others) = flags::parse(args)?;
+    let mut warnings = Vec::new();
+    let mut init_only = false;
+    for o in &others {
+        match o.treatment {
+            Treatment::Refuse(reason) if o.on => {
+                return Err(ConfigError::Unsupported {
+                    flag: o.name,
+                    reason,
+                })
+            }
+            Treatment::InitOnly if o.on => init_only = true,
+            _ => warnings.push(format!("ignored: kpr does not use --{}", o.name)),
+        }
+    }
+    if let Some(CliCommand::RenderIptables {
+        manifests,
+        cluster_cidr,
+        last,
+    }) = cli.command
+    {
+        return Ok(Resolved {
+            action: Action::RenderIptables {
+                manifests,
+                cluster_cidr,
+                last,
+            },
+            warnings,
+            verbosity: cli.run.verbosity.unwrap_or(0),
+        });
+    }
+    let (settings, more) = resolve(&cli.run)?;
+    warnings.extend(more);
+    let verbosity = settings.verbosity;
+    let settings = Box::new(settings);
+    Ok(Resolved {
+        action: if init_only {
+            Action::InitOnly(settings)
+        } else {
+            Action::Run(settings)
+        },
+        warnings,
+        verbosity,
+    })
+}
+
+/// Resolves the agent's flags and, if `--config` is given, the file, into [`Settings`] and
+/// warnings (see the module doc for the precedence).
+pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
+    let mut warnings = Vec::new();
+    // As in kube-proxy, `--config=""` is no config file.
+    let config = args.config.clone().filter(|c| !c.as_os_str().is_empty());
+    let mut s = Settings {
+        config_file: config.clone(),
+        master: args.master.clone().filter(|m| !m.is_empty()),
+        manifests: args.manifests.clone(),
+        bpf_pin_dir: args.bpf_pin_dir.clone(),
+        cgroup_path: args.cgroup_path.clone(),
+        allow_cgroup_root: args.allow_cgroup_root,
+        manifest_poll: args.manifest_poll,
+        status_file: args.status_file.clone(),
+        ..Settings::default()
+    };
+    match &config {
+        Some(path) => {
+            let (cfg, unknown) = file::load(path)?;
+            for flag in config_flags_given(args) {
+                warnings.push(format!(
+                    "ignored: --{flag}, because --config is given (as in kube-proxy, the \
+                     config file replaces kube-proxy's flags); set it in the config file"
+                ));
+            }
+            from_file(&mut s, &cfg, path, &mut warnings)?;
+            warnings.extend(cfg.unused_fields());
+            warnings.extend(unknown);
+        }
+        None => from_flags(&mut s, args)?,
+    }
+    // kube-proxy's exceptions to "the file replaces the flags".
+    if let Some(h) = &args.hostname_override {
+        if !h.is_empty() {
+            let h = h.trim();
+            if h.is_empty() {
+                return Err(flag_error(
+                    "hostname-override",
+                    args.hostname_override.as_deref().unwrap_or_default(),
+                    "empty hostname-override is invalid",
+                ));
+            }
+            s.hostname_override = Some(h.to_lowercase());
+        }
+    }
+    if let Some(v) = args.verbosity {
+        s.verbosity = v;
+    }
+    // kpr's own flags.
+    if let Some(d) = args.sync_period {
+        s.sync_period = d;
+    }
+    if let Some(d) = args.min_sync_period {
+        s.min_sync_period = d;
+    }
+    validate(&s)?;
+    Ok((s, warnings))
+}
+
+/// kube-proxy's flags that the config file replaces, in the order they are declared.
+fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
+    let given: [(&'static str, bool); 12] = [
+        ("proxy-mode", a.proxy_mode.is_some()),
+        ("cluster-cidr", a.cluster_cidr.is_some()),
+        ("nodeport-addresses", a.nodeport_addresses.is_some()),
+        ("masquerade-all", a.masquerade_all.is_some()),
+        ("kubeconfig", a.kubeconfig.is_some()),
+        ("bind-address", a.bind_address.is_some()),
+        ("healthz-bind-address", a.healthz_bind_address.is_some()),
+        ("metrics-bind-address", a.metrics_bind_address.is_some()),
+        ("healthz-port", a.healthz_port.is_some()),
+        ("metrics-port", a.metrics_port.is_some()),
+        ("iptables-sync-period", a.iptables_sync_period.is_some()),
+        (
+            "iptables-min-sync-period",
+            a.iptables_min_sync_period.is_some(),
+        ),
+    ];
+    given
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+}
+
+fn flag_error(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Flag {
+        flag,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn from_flags(s: &mut Settings, a: &RunArgs) -> Result<(), ConfigError> {
+    s.proxy_mode = match a.proxy_mode.unwrap_or(ProxyMode::Ebpf) {
+        ProxyMode::Ebpf => ProxyMode::Ebpf,
+        m @ (ProxyMode::Nftables | ProxyMode::Iptables) => {
+            return Err(ConfigError::ModeNotImplemented(m))
+        }
+        ProxyMode::Ipvs => return Err(ConfigError::Ipvs),
+    };
+    if let Some(c) = &a.cluster_cidr {
+        s.cluster_cidrs = parse_cidrs(c).map_err(|e| flag_error("cluster-cidr", c, e))?;
+    }
+    if let Some(list) = &a.nodeport_addresses {
+        s.nodeport_addresses = parse_nodeport_addresses(list)
+            .map_err(|e| flag_error("nodeport-addresses", &list.join(","), e))?;
+    }
+    s.masquerade_all = a.masquerade_all.unwrap_or(false);
+    s.kubeconfig = a.kubeconfig.clone().filter(|k| !k.as_os_str().is_empty());
+    if let Some(b) = &a.bind_address {
+        if !b.is_empty() {
+            s.bind_address = b
+                .parse()
+                .map_err(|_| flag_error("bind-address", b, "not an IP address"))?;
+        }
+    }
+    s.healthz_bind_address = match &a.healthz_bind_address {
+        None => Some(default_healthz(s.bind_address)),
+        Some(v) if v.is_empty() => None,
+        Some(v) => Some(
+            parse_ip_port(v, HEALTHZ_PORT).map_err(|e| flag_error("healthz-bind-address", v, e))?,
+        ),
+    };
+    s.metrics_bind_address = match &a.metrics_bind_address {
+        None => Some(default_metrics(s.bind_address)),
+        Some(v) if v.is_empty() => None,
+        Some(v) => Some(
+            parse_ip_port(v, METRICS_PORT).map_err(|e| flag_error("metrics-bind-address", v, e))?,
+        ),
+    };
+    // kube-proxy's deprecated --healthz-port/--metrics-port (addressFromDeprecatedFlags,
+    // without --config only): 0 disables the server, another port replaces the address's.
+    if let Some(p) = a.healthz_port {
+        s.healthz_bind_address =
+            with_port(s.healthz_bind_address, p, default_healthz(s.bind_address));
+    }
+    if let Some(p) = a.metrics_port {
+        s.metrics_bind_address =
+            with_port(s.metrics_bind_address, p, default_metrics(s.bind_address));
+    }
+    // kube-proxy applies --iptables-(min-)sync-period unless the mode is ipvs
+    // (processV1Alpha1Flags); kpr's --(min-)sync-period win (applied by the caller).
+    if let Some(d) = a.iptables_sync_period {
+        s.sync_period = d;
+    }
+    if let Some(d) = a.iptables_min_sync_period {
+        s.min_sync_period = d;
+    }
+    Ok(())
+}
+
+fn with_port(addr: Option<SocketAddr>, port: u16, default: SocketAddr) -> Option<SocketAddr> {
+    if port == 0 {
+        return None;
+    }
+    let mut a = addr.unwrap_or(default);
+    a.set_port(port);
+    Some(a)
+}
+
+fn from_file(
+    s: &mut Settings,
+    cfg: &KubeProxyConfiguration,
+    path: &std::path::Path,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let field = |field: &str, message: String| ConfigError::Field {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        message,
+    };
+    let mode = cfg.mode_str();
+    s.proxy_mode = match ProxyMode::parse(mode).map_err(|e| field("mode", e))? {
+        ProxyMode::Ebpf => ProxyMode::Ebpf,
+        m => {
+            warnings.push(format!(
+                "config: mode \"{m}\" is kube-proxy's; kpr replaces kube-proxy and uses its \
+                 ebpf dataplane (only the --proxy-mode flag can ask for {m})"
+            ));
+            ProxyMode::Ebpf
+        }
+    };
+    if let Some(h) = cfg.hostname_override.as_deref().map(str::trim) {
+        if !h.is_empty() {
+            s.hostname_override = Some(h.to_lowercase());
+        }
+    }
+    if let Some(c) = cfg.cluster_cidr.as_deref().filter(|c| !c.trim().is_empty()) {
+        s.cluster_cidrs = parse_cidrs(c).map_err(|e| field("clusterCIDR", e))?;
+    }
+    if let Some(list) = &cfg.node_port_addresses {
+        s.nodeport_addresses =
+            parse_nodeport_addresses(list).map_err(|e| field("nodePortAddresses", e))?;
+    }
+    s.kubeconfig = cfg
+        .client_connection
+        .as_ref()
+        .and_then(|c| c.kubeconfig.as_deref())
+        .filter(|k| !k.is_empty())
+        .map(PathBuf::from);
+    if let Some(b) = cfg.bind_address.as_deref().filter(|b| !b.is_empty()) {
+        s.bind_address = b
+            .parse()
+            .map_err(|_| field("bindAddress", format!("{b:?} is not an IP address")))?;
+    }
+    // In the file, empty means the default (kube-proxy's defaulting runs before anything else).
+    s.healthz_bind_address = Some(match cfg.healthz_bind_address.as_deref() {
+        None | Some("") => default_healthz(s.bind_address),
+        Some(v) => parse_ip_port(v, HEALTHZ_PORT).map_err(|e| field("healthzBindAddress", e))?,
+    });
+    s.metrics_bind_address = Some(match cfg.metrics_bind_address.as_deref() {
+        None | Some("") => default_metrics(s.bind_address),
+        Some(v) => parse_ip_port(v, METRICS_PORT).map_err(|e| field("metricsBindAddress", e))?,
+    });
+    let v = cfg.values();
+    s.masquerade_all = v.masquerade_all;
+    s.sync_period = v.sync_period.unwrap_or(DEFAULT_SYNC_PERIOD);
+    s.min_sync_period = v.min_sync_period.unwrap_or(DEFAULT_MIN_SYNC_PERIOD);
+    s.verbosity = cfg.logging.as_ref().and_then(|l| l.verbosity).unwrap_or(0);
+    Ok(())
+}
+
+fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
+    let cidrs = s
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<Cidr>, String>>()?;
+    if cidrs.len() > 2 {
+        return Err(format!(
+            "{s:?}: at most one IPv4 and one IPv6 CIDR (a dual-stack pair)"
+        ));
+    }
+    Ok(cidrs)
+}
+
+fn parse_nodeport_addresses(list: &[String]) -> Result<Vec<NodePortAddress>, String> {
+    list.iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.parse())
+        .collect()
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or a bare IP (kube-proxy appends the default port).
+fn parse_ip_port(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip = s.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| format!("{s:?} is not IP:PORT"))
+}
+
+fn validate(s: &Settings) -> Result<(), ConfigError> {
+    use duration::format_go_duration as show;
+    if s.sync_period.is_zero() {
+        return Err(ConfigError::Invalid(
+            "sync period must be greater than 0".into(),
+        ));
+    }
+    if s.min_sync_period > s.sync_period {
+        return Err(ConfigError::Invalid(format!(
+            "sync period ({}) must be greater than or equal to the minimum sync period ({})",
+            show(s.sync_period),
+            show(s.min_sync_period)
+        )));
+    }
+    if s.manifest_poll.is_zero() {
+        return Err(ConfigError::Invalid(
+            "--manifest-poll must be greater than 0".into(),
+        ));
+    }
+    Ok(())
+}
