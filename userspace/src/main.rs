@@ -5,7 +5,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use kpr::config::{self, Action, ConfigError, Settings, DEFAULT_CGROUP};
 use kpr::ebpf::{EbpfConfig, EbpfDataplane};
+use kpr::health::{serve_health, ProxyHealth};
 use kpr::iptables::{render_kube_proxy_iptables_with_last, KubeProxyIptablesConfig};
+use kpr::metrics::{serve_metrics, Metrics};
 use kpr::runner::{self, RunnerConfig};
 use kpr::source::manifest::{self, ManifestSource};
 use tokio::sync::watch;
@@ -97,9 +99,6 @@ fn render_iptables(
 /// or replaces the others).
 fn run_agent(settings: Settings) -> anyhow::Result<()> {
     tracing::debug!(settings = %settings.to_json(), "effective configuration");
-    let Some(dir) = settings.manifests.clone() else {
-        bail!("no source of cluster state: pass --manifests DIR");
-    };
 
     let allow_root =
         settings.allow_cgroup_root || settings.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
@@ -124,13 +123,22 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let (tx, rx) = watch::channel(None::<Arc<kpr::source::ClusterSnapshot>>);
-        let source = ManifestSource::new(dir, settings.manifest_poll);
-        tokio::spawn(source.run(tx));
+        start_source(&settings, tx)?;
+
+        let metrics = Metrics::new();
+        let health =
+            ProxyHealth::for_sync_period(settings.sync_period).with_metrics(metrics.clone());
+        if let Some(addr) = settings.metrics_bind_address {
+            serve("metrics", addr, |l| serve_metrics(l, metrics.clone())).await;
+        }
+        if let Some(addr) = settings.healthz_bind_address {
+            serve("healthz", addr, |l| serve_health(l, health.clone())).await;
+        }
         let cfg = RunnerConfig {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
             status_file: settings.status_file.clone(),
-            observers: Vec::new(),
+            observers: vec![Arc::new(metrics), Arc::new(health)],
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -141,6 +149,52 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         // Programs detach when `dataplane` drops; pinned maps stay for the next start.
         anyhow::Ok(())
     })
+}
+
+/// The manifest directory when one is given (the embedded single-machine source), else the
+/// Kubernetes API server (--kubeconfig, --master, or in-cluster configuration).
+fn start_source(
+    settings: &Settings,
+    tx: watch::Sender<Option<Arc<kpr::source::ClusterSnapshot>>>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = &settings.manifests {
+        tracing::info!(dir = %dir.display(), "source: manifest directory");
+        tokio::spawn(ManifestSource::new(dir.clone(), settings.manifest_poll).run(tx));
+        return Ok(());
+    }
+    let node_name = match &settings.hostname_override {
+        Some(name) => name.clone(),
+        None => hostname()?,
+    };
+    let client =
+        kpr::source::kube::client_from(settings.kubeconfig.as_deref(), settings.master.as_deref())
+            .context("connecting to the Kubernetes API server")?;
+    tracing::info!(node = %node_name, "source: Kubernetes API server");
+    tokio::spawn(kpr::source::kube::KubeSource::new(client, node_name).run(tx));
+    Ok(())
+}
+
+/// kube-proxy's node name without --hostname-override: the host name, lower-cased.
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name (or pass --hostname-override)")?;
+    Ok(name.trim().to_lowercase())
+}
+
+/// Binds `addr` and serves on it in the background. A port that cannot be bound is logged and
+/// left unserved, as kube-proxy does, rather than stopping the proxy.
+async fn serve<F, Fut>(what: &str, addr: std::net::SocketAddr, server: F)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!(%addr, "serving {what}");
+            tokio::spawn(server(listener));
+        }
+        Err(e) => tracing::error!(%addr, "cannot serve {what}: {e}"),
+    }
 }
 
 /// The production default: the host's cgroup v2 hierarchy, mounted at DEFAULT_CGROUP if it is
