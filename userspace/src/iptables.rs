@@ -15,8 +15,8 @@
 //!   without `! -d 127.0.0.0/8`), nodeport addresses "all", `--random-fully` supported,
 //!   `nf_conntrack_tcp_be_liberal` unset (so `KUBE-FORWARD` drops INVALID), and "large cluster
 //!   mode" (no per-endpoint comments) above 1000 endpoints in total;
-//! * only ClusterIP rules are produced (the state has no NodePort / external / LB addresses),
-//!   for IPv4 frontends only (kube-proxy runs one proxier per family).
+//! * only ClusterIP rules are produced (NodePort, externalIP and load-balancer frontends of the
+//!   state are left out), for IPv4 frontends only (kube-proxy runs one proxier per family).
 //!
 //! Differences from kube-proxy, needed so that the text alone is a working proxy when loaded with
 //! plain `iptables-restore` (which replaces the listed tables), e.g. in a fresh network namespace:
@@ -32,7 +32,7 @@ use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{Backend, DesiredState, Frontend, ServicePortState};
+use crate::model::{Backend, DesiredState, Frontend, FrontendKind, ServicePortState};
 
 /// Options of kube-proxy that change the rules for ClusterIP services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -233,17 +233,20 @@ pub fn render_kube_proxy_iptables_with_last(
     cfg: &KubeProxyIptablesConfig,
     last: Option<&Frontend>,
 ) -> String {
-    // IPv4 frontends only; endpoints of the same family only (kube-proxy's per-family maps).
-    let ipv4 = |fe: &Frontend| matches!(fe.ip, IpAddr::V4(_));
+    // IPv4 ClusterIP frontends only (NodePort, externalIP and load-balancer rules are not
+    // rendered yet); endpoints of the same family only (kube-proxy's per-family maps).
+    let wanted = |fe: &Frontend, sps: &ServicePortState| {
+        matches!(fe.ip, IpAddr::V4(_)) && sps.kind == FrontendKind::ClusterIp
+    };
     let mut services: Vec<(&Frontend, &ServicePortState, Vec<Backend>)> = state
         .services
         .iter()
-        .filter(|(fe, _)| ipv4(fe) && Some(*fe) != last)
+        .filter(|(fe, sps)| wanted(fe, sps) && Some(*fe) != last)
         .map(|(fe, sps)| (fe, sps, ipv4_backends(sps)))
         .collect();
     if let Some(last) = last {
         if let Some((fe, sps)) = state.services.get_key_value(last) {
-            if ipv4(fe) {
+            if wanted(fe, sps) {
                 services.push((fe, sps, ipv4_backends(sps)));
             }
         }
@@ -494,6 +497,7 @@ mod tests {
                     be("10.244.1.3", 8080),
                     be("10.244.2.4", 8080),
                 ],
+                ..Default::default()
             },
         );
         state.services.insert(
@@ -501,6 +505,7 @@ mod tests {
             ServicePortState {
                 name: spn("default", "empty", ""),
                 backends: vec![],
+                ..Default::default()
             },
         );
         state
@@ -629,6 +634,7 @@ mod tests {
                 ServicePortState {
                     name: spn("ns", &format!("s{i}"), ""),
                     backends: vec![be(&format!("10.244.0.{i}"), 80)],
+                    ..Default::default()
                 },
             );
         }
@@ -668,11 +674,40 @@ mod tests {
                     ip: "fd00:1::2".parse().unwrap(),
                     port: 80,
                 }],
+                ..Default::default()
             },
         );
         let out = render_kube_proxy_iptables(&state, &basic_cfg());
         assert_eq!(
             out,
+            render_kube_proxy_iptables(&basic_state(), &basic_cfg())
+        );
+    }
+
+    #[test]
+    fn non_cluster_ip_frontends_are_skipped() {
+        let mut state = basic_state();
+        for (i, kind) in [
+            FrontendKind::NodePort,
+            FrontendKind::ExternalIp,
+            FrontendKind::LoadBalancer,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            state.services.insert(
+                fe(&format!("192.0.2.{}", i + 1), 30080),
+                ServicePortState {
+                    name: spn("default", "web", "http"),
+                    kind,
+                    backends: vec![be("10.244.1.2", 8080)],
+                    ..Default::default()
+                },
+            );
+        }
+        let last = fe("192.0.2.1", 30080);
+        assert_eq!(
+            render_kube_proxy_iptables_with_last(&state, &basic_cfg(), Some(&last)),
             render_kube_proxy_iptables(&basic_state(), &basic_cfg())
         );
     }
@@ -691,6 +726,7 @@ mod tests {
             ServicePortState {
                 name: spn("ns", "big", ""),
                 backends,
+                ..Default::default()
             },
         );
         let out = render_kube_proxy_iptables(&state, &KubeProxyIptablesConfig::default());
@@ -824,6 +860,7 @@ mod tests {
             ServicePortState {
                 name: spn("kube-system", "dns", "dns-tcp"),
                 backends: vec![be("10.244.3.3", 53)],
+                ..Default::default()
             },
         );
         let cases = [

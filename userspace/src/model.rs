@@ -1,15 +1,28 @@
 //! The pure model: (Services, EndpointSlices) → the frontends to program and their backends.
 //!
 //! No I/O happens here. This is where kube-proxy's semantics live (pkg/proxy/servicechangetracker.go,
-//! endpointschangetracker.go, topology.go): which Services are proxied at all, how slices are matched
-//! to Services, which endpoints are usable, how named target ports resolve. Every backend
-//! (eBPF, nftables, iptables) consumes the same [`DesiredState`].
+//! serviceport.go, endpointschangetracker.go, topology.go): which Services are proxied at all, on
+//! which addresses (ClusterIPs, NodePorts, externalIPs, load-balancer IPs), how slices are matched
+//! to Services, which endpoints are usable under each traffic policy, how named target ports
+//! resolve. Every backend (eBPF, nftables, iptables) consumes the same [`DesiredState`].
+//!
+//! Two sets of backends are kept per frontend, because kube-proxy treats traffic that starts on
+//! the node differently from traffic that arrives from outside:
+//! - [`ServicePortState::backends`] is what a client *on this node* (a pod or a host process)
+//!   gets: the internal traffic policy for ClusterIPs; for NodePorts, externalIPs and
+//!   load-balancer IPs, always the cluster-wide endpoints. That is kube-proxy's "short circuit"
+//!   (proxier.go, `KUBE-EXT-…`: locally originated traffic to an external destination "is subject
+//!   to neither form of traffic policy, which simulates going up-and-out to an external
+//!   load-balancer and coming back in").
+//! - [`ServicePortState::external_backends`] is what traffic *arriving from outside* gets: the
+//!   external traffic policy (`Local`: this node's endpoints only, so the client address is kept).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -42,7 +55,7 @@ impl Protocol {
 }
 
 /// kube-proxy's ServicePortName: `namespace/name:port` (`namespace/name` when the port is unnamed).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
     pub namespace: String,
     pub name: String,
@@ -60,7 +73,8 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-/// An address:port:protocol that clients dial (a ClusterIP port, for now).
+/// An address:port:protocol that clients dial: a ClusterIP, a node address with a NodePort, an
+/// externalIP or a load-balancer IP, with the Service port (the NodePort for node addresses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub ip: IpAddr,
@@ -93,19 +107,82 @@ impl fmt::Display for Backend {
     }
 }
 
-/// One service port as it should be programmed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which address of a Service a frontend is. Everything but `ClusterIp` is "external" in
+/// kube-proxy's sense (`ExternallyAccessible`): reachable from outside the cluster, and subject
+/// to the external traffic policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// One of `spec.clusterIPs` × a Service port.
+    #[default]
+    ClusterIp,
+    /// A node address ([`NodeContext::node_ips`]) × a port's `nodePort`.
+    NodePort,
+    /// One of `spec.externalIPs` × a Service port.
+    ExternalIp,
+    /// One of `status.loadBalancer.ingress[].ip` (VIP mode) × a Service port.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// NodePort, externalIP and load-balancer frontends: kube-proxy's external destinations.
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+/// One service port on one frontend, as it should be programmed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePortState {
     pub name: ServicePortName,
-    /// Usable backends, sorted and de-duplicated. Empty means "reject": the Service exists
-    /// but has no usable endpoint.
+    pub kind: FrontendKind,
+    /// Backends for clients on this node (pods and host processes; the socket-level path),
+    /// sorted and de-duplicated. Empty means "reject": no usable endpoint.
+    ///
+    /// ClusterIP frontends: `internalTrafficPolicy: Local` → this node's endpoints (ready, else
+    /// serving-terminating), otherwise the cluster's (ready, else serving-terminating).
+    /// External frontends: the cluster's endpoints whatever the policies (kube-proxy's short
+    /// circuit; a Service with an external frontend always "uses cluster endpoints").
     pub backends: Vec<Backend>,
+    /// Backends for traffic arriving from outside the node (the tc path), sorted and
+    /// de-duplicated; empty means "no endpoint for external traffic".
+    /// `externalTrafficPolicy: Local` → this node's endpoints only (ready, else
+    /// serving-terminating); `Cluster` → the cluster's. Equal to `backends` on ClusterIP
+    /// frontends.
+    pub external_backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP`: how long a client stays on its backend
+    /// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800 s). Same on every
+    /// frontend of the Service.
+    pub session_affinity: Option<Duration>,
+    /// `spec.loadBalancerSourceRanges` of this frontend's address family (kube-proxy filters
+    /// them per family), as network address and prefix length with host bits cleared. Only on
+    /// LoadBalancer frontends; empty means "any source".
+    pub load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+    /// `spec.healthCheckNodePort` of a `type: LoadBalancer` Service with
+    /// `externalTrafficPolicy: Local` (kube-proxy's `NeedsHealthCheck`), on every frontend of the
+    /// Service.
+    pub health_check_node_port: Option<u16>,
+    /// kube-proxy's `localEndpoints` for the service health server (`LocalReadyEndpoints`): this
+    /// node's ready endpoints of the Service in this frontend's address family, counted once per
+    /// Service port (a pod serving two ports counts twice). Same on every frontend of the
+    /// Service and family; 0 when the node name is unknown.
+    pub local_endpoints: usize,
 }
 
 /// Everything the dataplane should serve, keyed by frontend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, ServicePortState>,
+}
+
+/// What the model needs to know about the node it runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name: endpoints whose `nodeName` equals it are local. `None` (or empty):
+    /// no endpoint is local.
+    pub node_name: Option<String>,
+    /// The addresses NodePorts are served on, already filtered by `--nodeport-addresses`.
+    /// Empty: no NodePort frontends.
+    pub node_ips: Vec<IpAddr>,
 }
 
 /// Why an object was not used. Carries enough to name the object in a log line.
@@ -133,13 +210,19 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// value, and so do we.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when absent (the API server's default).
+pub const DEFAULT_SESSION_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+/// The longest ClientIP affinity the API server accepts (`MaxClientIPServiceAffinitySeconds`).
+pub const MAX_SESSION_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+
 // Manifests often omit the namespace; `kubectl apply` would put them in "default", so the
 // Service and its slices must agree on that.
 const DEFAULT_NAMESPACE: &str = "default";
 
-/// Checks a Service the way kpr needs it to be well-formed (metadata name, parseable
-/// ClusterIP(s), ports with a valid number and a known protocol). Sources call this per
-/// document so that a bad object is reported with its origin and skipped.
+/// Checks a Service the way kpr needs it to be well-formed (metadata name, known type, parseable
+/// ClusterIP(s), ports with a valid number, nodePort and a known protocol, externalIPs,
+/// load-balancer ingress IPs, source ranges, traffic policies, session affinity). Sources call
+/// this per document so that a bad object is reported with its origin and skipped.
 pub fn validate_service(svc: &Service) -> Result<(), ModelError> {
     parse_service(svc).map(|_| ())
 }
@@ -150,9 +233,32 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), ModelError> {
     parse_slice(slice).map(|_| ())
 }
 
-/// Builds the desired state. Invalid objects are skipped (their errors returned alongside)
-/// and never affect other objects.
+/// Builds the desired state without knowing the node: ClusterIP, externalIP and load-balancer
+/// frontends, no NodePort frontends (no node addresses), and no endpoint is local (so
+/// `internalTrafficPolicy: Local` ClusterIPs and `externalTrafficPolicy: Local` external traffic
+/// have no backends). Same as [`build_for_node`] with an empty [`NodeContext`].
 pub fn build(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<ModelError>) {
+    build_for_node(services, slices, &NodeContext::default())
+}
+
+/// Builds the desired state for the node described by `ctx`. Invalid objects are skipped (their
+/// errors returned alongside) and never affect other objects.
+///
+/// Conflicts (a frontend claimed by two Services) are settled per Service, never by serving half
+/// a Service: Services are taken in namespace/name order, and one that would claim a frontend
+/// already taken is dropped as a whole and reported. ClusterIP frontends are claimed first, for
+/// all Services, and external frontends (NodePort, externalIP, load-balancer IP) after them, so
+/// an externalIP or load-balancer status naming another Service's ClusterIP:port drops its own
+/// Service, never the ClusterIP's owner (externalIPs are user-chosen; cf. CVE-2020-8554). A
+/// Service dropped in the second round releases its ClusterIPs; Services dropped earlier for
+/// them are not reconsidered. Within one Service, an address listed under two kinds (an
+/// externalIP equal to its own ClusterIP, say) is served once, as the first of ClusterIP,
+/// externalIP, load-balancer IP, NodePort (the order of kube-proxy's rules).
+pub fn build_for_node(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    ctx: &NodeContext,
+) -> (DesiredState, Vec<ModelError>) {
     let mut errors = Vec::new();
 
     let mut slices_by_service: BTreeMap<(&str, &str), Vec<SliceView<'_>>> = BTreeMap::new();
@@ -180,6 +286,9 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, V
 
     let mut state = DesiredState::default();
     let mut seen = BTreeSet::new();
+    // Round one: ClusterIP frontends. Two Services claiming one ClusterIP:port is something the
+    // API server prevents; from hand-written manifests it can happen.
+    let mut kept = Vec::new();
     for view in &views {
         if !seen.insert((view.namespace, view.name)) {
             errors.push(view.error("defined more than once; the first definition is used"));
@@ -189,36 +298,71 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, V
             .get(&(view.namespace, view.name))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let ports = service_ports(view, slices);
-        // Two Services claiming one ClusterIP:port is something the API server prevents; from
-        // hand-written manifests it can happen, and half a Service is worse than none.
-        if let Some((frontend, owner)) = ports
-            .keys()
-            .find_map(|f| state.services.get(f).map(|owner| (f, owner)))
-        {
-            errors.push(view.error(&format!(
-                "frontend {frontend} is already used by {}",
-                owner.name
-            )));
+        let (internal, external): (Vec<_>, Vec<_>) = service_ports(view, slices, ctx)
+            .into_iter()
+            .partition(|(_, s)| s.kind == FrontendKind::ClusterIp);
+        if let Some(e) = conflict(&state, view, &internal) {
+            errors.push(e);
             continue;
         }
-        state.services.extend(ports);
+        let internal_frontends: Vec<Frontend> = internal.iter().map(|(f, _)| *f).collect();
+        state.services.extend(internal);
+        kept.push((view, internal_frontends, external));
+    }
+    // Round two: external frontends.
+    for (view, internal, external) in kept {
+        if let Some(e) = conflict(&state, view, &external) {
+            errors.push(e);
+            for f in &internal {
+                state.services.remove(f);
+            }
+            continue;
+        }
+        state.services.extend(external);
     }
     (state, errors)
+}
+
+/// The error for the first of `ports` that `state` already serves.
+fn conflict(
+    state: &DesiredState,
+    view: &ServiceView<'_>,
+    ports: &[(Frontend, ServicePortState)],
+) -> Option<ModelError> {
+    ports.iter().find_map(|(f, _)| {
+        state
+            .services
+            .get(f)
+            .map(|owner| view.error(&format!("frontend {f} is already used by {}", owner.name)))
+    })
 }
 
 /// A Service reduced to what the model uses, already checked.
 struct ServiceView<'a> {
     namespace: &'a str,
     name: &'a str,
+    /// ClusterIPs; their families are the families the Service is proxied in.
     ips: Vec<IpAddr>,
     ports: Vec<ServicePortView<'a>>,
+    external_ips: Vec<IpAddr>,
+    /// VIP-mode load-balancer ingress IPs (type LoadBalancer only).
+    load_balancer_ips: Vec<IpAddr>,
+    load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+    /// `internalTrafficPolicy: Local`.
+    internal_local: bool,
+    /// `externalTrafficPolicy: Local` (kube-proxy's `ExternalPolicyLocal` also requires an
+    /// external destination; without one there is no frontend it applies to).
+    external_local: bool,
+    session_affinity: Option<Duration>,
+    health_check_node_port: Option<u16>,
 }
 
 struct ServicePortView<'a> {
     name: &'a str,
     port: u16,
     protocol: Protocol,
+    /// The nodePort of a NodePort/LoadBalancer Service port; always `None` for slice ports.
+    node_port: Option<u16>,
 }
 
 impl ServiceView<'_> {
@@ -229,6 +373,13 @@ impl ServiceView<'_> {
             reason: reason.to_owned(),
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
 }
 
 /// `Ok(None)`: a valid Service that kube-proxy does not proxy (headless, ExternalName, or
@@ -254,9 +405,13 @@ fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, ModelError> {
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(None);
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(None);
-    }
+    let type_ = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => return Ok(None),
+        Some(other) => return Err(fail(format!("unknown type {other:?}"))),
+    };
     // kube-proxy keys "is this Service proxied" on the primary ClusterIP alone.
     let primary = spec.cluster_ip.as_deref().unwrap_or_default();
     if primary.is_empty() || primary == "None" {
@@ -278,6 +433,7 @@ fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, ModelError> {
         ips.push(ip);
     }
 
+    let has_node_ports = matches!(type_, ServiceType::NodePort | ServiceType::LoadBalancer);
     let mut ports: Vec<ServicePortView<'_>> = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = u16::try_from(p.port)
@@ -311,21 +467,169 @@ fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, ModelError> {
                 protocol.as_lower()
             )));
         }
+        // 0 or absent: not allocated (e.g. `allocateLoadBalancerNodePorts: false`). Other types
+        // cannot have one (the API server refuses it); it is ignored there.
+        let node_port = match p.node_port.filter(|_| has_node_ports) {
+            None | Some(0) => None,
+            Some(n) => Some(u16::try_from(n).ok().ok_or_else(|| {
+                fail(format!("ports[{i}]: nodePort {n} is out of range 1-65535"))
+            })?),
+        };
         ports.push(ServicePortView {
             name,
             port,
             protocol,
+            node_port,
         });
     }
+
+    let mut external_ips = Vec::new();
+    for s in spec.external_ips.iter().flatten() {
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| fail(format!("invalid externalIP {s:?}")))?;
+        external_ips.push(ip);
+    }
+
+    let mut load_balancer_ips = Vec::new();
+    if type_ == ServiceType::LoadBalancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default();
+        for (i, ing) in ingress.iter().enumerate() {
+            // Hostname-only entries are for DNS; kube-proxy programs nothing for them.
+            let Some(s) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let ip: IpAddr = s.parse().map_err(|_| {
+                fail(format!(
+                    "status.loadBalancer.ingress[{i}]: invalid ip {s:?}"
+                ))
+            })?;
+            // kube-proxy's IsVIPMode: absent or "VIP". A "Proxy" load balancer delivers to the
+            // node addresses itself; capturing its IP on the node would bypass it.
+            if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
+                tracing::debug!(
+                    "Service {namespace}/{name}: load-balancer IP {ip} is not in VIP mode; not served"
+                );
+                continue;
+            }
+            load_balancer_ips.push(ip);
+        }
+    }
+
+    let mut load_balancer_source_ranges = Vec::new();
+    for (i, s) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        // API validation trims whitespace before checking, so kube-proxy trims too.
+        let s = s.trim();
+        if s.is_empty() {
+            continue;
+        }
+        let cidr = parse_cidr(s)
+            .ok_or_else(|| fail(format!("loadBalancerSourceRanges[{i}]: invalid CIDR {s:?}")))?;
+        load_balancer_source_ranges.push(cidr);
+    }
+
+    let internal_local = parse_policy(spec.internal_traffic_policy.as_deref())
+        .map_err(|e| fail(format!("internalTrafficPolicy: {e}")))?;
+    let external_local = parse_policy(spec.external_traffic_policy.as_deref())
+        .map_err(|e| fail(format!("externalTrafficPolicy: {e}")))?;
+    let session_affinity = parse_session_affinity(spec).map_err(fail)?;
+
+    // kube-proxy's NeedsHealthCheck: only a LoadBalancer with the Local external policy.
+    let health_check_node_port =
+        if type_ == ServiceType::LoadBalancer && external_local {
+            match spec.health_check_node_port {
+                None | Some(0) => None,
+                Some(n) => Some(u16::try_from(n).ok().ok_or_else(|| {
+                    fail(format!("healthCheckNodePort {n} is out of range 1-65535"))
+                })?),
+            }
+        } else {
+            None
+        };
+
     Ok(Some(ServiceView {
         namespace,
         name,
         ips,
         ports,
+        external_ips,
+        load_balancer_ips,
+        load_balancer_source_ranges,
+        internal_local,
+        external_local,
+        session_affinity,
+        health_check_node_port,
     }))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// A traffic policy: `Ok(true)` for `Local`; absent means `Cluster`.
+fn parse_policy(p: Option<&str>) -> Result<bool, String> {
+    match p {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(format!("unknown policy {other:?}")),
+    }
+}
+
+fn parse_session_affinity(spec: &ServiceSpec) -> Result<Option<Duration>, String> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(DEFAULT_SESSION_AFFINITY_TIMEOUT)),
+                Some(s) => u64::try_from(s)
+                    .ok()
+                    .map(Duration::from_secs)
+                    .filter(|d| !d.is_zero() && *d <= MAX_SESSION_AFFINITY_TIMEOUT)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {s} is out of range 1-{}",
+                            MAX_SESSION_AFFINITY_TIMEOUT.as_secs()
+                        )
+                    }),
+            }
+        }
+        Some(other) => Err(format!("unknown sessionAffinity {other:?}")),
+    }
+}
+
+/// `addr/len`, as Go's `net.ParseCIDR` reads it: the address with its host bits cleared.
+fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(ip) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V4(Ipv4Addr::from(u32::from(ip) & mask)), len))
+        }
+        IpAddr::V6(ip) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V6(Ipv6Addr::from(u128::from(ip) & mask)), len))
+        }
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Family {
     V4,
     V6,
@@ -349,14 +653,16 @@ struct SliceView<'a> {
     /// Only ports that carry a number.
     ports: Vec<ServicePortView<'a>>,
     /// Only endpoints that have an address.
-    endpoints: Vec<EndpointView>,
+    endpoints: Vec<EndpointView<'a>>,
 }
 
-struct EndpointView {
+struct EndpointView<'a> {
     ip: IpAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// `nodeName`: the endpoint is local to the node of that name.
+    node_name: Option<&'a str>,
 }
 
 /// `Ok(None)`: an FQDN slice, which kube-proxy ignores.
@@ -403,6 +709,7 @@ fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>, ModelErro
             name: p.name.as_deref().unwrap_or_default(),
             port,
             protocol,
+            node_port: None,
         });
     }
 
@@ -432,6 +739,7 @@ fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>, ModelErro
             // true, not as a copy of `ready`.
             serving: c.and_then(|c| c.serving).unwrap_or(true),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: ep.node_name.as_deref(),
         });
     }
     Ok(Some(SliceView {
@@ -443,48 +751,139 @@ fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>, ModelErro
     }))
 }
 
-/// The frontends of one Service with their backends.
+/// The frontends of one Service with their backends. A frontend listed twice within the
+/// Service keeps its first kind, in kube-proxy's rule order: ClusterIP, externalIP,
+/// load-balancer IP (per port, as in `KUBE-SERVICES`), then NodePorts (`KUBE-NODEPORTS`, last).
 fn service_ports(
     view: &ServiceView<'_>,
     slices: &[SliceView<'_>],
+    ctx: &NodeContext,
 ) -> BTreeMap<Frontend, ServicePortState> {
+    let node = ctx.node_name.as_deref().filter(|n| !n.is_empty());
+    // kube-proxy runs one proxier per family, and each proxies only the Services with a
+    // ClusterIP of its family: an externalIP, LB IP or node address of another family is unused.
+    let families: BTreeSet<Family> = view.ips.iter().map(|&ip| Family::of(ip)).collect();
+    let in_families = |ip: &&IpAddr| families.contains(&Family::of(**ip));
+
+    let mut endpoints: BTreeMap<(usize, Family), Endpoints> = BTreeMap::new();
+    let mut local_ready: BTreeMap<Family, usize> = BTreeMap::new();
+    for (i, port) in view.ports.iter().enumerate() {
+        for &family in &families {
+            let e = categorize(family, port, slices, node);
+            *local_ready.entry(family).or_default() += e.local_ready;
+            endpoints.insert((i, family), e);
+        }
+    }
+
     let mut out = BTreeMap::new();
-    for port in &view.ports {
-        let name = ServicePortName {
-            namespace: view.namespace.to_owned(),
-            name: view.name.to_owned(),
-            port: port.name.to_owned(),
+    let mut add = |i: usize, kind: FrontendKind, ip: IpAddr, port: u16| {
+        let sp = &view.ports[i];
+        let frontend = Frontend {
+            ip,
+            port,
+            protocol: sp.protocol,
         };
-        for &ip in &view.ips {
-            let backends = backends_for(Family::of(ip), port, slices);
-            out.insert(
-                Frontend {
-                    ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                },
-                ServicePortState {
-                    name: name.clone(),
-                    backends,
-                },
+        if let Some(first) = out.get(&frontend).map(|s: &ServicePortState| s.kind) {
+            tracing::debug!(
+                "Service {}/{}: {frontend} is both {first:?} and {kind:?}; served as {first:?}",
+                view.namespace,
+                view.name
             );
+            return;
+        }
+        let family = Family::of(ip);
+        let e = &endpoints[&(i, family)];
+        let (backends, external_backends) = if kind.is_external() {
+            // kube-proxy's short circuit: traffic from this node to an external destination
+            // gets the cluster endpoints, whatever the policies.
+            let external = if view.external_local {
+                e.local.clone()
+            } else {
+                e.cluster.clone()
+            };
+            (e.cluster.clone(), external)
+        } else {
+            let internal = if view.internal_local {
+                e.local.clone()
+            } else {
+                e.cluster.clone()
+            };
+            (internal.clone(), internal)
+        };
+        out.insert(
+            frontend,
+            ServicePortState {
+                name: ServicePortName {
+                    namespace: view.namespace.to_owned(),
+                    name: view.name.to_owned(),
+                    port: sp.name.to_owned(),
+                },
+                kind,
+                backends,
+                external_backends,
+                session_affinity: view.session_affinity,
+                load_balancer_source_ranges: if kind == FrontendKind::LoadBalancer {
+                    view.load_balancer_source_ranges
+                        .iter()
+                        .filter(|(net, _)| Family::of(*net) == family)
+                        .copied()
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                health_check_node_port: view.health_check_node_port,
+                local_endpoints: local_ready.get(&family).copied().unwrap_or_default(),
+            },
+        );
+    };
+
+    for (i, sp) in view.ports.iter().enumerate() {
+        for &ip in &view.ips {
+            add(i, FrontendKind::ClusterIp, ip, sp.port);
+        }
+        for &ip in view.external_ips.iter().filter(in_families) {
+            add(i, FrontendKind::ExternalIp, ip, sp.port);
+        }
+        for &ip in view.load_balancer_ips.iter().filter(in_families) {
+            add(i, FrontendKind::LoadBalancer, ip, sp.port);
+        }
+    }
+    for (i, sp) in view.ports.iter().enumerate() {
+        let Some(node_port) = sp.node_port else {
+            continue;
+        };
+        for &ip in ctx.node_ips.iter().filter(in_families) {
+            add(i, FrontendKind::NodePort, ip, node_port);
         }
     }
     out
 }
 
-/// kube-proxy's endpoint selection for a cluster-wide traffic policy (topology.go): ready
-/// endpoints, or, when there are none, the ones that still serve while terminating so that
-/// connections drain instead of being rejected.
-fn backends_for(
+/// One Service port's endpoints in one family, by traffic policy (kube-proxy's
+/// `CategorizeEndpoints`, without topology hints).
+struct Endpoints {
+    /// `Cluster` policy: ready endpoints, or, when there are none, the ones that still serve
+    /// while terminating so that connections drain instead of being rejected.
+    cluster: Vec<Backend>,
+    /// `Local` policy: this node's ready endpoints, or, when there are none, this node's
+    /// serving-terminating ones (independently of the cluster-wide fallback).
+    local: Vec<Backend>,
+    /// This node's ready endpoints.
+    local_ready: usize,
+}
+
+fn categorize(
     family: Family,
     port: &ServicePortView<'_>,
     slices: &[SliceView<'_>],
-) -> Vec<Backend> {
+    node: Option<&str>,
+) -> Endpoints {
     #[derive(Default)]
     struct Usable {
         ready: bool,
         draining: bool,
+        local_ready: bool,
+        local_draining: bool,
     }
     // The same ip:port may come from several slices (e.g. mid-migration between slices); it
     // counts once, usable if any copy says so, so the result does not depend on slice order.
@@ -504,23 +903,35 @@ fn backends_for(
                         port: sp.port,
                     })
                     .or_default();
+                let draining = ep.serving && ep.terminating;
+                let local = node.is_some() && ep.node_name == node;
                 u.ready |= ep.ready;
-                u.draining |= ep.serving && ep.terminating;
+                u.draining |= draining;
+                u.local_ready |= local && ep.ready;
+                u.local_draining |= local && draining;
             }
         }
     }
-    let ready: Vec<Backend> = seen
-        .iter()
-        .filter(|(_, u)| u.ready)
-        .map(|(b, _)| *b)
-        .collect();
-    if !ready.is_empty() {
-        return ready;
+    let pick = |primary: fn(&Usable) -> bool, fallback: fn(&Usable) -> bool| {
+        let first: Vec<Backend> = seen
+            .iter()
+            .filter(|(_, u)| primary(u))
+            .map(|(b, _)| *b)
+            .collect();
+        if !first.is_empty() {
+            return first;
+        }
+        seen.iter()
+            .filter(|(_, u)| fallback(u))
+            .map(|(b, _)| *b)
+            .collect()
+    };
+    let local = pick(|u| u.local_ready, |u| u.local_draining);
+    Endpoints {
+        cluster: pick(|u| u.ready, |u| u.draining),
+        local_ready: seen.values().filter(|u| u.local_ready).count(),
+        local,
     }
-    seen.iter()
-        .filter(|(_, u)| u.draining)
-        .map(|(b, _)| *b)
-        .collect()
 }
 
 fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
@@ -1284,5 +1695,683 @@ mod tests {
         let (state, errors) = build(&[s.clone(), s], &[]);
         assert_eq!(state.services.len(), 1);
         assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+
+    // ---- NodePort, externalIPs, load balancers, traffic policies, affinity ----
+
+    const NODE: &str = "node-a";
+
+    fn ctx() -> NodeContext {
+        NodeContext {
+            node_name: Some(NODE.into()),
+            node_ips: vec![
+                "192.168.1.10".parse().unwrap(),
+                "192.168.2.10".parse().unwrap(),
+                "fd00:1::10".parse().unwrap(),
+            ],
+        }
+    }
+
+    /// An endpoint on `node` with the given conditions.
+    fn on(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+        json!({"addresses": [ip], "nodeName": node,
+               "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+    }
+
+    fn ready_on(ip: &str, node: &str) -> Value {
+        on(ip, node, true, true, false)
+    }
+
+    /// `demo/web` (ClusterIP 10.96.0.10, port http 80 → 8080, nodePort 30080 for types that
+    /// have one) with `extra` merged into its spec.
+    fn web_with(extra: Value) -> Service {
+        let mut spec = json!({
+            "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}],
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        svc("demo", "web", spec)
+    }
+
+    fn web_slice(endpoints: Value) -> EndpointSlice {
+        slice(
+            "demo",
+            "web-1",
+            "web",
+            "IPv4",
+            json!([{"name": "http", "port": 8080}]),
+            endpoints,
+        )
+    }
+
+    /// One local ready endpoint (10.0.0.1) and one remote ready endpoint (10.0.0.2).
+    fn local_and_remote() -> EndpointSlice {
+        web_slice(json!([
+            ready_on("10.0.0.1", NODE),
+            ready_on("10.0.0.2", "node-b")
+        ]))
+    }
+
+    fn port_state(state: &DesiredState, f: Frontend) -> &ServicePortState {
+        state.services.get(&f).unwrap_or_else(|| {
+            panic!(
+                "no frontend {f} in {:?}",
+                state.services.keys().collect::<Vec<_>>()
+            )
+        })
+    }
+
+    fn build_ok(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+        let (state, errors) = build_for_node(services, slices, &ctx());
+        assert_eq!(errors, vec![]);
+        state
+    }
+
+    fn tcp(ip: &str, port: u16) -> Frontend {
+        fe(ip, port, Protocol::Tcp)
+    }
+
+    fn kinds(state: &DesiredState) -> Vec<(Frontend, FrontendKind)> {
+        state.services.iter().map(|(f, s)| (*f, s.kind)).collect()
+    }
+
+    #[test]
+    fn cluster_ip_only_services_are_unchanged_by_the_node_context() {
+        let (s, sl) = web();
+        let (plain, e1) = build(std::slice::from_ref(&s), std::slice::from_ref(&sl));
+        let (with_node, e2) = build_for_node(&[s], &[sl], &ctx());
+        assert_eq!((e1, e2), (vec![], vec![]));
+        assert_eq!(plain, with_node);
+        let st = port_state(&plain, tcp("10.96.0.10", 80));
+        assert_eq!(st.kind, FrontendKind::ClusterIp);
+        assert_eq!(st.external_backends, st.backends);
+        assert_eq!(st.session_affinity, None);
+        assert_eq!(st.health_check_node_port, None);
+        assert!(st.load_balancer_source_ranges.is_empty());
+    }
+
+    #[test]
+    fn internal_policy_local_gives_cluster_ips_this_nodes_endpoints() {
+        let s = web_with(json!({"internalTrafficPolicy": "Local"}));
+        let state = build_ok(std::slice::from_ref(&s), &[local_and_remote()]);
+        let st = port_state(&state, tcp("10.96.0.10", 80));
+        assert_eq!(st.backends, vec![be("10.0.0.1", 8080)]);
+        assert_eq!(st.external_backends, st.backends);
+        assert_eq!(st.local_endpoints, 1);
+
+        // Without a node name nothing is local: the ClusterIP rejects.
+        let (state, errors) = build(std::slice::from_ref(&s), &[local_and_remote()]);
+        assert_eq!(errors, vec![]);
+        assert_eq!(backends(&state, tcp("10.96.0.10", 80)), vec![]);
+        assert_eq!(state.services[&tcp("10.96.0.10", 80)].local_endpoints, 0);
+
+        // Only remote endpoints: nothing for this node either.
+        let remote = web_slice(json!([ready_on("10.0.0.2", "node-b")]));
+        let state = build_ok(&[s], &[remote]);
+        assert_eq!(backends(&state, tcp("10.96.0.10", 80)), vec![]);
+    }
+
+    #[test]
+    fn local_policy_falls_back_to_this_nodes_serving_terminating_endpoints() {
+        let s = web_with(json!({
+            "type": "NodePort",
+            "internalTrafficPolicy": "Local",
+            "externalTrafficPolicy": "Local",
+        }));
+        let sl = web_slice(json!([
+            on("10.0.0.1", NODE, false, true, true),
+            on("10.0.0.3", NODE, false, false, true),
+            on("10.0.0.4", NODE, false, true, false),
+            ready_on("10.0.0.2", "node-b"),
+            on("10.0.0.5", "node-b", false, true, true),
+        ]));
+        let state = build_ok(&[s], &[sl]);
+        let cip = port_state(&state, tcp("10.96.0.10", 80));
+        assert_eq!(cip.backends, vec![be("10.0.0.1", 8080)]);
+        assert_eq!(cip.local_endpoints, 0, "only ready endpoints count");
+        let np = port_state(&state, tcp("192.168.1.10", 30080));
+        assert_eq!(np.external_backends, vec![be("10.0.0.1", 8080)]);
+        // The cluster-wide fallback is independent: a ready endpoint exists elsewhere.
+        assert_eq!(np.backends, vec![be("10.0.0.2", 8080)]);
+    }
+
+    #[test]
+    fn local_ready_endpoints_win_over_local_terminating_ones() {
+        let s = web_with(json!({"internalTrafficPolicy": "Local"}));
+        let sl = web_slice(json!([
+            on("10.0.0.1", NODE, false, true, true),
+            ready_on("10.0.0.3", NODE),
+        ]));
+        let state = build_ok(&[s], &[sl]);
+        assert_eq!(
+            backends(&state, tcp("10.96.0.10", 80)),
+            vec![be("10.0.0.3", 8080)]
+        );
+    }
+
+    #[test]
+    fn external_policy_local_keeps_outside_traffic_local_and_short_circuits_node_clients() {
+        let s = web_with(json!({"type": "NodePort", "externalTrafficPolicy": "Local"}));
+        let state = build_ok(&[s], &[local_and_remote()]);
+        let all = vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)];
+        let np = port_state(&state, tcp("192.168.1.10", 30080));
+        assert_eq!(np.kind, FrontendKind::NodePort);
+        assert_eq!(np.external_backends, vec![be("10.0.0.1", 8080)]);
+        assert_eq!(
+            np.backends, all,
+            "clients on the node use the cluster endpoints"
+        );
+        let cip = port_state(&state, tcp("10.96.0.10", 80));
+        assert_eq!((&cip.backends, &cip.external_backends), (&all, &all));
+    }
+
+    #[test]
+    fn external_policy_local_without_local_endpoints_has_no_external_backends() {
+        let s = web_with(json!({"type": "NodePort", "externalTrafficPolicy": "Local"}));
+        let remote = web_slice(json!([ready_on("10.0.0.2", "node-b")]));
+        let state = build_ok(&[s], &[remote]);
+        let np = port_state(&state, tcp("192.168.1.10", 30080));
+        assert_eq!(np.external_backends, vec![]);
+        assert_eq!(np.backends, vec![be("10.0.0.2", 8080)]);
+        assert_eq!(np.local_endpoints, 0);
+    }
+
+    #[test]
+    fn both_policies_local() {
+        // kube-proxy: a Service with any external destination always "uses cluster endpoints"
+        // (serviceport.go UsesClusterEndpoints), for the short circuit; so only the ClusterIP
+        // and outside traffic are local.
+        let s = web_with(json!({
+            "type": "NodePort",
+            "internalTrafficPolicy": "Local",
+            "externalTrafficPolicy": "Local",
+        }));
+        let state = build_ok(&[s], &[local_and_remote()]);
+        let local = vec![be("10.0.0.1", 8080)];
+        let all = vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)];
+        let cip = port_state(&state, tcp("10.96.0.10", 80));
+        assert_eq!((&cip.backends, &cip.external_backends), (&local, &local));
+        let np = port_state(&state, tcp("192.168.2.10", 30080));
+        assert_eq!((&np.backends, &np.external_backends), (&all, &local));
+    }
+
+    #[test]
+    fn cluster_policies_use_every_endpoint_everywhere() {
+        let s = web_with(
+            json!({"type": "NodePort", "externalTrafficPolicy": "Cluster",
+                                "internalTrafficPolicy": "Cluster"}),
+        );
+        let state = build_ok(&[s], &[local_and_remote()]);
+        let all = vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)];
+        for st in state.services.values() {
+            assert_eq!((&st.backends, &st.external_backends), (&all, &all));
+        }
+    }
+
+    #[test]
+    fn node_ports_are_served_on_each_node_ip_of_the_services_families() {
+        let s = web_with(json!({"type": "NodePort"}));
+        let state = build_ok(&[s], &[local_and_remote()]);
+        assert_eq!(
+            kinds(&state),
+            vec![
+                (tcp("10.96.0.10", 80), FrontendKind::ClusterIp),
+                (tcp("192.168.1.10", 30080), FrontendKind::NodePort),
+                (tcp("192.168.2.10", 30080), FrontendKind::NodePort),
+            ],
+            "no IPv6 node address for a single-stack IPv4 Service"
+        );
+        assert_eq!(
+            state.services[&tcp("192.168.1.10", 30080)].name.to_string(),
+            "demo/web:http"
+        );
+
+        // Dual stack, UDP: each family's node addresses, with that family's endpoints.
+        let ds = svc(
+            "a",
+            "dns",
+            json!({"type": "NodePort", "clusterIPs": ["10.96.0.53", "fd00:96::53"],
+                   "clusterIP": "10.96.0.53",
+                   "ports": [{"port": 53, "protocol": "UDP", "nodePort": 30053}]}),
+        );
+        let v4 = slice(
+            "a",
+            "dns-4",
+            "dns",
+            "IPv4",
+            json!([{"port": 5353, "protocol": "UDP"}]),
+            json!([ready("10.0.0.53")]),
+        );
+        let v6 = slice(
+            "a",
+            "dns-6",
+            "dns",
+            "IPv6",
+            json!([{"port": 5353, "protocol": "UDP"}]),
+            json!([ready("fd00:244::53")]),
+        );
+        let state = build_ok(&[ds], &[v4, v6]);
+        let udp = |ip| fe(ip, 30053, Protocol::Udp);
+        assert_eq!(state.services.len(), 5);
+        assert_eq!(
+            backends(&state, udp("192.168.1.10")),
+            vec![be("10.0.0.53", 5353)]
+        );
+        assert_eq!(
+            backends(&state, udp("fd00:1::10")),
+            vec![be("fd00:244::53", 5353)]
+        );
+        assert_eq!(
+            state.services[&udp("fd00:1::10")].kind,
+            FrontendKind::NodePort
+        );
+
+        // Without node addresses (`build`), no NodePort frontends.
+        let (state, _) = build(&[web_with(json!({"type": "NodePort"}))], &[]);
+        assert_eq!(state.services.len(), 1);
+    }
+
+    #[test]
+    fn node_ports_need_a_nodeport_or_loadbalancer_type_and_an_allocated_port() {
+        // A ClusterIP Service cannot have a nodePort; one in a manifest is ignored.
+        let state = build_ok(&[web_with(json!({}))], &[]);
+        assert_eq!(
+            kinds(&state),
+            vec![(tcp("10.96.0.10", 80), FrontendKind::ClusterIp)]
+        );
+
+        let lb = web_with(json!({"type": "LoadBalancer"}));
+        let state = build_ok(&[lb], &[]);
+        assert_eq!(state.services.len(), 3, "a LoadBalancer has NodePorts too");
+
+        for port in [
+            json!({"name": "http", "port": 80}),
+            json!({"name": "http", "port": 80, "nodePort": 0}),
+        ] {
+            let lb = web_with(
+                json!({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                                     "ports": [port]}),
+            );
+            let state = build_ok(&[lb], &[]);
+            assert_eq!(
+                kinds(&state),
+                vec![(tcp("10.96.0.10", 80), FrontendKind::ClusterIp)]
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_node_ports_are_rejected() {
+        for n in [70000, -1] {
+            assert_invalid_service(
+                svc(
+                    "a",
+                    "np",
+                    json!({"type": "NodePort", "clusterIP": "10.96.0.3",
+                                      "ports": [{"port": 80, "nodePort": n}]}),
+                ),
+                "nodePort",
+            );
+        }
+    }
+
+    fn lb_with_ingress(ingress: Value) -> Service {
+        let mut s = web_with(json!({"type": "LoadBalancer"}));
+        s.status = serde_json::from_value(json!({"loadBalancer": {"ingress": ingress}})).unwrap();
+        s
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_in_vip_mode_are_frontends() {
+        let s = lb_with_ingress(json!([
+            {"ip": "203.0.113.1"},
+            {"hostname": "lb.example.com"},
+            {"ip": "203.0.113.2", "ipMode": "Proxy"},
+            {"ip": "203.0.113.3", "ipMode": "VIP"},
+            {"ip": "2001:db8::1"},
+        ]));
+        let state = build_ok(&[s], &[local_and_remote()]);
+        let lbs: Vec<Frontend> = state
+            .services
+            .iter()
+            .filter(|(_, s)| s.kind == FrontendKind::LoadBalancer)
+            .map(|(f, _)| *f)
+            .collect();
+        assert_eq!(lbs, vec![tcp("203.0.113.1", 80), tcp("203.0.113.3", 80)]);
+        assert_eq!(
+            backends(&state, tcp("203.0.113.3", 80)),
+            vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]
+        );
+
+        // The status of a Service that is not a LoadBalancer is not used.
+        let mut s = lb_with_ingress(json!([{"ip": "203.0.113.1"}]));
+        s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        let state = build_ok(&[s], &[]);
+        assert_eq!(state.services.len(), 1);
+
+        assert_invalid_service(lb_with_ingress(json!([{"ip": "203.0.113"}])), "invalid ip");
+    }
+
+    #[test]
+    fn load_balancer_with_local_policy() {
+        let s = web_with(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                                "healthCheckNodePort": 32000}),
+        );
+        let mut s2 = s.clone();
+        s2.status = lb_with_ingress(json!([{"ip": "203.0.113.1"}])).status;
+        let state = build_ok(&[s2], &[local_and_remote()]);
+        let lb = port_state(&state, tcp("203.0.113.1", 80));
+        assert_eq!(lb.external_backends, vec![be("10.0.0.1", 8080)]);
+        assert_eq!(
+            lb.backends,
+            vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn external_ips_are_frontends_of_the_services_families() {
+        let s = web_with(json!({"externalIPs": ["198.51.100.1", "2001:db8::2"],
+                                "externalTrafficPolicy": "Local"}));
+        let state = build_ok(&[s], &[local_and_remote()]);
+        assert_eq!(
+            kinds(&state),
+            vec![
+                (tcp("10.96.0.10", 80), FrontendKind::ClusterIp),
+                (tcp("198.51.100.1", 80), FrontendKind::ExternalIp),
+            ]
+        );
+        // externalIPs make even a ClusterIP Service "external" for the traffic policy.
+        let ext = port_state(&state, tcp("198.51.100.1", 80));
+        assert_eq!(ext.external_backends, vec![be("10.0.0.1", 8080)]);
+        assert_eq!(
+            ext.backends,
+            vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]
+        );
+        assert!(ext.load_balancer_source_ranges.is_empty());
+
+        assert_invalid_service(
+            web_with(json!({"externalIPs": ["198.51.100.300"]})),
+            "invalid externalIP",
+        );
+    }
+
+    #[test]
+    fn an_address_listed_twice_in_one_service_is_served_once_as_its_first_kind() {
+        let mut s = web_with(json!({"type": "LoadBalancer",
+                                    "externalIPs": ["10.96.0.10", "198.51.100.1", "198.51.100.1"]}));
+        s.status = lb_with_ingress(json!([{"ip": "198.51.100.1"}])).status;
+        let state = build_ok(&[s], &[]);
+        assert_eq!(
+            kinds(&state),
+            vec![
+                (tcp("10.96.0.10", 80), FrontendKind::ClusterIp),
+                (tcp("192.168.1.10", 30080), FrontendKind::NodePort),
+                (tcp("192.168.2.10", 30080), FrontendKind::NodePort),
+                (tcp("198.51.100.1", 80), FrontendKind::ExternalIp),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_external_address_never_takes_another_services_cluster_ip() {
+        // "a/thief" sorts first, but its externalIP is "b/victim"'s ClusterIP:port.
+        let thief = svc(
+            "a",
+            "thief",
+            json!({"clusterIP": "10.96.0.1",
+                                             "externalIPs": ["10.96.0.2"], "ports": [{"port": 80}]}),
+        );
+        let victim = svc(
+            "b",
+            "victim",
+            json!({"clusterIP": "10.96.0.2", "ports": [{"port": 80}]}),
+        );
+        for input in [
+            vec![thief.clone(), victim.clone()],
+            vec![victim.clone(), thief.clone()],
+        ] {
+            let (state, errors) = build_for_node(&input, &[], &ctx());
+            assert_eq!(
+                kinds(&state),
+                vec![(tcp("10.96.0.2", 80), FrontendKind::ClusterIp)]
+            );
+            assert_eq!(state.services[&tcp("10.96.0.2", 80)].name.name, "victim");
+            assert!(
+                matches!(&errors[..], [ModelError::InvalidService { name, reason, .. }]
+                    if name == "thief" && reason.contains("b/victim")),
+                "{errors:?}"
+            );
+        }
+        // Between two external claims, the first Service by name wins, the other goes whole.
+        let a = svc(
+            "x",
+            "a",
+            json!({"clusterIP": "10.96.0.1", "externalIPs": ["198.51.100.1"],
+                                     "ports": [{"port": 80}]}),
+        );
+        let b = svc(
+            "x",
+            "b",
+            json!({"clusterIP": "10.96.0.2", "externalIPs": ["198.51.100.1"],
+                                     "ports": [{"port": 80}]}),
+        );
+        let (state, errors) = build_for_node(&[b, a], &[], &ctx());
+        assert_eq!(
+            kinds(&state),
+            vec![
+                (tcp("10.96.0.1", 80), FrontendKind::ClusterIp),
+                (tcp("198.51.100.1", 80), FrontendKind::ExternalIp),
+            ]
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_are_parsed_per_family_onto_lb_frontends() {
+        let mut s = svc(
+            "a",
+            "lb",
+            json!({
+                "type": "LoadBalancer",
+                "clusterIPs": ["10.96.0.7", "fd00:96::7"], "clusterIP": "10.96.0.7",
+                "ports": [{"port": 443, "nodePort": 30443}],
+                "loadBalancerSourceRanges": [" 10.0.0.0/8 ", "192.168.1.77/24", "2001:db8::1/32", "",
+                                             "0.0.0.0/0"],
+            }),
+        );
+        s.status = serde_json::from_value(json!({"loadBalancer": {"ingress": [
+            {"ip": "203.0.113.7"}, {"ip": "2001:db8:1::7"}]}}))
+        .unwrap();
+        let state = build_ok(&[s], &[]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            port_state(&state, tcp("203.0.113.7", 443)).load_balancer_source_ranges,
+            vec![
+                (ip("10.0.0.0"), 8),
+                (ip("192.168.1.0"), 24),
+                (ip("0.0.0.0"), 0)
+            ]
+        );
+        assert_eq!(
+            port_state(&state, tcp("2001:db8:1::7", 443)).load_balancer_source_ranges,
+            vec![(ip("2001:db8::"), 32)]
+        );
+        for f in [
+            tcp("10.96.0.7", 443),
+            tcp("192.168.1.10", 30443),
+            tcp("fd00:1::10", 30443),
+        ] {
+            assert!(
+                port_state(&state, f).load_balancer_source_ranges.is_empty(),
+                "{f}"
+            );
+        }
+
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "2001:db8::/129",
+            "foo/8",
+            "10.0.0.0/+8",
+            "10.0.0.0/",
+            "10.0.0.0/8/8",
+        ] {
+            assert_invalid_service(
+                web_with(json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [bad]})),
+                "invalid CIDR",
+            );
+        }
+    }
+
+    #[test]
+    fn session_affinity_client_ip() {
+        let s = web_with(json!({"type": "NodePort", "sessionAffinity": "ClientIP"}));
+        let state = build_ok(&[s], &[]);
+        assert_eq!(state.services.len(), 3);
+        for st in state.services.values() {
+            assert_eq!(st.session_affinity, Some(Duration::from_secs(10_800)));
+        }
+        for secs in [1, 60, 86_400] {
+            let s = web_with(json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": secs}}}));
+            let state = build_ok(&[s], &[]);
+            assert_eq!(
+                state.services[&tcp("10.96.0.10", 80)].session_affinity,
+                Some(Duration::from_secs(secs))
+            );
+        }
+        for none in [
+            json!({"sessionAffinity": "None"}),
+            json!({}),
+            // The config means nothing without ClientIP.
+            json!({"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}}}),
+        ] {
+            let state = build_ok(&[web_with(none)], &[]);
+            assert_eq!(
+                state.services[&tcp("10.96.0.10", 80)].session_affinity,
+                None
+            );
+        }
+        for secs in [0, -1, 86_401] {
+            assert_invalid_service(
+                web_with(json!({"sessionAffinity": "ClientIP",
+                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": secs}}})),
+                "out of range 1-86400",
+            );
+        }
+        assert_invalid_service(
+            web_with(json!({"sessionAffinity": "Cookie"})),
+            "sessionAffinity",
+        );
+    }
+
+    #[test]
+    fn health_check_node_port_only_for_local_load_balancers() {
+        let lb_local = web_with(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                                       "healthCheckNodePort": 32000}),
+        );
+        let state = build_ok(&[lb_local], &[local_and_remote()]);
+        assert_eq!(state.services.len(), 3);
+        for st in state.services.values() {
+            assert_eq!(st.health_check_node_port, Some(32000));
+        }
+        for other in [
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster", "healthCheckNodePort": 32000}),
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}),
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+        ] {
+            let state = build_ok(&[web_with(other.clone())], &[]);
+            assert!(
+                state
+                    .services
+                    .values()
+                    .all(|s| s.health_check_node_port.is_none()),
+                "{other}"
+            );
+        }
+        assert_invalid_service(
+            web_with(
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                            "healthCheckNodePort": 70000}),
+            ),
+            "healthCheckNodePort",
+        );
+    }
+
+    #[test]
+    fn local_endpoints_count_this_nodes_ready_endpoints_per_service_port() {
+        let s = svc(
+            "demo",
+            "web",
+            json!({
+                "type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                "clusterIPs": ["10.96.0.10", "fd00:96::10"], "clusterIP": "10.96.0.10",
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                          {"name": "https", "port": 443, "nodePort": 30443}],
+            }),
+        );
+        let sl = slice(
+            "demo",
+            "web-1",
+            "web",
+            "IPv4",
+            json!([{"name": "http", "port": 8080}, {"name": "https", "port": 8443}]),
+            json!([
+                ready_on("10.0.0.1", NODE),
+                ready_on("10.0.0.3", NODE),
+                on("10.0.0.4", NODE, false, true, true),
+                ready_on("10.0.0.2", "node-b"),
+                ready("10.0.0.5"),
+            ]),
+        );
+        let state = build_ok(std::slice::from_ref(&s), std::slice::from_ref(&sl));
+        // Two local ready pods × two ports, as kube-proxy's LocalReadyEndpoints counts them.
+        for f in [
+            tcp("10.96.0.10", 80),
+            tcp("10.96.0.10", 443),
+            tcp("192.168.1.10", 30443),
+        ] {
+            assert_eq!(port_state(&state, f).local_endpoints, 4, "{f}");
+        }
+        assert_eq!(
+            port_state(&state, tcp("fd00:96::10", 80)).local_endpoints,
+            0
+        );
+        assert_eq!(
+            port_state(&state, tcp("fd00:1::10", 30080)).local_endpoints,
+            0
+        );
+        let (state, _) = build(&[s], &[sl]);
+        assert!(state.services.values().all(|s| s.local_endpoints == 0));
+    }
+
+    #[test]
+    fn unknown_types_and_policies_are_rejected() {
+        assert_invalid_service(web_with(json!({"type": "Magic"})), "unknown type");
+        assert_invalid_service(
+            web_with(json!({"externalTrafficPolicy": "local"})),
+            "externalTrafficPolicy",
+        );
+        assert_invalid_service(
+            web_with(json!({"internalTrafficPolicy": "Nearest"})),
+            "internalTrafficPolicy",
+        );
+    }
+
+    #[test]
+    fn every_kind_of_a_skipped_service_is_skipped() {
+        let mut headless = web_with(json!({"type": "LoadBalancer", "clusterIP": "None",
+                                           "clusterIPs": ["None"], "externalIPs": ["198.51.100.1"]}));
+        headless.status = lb_with_ingress(json!([{"ip": "203.0.113.1"}])).status;
+        let mut labelled = lb_with_ingress(json!([{"ip": "203.0.113.1"}]));
+        labelled.metadata.labels =
+            Some([(LABEL_SERVICE_PROXY_NAME.to_string(), "x".to_string())].into());
+        let (state, errors) = build_for_node(&[headless, labelled], &[], &ctx());
+        assert_eq!(errors, vec![]);
+        assert!(state.services.is_empty(), "{:?}", state.services);
     }
 }

@@ -522,6 +522,7 @@ mod tests {
                             port: 8080,
                         })
                         .collect(),
+                    ..Default::default()
                 },
             );
         }
