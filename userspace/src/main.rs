@@ -139,6 +139,8 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             sync_period: settings.sync_period,
             status_file: settings.status_file.clone(),
             observers: vec![Arc::new(metrics), Arc::new(health)],
+            node_name: node_name(&settings).ok(),
+            nodeport_addresses: settings.nodeport_addresses.clone(),
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -162,10 +164,7 @@ fn start_source(
         tokio::spawn(ManifestSource::new(dir.clone(), settings.manifest_poll).run(tx));
         return Ok(());
     }
-    let node_name = match &settings.hostname_override {
-        Some(name) => name.clone(),
-        None => hostname()?,
-    };
+    let node_name = node_name(settings)?;
     let client =
         kpr::source::kube::client_from(settings.kubeconfig.as_deref(), settings.master.as_deref())
             .context("connecting to the Kubernetes API server")?;
@@ -174,8 +173,11 @@ fn start_source(
     Ok(())
 }
 
-/// kube-proxy's node name without --hostname-override: the host name, lower-cased.
-fn hostname() -> anyhow::Result<String> {
+/// kube-proxy's node name: --hostname-override, else the host name, lower-cased.
+fn node_name(settings: &Settings) -> anyhow::Result<String> {
+    if let Some(name) = &settings.hostname_override {
+        return Ok(name.clone());
+    }
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("reading the host name (or pass --hostname-override)")?;
     Ok(name.trim().to_lowercase())

@@ -88,6 +88,10 @@ pub struct RunnerConfig {
     /// Where to write a JSON status after each sync (tests and benchmarks read it).
     pub status_file: Option<PathBuf>,
     pub observers: Vec<Arc<dyn SyncObserver>>,
+    /// This node's name: which endpoints are local (traffic policies).
+    pub node_name: Option<String>,
+    /// `--nodeport-addresses`: which of the Node's addresses serve NodePorts.
+    pub nodeport_addresses: Vec<crate::config::NodePortAddress>,
 }
 
 /// The status file's content.
@@ -222,7 +226,14 @@ pub async fn run<D: Dataplane>(
         }
 
         let t0 = Instant::now();
-        let (desired, errors) = model::build(&snapshot.services, &snapshot.slices);
+        let node = model::NodeContext {
+            node_name: cfg.node_name.clone(),
+            node_ips: crate::nodeaddr::nodeport_ips(
+                snapshot.node.as_ref(),
+                &cfg.nodeport_addresses,
+            ),
+        };
+        let (desired, errors) = model::build_for_node(&snapshot.services, &snapshot.slices, &node);
         for e in &errors {
             tracing::warn!("skipped: {e}");
         }
@@ -337,6 +348,8 @@ mod tests {
             sync_period: Duration::from_secs(30),
             status_file: None,
             observers: Vec::new(),
+            node_name: None,
+            nodeport_addresses: Vec::new(),
         }
     }
 

@@ -55,18 +55,40 @@ pub struct Service4Key {
     pub backend_slot: u16,
     /// IP protocol number ([`IPPROTO_TCP`], [`IPPROTO_UDP`], ...).
     pub proto: u8,
+    /// [`SCOPE_INTERNAL`] or [`SCOPE_EXTERNAL`].
+    pub scope: u8,
     /// Explicit padding; always zero.
-    pub pad: [u8; 3],
+    pub pad: [u8; 2],
 }
+
+/// Entries for clients on this node (the socket-level programs): every frontend has them.
+pub const SCOPE_INTERNAL: u8 = 0;
+/// Entries for traffic arriving from outside the node (the tc programs): NodePort, externalIP
+/// and LoadBalancer frontends only. Their backends differ from the internal ones when
+/// `externalTrafficPolicy: Local` limits outside traffic to this node's endpoints, while
+/// clients on the node still reach every endpoint (kube-proxy's short-circuit). Cilium keys
+/// its services the same way (LB_LOOKUP_SCOPE_EXT/INT).
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 impl Service4Key {
     pub const fn new(address_be: u32, port_be: u16, proto: u8, backend_slot: u16) -> Self {
+        Self::scoped(address_be, port_be, proto, SCOPE_INTERNAL, backend_slot)
+    }
+
+    pub const fn scoped(
+        address_be: u32,
+        port_be: u16,
+        proto: u8,
+        scope: u8,
+        backend_slot: u16,
+    ) -> Self {
         Self {
             address_be,
             port_be,
             backend_slot,
             proto,
-            pad: [0; 3],
+            scope,
+            pad: [0; 2],
         }
     }
 }

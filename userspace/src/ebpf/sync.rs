@@ -13,7 +13,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use kpr_common::{Backend4Value, Service4Key, Service4Value, SVC_FLAG_NONE};
+use kpr_common::{
+    Backend4Value, Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_NONE,
+};
 
 use super::maps::{LbMaps, MapOpError};
 use crate::model::{DesiredState, Frontend};
@@ -44,12 +47,22 @@ struct FrontendKey {
     address_be: u32,
     port_be: u16,
     proto: u8,
+    scope: u8,
 }
 
 impl FrontendKey {
     fn slot(self, slot: u16) -> Service4Key {
-        Service4Key::new(self.address_be, self.port_be, self.proto, slot)
+        Service4Key::scoped(self.address_be, self.port_be, self.proto, self.scope, slot)
     }
+}
+
+/// What one frontend (in one scope) should look like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WantFrontend {
+    backends: Vec<BackendKey>,
+    /// Slot 0's flags and, with SVC_FLAG_AFFINITY, the timeout in seconds (in `backend_id`).
+    flags: u8,
+    affinity_timeout_s: u32,
 }
 
 /// A backend as the maps describe it.
@@ -77,6 +90,8 @@ struct ProgrammedFrontend {
     /// Slot 0's value, if slot 0 exists.
     rev_nat_id: Option<u32>,
     count: u16,
+    flags: u8,
+    affinity_timeout_s: u32,
     /// Every slot > 0 present in the map → backend id (may include slots beyond `count` after
     /// a restore from maps left by an interrupted sync).
     slots: BTreeMap<u16, u32>,
@@ -166,11 +181,14 @@ impl<M: LbMaps> LbSyncer<M> {
                 address_be: k.address_be,
                 port_be: k.port_be,
                 proto: k.proto,
+                scope: k.scope,
             };
             let f = self.frontends.entry(fk).or_default();
             if k.backend_slot == 0 {
                 f.rev_nat_id = Some(v.rev_nat_id);
                 f.count = v.count;
+                f.flags = v.flags;
+                f.affinity_timeout_s = v.backend_id;
                 max_rev = max_rev.max(v.rev_nat_id);
                 self.rev_nat_ids.insert(v.rev_nat_id);
             } else {
@@ -203,34 +221,37 @@ impl<M: LbMaps> LbSyncer<M> {
 
     fn apply(&mut self, desired: &DesiredState) -> Result<SyncStats, SyncError> {
         let mut stats = SyncStats::default();
-        let mut want: BTreeMap<FrontendKey, Vec<BackendKey>> = BTreeMap::new();
+        let mut want: BTreeMap<FrontendKey, WantFrontend> = BTreeMap::new();
         for (frontend, state) in &desired.services {
-            let Some(fk) = frontend_key(frontend) else {
+            let Some(fk) = frontend_key(frontend, SCOPE_INTERNAL) else {
                 stats.skipped += 1;
                 continue;
             };
-            let mut backends: Vec<BackendKey> = state
-                .backends
-                .iter()
-                .filter_map(|b| match b.ip {
-                    IpAddr::V4(ip) => Some(BackendKey {
-                        address_be: u32::from_ne_bytes(ip.octets()),
-                        port_be: b.port.to_be(),
-                        proto: fk.proto,
-                    }),
-                    IpAddr::V6(_) => None,
-                })
-                .collect();
-            backends.sort();
-            backends.dedup();
-            // The slot count is 16 bits; more backends than that per service port is far beyond
-            // any real EndpointSlice set, so cap rather than fail the whole sync.
-            backends.truncate(usize::from(u16::MAX));
-            want.insert(fk, backends);
+            let (flags, affinity_timeout_s) = match state.session_affinity {
+                // The model bounds the timeout to 1..=86400 s, so it fits.
+                Some(t) => (
+                    SVC_FLAG_AFFINITY,
+                    u32::try_from(t.as_secs()).unwrap_or(u32::MAX),
+                ),
+                None => (SVC_FLAG_NONE, 0),
+            };
+            let want_of = |backends: &[crate::model::Backend]| WantFrontend {
+                backends: backend_keys(backends, fk.proto),
+                flags,
+                affinity_timeout_s,
+            };
+            want.insert(fk, want_of(&state.backends));
+            if state.kind.is_external() {
+                let ext = FrontendKey {
+                    scope: SCOPE_EXTERNAL,
+                    ..fk
+                };
+                want.insert(ext, want_of(&state.external_backends));
+            }
         }
 
         // 1. Backends first.
-        for bk in want.values().flatten() {
+        for bk in want.values().flat_map(|w| &w.backends) {
             if self.backends.contains_key(bk) {
                 continue;
             }
@@ -241,8 +262,8 @@ impl<M: LbMaps> LbSyncer<M> {
         }
 
         // 2. Frontends: slots, then slot 0, then slots beyond the new count.
-        for (fk, bks) in &want {
-            let ids: Vec<u32> = bks.iter().map(|bk| self.backends[bk]).collect();
+        for (fk, w) in &want {
+            let ids: Vec<u32> = w.backends.iter().map(|bk| self.backends[bk]).collect();
             let count = ids.len() as u16;
             let old = self.frontends.get(fk).cloned().unwrap_or_default();
             let rev_nat_id = match old.rev_nat_id {
@@ -262,12 +283,17 @@ impl<M: LbMaps> LbSyncer<M> {
                 self.maps.put_service(&fk.slot(slot), &value)?;
                 stats.writes += 1;
             }
-            if old.rev_nat_id != Some(rev_nat_id) || old.count != count {
+            if old.rev_nat_id != Some(rev_nat_id)
+                || old.count != count
+                || old.flags != w.flags
+                || old.affinity_timeout_s != w.affinity_timeout_s
+            {
                 let value = Service4Value {
-                    backend_id: 0,
+                    // Slot 0's backend_id is the affinity timeout (Cilium's union).
+                    backend_id: w.affinity_timeout_s,
                     rev_nat_id,
                     count,
-                    flags: SVC_FLAG_NONE,
+                    flags: w.flags,
                     pad: 0,
                 };
                 self.maps.put_service(&fk.slot(0), &value)?;
@@ -287,6 +313,8 @@ impl<M: LbMaps> LbSyncer<M> {
                 ProgrammedFrontend {
                     rev_nat_id: Some(rev_nat_id),
                     count,
+                    flags: w.flags,
+                    affinity_timeout_s: w.affinity_timeout_s,
                     slots,
                 },
             );
@@ -376,15 +404,37 @@ fn next_free(next: &mut u32, in_use: impl Fn(u32) -> bool) -> Option<u32> {
     None
 }
 
-fn frontend_key(f: &Frontend) -> Option<FrontendKey> {
+fn frontend_key(f: &Frontend, scope: u8) -> Option<FrontendKey> {
     match f.ip {
         IpAddr::V4(ip) => Some(FrontendKey {
             address_be: u32::from_ne_bytes(ip.octets()),
             port_be: f.port.to_be(),
             proto: f.protocol.number(),
+            scope,
         }),
         IpAddr::V6(_) => None,
     }
+}
+
+/// IPv4 backends as the maps key them, sorted and de-duplicated. The slot count is 16 bits;
+/// more backends than that per service port is far beyond any real EndpointSlice set, so they
+/// are capped rather than failing the whole sync.
+fn backend_keys(backends: &[crate::model::Backend], proto: u8) -> Vec<BackendKey> {
+    let mut keys: Vec<BackendKey> = backends
+        .iter()
+        .filter_map(|b| match b.ip {
+            IpAddr::V4(ip) => Some(BackendKey {
+                address_be: u32::from_ne_bytes(ip.octets()),
+                port_be: b.port.to_be(),
+                proto,
+            }),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.truncate(usize::from(u16::MAX));
+    keys
 }
 
 #[cfg(test)]
@@ -423,7 +473,7 @@ mod tests {
                     continue;
                 }
                 for slot in 1..=v.count {
-                    let sk = Service4Key::new(k.address_be, k.port_be, k.proto, slot);
+                    let sk = Service4Key::scoped(k.address_be, k.port_be, k.proto, k.scope, slot);
                     let sv = self
                         .services
                         .get(&sk)
@@ -438,7 +488,7 @@ mod tests {
         }
 
         /// What a lookup from the kernel program would resolve: frontend → backends.
-        fn resolve(&self) -> BTreeMap<(u32, u16, u8), Vec<(u32, u16)>> {
+        fn resolve(&self) -> Resolution {
             let mut out = BTreeMap::new();
             for (k, v) in &self.services {
                 if k.backend_slot != 0 {
@@ -446,14 +496,14 @@ mod tests {
                 }
                 let mut bs: Vec<(u32, u16)> = (1..=v.count)
                     .map(|s| {
-                        let sv =
-                            self.services[&Service4Key::new(k.address_be, k.port_be, k.proto, s)];
-                        let b = self.backends[&sv.backend_id];
+                        let key = Service4Key::scoped(k.address_be, k.port_be, k.proto, k.scope, s);
+                        let b = self.backends[&self.services[&key].backend_id];
                         (b.address_be, b.port_be)
                     })
                     .collect();
                 bs.sort();
-                out.insert((k.address_be, k.port_be, k.proto), bs);
+                let affinity = (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.backend_id);
+                out.insert((k.address_be, k.port_be, k.proto, k.scope), (bs, affinity));
             }
             out
         }
@@ -496,6 +546,10 @@ mod tests {
         }
     }
 
+    fn frontend_key_int(f: &Frontend) -> Option<FrontendKey> {
+        frontend_key(f, SCOPE_INTERNAL)
+    }
+
     fn fe(last: u8, port: u16) -> Frontend {
         Frontend {
             ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
@@ -529,26 +583,41 @@ mod tests {
         s
     }
 
+    /// (address, port, proto, scope) → (backends, affinity timeout).
+    type Resolution = BTreeMap<(u32, u16, u8, u8), (Vec<(u32, u16)>, Option<u32>)>;
+
     /// The resolution the kernel would see for `desired`, computed independently of the syncer.
-    fn expected(desired: &DesiredState) -> BTreeMap<(u32, u16, u8), Vec<(u32, u16)>> {
-        desired
-            .services
-            .iter()
-            .filter_map(|(f, st)| {
-                let fk = frontend_key(f)?;
-                let mut bs: Vec<(u32, u16)> = st
-                    .backends
-                    .iter()
-                    .filter_map(|b| match b.ip {
-                        IpAddr::V4(ip) => Some((u32::from_ne_bytes(ip.octets()), b.port.to_be())),
-                        IpAddr::V6(_) => None,
-                    })
-                    .collect();
-                bs.sort();
-                bs.dedup();
-                Some(((fk.address_be, fk.port_be, fk.proto), bs))
-            })
-            .collect()
+    fn expected(desired: &DesiredState) -> Resolution {
+        let pairs = |bs: &[Backend]| {
+            let mut v: Vec<(u32, u16)> = bs
+                .iter()
+                .filter_map(|b| match b.ip {
+                    IpAddr::V4(ip) => Some((u32::from_ne_bytes(ip.octets()), b.port.to_be())),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let mut out = BTreeMap::new();
+        for (f, st) in &desired.services {
+            let Some(fk) = frontend_key(f, SCOPE_INTERNAL) else {
+                continue;
+            };
+            let affinity = st.session_affinity.map(|t| t.as_secs() as u32);
+            out.insert(
+                (fk.address_be, fk.port_be, fk.proto, SCOPE_INTERNAL),
+                (pairs(&st.backends), affinity),
+            );
+            if st.kind.is_external() {
+                out.insert(
+                    (fk.address_be, fk.port_be, fk.proto, SCOPE_EXTERNAL),
+                    (pairs(&st.external_backends), affinity),
+                );
+            }
+        }
+        out
     }
 
     #[test]
@@ -576,7 +645,7 @@ mod tests {
     fn a_frontend_without_backends_is_programmed_with_count_zero() {
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         s.sync(&state(&[(fe(3, 443), &[])])).unwrap();
-        let slot0 = s.maps().services[&frontend_key(&fe(3, 443)).unwrap().slot(0)];
+        let slot0 = s.maps().services[&frontend_key_int(&fe(3, 443)).unwrap().slot(0)];
         assert_eq!(slot0.count, 0);
         assert_ne!(slot0.rev_nat_id, 0);
     }
@@ -663,7 +732,7 @@ mod tests {
     fn restore_cleans_junk_left_in_the_maps() {
         let mut maps = FakeMaps::default();
         // A stray slot beyond count, a frontend without slot 0, and a duplicate backend.
-        let fk = frontend_key(&fe(1, 80)).unwrap();
+        let fk = frontend_key_int(&fe(1, 80)).unwrap();
         let b = BackendKey {
             address_be: u32::from_ne_bytes([10, 244, 1, 11]),
             port_be: 8080u16.to_be(),
@@ -695,7 +764,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let orphan = frontend_key(&fe(9, 99)).unwrap();
+        let orphan = frontend_key_int(&fe(9, 99)).unwrap();
         maps.services.insert(
             orphan.slot(1),
             Service4Value {
@@ -731,5 +800,71 @@ mod tests {
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         let stats = s.sync(&d).unwrap();
         assert_eq!((stats.frontends, stats.skipped), (1, 1));
+    }
+
+    #[test]
+    fn external_frontends_get_an_external_scope_with_their_own_backends() {
+        use crate::model::FrontendKind;
+        let mut d = state(&[(fe(1, 80), &[11, 12, 13])]);
+        let nodeport = Frontend {
+            ip: IpAddr::V4(Ipv4Addr::new(192, 168, 1, 10)),
+            port: 30080,
+            protocol: Protocol::Tcp,
+        };
+        let mut st = d.services[&fe(1, 80)].clone();
+        st.kind = FrontendKind::NodePort;
+        // externalTrafficPolicy: Local: outside traffic only to the local endpoint.
+        st.external_backends = vec![st.backends[0]];
+        d.services.insert(nodeport, st);
+        let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
+        s.sync(&d).unwrap();
+        let r = s.maps().resolve();
+        assert_eq!(r, expected(&d));
+        let np = frontend_key(&nodeport, SCOPE_INTERNAL).unwrap();
+        assert_eq!(
+            r[&(np.address_be, np.port_be, np.proto, SCOPE_INTERNAL)]
+                .0
+                .len(),
+            3
+        );
+        assert_eq!(
+            r[&(np.address_be, np.port_be, np.proto, SCOPE_EXTERNAL)]
+                .0
+                .len(),
+            1
+        );
+        // The ClusterIP has no external entry.
+        let c = frontend_key(&fe(1, 80), SCOPE_INTERNAL).unwrap();
+        assert!(!r.contains_key(&(c.address_be, c.port_be, c.proto, SCOPE_EXTERNAL)));
+        // Back to ClusterIP only: the NodePort's entries in both scopes go.
+        let only = state(&[(fe(1, 80), &[11, 12, 13])]);
+        s.sync(&only).unwrap();
+        assert_eq!(s.maps().resolve(), expected(&only));
+    }
+
+    #[test]
+    fn switching_session_affinity_on_and_off_rewrites_slot_zero_only() {
+        let plain = state(&[(fe(1, 80), &[11, 12])]);
+        let mut sticky = plain.clone();
+        sticky
+            .services
+            .get_mut(&fe(1, 80))
+            .unwrap()
+            .session_affinity = Some(std::time::Duration::from_secs(2));
+        let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
+        s.sync(&plain).unwrap();
+        let on = s.sync(&sticky).unwrap();
+        assert_eq!((on.writes, on.deletes), (1, 0));
+        assert_eq!(s.maps().resolve(), expected(&sticky));
+        let key = frontend_key(&fe(1, 80), SCOPE_INTERNAL).unwrap().slot(0);
+        assert_eq!(s.maps().services[&key].flags, SVC_FLAG_AFFINITY);
+        assert_eq!(s.maps().services[&key].backend_id, 2);
+        // A restart restores the affinity setting: nothing to write.
+        let maps = s.maps;
+        let mut s = LbSyncer::restore(maps).unwrap();
+        assert_eq!(s.sync(&sticky).unwrap().writes, 0);
+        let off = s.sync(&plain).unwrap();
+        assert_eq!((off.writes, off.deletes), (1, 0));
+        assert_eq!(s.maps().services[&key].flags, SVC_FLAG_NONE);
     }
 }

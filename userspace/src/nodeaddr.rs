@@ -1,0 +1,114 @@
+//! Which addresses of this node serve NodePorts (kube-proxy's `--nodeport-addresses`).
+//!
+//! kube-proxy reads the addresses of the node's interfaces; kpr takes them from this node's
+//! Node object (`status.addresses`), which the API source delivers and which is what the
+//! `primary` keyword means anyway. A manifest-directory source has no Node, hence no NodePorts.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Node;
+
+use crate::config::{Cidr, NodePortAddress};
+
+/// The NodePort addresses for `node` under `filter` (empty: kube-proxy's default, `primary`).
+pub fn nodeport_ips(node: Option<&Node>, filter: &[NodePortAddress]) -> Vec<IpAddr> {
+    let addresses: Vec<(String, IpAddr)> = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter_map(|a| Some((a.type_.clone(), a.address.parse().ok()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let primary = || -> Vec<IpAddr> {
+        addresses
+            .iter()
+            .filter(|(t, _)| t == "InternalIP")
+            .map(|(_, ip)| *ip)
+            .collect()
+    };
+    let mut out = Vec::new();
+    if filter.is_empty() {
+        out = primary();
+    }
+    for f in filter {
+        match f {
+            NodePortAddress::Primary => out.extend(primary()),
+            NodePortAddress::All => out.extend(addresses.iter().map(|(_, ip)| *ip)),
+            NodePortAddress::Localhost => out.push(IpAddr::from([127, 0, 0, 1])),
+            NodePortAddress::Cidr(c) => out.extend(
+                addresses
+                    .iter()
+                    .map(|(_, ip)| *ip)
+                    .filter(|ip| cidr_contains(c, *ip)),
+            ),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
+    match (c.addr, ip) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(c.prefix.min(32)))
+                .unwrap_or(0);
+            u32::from(net) & mask == u32::from(ip) & mask
+        }
+        (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(c.prefix.min(128)))
+                .unwrap_or(0);
+            u128::from(net) & mask == u128::from(ip) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "192.168.1.10"},
+                {"type": "ExternalIP", "address": "203.0.113.7"},
+                {"type": "Hostname", "address": "n1"}
+            ]}
+        }))
+        .unwrap()
+    }
+
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn default_is_the_primary_address() {
+        assert_eq!(nodeport_ips(Some(&node()), &[]), ips(&["192.168.1.10"]));
+        assert_eq!(nodeport_ips(None, &[]), Vec::<IpAddr>::new());
+    }
+
+    #[test]
+    fn filters_select_addresses() {
+        let n = node();
+        assert_eq!(
+            nodeport_ips(Some(&n), &[NodePortAddress::All]),
+            ips(&["192.168.1.10", "203.0.113.7"])
+        );
+        let cidr = NodePortAddress::Cidr("203.0.113.0/24".parse().unwrap());
+        assert_eq!(nodeport_ips(Some(&n), &[cidr]), ips(&["203.0.113.7"]));
+        assert_eq!(
+            nodeport_ips(
+                Some(&n),
+                &[NodePortAddress::Localhost, NodePortAddress::Primary]
+            ),
+            ips(&["127.0.0.1", "192.168.1.10"])
+        );
+    }
+}
