@@ -1,0 +1,186 @@
+//! Session affinity and internal traffic policy on the socket path, in the lab, real traffic.
+//!
+//! Affinity is checked deterministically through kpr's datapath counter `affinity_reused`
+//! (one increment per connection that reused the client's backend), not by hoping a random
+//! choice differs.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use kpr_lab::kpr::{kpr_path, Kpr};
+use kpr_lab::{skip_unless_root, Lab, LabSpec};
+
+const VIP: &str = "10.96.0.10:80";
+
+/// demo/echo on 10.96.0.10:80 → 8080, endpoints on the given (ip, nodeName) pairs.
+fn manifest(affinity_timeout: Option<u32>, itp_local: bool, endpoints: &[(&str, &str)]) -> String {
+    let mut spec = String::from("  clusterIP: 10.96.0.10\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n");
+    if let Some(t) = affinity_timeout {
+        spec += &format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n");
+    }
+    if itp_local {
+        spec += "  internalTrafficPolicy: Local\n";
+    }
+    let mut y = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo}}\nspec:\n{spec}---\n");
+    y += "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: demo\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n";
+    for (ip, node) in endpoints {
+        y += &format!("  - {{addresses: [{ip}], conditions: {{ready: true}}, nodeName: {node}}}\n");
+    }
+    y
+}
+
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+/// The lab's backend pods: be1..be3 are 10.244.1.11..13.
+fn ip_of(backend: &str) -> String {
+    let n: u8 = backend
+        .trim_start_matches("be")
+        .parse()
+        .expect("a backend name");
+    format!("10.244.1.{}", 10 + n)
+}
+
+struct Setup {
+    lab: Lab,
+    kpr: Kpr,
+    file: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new(tag: &str, clients: usize, manifest: &str) -> Setup {
+        let lab = Lab::up(LabSpec {
+            prefix: Lab::unique_prefix(tag),
+            clients,
+            ..LabSpec::default()
+        })
+        .expect("lab up");
+        let dir = lab.work_dir().join("manifests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("svc.yaml");
+        write(&file, manifest);
+        let kpr = Kpr::start(
+            &lab,
+            &kpr_path(),
+            &dir,
+            "kpr",
+            &["--hostname-override", "node1"],
+        )
+        .expect("kpr start");
+        Setup { lab, kpr, file }
+    }
+
+    fn update(&mut self, manifest: &str) {
+        let before = self.kpr.status().map(|s| s.syncs).unwrap_or(0);
+        write(&self.file, manifest);
+        self.kpr
+            .wait_for_syncs(before + 1, Duration::from_secs(5))
+            .unwrap();
+    }
+
+    /// The `affinity_reused` counter once kpr's status has caught up with the traffic so far
+    /// (the status refreshes every second).
+    fn reused(&self) -> u64 {
+        std::thread::sleep(Duration::from_millis(1200));
+        self.kpr
+            .status()
+            .unwrap()
+            .counters
+            .get("affinity_reused")
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+const ALL: [(&str, &str); 3] = [
+    ("10.244.1.11", "node1"),
+    ("10.244.1.12", "node1"),
+    ("10.244.1.13", "node1"),
+];
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
+    if skip_unless_root("affinity") {
+        return;
+    }
+    let mut s = Setup::new("aff", 2, &manifest(Some(2), false, &ALL));
+    let (c1, c2) = (s.lab.clients()[0].clone(), s.lab.clients()[1].clone());
+    let vip: SocketAddr = VIP.parse().unwrap();
+
+    // 50 connections from one client: one backend, 49 of them by affinity.
+    let base = s.reused();
+    let r = s.lab.tcp_spread(&c1, vip, 50).unwrap();
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert_eq!(r.counts.len(), 1, "one client spread over backends: {r:?}");
+    let after_c1 = s.reused();
+    assert_eq!(after_c1 - base, 49);
+
+    // A second client has its own affinity: its first connection is a fresh choice.
+    let r2 = s.lab.tcp_spread(&c2, vip, 20).unwrap();
+    assert_eq!(r2.counts.len(), 1, "{r2:?}");
+    assert_eq!(
+        s.reused() - after_c1,
+        19,
+        "client 2 reused client 1's affinity"
+    );
+
+    // After the 2 s timeout since the last new connection, a new choice is made.
+    std::thread::sleep(Duration::from_millis(2300));
+    let before = s.reused();
+    let r = s.lab.tcp_spread(&c1, vip, 1).unwrap();
+    assert_eq!(r.errors, 0);
+    assert_eq!(s.reused(), before, "affinity outlived its timeout");
+
+    // The affinity backend going away is not kept: remove it, and the client moves.
+    // Re-establish affinity to whatever c1 has now, then remove that backend.
+    let now = s.lab.tcp_spread(&c1, vip, 5).unwrap();
+    let current = now.counts.keys().next().unwrap().clone();
+    let keep: Vec<(&str, &str)> = ALL
+        .iter()
+        .copied()
+        .filter(|(ip, _)| *ip != ip_of(&current))
+        .collect();
+    assert_eq!(keep.len(), 2);
+    s.update(&manifest(Some(2), false, &keep));
+    let moved = s.lab.tcp_spread(&c1, vip, 10).unwrap();
+    assert_eq!(moved.errors, 0, "{moved:?}");
+    assert!(
+        !moved.counts.contains_key(&current),
+        "affinity kept a removed backend: {moved:?}"
+    );
+
+    // Switching affinity off on the live Service spreads the same client again.
+    s.update(&manifest(None, false, &ALL));
+    let spread = s.lab.tcp_spread(&c1, vip, 60).unwrap();
+    assert!(spread.counts.len() >= 2, "affinity still on: {spread:?}");
+    // And on again.
+    s.update(&manifest(Some(60), false, &ALL));
+    let sticky = s.lab.tcp_spread(&c1, vip, 30).unwrap();
+    assert_eq!(sticky.counts.len(), 1, "affinity not back on: {sticky:?}");
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
+    if skip_unless_root("itp_local") {
+        return;
+    }
+    let eps = [
+        ("10.244.1.11", "node1"),
+        ("10.244.1.12", "node2"),
+        ("10.244.1.13", "node2"),
+    ];
+    let mut s = Setup::new("itp", 1, &manifest(None, true, &eps));
+    let c = s.lab.clients()[0].clone();
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let r = s.lab.tcp_spread(&c, vip, 60).unwrap();
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
+    // Cluster policy again: every endpoint.
+    s.update(&manifest(None, false, &eps));
+    let r = s.lab.tcp_spread(&c, vip, 90).unwrap();
+    assert_eq!(r.counts.len(), 3, "{r:?}");
+}
