@@ -248,3 +248,42 @@ fn kpr_keeps_serving_while_the_api_server_is_down() {
     );
     assert_eq!(r.counts.len(), 3, "{r:?}");
 }
+
+#[test]
+fn pods_reach_nodeports_on_the_nodes_address_and_external_ips() {
+    if skip_unless_root("kube_api_nodeport") {
+        return;
+    }
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix("apinp"),
+        ..LabSpec::default()
+    })
+    .expect("lab up");
+    let listener = in_netns(lab.node_ns(), || TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let api = FakeApiServer::start(listener);
+    let mut svc = service();
+    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+    // An address of the documentation range: it exists only as a frontend in kpr's maps.
+    svc["spec"]["externalIPs"] = json!(["203.0.113.10"]);
+    api.apply(svc);
+    api.apply(slice(&["10.244.1.11", "10.244.1.12", "10.244.1.13"], None));
+    // The node's address pods reach it by (the lab's gateway address, owned by the node).
+    api.apply(node());
+    let url = api.url();
+    let args = ["--master", url.as_str(), "--hostname-override", NODE];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let kpr = Kpr::start_with(&lab, &kpr_path(), "kpr", &args).expect("kpr start");
+    let client = lab.clients()[0].clone();
+
+    for target in ["169.254.1.1:30080", "203.0.113.10:80", "10.96.0.10:80"] {
+        let r = lab
+            .tcp_spread(&client, target.parse().unwrap(), 90)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{target}: {r:?}\n{}", kpr.log());
+        assert_eq!(r.counts.len(), 3, "{target}: {r:?}");
+        assert_eq!(r.peers.keys().collect::<Vec<_>>(), vec![target], "{r:?}");
+    }
+}
