@@ -11,4 +11,5 @@ pub mod model;
 pub mod nodeaddr;
 mod observers;
 pub mod runner;
+pub mod service_health;
 pub mod source;

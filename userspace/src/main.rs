@@ -9,6 +9,7 @@ use kpr::health::{serve_health, ProxyHealth};
 use kpr::iptables::{render_kube_proxy_iptables_with_last, KubeProxyIptablesConfig};
 use kpr::metrics::{serve_metrics, Metrics};
 use kpr::runner::{self, RunnerConfig};
+use kpr::service_health::ServiceHealthServers;
 use kpr::source::manifest::{self, ManifestSource};
 use tokio::sync::watch;
 
@@ -138,7 +139,14 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
             status_file: settings.status_file.clone(),
-            observers: vec![Arc::new(metrics), Arc::new(health)],
+            observers: vec![
+                Arc::new(metrics),
+                Arc::new(ServiceHealthServers::new(
+                    settings.bind_address,
+                    health.clone(),
+                )),
+                Arc::new(health),
+            ],
             node_name: node_name(&settings).ok(),
             nodeport_addresses: settings.nodeport_addresses.clone(),
         };

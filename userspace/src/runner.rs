@@ -71,6 +71,8 @@ pub trait SyncObserver: Send + Sync {
     fn network_programmed(&self, _latency: Duration) {}
     /// This node's Node object, as of the last snapshot.
     fn node_seen(&self, _node: &Node) {}
+    /// The state just programmed (runs inside the runner's Tokio runtime).
+    fn desired_state(&self, _state: &DesiredState) {}
     /// Datapath state, after every sync and periodically.
     fn datapath(
         &self,
@@ -262,6 +264,7 @@ pub async fn run<D: Dataplane>(
                 }
                 let now = SystemTime::now();
                 notify(&|o| {
+                    o.desired_state(&desired);
                     o.changes_seen(changes.services, changes.endpoint_slices);
                     o.sync_succeeded(&report, took, full, now);
                     for t in &changes.trigger_times {
