@@ -149,6 +149,9 @@ pub struct ServicePortState {
     /// serving-terminating); `Cluster` → the cluster's. Equal to `backends` on ClusterIP
     /// frontends.
     pub external_backends: Vec<Backend>,
+    /// `externalTrafficPolicy: Local` on an external frontend: outside traffic keeps its client
+    /// address (no masquerade) and is dropped when this node has no endpoint.
+    pub external_policy_local: bool,
     /// `sessionAffinity: ClientIP`: how long a client stays on its backend
     /// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800 s). Same on every
     /// frontend of the Service.
@@ -821,6 +824,7 @@ fn service_ports(
                 kind,
                 backends,
                 external_backends,
+                external_policy_local: kind.is_external() && view.external_local,
                 session_affinity: view.session_affinity,
                 load_balancer_source_ranges: if kind == FrontendKind::LoadBalancer {
                     view.load_balancer_source_ranges
@@ -1833,6 +1837,8 @@ mod tests {
         assert_eq!(cip.local_endpoints, 0, "only ready endpoints count");
         let np = port_state(&state, tcp("192.168.1.10", 30080));
         assert_eq!(np.external_backends, vec![be("10.0.0.1", 8080)]);
+        assert!(np.external_policy_local);
+        assert!(!cip.external_policy_local, "only external frontends carry the policy");
         // The cluster-wide fallback is independent: a ready endpoint exists elsewhere.
         assert_eq!(np.backends, vec![be("10.0.0.2", 8080)]);
     }
