@@ -8,6 +8,7 @@ mod http_server;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod nft;
 pub mod nodeaddr;
 mod observers;
 pub mod runner;

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             cluster_cidr,
             last,
         } => render_iptables(&manifests, cluster_cidr, last.as_deref()),
+        Action::Cleanup { bpf_pin_dir } => cleanup(&bpf_pin_dir),
         Action::InitOnly(_) => {
             tracing::info!("--init-only: configuration is valid; kpr has no separate init step");
             Ok(())
@@ -221,6 +222,108 @@ fn ensure_cgroup2_mounted(path: &std::path::Path) -> anyhow::Result<()> {
         .context("running mount")?;
     if !status.success() {
         bail!("mounting cgroup2 at {} failed", path.display());
+    }
+    Ok(())
+}
+
+/// `kpr cleanup`: removes what kpr created on this node and prints what it removed: kpr's
+/// nftables table (`table ip kpr`, in this network namespace; no other table is touched) and,
+/// under `pin_dir`, the pins whose names start with `KPR_`, then the directory itself if
+/// nothing else is left in it. A `pin_dir` that is not on a bpffs is refused and left
+/// untouched. Nothing to remove is success (exit 0); errors are reported after both parts were
+/// attempted (exit 1).
+///
+/// It is meant for after the agent stopped: kpr's cgroup and tc programs are attached with
+/// bpf_links owned by the agent process, so they detach when it exits and there is nothing
+/// left of them to remove; a running agent would keep working on its (unpinned) maps, but lose
+/// its nftables rules and the pins a restart resumes from.
+fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::MetadataExt as _;
+
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    const PIN_PREFIX: &str = "KPR_";
+
+    let mut removed: Vec<String> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+
+    match kpr::nft::delete_table() {
+        Ok(true) => removed.push(format!("nftables table ip {}", kpr::nft::TABLE)),
+        Ok(false) => {}
+        Err(e) => errors.push(format!("nftables table ip {}: {e}", kpr::nft::TABLE)),
+    }
+
+    let pins = |removed: &mut Vec<String>| -> anyhow::Result<()> {
+        let shown = pin_dir.display();
+        let meta = match std::fs::metadata(pin_dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("pin directory {shown}")),
+        };
+        if !meta.is_dir() {
+            bail!("pin directory {shown}: not a directory; left alone");
+        }
+        // Absolute, so that its parent (for the mount-point check below) is known.
+        let pin_dir =
+            &std::fs::canonicalize(pin_dir).with_context(|| format!("pin directory {shown}"))?;
+        let path = std::ffi::CString::new(pin_dir.as_os_str().as_bytes())
+            .with_context(|| format!("pin directory {shown}: contains a NUL byte"))?;
+        // SAFETY: a NUL-terminated path and a zeroed statfs buffer for the kernel to fill.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pin directory {shown}: statfs"));
+        }
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
+        if fs.f_type as i64 != BPF_FS_MAGIC {
+            bail!("pin directory {shown}: not on a bpffs; refusing to touch it");
+        }
+        let mut others = Vec::new();
+        let entries =
+            std::fs::read_dir(pin_dir).with_context(|| format!("pin directory {shown}"))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("pin directory {shown}"))?;
+            let name = entry.file_name();
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(true);
+            let kprs = name.to_str().is_some_and(|n| n.starts_with(PIN_PREFIX));
+            if kprs && !is_dir {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("removing pin {}", entry.path().display()))?;
+                removed.push(format!("pin {}", entry.path().display()));
+            } else {
+                others.push(name.to_string_lossy().into_owned());
+            }
+        }
+        // The directory goes too when it held only kpr's pins, unless it is a mount point
+        // (`--bpf-pin-dir /sys/fs/bpf`): that is the bpffs itself, not kpr's.
+        let parent_dev = pin_dir
+            .parent()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.dev());
+        if !others.is_empty() {
+            others.sort();
+            println!(
+                "kept {shown}: it holds entries that are not kpr's: {}",
+                others.join(", ")
+            );
+        } else if parent_dev == Some(meta.dev()) {
+            std::fs::remove_dir(pin_dir).with_context(|| format!("removing {shown}"))?;
+            removed.push(format!("directory {shown}"));
+        }
+        Ok(())
+    };
+    if let Err(e) = pins(&mut removed) {
+        errors.push(format!("{e:#}"));
+    }
+
+    for r in &removed {
+        println!("removed {r}");
+    }
+    if removed.is_empty() && errors.is_empty() {
+        println!("nothing to clean up");
+    }
+    if !errors.is_empty() {
+        bail!("cleanup incomplete: {}", errors.join("; "));
     }
     Ok(())
 }

@@ -48,6 +48,16 @@ pub enum CliCommand {
         #[arg(long)]
         last: Option<String>,
     },
+    /// Remove what kpr created on this node: its nftables table (`table ip kpr`, in this
+    /// network namespace) and its pinned maps (the `KPR_*` pins under --bpf-pin-dir, then the
+    /// directory if it is left empty). Run it after the agent stopped: kpr's programs are
+    /// attached with links the agent owns, so they detach when it exits. Exits 0 when there is
+    /// nothing to remove.
+    Cleanup {
+        /// bpffs directory where kpr pinned its maps [default: /sys/fs/bpf/kpr].
+        #[arg(long, value_name = "DIR")]
+        bpf_pin_dir: Option<PathBuf>,
+    },
 }
 
 /// The agent's flags as given. `None`: not on the command line (defaults are applied when the
@@ -160,6 +170,17 @@ pub struct RunArgs {
     /// Write a JSON status after every sync.
     #[arg(long, value_name = "FILE", help_heading = OWN)]
     pub status_file: Option<PathBuf>,
+    /// Comma-separated devices that receive traffic from outside the node (NodePort,
+    /// externalIPs, LoadBalancer IPs); kpr attaches its tc programs to them. Default: every
+    /// up, non-loopback Ethernet device with an IPv4 address (the node's addresses).
+    #[arg(
+        long,
+        value_name = "DEVICES",
+        value_delimiter = ',',
+        action = ArgAction::Append,
+        help_heading = OWN
+    )]
+    pub devices: Vec<String>,
 }
 
 /// What kpr does with a kube-proxy flag it has no use for.
@@ -214,7 +235,7 @@ pub const OTHER_FLAGS: &[OtherFlag] = &[
         name: "cleanup",
         boolean: true,
         hidden: false,
-        treatment: Treatment::Refuse("kpr has no cleanup mode (it leaves no iptables or IPVS rules; its pinned maps are under --bpf-pin-dir)"),
+        treatment: Treatment::Refuse("kpr leaves no iptables or IPVS rules; `kpr cleanup` removes its nftables table and pinned maps"),
         help: "kube-proxy: clean up iptables and IPVS rules and exit (refused by kpr)",
     },
     OtherFlag {
@@ -287,7 +308,7 @@ pub const OTHER_FLAGS: &[OtherFlag] = &[
         name: "cleanup-iptables",
         boolean: true,
         hidden: true,
-        treatment: Treatment::Refuse("kpr has no cleanup mode"),
+        treatment: Treatment::Refuse("kpr leaves no iptables rules; `kpr cleanup` removes what it created"),
         help: "removed from kube-proxy",
     },
 ];

@@ -20,8 +20,8 @@
 //!
 //! Unlike kube-proxy, kpr warns about each flag it ignores because of `--config`. kpr's own
 //! flags (`--manifests`, `--bpf-pin-dir`, `--cgroup-path`, `--allow-cgroup-root`,
-//! `--sync-period`, `--min-sync-period`, `--manifest-poll`, `--status-file`) are not part of
-//! the file and always apply; `--sync-period`/`--min-sync-period` thereby override the file's.
+//! `--sync-period`, `--min-sync-period`, `--manifest-poll`, `--status-file`, `--devices`) are
+//! not part of the file and always apply; `--sync-period`/`--min-sync-period` thereby override the file's.
 //!
 //! # Proxy mode
 //!
@@ -266,6 +266,11 @@ pub struct Settings {
     #[serde(serialize_with = "duration::serialize")]
     pub manifest_poll: Duration,
     pub status_file: Option<PathBuf>,
+    /// `--devices`: where the tc (north-south) programs attach. Empty: the default devices
+    /// (`ebpf::tc::default_devices`). Not serialized when empty, so the effective
+    /// configuration reads as before for the default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 impl Default for Settings {
@@ -292,6 +297,7 @@ impl Default for Settings {
             allow_cgroup_root: false,
             manifest_poll: DEFAULT_MANIFEST_POLL,
             status_file: None,
+            devices: Vec::new(),
         }
     }
 }
@@ -333,6 +339,8 @@ pub enum Action {
         cluster_cidr: Option<String>,
         last: Option<String>,
     },
+    /// `kpr cleanup`: remove kpr's nftables table and the `KPR_*` pins under `bpf_pin_dir`.
+    Cleanup { bpf_pin_dir: PathBuf },
 }
 
 #[derive(Debug)]
@@ -377,21 +385,34 @@ where
             _ => warnings.push(format!("ignored: kpr does not use --{}", o.name)),
         }
     }
-    if let Some(CliCommand::RenderIptables {
-        manifests,
-        cluster_cidr,
-        last,
-    }) = cli.command
-    {
-        return Ok(Resolved {
-            action: Action::RenderIptables {
-                manifests,
-                cluster_cidr,
-                last,
-            },
-            warnings,
-            verbosity: cli.run.verbosity.unwrap_or(0),
-        });
+    match cli.command {
+        Some(CliCommand::RenderIptables {
+            manifests,
+            cluster_cidr,
+            last,
+        }) => {
+            return Ok(Resolved {
+                action: Action::RenderIptables {
+                    manifests,
+                    cluster_cidr,
+                    last,
+                },
+                warnings,
+                verbosity: cli.run.verbosity.unwrap_or(0),
+            });
+        }
+        Some(CliCommand::Cleanup { bpf_pin_dir }) => {
+            return Ok(Resolved {
+                // `kpr cleanup --bpf-pin-dir X`, else `kpr --bpf-pin-dir X cleanup`, else the
+                // default.
+                action: Action::Cleanup {
+                    bpf_pin_dir: bpf_pin_dir.unwrap_or(cli.run.bpf_pin_dir),
+                },
+                warnings,
+                verbosity: cli.run.verbosity.unwrap_or(0),
+            });
+        }
+        None => {}
     }
     let (settings, more) = resolve(&cli.run)?;
     warnings.extend(more);
@@ -423,6 +444,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         allow_cgroup_root: args.allow_cgroup_root,
         manifest_poll: args.manifest_poll,
         status_file: args.status_file.clone(),
+        devices: parse_devices(&args.devices)?,
         ..Settings::default()
     };
     match &config {
@@ -491,6 +513,23 @@ fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
         .collect()
+}
+
+/// `--devices`: names as given (comma lists may repeat the flag), blanks dropped, duplicates
+/// removed in order. A name the kernel could never accept is a usage error here rather than
+/// an attach failure later.
+fn parse_devices(given: &[String]) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::new();
+    for d in given.iter().map(|d| d.trim()).filter(|d| !d.is_empty()) {
+        // IFNAMSIZ is 16 with the NUL; '/' and whitespace are refused by the kernel.
+        if d.len() > 15 || d.contains('/') || d.contains(char::is_whitespace) {
+            return Err(flag_error("devices", d, "not a network device name"));
+        }
+        if !out.iter().any(|o| o == d) {
+            out.push(d.to_string());
+        }
+    }
+    Ok(out)
 }
 
 fn flag_error(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {

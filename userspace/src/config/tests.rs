@@ -307,6 +307,34 @@ fn render_iptables_subcommand() {
 }
 
 #[test]
+fn cleanup_subcommand() {
+    let pin_dir = |a: &[&str]| match from_args(args(a)).unwrap().action {
+        Action::Cleanup { bpf_pin_dir } => bpf_pin_dir,
+        other => panic!("{a:?}: {other:?}"),
+    };
+    assert_eq!(
+        pin_dir(&["cleanup"]),
+        PathBuf::from(super::DEFAULT_BPF_PIN_DIR)
+    );
+    assert_eq!(
+        pin_dir(&["cleanup", "--bpf-pin-dir", "/x/kpr"]),
+        PathBuf::from("/x/kpr")
+    );
+    // The agent's flag before the subcommand works too.
+    assert_eq!(
+        pin_dir(&["--bpf-pin-dir=/y/kpr", "cleanup"]),
+        PathBuf::from("/y/kpr")
+    );
+    assert!(matches!(
+        from_args(args(&["cleanup", "--manifests", "/m"])),
+        Err(ConfigError::Cli(_))
+    ));
+    // kube-proxy's --cleanup is still refused, pointing at `kpr cleanup`.
+    let e = err(&["--cleanup"]);
+    assert!(e.to_string().contains("kpr cleanup"), "{e}");
+}
+
+#[test]
 fn mode_rules_for_the_flag() {
     assert_eq!(run(&["--proxy-mode="]).0.proxy_mode, ProxyMode::Ebpf);
     assert_eq!(run(&["--proxy-mode", "ebpf"]).0.proxy_mode, ProxyMode::Ebpf);
@@ -519,4 +547,41 @@ fn help_lists_kube_proxys_flags() {
 #[test]
 fn clap_definition_is_consistent() {
     flags::command().debug_assert();
+}
+
+#[test]
+fn devices_flag_takes_comma_lists_and_repeats() {
+    let (s, _) = run(&[]);
+    assert!(s.devices.is_empty(), "empty means the default devices");
+    assert!(
+        !s.to_json().contains("devices"),
+        "the default is not serialized"
+    );
+    let (s, w) = run(&[
+        "--devices=eth0,eth1",
+        "--devices",
+        "bond0",
+        "--devices=eth0, ",
+    ]);
+    assert_eq!(s.devices, ["eth0", "eth1", "bond0"]);
+    assert!(w.is_empty(), "{w:?}");
+    assert!(s.to_json().contains("\"devices\""));
+    // kpr's own flag: it applies with --config too.
+    let f = config_file("mode: \"\"\n");
+    let (s, _) = run(&["--config", f.path().to_str().unwrap(), "--devices=eth2"]);
+    assert_eq!(s.devices, ["eth2"]);
+    assert!(matches!(
+        err(&["--devices=this-name-is-too-long"]),
+        ConfigError::Flag {
+            flag: "devices",
+            ..
+        }
+    ));
+    assert!(matches!(
+        err(&["--devices=a/b"]),
+        ConfigError::Flag {
+            flag: "devices",
+            ..
+        }
+    ));
 }

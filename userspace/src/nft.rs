@@ -1,0 +1,746 @@
+//! kpr's nftables table, programmed through netlink (libnftnl + libmnl, no `nft` binary).
+//!
+//! kpr owns exactly one table, `table ip kpr`, and never reads or writes any other. Every change
+//! is one nfnetlink batch, which the kernel applies atomically (all or nothing):
+//!
+//! ```text
+//! table ip kpr {
+//!     set no-endpoints {
+//!         type ipv4_addr . inet_proto . inet_service
+//!     }
+//!     chain nat-postrouting {
+//!         type nat hook postrouting priority srcnat; policy accept;
+//!         meta mark & 0x00004000 == 0x00004000 meta mark set meta mark ^ 0x00004000 masquerade fully-random
+//!     }
+//!     chain filter-input {
+//!         type filter hook input priority filter; policy accept;
+//!         meta l4proto tcp ip daddr . meta l4proto . th dport @no-endpoints reject with tcp reset
+//!         ip daddr . meta l4proto . th dport @no-endpoints reject
+//!     }
+//!     chain filter-forward {
+//!         type filter hook forward priority filter; policy accept;
+//!         (the same two rules)
+//!     }
+//! }
+//! ```
+//!
+//! - `nat-postrouting`: source NAT for the north-south traffic kpr's tc programs marked with
+//!   kube-proxy's masquerade bit (KUBE-MARK-MASQ, `--iptables-masquerade-bit`, 0x4000 by
+//!   default). As kube-proxy does (`mark set mark xor 0x4000` before `masquerade
+//!   fully-random`), the bit is cleared before the packet leaves so it does not leak into
+//!   other rules or the next hop; kube-proxy's return-unless-marked plus two rules are one rule
+//!   here.
+//! - `filter-input`/`filter-forward` (priority filter, 0, like kube-proxy's chains of the same
+//!   names): traffic to a Service frontend without endpoints is refused at once rather than
+//!   left to time out. kube-proxy's nftables mode keeps a verdict map `no-endpoint-services`
+//!   (`ip daddr . meta l4proto . th dport vmap`) whose elements `goto reject-chain` (a plain
+//!   `reject`); kpr keeps a plain set and two rules instead: TCP gets a reset, everything else
+//!   ICMP port-unreachable (the default `reject` of the ip family). Both make the client's
+//!   `connect()` fail with ECONNREFUSED. kube-proxy only jumps there for `ct state new`; kpr
+//!   does not test conntrack state: a packet whose destination is still a frontend at these
+//!   hooks was not translated, so it has nowhere to go whatever its state.
+//!
+//! # How the expressions are built
+//!
+//! Tables, chains, sets, rules and the batch are nftnl 0.9's objects. The expressions are built
+//! from raw libnftnl expressions ([`RawExpr`], through `nftnl_sys`) rather than nftnl's
+//! wrappers, because:
+//! - the set key is a concatenation: `ip daddr`, `meta l4proto` and `th dport` are loaded into
+//!   consecutive 32-bit registers (1, 9, 10: the layout nft itself generates) and the lookup
+//!   reads 12 bytes from register 1; nftnl's wrappers always load into register 1;
+//! - nftnl's `Verdict::Reject(Icmp(PortUnreach))` sends the ICMPX code (1) as the ICMP code in an
+//!   `ip` table, which is host-unreachable (EHOSTUNREACH), not port-unreachable (3);
+//! - its masquerade has no flags (`fully-random`).
+//!
+//! The set's key type is nft's concatenated datatype (`ipv4_addr . inet_proto . inet_service`)
+//! so that `nft list` shows the elements as `10.0.0.1 . tcp . 80`. An element is 12 bytes: the
+//! address, the protocol number padded to 4 bytes, the port in network order padded to 4 bytes
+//! (each field of a concatenation takes whole registers).
+//!
+//! # Transactions
+//!
+//! The first [`NftTable::apply`] replaces the table: `add table` (a no-op if it exists),
+//! `delete table` (drops a stale kpr table with whatever it held), then the table, chains, set,
+//! elements and rules. Later calls flush the set and add the new elements in one batch (so the
+//! set is never seen half-updated); if the table or set has vanished meanwhile (ENOENT), the
+//! whole table is recreated. The netlink socket is opened per transaction, in the network
+//! namespace of the calling thread.
+use std::collections::BTreeSet;
+use std::ffi::{c_void, CStr, CString};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::raw::c_char;
+use std::ptr::NonNull;
+
+use nftnl::expr::Expression;
+use nftnl::nftnl_sys as sys;
+use nftnl::set::{Set, SetKey};
+use nftnl::{Batch, Chain, ChainType, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule, Table};
+
+/// kpr's table (family ip).
+pub const TABLE: &str = "kpr";
+pub const NAT_POSTROUTING_CHAIN: &str = "nat-postrouting";
+pub const FILTER_INPUT_CHAIN: &str = "filter-input";
+pub const FILTER_FORWARD_CHAIN: &str = "filter-forward";
+/// The set of Service frontends (address . protocol . port) that have no endpoints.
+pub const NO_ENDPOINTS_SET: &str = "no-endpoints";
+/// kube-proxy's masquerade mark (`--iptables-masquerade-bit` 14).
+pub const DEFAULT_MASQ_MARK: u32 = 0x4000;
+
+const TABLE_C: &CStr = c"kpr";
+const NO_ENDPOINTS_SET_C: &CStr = c"no-endpoints";
+/// The set's id within a batch (rules refer to a set created in the same batch by id).
+const NO_ENDPOINTS_SET_ID: u32 = 1;
+
+/// nft's chain priorities `srcnat` and `filter`.
+const PRIORITY_SRCNAT: i32 = 100;
+const PRIORITY_FILTER: i32 = 0;
+
+// linux/netfilter/nf_tables.h and friends.
+const NFT_REG_1: u32 = 1;
+const NFT_REG32_01: u32 = 9;
+const NFT_REG32_02: u32 = 10;
+const NFT_CMP_EQ: u32 = 0;
+const NFT_META_MARK: u32 = 3;
+const NFT_META_L4PROTO: u32 = 16;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFT_REJECT_ICMP_UNREACH: u32 = 0;
+const NFT_REJECT_TCP_RST: u32 = 1;
+/// ICMP destination-unreachable code "port unreachable".
+const ICMP_PORT_UNREACH: u8 = 3;
+/// linux/netfilter/nf_nat.h: `fully-random`.
+const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 1 << 4;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_HDRLEN: usize = 16;
+const NETLINK_CAP_ACK: libc::c_int = 10;
+
+/// nft's datatype numbers (nftables' `enum datatypes`) and how it composes a concatenation's
+/// type (`concat_subtype_add`: 6 bits per field).
+const TYPE_IPADDR: u32 = 7;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_BITS: u32 = 6;
+const NO_ENDPOINTS_KEY_TYPE: u32 =
+    (((TYPE_IPADDR << TYPE_BITS) | TYPE_INET_PROTOCOL) << TYPE_BITS) | TYPE_INET_SERVICE;
+
+/// Errors of [`NftTable`] and [`delete_table`].
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// The mark must have at least one bit set (a zero mark would masquerade everything).
+    #[error("masquerade mark 0: the mark needs at least one bit set")]
+    ZeroMark,
+    #[error("opening a netfilter netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("sending the nftables transaction: {0}")]
+    Send(#[source] io::Error),
+    #[error("receiving the nftables acknowledgements: {0}")]
+    Recv(#[source] io::Error),
+    /// The kernel refused the transaction (nothing of it was applied). `errno` is the netlink
+    /// error code (positive: ENOENT, EEXIST, EPERM, ...), `op` the message it answered.
+    #[error("nftables refused {op}: {} (netlink error {errno})", io::Error::from_raw_os_error(*errno))]
+    Kernel { op: String, errno: i32 },
+    #[error("nftables transaction: {0}")]
+    Protocol(String),
+}
+
+impl NftError {
+    /// The netlink (or socket) error code, if there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NftError::Kernel { errno, .. } => Some(*errno),
+            NftError::Socket(e) | NftError::Send(e) | NftError::Recv(e) => e.raw_os_error(),
+            NftError::ZeroMark | NftError::Protocol(_) => None,
+        }
+    }
+}
+
+/// A Service frontend without endpoints: destination address, IP protocol number (6 TCP, 17
+/// UDP, 132 SCTP), destination port.
+pub type Frontend = (Ipv4Addr, u8, u16);
+
+/// kpr's nftables table (`table ip kpr`), see the module doc.
+#[derive(Debug)]
+pub struct NftTable {
+    mark: u32,
+    created: bool,
+}
+
+impl NftTable {
+    /// `mark`: the masquerade mark bit(s) the tc programs set ([`DEFAULT_MASQ_MARK`]). Nothing is
+    /// sent to the kernel until [`NftTable::apply`].
+    pub fn new(mark: u32) -> NftTable {
+        NftTable {
+            mark,
+            created: false,
+        }
+    }
+
+    pub fn mark(&self) -> u32 {
+        self.mark
+    }
+
+    /// Makes the table hold exactly `no_endpoints` (duplicates are ignored), in one transaction.
+    /// The first call (re)creates the whole table; later ones replace the set's elements.
+    pub fn apply(&mut self, no_endpoints: &[Frontend]) -> Result<(), NftError> {
+        if self.mark == 0 {
+            return Err(NftError::ZeroMark);
+        }
+        let keys: BTreeSet<Key> = no_endpoints.iter().map(|&f| Key::from(f)).collect();
+        if self.created {
+            match replace_elements(&keys) {
+                Ok(()) => return Ok(()),
+                // The table or the set was removed behind kpr's back: recreate it all.
+                Err(e) if e.errno() == Some(libc::ENOENT) => {
+                    tracing::warn!("nftables table ip {TABLE} vanished; recreating it: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.created = false;
+        create_table(self.mark, &keys)?;
+        self.created = true;
+        Ok(())
+    }
+
+    /// Deletes kpr's table; true if it existed. A later [`NftTable::apply`] creates it again.
+    pub fn delete(&mut self) -> Result<bool, NftError> {
+        self.created = false;
+        delete_table()
+    }
+}
+
+/// Deletes `table ip kpr` (in the calling thread's network namespace) and everything in it;
+/// true if it existed, false if there was none. Other tables are not touched.
+pub fn delete_table() -> Result<bool, NftError> {
+    let table = Table::new(TABLE_C, ProtoFamily::Ipv4);
+    let mut txn = Transaction::new();
+    txn.add(&table, MsgType::Del, || format!("delete table ip {TABLE}"));
+    match txn.commit() {
+        Ok(()) => Ok(true),
+        Err(NftError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A set element, ordered for deduplication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    addr: Ipv4Addr,
+    proto: u8,
+    port: u16,
+}
+
+impl From<Frontend> for Key {
+    fn from((addr, proto, port): Frontend) -> Key {
+        Key { addr, proto, port }
+    }
+}
+
+impl SetKey for Key {
+    const TYPE: u32 = NO_ENDPOINTS_KEY_TYPE;
+    const LEN: u32 = 12;
+
+    fn data(&self) -> Box<[u8]> {
+        let mut d = [0u8; 12];
+        d[..4].copy_from_slice(&self.addr.octets());
+        d[4] = self.proto;
+        d[8..10].copy_from_slice(&self.port.to_be_bytes());
+        Box::new(d)
+    }
+}
+
+/// The set, holding `keys` (their messages come from [`add_elements`]).
+fn no_endpoints_set<'a>(table: &'a Table, keys: &BTreeSet<Key>) -> Set<'a, Key> {
+    let mut set = Set::new_named(
+        NO_ENDPOINTS_SET_C,
+        NO_ENDPOINTS_SET_ID,
+        table,
+        ProtoFamily::Ipv4,
+    );
+    for key in keys {
+        set.add(key);
+    }
+    set
+}
+
+fn describe(key: &Key) -> String {
+    format!("{} . {} . {}", key.addr, key.proto, key.port)
+}
+
+/// One batch: the whole table, replacing any stale one.
+fn create_table(mark: u32, keys: &BTreeSet<Key>) -> Result<(), NftError> {
+    let table = Table::new(TABLE_C, ProtoFamily::Ipv4);
+    let mut txn = Transaction::new();
+    // `add` first so that `delete` cannot fail with ENOENT when there is no stale table.
+    txn.add(&table, MsgType::Add, || format!("add table ip {TABLE}"));
+    txn.add(&table, MsgType::Del, || {
+        format!("delete table ip {TABLE} (stale)")
+    });
+    txn.add(&table, MsgType::Add, || format!("add table ip {TABLE}"));
+
+    let mut nat = Chain::new(c"nat-postrouting", &table);
+    nat.set_hook(Hook::PostRouting, PRIORITY_SRCNAT);
+    nat.set_type(ChainType::Nat);
+    nat.set_policy(Policy::Accept);
+    let mut input = Chain::new(c"filter-input", &table);
+    input.set_hook(Hook::In, PRIORITY_FILTER);
+    input.set_type(ChainType::Filter);
+    input.set_policy(Policy::Accept);
+    let mut forward = Chain::new(c"filter-forward", &table);
+    forward.set_hook(Hook::Forward, PRIORITY_FILTER);
+    forward.set_type(ChainType::Filter);
+    forward.set_policy(Policy::Accept);
+    for chain in [&nat, &input, &forward] {
+        txn.add(chain, MsgType::Add, || {
+            format!(
+                "add chain ip {TABLE} {}",
+                chain.get_name().to_string_lossy()
+            )
+        });
+    }
+
+    // The set message carries the set's definition only; the elements follow in their own.
+    let set = no_endpoints_set(&table, keys);
+    txn.add(&set, MsgType::Add, || {
+        format!("add set ip {TABLE} {NO_ENDPOINTS_SET}")
+    });
+    add_elements(&mut txn, &set, keys);
+
+    let masq = masquerade_rule(&nat, mark);
+    txn.add(&masq, MsgType::Add, || {
+        format!("add rule ip {TABLE} {NAT_POSTROUTING_CHAIN} (masquerade)")
+    });
+    let rules = [&input, &forward].map(|chain| {
+        (
+            chain.get_name().to_string_lossy().into_owned(),
+            reject_rules(chain, &set),
+        )
+    });
+    for (chain, [tcp, other]) in &rules {
+        txn.add(tcp, MsgType::Add, || {
+            format!("add rule ip {TABLE} {chain} (reject with tcp reset)")
+        });
+        txn.add(other, MsgType::Add, || {
+            format!("add rule ip {TABLE} {chain} (reject)")
+        });
+    }
+    txn.commit()
+}
+
+/// One batch: flush the set, add the elements.
+fn replace_elements(keys: &BTreeSet<Key>) -> Result<(), NftError> {
+    let table = Table::new(TABLE_C, ProtoFamily::Ipv4);
+    let mut txn = Transaction::new();
+    let empty = no_endpoints_set(&table, &BTreeSet::new());
+    txn.add(&FlushSet(&empty), MsgType::Del, || {
+        format!("flush set ip {TABLE} {NO_ENDPOINTS_SET}")
+    });
+    let set = no_endpoints_set(&table, keys);
+    add_elements(&mut txn, &set, keys);
+    txn.commit()
+}
+
+/// The messages adding `set`'s elements (`keys`, as given to [`no_endpoints_set`]).
+fn add_elements(txn: &mut Transaction, set: &Set<'_, Key>, keys: &BTreeSet<Key>) {
+    if keys.is_empty() {
+        return;
+    }
+    let (first, last) = (keys.first().unwrap(), keys.last().unwrap());
+    let what = format!(
+        "add element ip {TABLE} {NO_ENDPOINTS_SET} ({} elements, {} .. {})",
+        keys.len(),
+        describe(first),
+        describe(last)
+    );
+    for msg in set.elems_iter() {
+        txn.add(&msg, MsgType::Add, || what.clone());
+    }
+}
+
+/// `meta mark & M == M meta mark set meta mark ^ M masquerade fully-random`.
+fn masquerade_rule<'a>(chain: &'a Chain<'a>, mark: u32) -> Rule<'a> {
+    let mut rule = Rule::new(chain);
+    rule.add_expr(&RawExpr::meta_load(NFT_META_MARK, NFT_REG_1));
+    rule.add_expr(&RawExpr::bitwise(NFT_REG_1, &mark.to_ne_bytes(), &[0; 4]));
+    rule.add_expr(&RawExpr::cmp_eq(NFT_REG_1, &mark.to_ne_bytes()));
+    rule.add_expr(&RawExpr::meta_load(NFT_META_MARK, NFT_REG_1));
+    rule.add_expr(&RawExpr::bitwise(
+        NFT_REG_1,
+        &u32::MAX.to_ne_bytes(),
+        &mark.to_ne_bytes(),
+    ));
+    rule.add_expr(&RawExpr::meta_store(NFT_META_MARK, NFT_REG_1));
+    rule.add_expr(&RawExpr::masquerade(NF_NAT_RANGE_PROTO_RANDOM_FULLY));
+    // A comment is at most 128 bytes; this one fits.
+    let _ = rule.set_comment(c"kpr: SNAT for traffic kpr marked; the mark is cleared");
+    rule
+}
+
+/// `meta l4proto tcp <lookup> reject with tcp reset` and `<lookup> reject` (ICMP
+/// port-unreachable), where `<lookup>` is `ip daddr . meta l4proto . th dport @no-endpoints`.
+fn reject_rules<'a>(chain: &'a Chain<'a>, set: &Set<'_, Key>) -> [Rule<'a>; 2] {
+    let lookup = |rule: &mut Rule| {
+        // ip daddr -> reg 1 (bytes 0..4), meta l4proto -> reg 9, th dport -> reg 10.
+        rule.add_expr(&RawExpr::payload(
+            NFT_PAYLOAD_NETWORK_HEADER,
+            16,
+            4,
+            NFT_REG_1,
+        ));
+        rule.add_expr(&RawExpr::meta_load(NFT_META_L4PROTO, NFT_REG32_01));
+        rule.add_expr(&RawExpr::payload(
+            NFT_PAYLOAD_TRANSPORT_HEADER,
+            2,
+            2,
+            NFT_REG32_02,
+        ));
+        rule.add_expr(&RawExpr::lookup(NFT_REG_1, set.get_name(), set.get_id()));
+    };
+    let mut tcp = Rule::new(chain);
+    tcp.add_expr(&RawExpr::meta_load(NFT_META_L4PROTO, NFT_REG_1));
+    tcp.add_expr(&RawExpr::cmp_eq(NFT_REG_1, &[libc::IPPROTO_TCP as u8]));
+    lookup(&mut tcp);
+    tcp.add_expr(&RawExpr::reject(NFT_REJECT_TCP_RST, 0));
+    let _ = tcp.set_comment(c"kpr: TCP to a Service without endpoints");
+    let mut other = Rule::new(chain);
+    lookup(&mut other);
+    other.add_expr(&RawExpr::reject(NFT_REJECT_ICMP_UNREACH, ICMP_PORT_UNREACH));
+    let _ = other.set_comment(c"kpr: traffic to a Service without endpoints");
+    [tcp, other]
+}
+
+/// A libnftnl expression by name and attributes (`NFTNL_EXPR_*`).
+struct RawExpr {
+    name: &'static CStr,
+    attrs: Vec<(u32, Attr)>,
+}
+
+enum Attr {
+    U8(u8),
+    U32(u32),
+    Str(CString),
+    Data(Vec<u8>),
+}
+
+impl RawExpr {
+    fn meta_load(key: u32, dreg: u32) -> RawExpr {
+        RawExpr {
+            name: c"meta",
+            attrs: vec![
+                (sys::NFTNL_EXPR_META_KEY, Attr::U32(key)),
+                (sys::NFTNL_EXPR_META_DREG, Attr::U32(dreg)),
+            ],
+        }
+    }
+
+    fn meta_store(key: u32, sreg: u32) -> RawExpr {
+        RawExpr {
+            name: c"meta",
+            attrs: vec![
+                (sys::NFTNL_EXPR_META_KEY, Attr::U32(key)),
+                (sys::NFTNL_EXPR_META_SREG, Attr::U32(sreg)),
+            ],
+        }
+    }
+
+    fn payload(base: u32, offset: u32, len: u32, dreg: u32) -> RawExpr {
+        RawExpr {
+            name: c"payload",
+            attrs: vec![
+                (sys::NFTNL_EXPR_PAYLOAD_BASE, Attr::U32(base)),
+                (sys::NFTNL_EXPR_PAYLOAD_OFFSET, Attr::U32(offset)),
+                (sys::NFTNL_EXPR_PAYLOAD_LEN, Attr::U32(len)),
+                (sys::NFTNL_EXPR_PAYLOAD_DREG, Attr::U32(dreg)),
+            ],
+        }
+    }
+
+    /// `reg = (reg & mask) ^ xor`.
+    fn bitwise(reg: u32, mask: &[u8], xor: &[u8]) -> RawExpr {
+        debug_assert_eq!(mask.len(), xor.len());
+        RawExpr {
+            name: c"bitwise",
+            attrs: vec![
+                (sys::NFTNL_EXPR_BITWISE_SREG, Attr::U32(reg)),
+                (sys::NFTNL_EXPR_BITWISE_DREG, Attr::U32(reg)),
+                (sys::NFTNL_EXPR_BITWISE_LEN, Attr::U32(mask.len() as u32)),
+                (sys::NFTNL_EXPR_BITWISE_MASK, Attr::Data(mask.to_vec())),
+                (sys::NFTNL_EXPR_BITWISE_XOR, Attr::Data(xor.to_vec())),
+            ],
+        }
+    }
+
+    fn cmp_eq(sreg: u32, data: &[u8]) -> RawExpr {
+        RawExpr {
+            name: c"cmp",
+            attrs: vec![
+                (sys::NFTNL_EXPR_CMP_SREG, Attr::U32(sreg)),
+                (sys::NFTNL_EXPR_CMP_OP, Attr::U32(NFT_CMP_EQ)),
+                (sys::NFTNL_EXPR_CMP_DATA, Attr::Data(data.to_vec())),
+            ],
+        }
+    }
+
+    fn lookup(sreg: u32, set: &CStr, set_id: u32) -> RawExpr {
+        RawExpr {
+            name: c"lookup",
+            attrs: vec![
+                (sys::NFTNL_EXPR_LOOKUP_SREG, Attr::U32(sreg)),
+                (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set.to_owned())),
+                (sys::NFTNL_EXPR_LOOKUP_SET_ID, Attr::U32(set_id)),
+            ],
+        }
+    }
+
+    fn masquerade(flags: u32) -> RawExpr {
+        RawExpr {
+            name: c"masq",
+            attrs: vec![(sys::NFTNL_EXPR_MASQ_FLAGS, Attr::U32(flags))],
+        }
+    }
+
+    fn reject(kind: u32, code: u8) -> RawExpr {
+        RawExpr {
+            name: c"reject",
+            attrs: vec![
+                (sys::NFTNL_EXPR_REJECT_TYPE, Attr::U32(kind)),
+                (sys::NFTNL_EXPR_REJECT_CODE, Attr::U8(code)),
+            ],
+        }
+    }
+}
+
+impl Expression for RawExpr {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: libnftnl copies every attribute value it is given; `expr` is handed to the
+        // rule, which frees it.
+        unsafe {
+            let Some(expr) = NonNull::new(sys::nftnl_expr_alloc(self.name.as_ptr())) else {
+                // Out of memory for a few bytes: do what std does.
+                std::process::abort();
+            };
+            let e = expr.as_ptr();
+            for (attr, value) in &self.attrs {
+                let attr = *attr as u16;
+                match value {
+                    Attr::U8(v) => sys::nftnl_expr_set_u8(e, attr, *v),
+                    Attr::U32(v) => sys::nftnl_expr_set_u32(e, attr, *v),
+                    Attr::Str(s) => {
+                        sys::nftnl_expr_set_str(e, attr, s.as_ptr());
+                    }
+                    Attr::Data(d) => {
+                        sys::nftnl_expr_set(e, attr, d.as_ptr() as *const c_void, d.len() as u32);
+                    }
+                }
+            }
+            expr
+        }
+    }
+}
+
+/// `flush set`: a DELSETELEM message without elements (what nft sends).
+struct FlushSet<'a>(&'a Set<'a, Key>);
+
+// SAFETY: the message is a header and the set's name and table: far below the maximum size.
+unsafe impl NlMsg for FlushSet<'_> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        unsafe {
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buf.cast::<c_char>(),
+                NFT_MSG_DELSETELEM,
+                self.0.get_family() as u16,
+                libc::NLM_F_ACK as u16,
+                seq,
+            );
+            sys::nftnl_set_elems_nlmsg_build_payload(header, self.0.as_ptr().as_ptr());
+        }
+    }
+}
+
+/// A batch and what each of its messages does (for errors).
+struct Transaction {
+    batch: Batch,
+    ops: Vec<String>,
+}
+
+impl Transaction {
+    fn new() -> Transaction {
+        Transaction {
+            batch: Batch::new(),
+            ops: Vec::new(),
+        }
+    }
+
+    fn add<T: NlMsg>(&mut self, msg: &T, msg_type: MsgType, what: impl FnOnce() -> String) {
+        self.batch.add(msg, msg_type);
+        self.ops.push(what());
+    }
+
+    /// Sends the batch and waits for every acknowledgement; the first error is returned (the
+    /// kernel then applies nothing of the batch).
+    fn commit(self) -> Result<(), NftError> {
+        let n_msgs = self.ops.len() as u32;
+        let batch = self.batch.finalize();
+        let seqs = batch.sequence_numbers();
+        // Kernels >= 6.10 acknowledge the batch begin and end messages too (nftnl then gives
+        // them sequence numbers): messages are numbered after the begin message.
+        let acked_ends = seqs.len() as u32 == n_msgs + 2;
+        let first_msg = seqs.start + u32::from(acked_ends);
+        let describe = |seq: u32| -> String {
+            match seq.checked_sub(first_msg) {
+                Some(i) if (i as usize) < self.ops.len() => self.ops[i as usize].clone(),
+                _ => "the batch".to_string(),
+            }
+        };
+
+        let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)?;
+        let fd = socket.as_raw_fd();
+        let buffers: Vec<&[u8]> = batch.iter().collect();
+        let total: usize = buffers.iter().map(|b| b.len()).sum();
+        prepare_socket(fd, total);
+        send_all(fd, &buffers).map_err(NftError::Send)?;
+
+        let portid = socket.portid();
+        let mut pending: BTreeSet<u32> = seqs.collect();
+        let mut buf = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
+        while !pending.is_empty() {
+            let n = socket.recv(&mut buf).map_err(|e| {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    NftError::Recv(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer from the kernel for {} messages", pending.len()),
+                    ))
+                } else {
+                    NftError::Recv(e)
+                }
+            })?;
+            let mut rest = &buf[..n];
+            while rest.len() >= NLMSG_HDRLEN {
+                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+                let seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
+                let pid = u32::from_ne_bytes(rest[12..16].try_into().unwrap());
+                if len < NLMSG_HDRLEN || len > rest.len() {
+                    return Err(NftError::Protocol(format!(
+                        "truncated netlink message ({len} bytes, {} left)",
+                        rest.len()
+                    )));
+                }
+                if pid == portid && kind == NLMSG_ERROR {
+                    if len < NLMSG_HDRLEN + 4 {
+                        return Err(NftError::Protocol("short netlink error message".into()));
+                    }
+                    let code = i32::from_ne_bytes(rest[16..20].try_into().unwrap());
+                    if code != 0 {
+                        return Err(NftError::Kernel {
+                            op: describe(seq),
+                            errno: -code,
+                        });
+                    }
+                    pending.remove(&seq);
+                }
+                // NLMSG_ALIGN
+                let step = (len + 3) & !3;
+                rest = &rest[step.min(rest.len())..];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Acks capped to their header; a send buffer that holds the batch (as nft does); a receive
+/// timeout so that a kernel that never answers cannot hang the agent.
+fn prepare_socket(fd: libc::c_int, batch_len: usize) {
+    let setopt = |level: libc::c_int, name: libc::c_int, value: &[u8]| {
+        // SAFETY: `value` is a valid buffer of the given length for the duration of the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                value.as_ptr() as *const c_void,
+                value.len() as libc::socklen_t,
+            )
+        }
+    };
+    let one: libc::c_int = 1;
+    setopt(libc::SOL_NETLINK, NETLINK_CAP_ACK, &one.to_ne_bytes());
+    if batch_len > 128 * 1024 {
+        let size = libc::c_int::try_from(batch_len.saturating_mul(2)).unwrap_or(libc::c_int::MAX);
+        if setopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &size.to_ne_bytes()) != 0 {
+            setopt(libc::SOL_SOCKET, libc::SO_SNDBUF, &size.to_ne_bytes());
+        }
+    }
+    let timeout = libc::timeval {
+        tv_sec: 30,
+        tv_usec: 0,
+    };
+    // SAFETY: a plain-old-data struct viewed as bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &timeout as *const libc::timeval as *const u8,
+            std::mem::size_of::<libc::timeval>(),
+        )
+    };
+    setopt(libc::SOL_SOCKET, libc::SO_RCVTIMEO, bytes);
+}
+
+/// Sends the batch's buffers as ONE netlink message (sendmsg with an iovec per buffer): the
+/// kernel processes a batch within a single skb, so it must not be split across sends.
+fn send_all(fd: libc::c_int, buffers: &[&[u8]]) -> io::Result<()> {
+    let mut iov: Vec<libc::iovec> = buffers
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: zeroed sockaddr_nl/msghdr are valid; the pointers stay valid during the call.
+    let sent = unsafe {
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = &mut addr as *mut libc::sockaddr_nl as *mut c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
+        libc::sendmsg(fd, &msg, 0)
+    };
+    let total: usize = buffers.iter().map(|b| b.len()).sum();
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if sent as usize != total {
+        return Err(io::Error::other(format!(
+            "sendmsg sent {sent} of {total} bytes"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_type_is_nfts_concatenation() {
+        // `nft --debug=netlink add set ip t s { type ipv4_addr . inet_proto . inet_service; }`
+        // shows key type 29453 (0x730d), length 12.
+        assert_eq!(NO_ENDPOINTS_KEY_TYPE, 29453);
+    }
+
+    #[test]
+    fn key_layout_pads_each_field_to_a_register() {
+        let k = Key::from((Ipv4Addr::new(10, 0, 0, 1), 6, 8080));
+        assert_eq!(&*k.data(), &[10, 0, 0, 1, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+    }
+
+    #[test]
+    fn zero_mark_is_refused_before_any_netlink() {
+        let err = NftTable::new(0).apply(&[]).unwrap_err();
+        assert!(matches!(err, NftError::ZeroMark), "{err}");
+    }
+}
