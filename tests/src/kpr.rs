@@ -1,5 +1,5 @@
-//! Running the kpr agent for a lab: in the node's network namespace, attached to the lab's
-//! cgroup, pinning in the lab's bpffs, reading a manifest directory.
+//! Running the kpr agent for a lab: in a node's network namespace, attached to that node's
+//! cgroup, pinning in that node's bpffs, reading a manifest directory (or an API server).
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -70,12 +70,39 @@ impl Kpr {
         Self::start_with(lab, bin, name, &args)
     }
 
-    /// Starts kpr for `lab` with its source given in `args` (e.g. `--master URL`), and waits
-    /// until it has completed its first sync.
+    /// Starts kpr for `lab` (on node 1) with its source given in `args` (e.g. `--master
+    /// URL`), and waits until it has completed its first sync.
     pub fn start_with(lab: &Lab, bin: &Path, name: &str, args: &[&OsStr]) -> Result<Kpr> {
-        let pin_dir = lab.bpffs_dir().join(name);
-        let status_file = lab.work_dir().join(format!("{name}-status.json"));
-        let log_file = lab.work_dir().join(format!("{name}.log"));
+        Self::start_on(lab, 1, bin, name, args)
+    }
+
+    /// Starts kpr on node `node` (1-based) of `lab` with `args` (its source, e.g.
+    /// `--manifests DIR` or `--master URL`, and any other flags), and waits until it has
+    /// completed its first sync. It runs in the node's namespace with `--cgroup-path` the
+    /// node's cgroup directory and `--bpf-pin-dir <node's bpffs>/<name>`. Its status and
+    /// log files are `<work>/<stem>-status.json` and `<work>/<stem>.log` with `stem` =
+    /// `name` on node 1 and `<name>-node<n>` on node `n` ≥ 2.
+    pub fn start_on(
+        lab: &Lab,
+        node: usize,
+        bin: &Path,
+        name: &str,
+        args: &[&OsStr],
+    ) -> Result<Kpr> {
+        let n = lab.node(node).ok_or_else(|| {
+            LabError::Other(format!(
+                "Kpr::start_on: the lab has no node {node} (it has {})",
+                lab.nodes().len()
+            ))
+        })?;
+        let stem = if node == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{}", n.name)
+        };
+        let pin_dir = n.bpffs_dir.join(name);
+        let status_file = lab.work_dir().join(format!("{stem}-status.json"));
+        let log_file = lab.work_dir().join(format!("{stem}.log"));
         let _ = std::fs::remove_file(&status_file);
         let log = std::fs::File::create(&log_file)
             .map_err(|e| LabError::Other(format!("creating {}: {e}", log_file.display())))?;
@@ -86,14 +113,14 @@ impl Kpr {
         cmd.arg("--bpf-pin-dir")
             .arg(&pin_dir)
             .arg("--cgroup-path")
-            .arg(lab.cgroup_dir())
+            .arg(&n.cgroup_dir)
             .arg("--status-file")
             .arg(&status_file)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        let process = lab.spawn_in_node(cmd)?;
+        let process = lab.spawn_in_node_n(node, cmd)?;
         let mut kpr = Kpr {
             process,
             status_file,
@@ -161,6 +188,16 @@ impl Kpr {
     /// kpr's log so far (stderr and stdout).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// The file kpr's stdout and stderr go to.
+    pub fn log_path(&self) -> &Path {
+        &self.log_file
+    }
+
+    /// The file kpr writes its status to (`--status-file`).
+    pub fn status_path(&self) -> &Path {
+        &self.status_file
     }
 
     pub fn pid(&self) -> u32 {

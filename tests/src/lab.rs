@@ -22,27 +22,60 @@ use crate::state::{
 };
 use crate::tool::{BenchConnect, ConnectOnce, TcpSpread, UdpSpread};
 
-/// The node's number: pods get 10.244.<NODE_INDEX>.<n>.
-pub const NODE_INDEX: u8 = 1;
-/// The address every pod's default route points to; the node owns it on `lo`.
+/// The address every pod's default route points to; each node owns it on `lo`.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The external client's address on the fabric (192.168.100.0/24; node `n` is at .(10+n)).
+pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);
+/// The most nodes a lab can have (fabric addresses .11 to .60).
+pub const MAX_NODES: usize = 50;
+/// The bridge in the fabric namespace.
+const BRIDGE: &str = "br0";
+/// The external client's name (pod name, namespace suffix, bridge port, cgroup directory).
+const EXTERNAL_NAME: &str = "ext";
 /// How long `up` waits for the echo servers to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound for `exec_in_node` (an iptables-restore of 100k services takes a while).
 const EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Node `index`'s address on the fabric: 192.168.100.(10+index).
+pub fn node_fabric_ip(index: usize) -> Ipv4Addr {
+    assert!((1..=MAX_NODES).contains(&index), "node index {index}");
+    Ipv4Addr::new(192, 168, 100, 10 + index as u8)
+}
+
 /// What to build.
+///
+/// With the defaults (`nodes: 1`, `external_client: false`) the lab is the one-node lab:
+/// `backends` backend pods and `clients` client pods on node 1, no fabric.
+///
+/// A lab with `nodes >= 2` or `external_client: true` also gets the fabric (a bridge in
+/// `<prefix>-fab`) that every node and the external client (`<prefix>-ext`) are plugged into.
+/// Pods per node: `backends_per_node` / `clients_per_node` if non-empty (one entry per node,
+/// overriding `backends` / `clients`), else `backends` / `clients` on node 1 and none on the
+/// other nodes. The external client is only created when asked for (`external_client`), also
+/// in a multi-node lab.
 #[derive(Debug, Clone)]
 pub struct LabSpec {
     /// Unique name prefix (namespaces `<prefix>-node`, `<prefix>-be1`, ...); use
     /// [`Lab::unique_prefix`], or [`crate::PERSISTENT_PREFIX`] for `xtask lab up`.
     pub prefix: String,
+    /// Backend pods on node 1 (ignored when `backends_per_node` is non-empty).
     pub backends: usize,
+    /// Client pods on node 1 (ignored when `clients_per_node` is non-empty).
     pub clients: usize,
     pub tcp_ports: Vec<u16>,
     pub udp_ports: Vec<u16>,
     /// The `kpr-labtool` binary; `None`: [`crate::labtool_path`].
     pub labtool: Option<PathBuf>,
+    /// Number of nodes, 1 to [`MAX_NODES`].
+    pub nodes: usize,
+    /// Backend pods on each node (entry `i` for node `i + 1`); empty: `backends` on node 1.
+    pub backends_per_node: Vec<usize>,
+    /// Client pods on each node (entry `i` for node `i + 1`); empty: `clients` on node 1.
+    pub clients_per_node: Vec<usize>,
+    /// Adds the external client `<prefix>-ext` (192.168.100.100 on the fabric, outside the
+    /// cluster: in no node's cgroup).
+    pub external_client: bool,
 }
 
 impl Default for LabSpec {
@@ -54,7 +87,45 @@ impl Default for LabSpec {
             tcp_ports: vec![8080, 8081],
             udp_ports: vec![5353],
             labtool: None,
+            nodes: 1,
+            backends_per_node: Vec::new(),
+            clients_per_node: Vec::new(),
+            external_client: false,
         }
+    }
+}
+
+impl LabSpec {
+    /// (backends, clients) on each node, validated.
+    fn per_node(&self) -> Result<Vec<(usize, usize)>> {
+        if !(1..=MAX_NODES).contains(&self.nodes) {
+            return Err(LabError::Other(format!(
+                "nodes: {} (must be 1 to {MAX_NODES})",
+                self.nodes
+            )));
+        }
+        let counts = |per_node: &[usize], on_node1: usize, what: &str| -> Result<Vec<usize>> {
+            if per_node.is_empty() {
+                let mut v = vec![0; self.nodes];
+                v[0] = on_node1;
+                Ok(v)
+            } else if per_node.len() == self.nodes {
+                Ok(per_node.to_vec())
+            } else {
+                Err(LabError::Other(format!(
+                    "{what}_per_node has {} entries for {} nodes",
+                    per_node.len(),
+                    self.nodes
+                )))
+            }
+        };
+        let b = counts(&self.backends_per_node, self.backends, "backends")?;
+        let c = counts(&self.clients_per_node, self.clients, "clients")?;
+        Ok(b.into_iter().zip(c).collect())
+    }
+
+    fn has_fabric(&self) -> bool {
+        self.nodes > 1 || self.external_client
     }
 }
 
@@ -62,19 +133,56 @@ impl Default for LabSpec {
 pub enum PodRole {
     Backend,
     Client,
+    /// The external client: outside the cluster, on the fabric.
+    External,
 }
 
-/// A pod: a network namespace with one veth (`eth0`) to the node.
+/// A pod: a network namespace with one veth (`eth0`) to its node. The external client is a
+/// `Pod` too (role [`PodRole::External`], node 0), so that every per-pod helper works on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pod {
-    /// `be1`, `cl1`, ...
+    /// `be1`, `cl1`, ..., `ext` for the external client.
     pub name: String,
     /// Its network namespace, `<prefix>-<name>`.
     pub ns: String,
     pub ip: Ipv4Addr,
     pub role: PodRole,
-    /// The node side of its veth (`vp<last octet>`), in the node namespace.
+    /// The node side of its veth (`vp<last octet>`), in its node's namespace; for the
+    /// external client, its port on the fabric bridge (`ext`, in the fabric namespace).
     pub node_dev: String,
+    /// The node it runs on (1-based); 0 for the external client.
+    #[serde(default = "node_one")]
+    pub node: usize,
+}
+
+fn node_one() -> usize {
+    1
+}
+
+/// A node: a network namespace running its own kpr, with its own cgroup and bpffs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabNode {
+    /// 1-based.
+    pub index: usize,
+    /// `node1`, `node2`, ... (also its port on the fabric bridge).
+    pub name: String,
+    /// `<prefix>-node` for node 1, `<prefix>-node<index>` for the others.
+    pub ns: String,
+    /// Its address on the fabric (`eth0`, 192.168.100.(10+index)/24). Configured only when
+    /// the lab has a fabric ([`Lab::fabric_ns`]); a one-node lab without an external client
+    /// has no `eth0`.
+    pub fabric_ip: Ipv4Addr,
+    /// The cgroup v2 directory its pods are in (its kpr attaches socket LB here).
+    pub cgroup_dir: PathBuf,
+    /// Its own bpffs mount (its kpr pins under `<bpffs_dir>/<name>`).
+    pub bpffs_dir: PathBuf,
+}
+
+impl LabNode {
+    /// Its pods' addresses: `10.244.<index>.0/24`.
+    pub fn pod_cidr(&self) -> String {
+        format!("10.244.{}.0/24", self.index)
+    }
 }
 
 /// A running lab. Dropping it tears everything down (unless it was persisted or attached).
@@ -84,6 +192,128 @@ pub struct Lab {
     servers: Vec<ProcessGuard>,
     /// Whether Drop tears the lab down.
     owned: bool,
+}
+
+/// Names, addresses and directories of a lab, before anything is built.
+#[derive(Debug)]
+struct Plan {
+    nodes: Vec<LabNode>,
+    pods: Vec<Pod>,
+    fabric_ns: Option<String>,
+    external: Option<Pod>,
+    external_cgroup_dir: Option<PathBuf>,
+}
+
+/// Lays the lab out. Cgroups: a lab without a fabric has the one directory
+/// `<cgroup2>/<prefix>` (node 1's); a lab with a fabric has `<cgroup2>/<prefix>/node<n>` per
+/// node and `<cgroup2>/<prefix>/ext` for the external client (siblings, so that a program
+/// attached to one node's directory never applies to another node's pods or to the external
+/// client). bpffs: `<work>/bpffs` for node 1, `<work>/bpffs-node<n>` for the others.
+fn plan_lab(prefix: &str, spec: &LabSpec, work_dir: &Path) -> Result<Plan> {
+    let per_node = spec.per_node()?;
+    let fabric = spec.has_fabric();
+    let cgroup_top = work_dir.join("cgroup2").join(prefix);
+    let mut nodes = Vec::new();
+    let (mut backends, mut clients) = (Vec::new(), Vec::new());
+    for (i, &(b, c)) in per_node.iter().enumerate() {
+        let index = i + 1;
+        let name = format!("node{index}");
+        let (ns, bpffs_dir) = if index == 1 {
+            (format!("{prefix}-node"), work_dir.join("bpffs"))
+        } else {
+            (
+                format!("{prefix}-{name}"),
+                work_dir.join(format!("bpffs-{name}")),
+            )
+        };
+        let cgroup_dir = if fabric {
+            cgroup_top.join(&name)
+        } else {
+            cgroup_top.clone()
+        };
+        let (be, cl) = plan_node_pods(prefix, index, b, c, backends.len(), clients.len())?;
+        backends.extend(be);
+        clients.extend(cl);
+        nodes.push(LabNode {
+            index,
+            fabric_ip: node_fabric_ip(index),
+            name,
+            ns,
+            cgroup_dir,
+            bpffs_dir,
+        });
+    }
+    if backends.is_empty() && clients.is_empty() {
+        return Err(LabError::Other("a lab needs at least one pod".into()));
+    }
+    let mut pods = backends;
+    pods.extend(clients);
+    let (external, external_cgroup_dir) = if spec.external_client {
+        (
+            Some(Pod {
+                name: EXTERNAL_NAME.into(),
+                ns: format!("{prefix}-{EXTERNAL_NAME}"),
+                ip: EXTERNAL_CLIENT_IP,
+                role: PodRole::External,
+                node_dev: EXTERNAL_NAME.into(),
+                node: 0,
+            }),
+            Some(cgroup_top.join(EXTERNAL_NAME)),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(Plan {
+        nodes,
+        pods,
+        fabric_ns: fabric.then(|| format!("{prefix}-fab")),
+        external,
+        external_cgroup_dir,
+    })
+}
+
+/// The pods of node `node`: backends at 10.244.<node>.11.., clients at .21.. (or right after
+/// the backends if there are more than ten of them). Names are numbered across the lab:
+/// `be<backends_before + 1>`, ..., `cl<clients_before + 1>`, ...
+fn plan_node_pods(
+    prefix: &str,
+    node: usize,
+    backends: usize,
+    clients: usize,
+    backends_before: usize,
+    clients_before: usize,
+) -> Result<(Vec<Pod>, Vec<Pod>)> {
+    if backends > 200 || clients > 200 {
+        return Err(LabError::Other(format!(
+            "bad pod counts on node {node}: {backends} backends, {clients} clients"
+        )));
+    }
+    let client_base = if backends <= 10 { 21 } else { 11 + backends };
+    if client_base + clients > 255 {
+        return Err(LabError::Other(format!(
+            "too many pods for node {node}'s /24"
+        )));
+    }
+    let make = |role, n: usize, base: usize, tag: &str, before: usize| -> Vec<Pod> {
+        (0..n)
+            .map(|i| {
+                let host = (base + i) as u8;
+                let name = format!("{tag}{}", before + i + 1);
+                Pod {
+                    ns: format!("{prefix}-{name}"),
+                    name,
+                    ip: Ipv4Addr::new(10, 244, node as u8, host),
+                    role,
+                    node_dev: format!("vp{host}"),
+                    node,
+                }
+            })
+            .collect()
+    };
+    Ok((
+        make(PodRole::Backend, backends, 11, "be", backends_before),
+        make(PodRole::Client, clients, client_base, "cl", clients_before),
+    ))
 }
 
 impl Lab {
@@ -104,25 +334,26 @@ impl Lab {
         )
     }
 
-    /// Builds the lab: mounts, namespaces, veths, routes, sysctls; checks connectivity
-    /// (ping); starts `kpr-labtool serve` in each backend and waits (bounded) until every
-    /// port answers. On error everything built so far is torn down.
+    /// Builds the lab: mounts, namespaces, veths, the fabric (if any), routes, sysctls;
+    /// checks connectivity (ping); starts `kpr-labtool serve` in each backend and waits
+    /// (bounded) until every port answers. On error everything built so far is torn down.
     pub fn up(spec: LabSpec) -> Result<Lab> {
         if !crate::is_root() {
             return Err(LabError::NotRoot);
         }
         validate_prefix(&spec.prefix)?;
         let prefix = spec.prefix.clone();
-        let pods = plan_pods(&prefix, spec.backends, spec.clients)?;
-        let node_ns = format!("{prefix}-node");
         let work_dir = work_dir_for(&prefix);
-        if work_dir.exists() || netns_exists(&node_ns) {
+        let plan = plan_lab(&prefix, &spec, &work_dir)?;
+        let node_ns = plan.nodes[0].ns.clone();
+        if work_dir.exists() || plan.nodes.iter().any(|n| netns_exists(&n.ns)) {
             return Err(LabError::Other(format!(
                 "a lab named {prefix} already exists (tear it down with kpr_lab::down)"
             )));
         }
         let labtool = spec.labtool.clone().unwrap_or_else(crate::labtool_path);
-        if spec.backends > 0 && !labtool.is_file() {
+        let any_backend = plan.pods.iter().any(|p| p.role == PodRole::Backend);
+        if any_backend && !labtool.is_file() {
             return Err(LabError::Other(format!(
                 "kpr-labtool not found at {} (build it: cargo build -p kpr-lab; or set KPR_LABTOOL)",
                 labtool.display()
@@ -133,8 +364,10 @@ impl Lab {
         fs::create_dir(&work_dir)
             .map_err(|e| LabError::io(format!("mkdir {}", work_dir.display()), e))?;
         let me = std::process::id() as i32;
-        let mut namespaces = vec![node_ns.clone()];
-        namespaces.extend(pods.iter().map(|p| p.ns.clone()));
+        let mut namespaces: Vec<String> = plan.nodes.iter().map(|n| n.ns.clone()).collect();
+        namespaces.extend(plan.pods.iter().map(|p| p.ns.clone()));
+        namespaces.extend(plan.fabric_ns.iter().cloned());
+        namespaces.extend(plan.external.iter().map(|p| p.ns.clone()));
         let mut lab = Lab {
             state: LabState {
                 prefix: prefix.clone(),
@@ -143,15 +376,19 @@ impl Lab {
                 kept: false,
                 node_ns,
                 namespaces,
-                pods,
+                pods: plan.pods,
                 tcp_ports: spec.tcp_ports.clone(),
                 udp_ports: spec.udp_ports.clone(),
                 pids: Vec::new(),
                 cgroup_mount: work_dir.join("cgroup2"),
-                cgroup_dir: work_dir.join("cgroup2").join(&prefix),
-                bpffs_dir: work_dir.join("bpffs"),
+                cgroup_dir: plan.nodes[0].cgroup_dir.clone(),
+                bpffs_dir: plan.nodes[0].bpffs_dir.clone(),
                 work_dir,
                 labtool,
+                nodes: plan.nodes,
+                fabric_ns: plan.fabric_ns,
+                external: plan.external,
+                external_cgroup_dir: plan.external_cgroup_dir,
             },
             servers: Vec::new(),
             owned: true,
@@ -168,7 +405,9 @@ impl Lab {
 
     fn mount_fs(&mut self) -> Result<()> {
         let s = &self.state;
-        for dir in [&s.cgroup_mount, &s.bpffs_dir] {
+        let mut dirs = vec![&s.cgroup_mount];
+        dirs.extend(s.nodes.iter().map(|n| &n.bpffs_dir));
+        for dir in dirs {
             fs::create_dir_all(dir)
                 .map_err(|e| LabError::io(format!("mkdir {}", dir.display()), e))?;
         }
@@ -181,22 +420,47 @@ impl Lab {
             None::<&str>,
         )
         .map_err(|e| LabError::nix(format!("mount cgroup2 on {}", s.cgroup_mount.display()), e))?;
-        // The lab's cgroup: a child of the hierarchy's root, never the root itself.
-        fs::create_dir(&s.cgroup_dir)
-            .map_err(|e| LabError::io(format!("mkdir {}", s.cgroup_dir.display()), e))?;
-        mount(
-            Some("bpf"),
-            &s.bpffs_dir,
-            Some("bpf"),
-            flags,
-            Some("mode=0700"),
-        )
-        .map_err(|e| LabError::nix(format!("mount bpffs on {}", s.bpffs_dir.display()), e))?;
+        // The lab's cgroups: a child of the hierarchy's root (never the root itself), and in a
+        // lab with a fabric one child of that per node and one for the external client.
+        let top = s.cgroup_mount.join(&s.prefix);
+        let mut cgroups = vec![top.clone()];
+        for dir in s
+            .nodes
+            .iter()
+            .map(|n| &n.cgroup_dir)
+            .chain(s.external_cgroup_dir.iter())
+        {
+            if !dir.starts_with(&top) {
+                return Err(LabError::Other(format!(
+                    "cgroup {} is outside the lab's {}",
+                    dir.display(),
+                    top.display()
+                )));
+            }
+            if !cgroups.contains(dir) {
+                cgroups.push(dir.clone());
+            }
+        }
+        for dir in &cgroups {
+            fs::create_dir(dir).map_err(|e| LabError::io(format!("mkdir {}", dir.display()), e))?;
+        }
+        for node in &s.nodes {
+            mount(
+                Some("bpf"),
+                &node.bpffs_dir,
+                Some("bpf"),
+                flags,
+                Some("mode=0700"),
+            )
+            .map_err(|e| {
+                LabError::nix(format!("mount bpffs on {}", node.bpffs_dir.display()), e)
+            })?;
+        }
         Ok(())
     }
 
     fn build_network(&mut self) -> Result<()> {
-        let node = self.state.node_ns.clone();
+        let nodes = self.state.nodes.clone();
         let pods = self.state.pods.clone();
         // Namespaces.
         let mut batch = String::new();
@@ -204,29 +468,33 @@ impl Lab {
             batch.push_str(&format!("netns add {ns}\n"));
         }
         ip_batch(None, &batch)?;
-        // Node: loopback with the gateway address; forwarding on, rp_filter off (before the
+        // Nodes: loopback with the gateway address; forwarding on, rp_filter off (before the
         // veths exist, so that they inherit `default`).
-        ip_batch(
-            Some(&node),
-            &format!("link set lo up\naddr add {GATEWAY}/32 dev lo\n"),
-        )?;
-        netns_exec(
-            &node,
-            &[
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ],
-        )?;
-        // Veth pairs, created directly in their namespaces.
+        for node in &nodes {
+            ip_batch(
+                Some(&node.ns),
+                &format!("link set lo up\naddr add {GATEWAY}/32 dev lo\n"),
+            )?;
+            netns_exec(
+                &node.ns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+        }
+        // Pod veth pairs, created directly in their namespaces.
         let mut batch = String::new();
         for p in &pods {
             batch.push_str(&format!(
-                "link add {} netns {node} type veth peer name eth0 netns {}\n",
-                p.node_dev, p.ns
+                "link add {} netns {} type veth peer name eth0 netns {}\n",
+                p.node_dev,
+                nodes[p.node - 1].ns,
+                p.ns
             ));
         }
         ip_batch(None, &batch)?;
@@ -243,19 +511,86 @@ impl Lab {
                 ),
             )?;
         }
-        let mut batch = String::new();
-        for p in &pods {
-            batch.push_str(&format!(
-                "link set {dev} up\nroute add {ip}/32 dev {dev}\n",
-                dev = p.node_dev,
-                ip = p.ip
-            ));
+        for node in &nodes {
+            let mut batch = String::new();
+            for p in pods.iter().filter(|p| p.node == node.index) {
+                batch.push_str(&format!(
+                    "link set {dev} up\nroute add {ip}/32 dev {dev}\n",
+                    dev = p.node_dev,
+                    ip = p.ip
+                ));
+            }
+            ip_batch(Some(&node.ns), &batch)?;
         }
-        ip_batch(Some(&node), &batch)?;
+        if let Some(fab) = self.state.fabric_ns.clone() {
+            self.build_fabric(&fab, &nodes)?;
+        }
         Ok(())
     }
 
-    /// pod → node for every pod, and pod → pod (first client ↔ first backend).
+    /// The bridge in the fabric namespace, each node's `eth0` and the external client's
+    /// `eth0` on it, and the routes between nodes' pod CIDRs.
+    fn build_fabric(&self, fab: &str, nodes: &[LabNode]) -> Result<()> {
+        ip_batch(
+            Some(fab),
+            &format!("link set lo up\nlink add {BRIDGE} type bridge\nlink set {BRIDGE} up\n"),
+        )?;
+        // (namespace, its bridge port)
+        let mut members: Vec<(String, String)> = nodes
+            .iter()
+            .map(|n| (n.ns.clone(), n.name.clone()))
+            .collect();
+        if let Some(ext) = &self.state.external {
+            members.push((ext.ns.clone(), ext.node_dev.clone()));
+        }
+        let mut batch = String::new();
+        for (ns, port) in &members {
+            batch.push_str(&format!(
+                "link add eth0 netns {ns} type veth peer name {port} netns {fab}\n"
+            ));
+        }
+        ip_batch(None, &batch)?;
+        let mut batch = String::new();
+        for (_, port) in &members {
+            batch.push_str(&format!(
+                "link set {port} master {BRIDGE}\nlink set {port} up\n"
+            ));
+        }
+        ip_batch(Some(fab), &batch)?;
+        for node in nodes {
+            let mut batch = format!(
+                "addr add {}/24 dev eth0\nlink set eth0 up\n",
+                node.fabric_ip
+            );
+            for other in nodes.iter().filter(|o| o.index != node.index) {
+                batch.push_str(&format!(
+                    "route add {} via {} dev eth0\n",
+                    other.pod_cidr(),
+                    other.fabric_ip
+                ));
+            }
+            ip_batch(Some(&node.ns), &batch)?;
+        }
+        if let Some(ext) = &self.state.external {
+            let mut batch = format!(
+                "link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n",
+                ext.ip
+            );
+            for node in nodes {
+                batch.push_str(&format!(
+                    "route add {} via {} dev eth0\n",
+                    node.pod_cidr(),
+                    node.fabric_ip
+                ));
+            }
+            ip_batch(Some(&ext.ns), &batch)?;
+        }
+        Ok(())
+    }
+
+    /// pod → node for every pod, and pod → pod (first client ↔ first backend). With a
+    /// fabric: node 1 ↔ every other node, the first pod on node 1 → the first pod on every
+    /// other node, and the external client → every node and the first pod on every node.
     fn check_connectivity(&self) -> Result<()> {
         for p in &self.state.pods {
             ping(&p.ns, GATEWAY)?;
@@ -263,6 +598,26 @@ impl Lab {
         if let (Some(c), Some(b)) = (self.clients().first(), self.backends().first()) {
             ping(&c.ns, b.ip)?;
             ping(&b.ns, c.ip)?;
+        }
+        if self.state.fabric_ns.is_none() {
+            return Ok(());
+        }
+        let nodes = &self.state.nodes;
+        let first_pod = |n: usize| self.state.pods.iter().find(|p| p.node == n);
+        for other in &nodes[1..] {
+            ping(&nodes[0].ns, other.fabric_ip)?;
+            ping(&other.ns, nodes[0].fabric_ip)?;
+            if let (Some(a), Some(b)) = (first_pod(1), first_pod(other.index)) {
+                ping(&a.ns, b.ip)?;
+            }
+        }
+        if let Some(ext) = &self.state.external {
+            for node in nodes {
+                ping(&ext.ns, node.fabric_ip)?;
+                if let Some(p) = first_pod(node.index) {
+                    ping(&ext.ns, p.ip)?;
+                }
+            }
         }
         Ok(())
     }
@@ -289,8 +644,8 @@ impl Lab {
         self.state.save()
     }
 
-    /// Every backend answers on every port, asked from the node namespace (which is not in
-    /// the lab's cgroup, so no socket LB applies).
+    /// Every backend answers on every port, asked from its node's namespace (which is not in
+    /// any of the lab's cgroups, so no socket LB applies).
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let backends = self.backends().to_vec();
@@ -302,22 +657,36 @@ impl Lab {
                     return Err(self.server_failed(&backends[i], &format!("exited: {status}")));
                 }
             }
-            let ready: Vec<bool> = in_netns(&self.state.node_ns, || {
-                pending
+            let mut still = Vec::new();
+            for node in &self.state.nodes {
+                let on_node: Vec<usize> = pending
                     .iter()
-                    .map(|&i| {
-                        let pod = &backends[i];
-                        tcp.iter().all(|&port| probe_tcp(pod, port))
-                            && udp.iter().all(|&port| probe_udp(pod, port))
-                    })
-                    .collect()
-            })?;
-            pending = pending
-                .into_iter()
-                .zip(ready)
-                .filter(|(_, ok)| !ok)
-                .map(|(i, _)| i)
-                .collect();
+                    .copied()
+                    .filter(|&i| backends[i].node == node.index)
+                    .collect();
+                if on_node.is_empty() {
+                    continue;
+                }
+                let ready: Vec<bool> = in_netns(&node.ns, || {
+                    on_node
+                        .iter()
+                        .map(|&i| {
+                            let pod = &backends[i];
+                            tcp.iter().all(|&port| probe_tcp(pod, port))
+                                && udp.iter().all(|&port| probe_udp(pod, port))
+                        })
+                        .collect()
+                })?;
+                still.extend(
+                    on_node
+                        .into_iter()
+                        .zip(ready)
+                        .filter(|(_, ok)| !ok)
+                        .map(|(i, _)| i),
+                );
+            }
+            still.sort_unstable();
+            pending = still;
             if pending.is_empty() {
                 return Ok(());
             }
@@ -347,11 +716,12 @@ impl Lab {
     pub fn attach(prefix: &str) -> Result<Lab> {
         validate_prefix(prefix)?;
         let state = LabState::load(prefix)?;
-        if !netns_exists(&state.node_ns) {
-            return Err(LabError::Other(format!(
-                "lab {prefix}: state file exists but namespace {} does not",
-                state.node_ns
-            )));
+        for ns in state.nodes.iter().map(|n| &n.ns) {
+            if !netns_exists(ns) {
+                return Err(LabError::Other(format!(
+                    "lab {prefix}: state file exists but namespace {ns} does not"
+                )));
+            }
         }
         Ok(Lab {
             state,
@@ -379,18 +749,64 @@ impl Lab {
     pub fn state(&self) -> &LabState {
         &self.state
     }
+    /// Node 1's network namespace.
     pub fn node_ns(&self) -> &str {
         &self.state.node_ns
     }
-    /// All pods, backends first.
+    /// Every node, node 1 first (`nodes()[i].index == i + 1`).
+    pub fn nodes(&self) -> &[LabNode] {
+        &self.state.nodes
+    }
+    /// Node `index` (1-based).
+    pub fn node(&self, index: usize) -> Option<&LabNode> {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.state.nodes.get(i))
+            .filter(|n| n.index == index)
+    }
+    fn node_or_err(&self, index: usize) -> Result<&LabNode> {
+        self.node(index).ok_or_else(|| {
+            LabError::Other(format!(
+                "lab {} has no node {index} (it has {})",
+                self.state.prefix,
+                self.state.nodes.len()
+            ))
+        })
+    }
+    /// The fabric's namespace (`<prefix>-fab`, with the bridge `br0`), if the lab has one
+    /// (more than one node, or an external client).
+    pub fn fabric_ns(&self) -> Option<&str> {
+        self.state.fabric_ns.as_deref()
+    }
+    /// The external client (`ext`, 192.168.100.100 on the fabric, node 0, outside every
+    /// node's cgroup), if the lab has one. Use it with the per-pod helpers
+    /// ([`Lab::run_in_pod`], [`Lab::tcp_spread`], ...).
+    pub fn external_client(&self) -> Option<&Pod> {
+        self.state.external.as_ref()
+    }
+    /// All pods of the nodes, backends first (the external client is not among them).
     pub fn pods(&self) -> &[Pod] {
         &self.state.pods
     }
+    /// Every backend (node 1's first).
     pub fn backends(&self) -> &[Pod] {
         &self.state.pods[..self.backend_count()]
     }
+    /// Every client pod (node 1's first; not the external client).
     pub fn clients(&self) -> &[Pod] {
         &self.state.pods[self.backend_count()..]
+    }
+    /// The pods (backends first) on node `index`.
+    pub fn pods_on(&self, index: usize) -> Vec<&Pod> {
+        self.state.pods.iter().filter(|p| p.node == index).collect()
+    }
+    /// The backends on node `index`.
+    pub fn backends_on(&self, index: usize) -> Vec<&Pod> {
+        self.backends().iter().filter(|p| p.node == index).collect()
+    }
+    /// The client pods on node `index`.
+    pub fn clients_on(&self, index: usize) -> Vec<&Pod> {
+        self.clients().iter().filter(|p| p.node == index).collect()
     }
     /// Pods are stored backends first, then clients.
     fn backend_count(&self) -> usize {
@@ -400,9 +816,13 @@ impl Lab {
             .filter(|p| p.role == PodRole::Backend)
             .count()
     }
-    /// A pod by name (`be1`, `cl1`, ...).
+    /// A pod by name (`be1`, `cl1`, ..., `ext` for the external client).
     pub fn pod(&self, name: &str) -> Option<&Pod> {
-        self.state.pods.iter().find(|p| p.name == name)
+        self.state
+            .pods
+            .iter()
+            .chain(self.state.external.iter())
+            .find(|p| p.name == name)
     }
     pub fn tcp_ports(&self) -> &[u16] {
         &self.state.tcp_ports
@@ -410,13 +830,28 @@ impl Lab {
     pub fn udp_ports(&self) -> &[u16] {
         &self.state.udp_ports
     }
-    /// The lab's cgroup v2 directory (all pod processes are in it; attach socket LB here).
+    /// Node 1's cgroup v2 directory (node 1's pods are in it; attach node 1's socket LB
+    /// here). In a one-node lab without an external client, every pod is node 1's.
     pub fn cgroup_dir(&self) -> &Path {
         &self.state.cgroup_dir
     }
-    /// A bpffs mounted for this lab (pin maps here).
+    /// Node 1's bpffs (pin maps here).
     pub fn bpffs_dir(&self) -> &Path {
         &self.state.bpffs_dir
+    }
+    /// The cgroup directory `pod`'s processes are placed in: its node's, or the external
+    /// client's own (which no kpr attaches to).
+    pub fn pod_cgroup_dir(&self, pod: &Pod) -> Result<&Path> {
+        if pod.role == PodRole::External || pod.node == 0 {
+            self.state.external_cgroup_dir.as_deref().ok_or_else(|| {
+                LabError::Other(format!(
+                    "lab {} has no external client ({})",
+                    self.state.prefix, pod.name
+                ))
+            })
+        } else {
+            Ok(&self.node_or_err(pod.node)?.cgroup_dir)
+        }
     }
     /// `/run/kpr-lab/<prefix>`: state file, server logs; put manifests etc. here.
     pub fn work_dir(&self) -> &Path {
@@ -426,23 +861,29 @@ impl Lab {
     pub fn labtool(&self) -> &Path {
         &self.state.labtool
     }
-    /// The pod-side gateway address (owned by the node on `lo`).
+    /// The pod-side gateway address (owned by every node on `lo`).
     pub fn gateway(&self) -> Ipv4Addr {
         GATEWAY
     }
 
-    /// Starts `cmd` in the node's network namespace, NOT in the lab's cgroup (kpr runs
-    /// here). The process is killed when the guard is dropped.
+    /// Starts `cmd` in node 1's network namespace, NOT in a lab cgroup (kpr runs here).
+    /// The process is killed when the guard is dropped.
     pub fn spawn_in_node(&self, cmd: Command) -> Result<ProcessGuard> {
-        let what = format!("{}: {}", self.state.node_ns, describe(&cmd));
-        let placement = Placement::open(Some(&self.state.node_ns), None)?;
+        self.spawn_in_node_n(1, cmd)
+    }
+
+    /// Like [`Lab::spawn_in_node`], in node `index`'s namespace.
+    pub fn spawn_in_node_n(&self, index: usize, cmd: Command) -> Result<ProcessGuard> {
+        let ns = &self.node_or_err(index)?.ns;
+        let what = format!("{ns}: {}", describe(&cmd));
+        let placement = Placement::open(Some(ns), None)?;
         Ok(ProcessGuard::new(spawn_placed(cmd, &placement)?, what))
     }
 
-    /// Starts `cmd` in the pod's network namespace and in the lab's cgroup.
+    /// Starts `cmd` in the pod's network namespace and cgroup ([`Lab::pod_cgroup_dir`]).
     pub fn spawn_in_pod(&self, pod: &Pod, cmd: Command) -> Result<ProcessGuard> {
         let what = format!("{}: {}", pod.ns, describe(&cmd));
-        let placement = Placement::open(Some(&pod.ns), Some(&self.state.cgroup_dir))?;
+        let placement = Placement::open(Some(&pod.ns), Some(self.pod_cgroup_dir(pod)?))?;
         Ok(ProcessGuard::new(spawn_placed(cmd, &placement)?, what))
     }
 
@@ -450,11 +891,11 @@ impl Lab {
     /// killed (with its process group) after `timeout`. A non-zero exit is not an error:
     /// check `status`.
     pub fn run_in_pod(&self, pod: &Pod, cmd: Command, timeout: Duration) -> Result<Output> {
-        let placement = Placement::open(Some(&pod.ns), Some(&self.state.cgroup_dir))?;
+        let placement = Placement::open(Some(&pod.ns), Some(self.pod_cgroup_dir(pod)?))?;
         run_bounded_placed(cmd, None, timeout, Some(&placement))
     }
 
-    /// Runs `cmd` in the node namespace (not in the cgroup) to completion; like
+    /// Runs `cmd` in node 1's namespace (not in a cgroup) to completion; like
     /// [`Lab::run_in_pod`].
     pub fn run_in_node(
         &self,
@@ -462,22 +903,43 @@ impl Lab {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Output> {
-        let placement = Placement::open(Some(&self.state.node_ns), None)?;
+        self.run_in_node_n(1, cmd, stdin, timeout)
+    }
+
+    /// Like [`Lab::run_in_node`], in node `index`'s namespace.
+    pub fn run_in_node_n(
+        &self,
+        index: usize,
+        cmd: Command,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Output> {
+        let placement = Placement::open(Some(&self.node_or_err(index)?.ns), None)?;
         run_bounded_placed(cmd, stdin, timeout, Some(&placement))
     }
 
-    /// Runs `args` (program and arguments, e.g. `["iptables-restore", "--noflush"]`) in the
-    /// node namespace with optional standard input, bounded (10 min). Fails on a non-zero
-    /// exit ([`LabError::Command`] with stderr). The process enters the namespace with
-    /// setns, like `ip netns exec` but without remounting /sys.
+    /// Runs `args` (program and arguments, e.g. `["iptables-restore", "--noflush"]`) in
+    /// node 1's namespace with optional standard input, bounded (10 min). Fails on a
+    /// non-zero exit ([`LabError::Command`] with stderr). The process enters the namespace
+    /// with setns, like `ip netns exec` but without remounting /sys.
     pub fn exec_in_node(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+        self.exec_in_node_n(1, args, stdin)
+    }
+
+    /// Like [`Lab::exec_in_node`], in node `index`'s namespace.
+    pub fn exec_in_node_n(
+        &self,
+        index: usize,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<Output> {
         let (prog, rest) = args
             .split_first()
             .ok_or_else(|| LabError::Other("exec_in_node: empty command".into()))?;
         let mut cmd = Command::new(prog);
         cmd.args(rest);
-        let what = format!("{}: {}", self.state.node_ns, describe(&cmd));
-        check(&what, self.run_in_node(cmd, stdin, EXEC_TIMEOUT)?)
+        let what = format!("{}: {}", self.node_or_err(index)?.ns, describe(&cmd));
+        check(&what, self.run_in_node_n(index, cmd, stdin, EXEC_TIMEOUT)?)
     }
 
     /// Runs `kpr-labtool <args>` in the pod and parses its JSON output.
@@ -623,38 +1085,6 @@ impl Drop for Lab {
     }
 }
 
-fn plan_pods(prefix: &str, backends: usize, clients: usize) -> Result<Vec<Pod>> {
-    if backends + clients == 0 || backends > 200 || clients > 200 {
-        return Err(LabError::Other(format!(
-            "bad pod counts: {backends} backends, {clients} clients"
-        )));
-    }
-    // Backends at .11.., clients at .21.. (or right after the backends if there are more
-    // than ten of them).
-    let client_base = if backends <= 10 { 21 } else { 11 + backends };
-    if client_base + clients > 255 {
-        return Err(LabError::Other("too many pods for one /24".into()));
-    }
-    let mut pods = Vec::new();
-    for (role, n, base, tag) in [
-        (PodRole::Backend, backends, 11, "be"),
-        (PodRole::Client, clients, client_base, "cl"),
-    ] {
-        for i in 0..n {
-            let host = (base + i) as u8;
-            let name = format!("{tag}{}", i + 1);
-            pods.push(Pod {
-                ns: format!("{prefix}-{name}"),
-                name,
-                ip: Ipv4Addr::new(10, 244, NODE_INDEX, host),
-                role,
-                node_dev: format!("vp{host}"),
-            });
-        }
-    }
-    Ok(pods)
-}
-
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
 fn probe_tcp(pod: &Pod, port: u16) -> bool {
@@ -727,19 +1157,108 @@ fn ping(ns: &str, dst: Ipv4Addr) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn spec(f: impl FnOnce(&mut LabSpec)) -> LabSpec {
+        let mut s = LabSpec {
+            prefix: "kl-t-1-0".into(),
+            ..LabSpec::default()
+        };
+        f(&mut s);
+        s
+    }
+
+    fn plan(s: &LabSpec) -> Result<Plan> {
+        plan_lab(&s.prefix, s, Path::new("/run/kpr-lab/kl-t-1-0"))
+    }
+
     #[test]
-    fn plan() {
-        let p = plan_pods("kl-t-1-0", 3, 2).unwrap();
-        assert_eq!(p.len(), 5);
-        assert_eq!(p[0].name, "be1");
-        assert_eq!(p[0].ns, "kl-t-1-0-be1");
-        assert_eq!(p[0].ip, Ipv4Addr::new(10, 244, 1, 11));
-        assert_eq!(p[0].node_dev, "vp11");
-        assert_eq!(p[3].name, "cl1");
-        assert_eq!(p[3].ip, Ipv4Addr::new(10, 244, 1, 21));
-        let p = plan_pods("kl-t-1-0", 12, 1).unwrap();
-        assert_eq!(p[12].ip, Ipv4Addr::new(10, 244, 1, 23));
-        assert!(plan_pods("kl-t-1-0", 0, 0).is_err());
+    fn plan_one_node() {
+        let p = plan(&spec(|s| s.clients = 2)).unwrap();
+        let pods = &p.pods;
+        assert_eq!(pods.len(), 5);
+        assert_eq!(pods[0].name, "be1");
+        assert_eq!(pods[0].ns, "kl-t-1-0-be1");
+        assert_eq!(pods[0].ip, Ipv4Addr::new(10, 244, 1, 11));
+        assert_eq!(pods[0].node_dev, "vp11");
+        assert_eq!(pods[0].node, 1);
+        assert_eq!(pods[3].name, "cl1");
+        assert_eq!(pods[3].ip, Ipv4Addr::new(10, 244, 1, 21));
+        assert_eq!(p.nodes.len(), 1);
+        assert_eq!(p.nodes[0].ns, "kl-t-1-0-node");
+        assert_eq!(p.nodes[0].name, "node1");
+        assert_eq!(
+            p.nodes[0].cgroup_dir,
+            Path::new("/run/kpr-lab/kl-t-1-0/cgroup2/kl-t-1-0")
+        );
+        assert_eq!(
+            p.nodes[0].bpffs_dir,
+            Path::new("/run/kpr-lab/kl-t-1-0/bpffs")
+        );
+        assert!(p.fabric_ns.is_none() && p.external.is_none());
+        let p = plan(&spec(|s| {
+            s.backends = 12;
+            s.clients = 1
+        }))
+        .unwrap();
+        assert_eq!(p.pods[12].ip, Ipv4Addr::new(10, 244, 1, 23));
+        assert!(plan(&spec(|s| {
+            s.backends = 0;
+            s.clients = 0
+        }))
+        .is_err());
+    }
+
+    #[test]
+    fn plan_two_nodes() {
+        let p = plan(&spec(|s| {
+            s.nodes = 2;
+            s.backends_per_node = vec![2, 1];
+            s.clients_per_node = vec![1, 1];
+            s.external_client = true;
+        }))
+        .unwrap();
+        let names: Vec<(&str, Ipv4Addr, usize)> = p
+            .pods
+            .iter()
+            .map(|p| (p.name.as_str(), p.ip, p.node))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("be1", Ipv4Addr::new(10, 244, 1, 11), 1),
+                ("be2", Ipv4Addr::new(10, 244, 1, 12), 1),
+                ("be3", Ipv4Addr::new(10, 244, 2, 11), 2),
+                ("cl1", Ipv4Addr::new(10, 244, 1, 21), 1),
+                ("cl2", Ipv4Addr::new(10, 244, 2, 21), 2),
+            ]
+        );
+        assert_eq!(p.nodes[1].ns, "kl-t-1-0-node2");
+        assert_eq!(p.nodes[1].fabric_ip, Ipv4Addr::new(192, 168, 100, 12));
+        assert_eq!(p.nodes[1].pod_cidr(), "10.244.2.0/24");
+        let cg = Path::new("/run/kpr-lab/kl-t-1-0/cgroup2/kl-t-1-0");
+        assert_eq!(p.nodes[0].cgroup_dir, cg.join("node1"));
+        assert_eq!(p.nodes[1].cgroup_dir, cg.join("node2"));
+        assert_eq!(
+            p.nodes[1].bpffs_dir,
+            Path::new("/run/kpr-lab/kl-t-1-0/bpffs-node2")
+        );
+        assert_eq!(p.fabric_ns.as_deref(), Some("kl-t-1-0-fab"));
+        let ext = p.external.unwrap();
+        assert_eq!(ext.ns, "kl-t-1-0-ext");
+        assert_eq!(ext.ip, EXTERNAL_CLIENT_IP);
+        assert_eq!(ext.node, 0);
+        assert_eq!(p.external_cgroup_dir.as_deref(), Some(&*cg.join("ext")));
+        // Default pod counts: everything on node 1.
+        let p = plan(&spec(|s| s.nodes = 3)).unwrap();
+        assert!(p.pods.iter().all(|p| p.node == 1));
+        assert_eq!(p.nodes.len(), 3);
+        assert!(p.external.is_none());
+        assert!(plan(&spec(|s| {
+            s.nodes = 2;
+            s.backends_per_node = vec![1];
+        }))
+        .is_err());
+        assert!(plan(&spec(|s| s.nodes = 0)).is_err());
+        assert!(plan(&spec(|s| s.nodes = MAX_NODES + 1)).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The kpr lab: a Kubernetes-shaped cluster built from network namespaces on one machine,
 //! plus the traffic tool (`kpr-labtool`) that runs inside its pods.
 //!
-//! Topology (one node, see `shared/design/ARCHITECTURE.md`, "The lab"):
+//! Topology of the default lab (one node, see `shared/design/ARCHITECTURE.md`, "The lab"):
 //!
 //! ```text
 //!   <prefix>-node   lo: 127.0.0.1, 169.254.1.1/32; ip_forward=1, rp_filter=0
@@ -14,6 +14,26 @@
 //! Every pod process joins the lab's cgroup v2 directory (a child of a cgroup2 hierarchy the
 //! lab mounts under `/run/kpr-lab/<prefix>/cgroup2`; never the hierarchy's root), which is
 //! where kpr attaches its socket-LB programs. A fresh bpffs is mounted for kpr's pins.
+//!
+//! A multi-node lab ([`LabSpec::nodes`] ≥ 2) and a lab with an external client
+//! ([`LabSpec::external_client`]) also have a fabric: a bridge in its own namespace that
+//! every node and the external client are plugged into. Node `n` (namespace `<prefix>-node`
+//! for node 1, `<prefix>-node<n>` for the others) has its pods at 10.244.n.x/32 (backends
+//! .11.., clients .21..), `eth0` at 192.168.100.(10+n)/24 and a route to every other node's
+//! pod CIDR via that node; the external client (outside the cluster, in no node's cgroup)
+//! has routes to every pod CIDR via its node:
+//!
+//! ```text
+//!   <prefix>-fab    br0 (no address); ports node1, node2, ..., ext
+//!   <prefix>-node   eth0 192.168.100.11/24; 10.244.2.0/24 via 192.168.100.12, ...
+//!   <prefix>-node2  eth0 192.168.100.12/24; 10.244.1.0/24 via 192.168.100.11, ...
+//!                   vp11 ──veth── eth0 <prefix>-be3  10.244.2.11/32 (names count across nodes)
+//!   <prefix>-ext    eth0 192.168.100.100/24; 10.244.n.0/24 via 192.168.100.(10+n)
+//! ```
+//!
+//! Each node has its own cgroup directory (`<cgroup2>/<prefix>/node<n>`; the external
+//! client's is `<cgroup2>/<prefix>/ext`) and its own bpffs (`<work>/bpffs` for node 1,
+//! `<work>/bpffs-node<n>`), since each node runs its own kpr ([`kpr::Kpr::start_on`]).
 //!
 //! [`Lab`] cleans everything up on drop. [`Lab::persist`] keeps a lab alive beyond the
 //! process (for `cargo xtask lab up`); [`down`]/[`down_all`] tear such labs down from their
@@ -28,7 +48,7 @@ mod state;
 pub mod tool;
 
 pub use error::LabError;
-pub use lab::{Lab, LabSpec, Pod, PodRole};
+pub use lab::{node_fabric_ip, Lab, LabNode, LabSpec, Pod, PodRole, EXTERNAL_CLIENT_IP, MAX_NODES};
 pub use netns::in_netns;
 pub use process::{run_bounded, ProcessGuard};
 pub use state::{cleanup_stale, down, down_all, LabState, PERSISTENT_PREFIX};

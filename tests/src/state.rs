@@ -1,8 +1,11 @@
 //! The lab's state file, teardown by name, persistent labs and stale-lab collection.
 //!
 //! Teardown never trusts recorded pids (they may have been reused): it kills exactly the
-//! processes that are inside one of the lab's network namespaces or in the lab's cgroup, and
-//! finds namespaces, mounts and the cgroup directory by the lab's prefix.
+//! processes that are inside one of the lab's network namespaces or in the lab's cgroup tree
+//! (`<cgroup2>/<prefix>` and, in a lab with a fabric, its per-node and external-client
+//! children), and finds namespaces (`<prefix>-<role>`: nodes, pods, fabric, external client),
+//! mounts (everything below the work directory: cgroup2, every node's bpffs) and the cgroup
+//! tree by the lab's prefix.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,7 +20,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LabError, Result};
-use crate::lab::Pod;
+use crate::lab::{LabNode, Pod};
 use crate::netns::{ip, netns_exists, netns_list};
 use crate::LAB_RUN_DIR;
 
@@ -37,6 +40,7 @@ pub struct LabState {
     pub creator_start: u64,
     /// Persistent lab (survives its creator); only [`down`]/[`down_all`] remove it.
     pub kept: bool,
+    /// Node 1's namespace.
     pub node_ns: String,
     /// Every namespace the lab creates (recorded before creation).
     pub namespaces: Vec<String>,
@@ -48,9 +52,23 @@ pub struct LabState {
     pub pids: Vec<i32>,
     pub work_dir: PathBuf,
     pub cgroup_mount: PathBuf,
+    /// Node 1's cgroup directory.
     pub cgroup_dir: PathBuf,
+    /// Node 1's bpffs.
     pub bpffs_dir: PathBuf,
     pub labtool: PathBuf,
+    /// Every node, node 1 first (node 1 repeats `node_ns`, `cgroup_dir`, `bpffs_dir`).
+    #[serde(default)]
+    pub nodes: Vec<LabNode>,
+    /// The fabric's namespace, if the lab has one.
+    #[serde(default)]
+    pub fabric_ns: Option<String>,
+    /// The external client, if any.
+    #[serde(default)]
+    pub external: Option<Pod>,
+    /// The external client's cgroup directory (no kpr attaches to it).
+    #[serde(default)]
+    pub external_cgroup_dir: Option<PathBuf>,
 }
 
 impl LabState {
@@ -63,8 +81,20 @@ impl LabState {
         let path = Self::path_for(prefix);
         let text = fs::read_to_string(&path)
             .map_err(|e| LabError::io(format!("read {}", path.display()), e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| LabError::Other(format!("parse {}: {e}", path.display())))
+        let mut state: LabState = serde_json::from_str(&text)
+            .map_err(|e| LabError::Other(format!("parse {}: {e}", path.display())))?;
+        if state.nodes.is_empty() {
+            // A state file of a one-node lab written before labs had several nodes.
+            state.nodes.push(LabNode {
+                index: 1,
+                name: "node1".into(),
+                ns: state.node_ns.clone(),
+                fabric_ip: crate::lab::node_fabric_ip(1),
+                cgroup_dir: state.cgroup_dir.clone(),
+                bpffs_dir: state.bpffs_dir.clone(),
+            });
+        }
+        Ok(state)
     }
 
     /// Writes the state file atomically (temp file + rename).
@@ -154,7 +184,28 @@ fn netns_ids(names: &[String]) -> BTreeSet<(u64, u64)> {
         .collect()
 }
 
-/// Pids of processes in any of the given namespaces or in the cgroup directory.
+/// `dir` and every cgroup below it, deepest first.
+fn cgroup_tree(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<(usize, PathBuf)>) {
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                // In cgroupfs, the directories are exactly the child cgroups.
+                if e.file_type().is_ok_and(|t| t.is_dir()) && depth < 16 {
+                    walk(&e.path(), depth + 1, out);
+                }
+            }
+        }
+        out.push((depth, dir.to_path_buf()));
+    }
+    let mut out = Vec::new();
+    if dir.is_dir() {
+        walk(dir, 0, &mut out);
+    }
+    out.sort_by_key(|(d, _)| std::cmp::Reverse(*d));
+    out.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Pids of processes in any of the given namespaces or in the cgroup tree under `cgroup_dir`.
 fn lab_pids(ns_ids: &BTreeSet<(u64, u64)>, cgroup_dir: Option<&Path>) -> BTreeSet<i32> {
     let mut pids = BTreeSet::new();
     let me = std::process::id() as i32;
@@ -175,19 +226,21 @@ fn lab_pids(ns_ids: &BTreeSet<(u64, u64)>, cgroup_dir: Option<&Path>) -> BTreeSe
             }
         }
     }
-    if let Some(dir) = cgroup_dir {
-        if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
-            pids.extend(
-                text.split_whitespace()
-                    .filter_map(|s| s.parse::<i32>().ok())
-                    .filter(|&p| p != me),
-            );
+    if let Some(top) = cgroup_dir {
+        for dir in cgroup_tree(top) {
+            if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+                pids.extend(
+                    text.split_whitespace()
+                        .filter_map(|s| s.parse::<i32>().ok())
+                        .filter(|&p| p != me),
+                );
+            }
         }
     }
     pids
 }
 
-/// Kills (SIGKILL) every process in the lab's namespaces and cgroup and waits (bounded)
+/// Kills (SIGKILL) every process in the lab's namespaces and cgroup tree and waits (bounded)
 /// until they are gone. Zombies of the current process are reaped by their guards.
 fn kill_lab_processes(namespaces: &[String], cgroup_dir: Option<&Path>, errors: &mut Vec<String>) {
     let ids = netns_ids(namespaces);
@@ -205,6 +258,13 @@ fn kill_lab_processes(namespaces: &[String], cgroup_dir: Option<&Path>, errors: 
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// rmdir a cgroup directory and the cgroups below it (deepest first).
+fn remove_cgroup_tree(top: &Path, errors: &mut Vec<String>) {
+    for dir in cgroup_tree(top) {
+        remove_cgroup_dir(&dir, errors);
     }
 }
 
@@ -313,8 +373,8 @@ impl Drop for TempCgroupMount {
     }
 }
 
-/// Tears down everything that belongs to `prefix`: processes in its namespaces and cgroup,
-/// the namespaces, the cgroup directory, the mounts and the work directory. Returns the
+/// Tears down everything that belongs to `prefix`: processes in its namespaces and cgroup
+/// tree, the namespaces, the cgroup tree, the mounts and the work directory. Returns the
 /// errors met (it carries on after each).
 pub(crate) fn teardown(prefix: &str, state: Option<&LabState>) -> Vec<String> {
     let mut errors = Vec::new();
@@ -351,8 +411,22 @@ pub(crate) fn teardown(prefix: &str, state: Option<&LabState>) -> Vec<String> {
 
     kill_lab_processes(&namespaces, cgroup_dir.as_deref(), &mut errors);
 
-    // Pods first, the node last (deleting it removes the node ends of the veths).
-    namespaces.sort_by_key(|n| n.ends_with("-node"));
+    // Pods and the external client first, then the nodes, the fabric last (deleting a
+    // namespace removes the ends of the veths in it).
+    let rank = |n: &String| {
+        let role = n.rsplit('-').next().unwrap_or("");
+        if role == "fab" {
+            2
+        } else if role
+            .strip_prefix("node")
+            .is_some_and(|i| i.chars().all(|c| c.is_ascii_digit()))
+        {
+            1
+        } else {
+            0
+        }
+    };
+    namespaces.sort_by_key(rank);
     for ns in &namespaces {
         // Another process may be collecting the same stale lab: gone is fine.
         if let Err(e) = ip(&["netns", "del", ns]) {
@@ -362,7 +436,7 @@ pub(crate) fn teardown(prefix: &str, state: Option<&LabState>) -> Vec<String> {
         }
     }
     if let Some(dir) = &cgroup_dir {
-        remove_cgroup_dir(dir, &mut errors);
+        remove_cgroup_tree(dir, &mut errors);
     }
     drop(temp);
     for m in mounts_under(&work_dir) {
@@ -565,6 +639,18 @@ mod tests {
         );
         assert_eq!(
             netns_prefix("kl-t-123-4-be1").as_deref(),
+            Some("kl-t-123-4")
+        );
+        assert_eq!(
+            netns_prefix("kl-t-123-4-node2").as_deref(),
+            Some("kl-t-123-4")
+        );
+        assert_eq!(
+            netns_prefix("kl-t-123-4-fab").as_deref(),
+            Some("kl-t-123-4")
+        );
+        assert_eq!(
+            netns_prefix("kl-t-123-4-ext").as_deref(),
             Some("kl-t-123-4")
         );
         assert_eq!(netns_prefix("kl-lab-node"), None);

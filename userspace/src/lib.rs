@@ -10,7 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod nodeaddr;
-mod observers;
+pub mod observers;
 pub mod runner;
 pub mod service_health;
 pub mod source;

@@ -8,6 +8,7 @@ use kpr::ebpf::{EbpfConfig, EbpfDataplane};
 use kpr::health::{serve_health, ProxyHealth};
 use kpr::iptables::{render_kube_proxy_iptables_with_last, KubeProxyIptablesConfig};
 use kpr::metrics::{serve_metrics, Metrics};
+use kpr::observers::NftObserver;
 use kpr::runner::{self, RunnerConfig};
 use kpr::service_health::ServiceHealthServers;
 use kpr::source::manifest::{self, ManifestSource};
@@ -147,6 +148,7 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
                     health.clone(),
                 )),
                 Arc::new(health),
+                Arc::new(NftObserver::new(kpr::nft::DEFAULT_MASQ_MARK)),
             ],
             node_name: node_name(&settings).ok(),
             nodeport_addresses: settings.nodeport_addresses.clone(),

@@ -60,3 +60,43 @@ impl SyncObserver for ProxyHealth {
         self.sync_node(node);
     }
 }
+
+/// Keeps kpr's nftables table in line with the programmed state: the masquerade rule for the tc
+/// programs' mark, and a reject for every frontend without any endpoint (kube-proxy's
+/// "has no endpoints" REJECT), so such traffic is refused rather than left to time out.
+pub struct NftObserver {
+    table: std::sync::Mutex<crate::nft::NftTable>,
+}
+
+impl NftObserver {
+    pub fn new(mark: u32) -> Self {
+        Self {
+            table: std::sync::Mutex::new(crate::nft::NftTable::new(mark)),
+        }
+    }
+}
+
+/// IPv4 frontends with no endpoint at all, as (address, protocol, port).
+pub fn frontends_without_endpoints(
+    state: &crate::model::DesiredState,
+) -> Vec<(std::net::Ipv4Addr, u8, u16)> {
+    state
+        .services
+        .iter()
+        .filter(|(_, s)| s.backends.is_empty() && s.external_backends.is_empty())
+        .filter_map(|(f, _)| match f.ip {
+            std::net::IpAddr::V4(ip) => Some((ip, f.protocol.number(), f.port)),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+impl SyncObserver for NftObserver {
+    fn desired_state(&self, state: &crate::model::DesiredState) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = table.apply(&frontends_without_endpoints(state)) {
+            // The next sync applies the whole set again.
+            tracing::warn!("updating the nftables table: {e}");
+        }
+    }
+}
