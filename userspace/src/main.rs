@@ -172,7 +172,9 @@ fn start_source(
 ) -> anyhow::Result<()> {
     if let Some(dir) = &settings.manifests {
         tracing::info!(dir = %dir.display(), "source: manifest directory");
-        tokio::spawn(ManifestSource::new(dir.clone(), settings.manifest_poll).run(tx));
+        let source = ManifestSource::new(dir.clone(), settings.manifest_poll)
+            .with_node_name(node_name(settings).ok());
+        tokio::spawn(source.run(tx));
         return Ok(());
     }
     let node_name = node_name(settings)?;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -67,6 +67,16 @@ pub enum ManifestError {
 /// Bad files and documents come back in the `Vec` and are left out of the snapshot; only an
 /// unreadable directory is an `Err`.
 pub fn load_dir(dir: &Path) -> Result<(ClusterSnapshot, Vec<ManifestError>), ManifestError> {
+    load_dir_for(dir, None)
+}
+
+/// Like [`load_dir`], and takes this node's `v1/Node` object (by name) from the directory too:
+/// on a single machine it is what tells kpr the node's addresses (for NodePorts). Other
+/// Nodes are ignored.
+pub fn load_dir_for(
+    dir: &Path,
+    node_name: Option<&str>,
+) -> Result<(ClusterSnapshot, Vec<ManifestError>), ManifestError> {
     let files = manifest_files(dir).map_err(|source| ManifestError::ReadDir {
         dir: dir.to_owned(),
         source,
@@ -84,7 +94,7 @@ pub fn load_dir(dir: &Path) -> Result<(ClusterSnapshot, Vec<ManifestError>), Man
             }
         }
         match std::fs::read_to_string(&path) {
-            Ok(text) => load_file(&path, &text, &mut snapshot, &mut errors),
+            Ok(text) => load_file(&path, &text, node_name, &mut snapshot, &mut errors),
             Err(source) => errors.push(ManifestError::ReadFile { path, source }),
         }
     }
@@ -140,6 +150,7 @@ impl Format {
 fn load_file(
     path: &Path,
     text: &str,
+    node_name: Option<&str>,
     snapshot: &mut ClusterSnapshot,
     errors: &mut Vec<ManifestError>,
 ) {
@@ -152,7 +163,7 @@ fn load_file(
         Format::Json => vec![Doc { text, line: 1 }],
     };
     for (index, doc) in docs.iter().enumerate() {
-        if let Err(e) = load_document(path, index, format, doc, snapshot) {
+        if let Err(e) = load_document(path, index, format, doc, node_name, snapshot) {
             errors.push(e);
         }
     }
@@ -163,6 +174,7 @@ fn load_document(
     index: usize,
     format: Format,
     doc: &Doc<'_>,
+    node_name: Option<&str>,
     snapshot: &mut ClusterSnapshot,
 ) -> Result<(), ManifestError> {
     let parse_error = |message: String| ManifestError::Parse {
@@ -199,6 +211,12 @@ fn load_document(
                 });
             }
             snapshot.slices.push(slice);
+        }
+        ("v1", "Node") => {
+            let node: Node = format.parse(doc).map_err(parse_error)?;
+            if node_name.is_some() && node.metadata.name.as_deref() == node_name {
+                snapshot.node = Some(node);
+            }
         }
         _ => {
             return Err(ManifestError::UnknownKind {
@@ -332,6 +350,7 @@ const MIN_POLL: Duration = Duration::from_millis(10);
 pub struct ManifestSource {
     dir: PathBuf,
     poll: Duration,
+    node_name: Option<String>,
 }
 
 impl ManifestSource {
@@ -339,7 +358,14 @@ impl ManifestSource {
         Self {
             dir: dir.into(),
             poll,
+            node_name: None,
         }
+    }
+
+    /// Also deliver this node's `v1/Node` object from the directory, if there is one.
+    pub fn with_node_name(mut self, name: Option<String>) -> Self {
+        self.node_name = name;
+        self
     }
 
     /// Loads the directory, publishes it, then polls for changes until every receiver is gone.
@@ -391,20 +417,24 @@ impl ManifestSource {
             // The fingerprint is taken before loading, so a write racing the load shows up as
             // a change on the next poll instead of being missed.
             let dir = self.dir.clone();
-            let loaded = match tokio::task::spawn_blocking(move || load_dir(&dir)).await {
-                Ok(Ok(loaded)) => loaded,
-                Ok(Err(e)) => {
-                    if !unreadable {
-                        tracing::error!("{}; keeping the last snapshot", error_chain(&e));
-                        unreadable = true;
+            let node_name = self.node_name.clone();
+            let loaded =
+                match tokio::task::spawn_blocking(move || load_dir_for(&dir, node_name.as_deref()))
+                    .await
+                {
+                    Ok(Ok(loaded)) => loaded,
+                    Ok(Err(e)) => {
+                        if !unreadable {
+                            tracing::error!("{}; keeping the last snapshot", error_chain(&e));
+                            unreadable = true;
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!("manifest load failed: {e}");
-                    continue;
-                }
-            };
+                    Err(e) => {
+                        tracing::error!("manifest load failed: {e}");
+                        continue;
+                    }
+                };
             last = Some(fp);
             if !publish(&tx, &self.dir, loaded) {
                 return;
@@ -431,10 +461,11 @@ fn publish(
         dir.display()
     );
     // A touched but unchanged file should not cost the dataplane a sync.
-    let unchanged = tx
-        .borrow()
-        .as_deref()
-        .is_some_and(|old| old.services == snapshot.services && old.slices == snapshot.slices);
+    let unchanged = tx.borrow().as_deref().is_some_and(|old| {
+        old.services == snapshot.services
+            && old.slices == snapshot.slices
+            && old.node == snapshot.node
+    });
     if unchanged {
         return !tx.is_closed();
     }
@@ -780,5 +811,28 @@ endpoints:
             cluster_ips(&*next_snapshot(&mut rx).await),
             vec!["10.96.0.10"]
         );
+    }
+
+    #[test]
+    fn this_nodes_node_object_is_read_and_others_ignored() {
+        let node = |name: &str, ip: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {ip}}}]\n")
+        };
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("nodes.yaml"),
+            [
+                node("node1", "192.168.100.11"),
+                node("node2", "192.168.100.12"),
+            ]
+            .join("---\n"),
+        )
+        .unwrap();
+        let (snap, errors) = load_dir_for(dir.path(), Some("node2")).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let n = snap.node.expect("node2");
+        assert_eq!(n.metadata.name.as_deref(), Some("node2"));
+        let (snap, errors) = load_dir(dir.path()).unwrap();
+        assert!(errors.is_empty() && snap.node.is_none());
     }
 }
