@@ -1033,6 +1033,21 @@ impl Lab {
         )
     }
 
+    /// `kpr-labtool http-get` from `pod`.
+    pub fn http_get(
+        &self,
+        pod: &Pod,
+        target: SocketAddr,
+        path: &str,
+    ) -> Result<crate::tool::HttpGet> {
+        let t = target.to_string();
+        self.labtool_json(
+            pod,
+            &["http-get", "--target", &t, "--path", path],
+            Duration::from_secs(10),
+        )
+    }
+
     /// `kpr-labtool connect-once` from `pod`.
     pub fn connect_once(
         &self,

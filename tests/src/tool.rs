@@ -34,6 +34,9 @@ pub struct TcpSpread {
     /// Answers per backend port (the port the backend's server answered on).
     #[serde(default)]
     pub ports: BTreeMap<String, u64>,
+    /// The client addresses the backends saw.
+    #[serde(default)]
+    pub clients: BTreeMap<String, u64>,
 }
 
 /// Output of `kpr-labtool udp-spread`.
@@ -53,6 +56,9 @@ pub struct UdpSpread {
     /// Answers per backend port.
     #[serde(default)]
     pub ports: BTreeMap<String, u64>,
+    /// The client addresses the backends saw.
+    #[serde(default)]
+    pub clients: BTreeMap<String, u64>,
 }
 
 /// Output of `kpr-labtool bench-connect`.
@@ -139,9 +145,24 @@ fn handle_tcp(mut s: TcpStream, reply: &[u8]) {
     // Answer after the first read: with >= 1 byte of request, or on half-close (0 bytes).
     // n == 0 (the client half-closed without a request) is answered too.
     if let Ok(_n) = s.read(&mut buf) {
-        let _ = s.write_all(reply);
+        let peer = s
+            .peer_addr()
+            .map(|p| p.ip().to_string())
+            .unwrap_or_default();
+        let _ = s.write_all(&answer(reply, &peer));
         let _ = s.shutdown(Shutdown::Write);
     }
+}
+
+/// `NAME PORT CLIENT\n`: the backend, the port it answered on, and the client address it saw
+/// (which tells a test whether the client's source address survived the service path).
+fn answer(prefix: &[u8], client: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(prefix.len() + client.len() + 2);
+    v.extend_from_slice(prefix);
+    v.push(b' ');
+    v.extend_from_slice(client.as_bytes());
+    v.push(b'\n');
+    v
 }
 
 /// Runs the echo servers: each accepted TCP connection gets `NAME\n` after its first read;
@@ -151,7 +172,7 @@ fn handle_tcp(mut s: TcpStream, reply: &[u8]) {
 pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -> io::Result<()> {
     // The answer names the backend and the port that served it, so a test can tell which
     // target port a service port was translated to.
-    let reply = |port: u16| -> Arc<[u8]> { Arc::from(format!("{name} {port}\n").into_bytes()) };
+    let reply = |port: u16| -> Arc<[u8]> { Arc::from(format!("{name} {port}").into_bytes()) };
     let mut listeners = Vec::new();
     for &port in tcp_ports {
         listeners.push((tcp_listener(port)?, reply(port)));
@@ -181,7 +202,7 @@ pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -
             let mut buf = [0u8; 2048];
             loop {
                 if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&reply, from);
+                    let _ = sock.send_to(&answer(&reply, &from.ip().to_string()), from);
                 }
             }
         });
@@ -234,7 +255,18 @@ fn read_answer<R: Read>(s: &mut R) -> io::Result<String> {
 
 /// A server's answer is `NAME PORT`: the backend's name and the port it answered on.
 pub fn split_answer(answer: &str) -> (&str, &str) {
-    answer.split_once(' ').unwrap_or((answer, ""))
+    let (name, port, _) = answer_parts(answer);
+    (name, port)
+}
+
+/// A server's answer `NAME PORT CLIENT` in its parts (missing parts are empty).
+pub fn answer_parts(answer: &str) -> (&str, &str, &str) {
+    let mut it = answer.split(' ');
+    (
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+    )
 }
 
 /// One TCP transaction: connect, send "x", read the name, close (with RST if `rst`).
@@ -268,9 +300,10 @@ pub fn tcp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSprea
     for _ in 0..count {
         match tcp_transaction(target, timeout, false) {
             Ok((answer, peer)) => {
-                let (name, port) = split_answer(&answer);
+                let (name, port, client) = answer_parts(&answer);
                 bump(&mut r.counts, name.to_string());
                 bump(&mut r.ports, port.to_string());
+                bump(&mut r.clients, client.to_string());
                 bump(&mut r.peers, peer.to_string());
             }
             Err(e) => {
@@ -344,10 +377,11 @@ pub fn udp_spread(
         match res {
             Ok((n, from)) => {
                 let answer = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-                let (name, port) = split_answer(&answer);
+                let (name, port, client) = answer_parts(&answer);
                 r.sequence.push(name.to_string());
                 bump(&mut r.counts, name.to_string());
                 bump(&mut r.ports, port.to_string());
+                bump(&mut r.clients, client.to_string());
                 bump(&mut r.sources, from.to_string());
             }
             Err(e) => {
@@ -437,6 +471,49 @@ pub fn bench_connect(
     r.p50_us = percentile(&all, 50.0);
     r.p99_us = percentile(&all, 99.0);
     r
+}
+
+/// Output of `kpr-labtool http-get`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HttpGet {
+    /// The status code; 0 when no response came.
+    pub status: u16,
+    pub body: String,
+    pub error: Option<String>,
+}
+
+/// One HTTP/1.1 GET with `Connection: close`, read to the end.
+pub fn http_get(target: SocketAddr, path: &str, timeout: Duration) -> HttpGet {
+    let res = (|| -> io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&target, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })();
+    match res {
+        Ok(text) => HttpGet {
+            status: text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0),
+            body: text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+            error: None,
+        },
+        Err(e) => HttpGet {
+            error: Some(error_kind(&e)),
+            ..Default::default()
+        },
+    }
 }
 
 /// One connection attempt (connect, send "x", read the name, close).

@@ -77,6 +77,15 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// One HTTP/1.1 GET (for health-check ports).
+    HttpGet {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
 
 fn print<T: serde::Serialize>(v: &T) {
@@ -141,6 +150,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::ConnectOnce { target, timeout_ms } => {
             print(&tool::connect_once(target, ms(timeout_ms)))
         }
+        Cmd::HttpGet {
+            target,
+            path,
+            timeout_ms,
+        } => print(&tool::http_get(target, &path, ms(timeout_ms))),
     }
     Ok(())
 }
