@@ -1838,7 +1838,10 @@ mod tests {
         let np = port_state(&state, tcp("192.168.1.10", 30080));
         assert_eq!(np.external_backends, vec![be("10.0.0.1", 8080)]);
         assert!(np.external_policy_local);
-        assert!(!cip.external_policy_local, "only external frontends carry the policy");
+        assert!(
+            !cip.external_policy_local,
+            "only external frontends carry the policy"
+        );
         // The cluster-wide fallback is independent: a ready endpoint exists elsewhere.
         assert_eq!(np.backends, vec![be("10.0.0.2", 8080)]);
     }
