@@ -369,6 +369,45 @@ pub fn render_kube_proxy_iptables_with_last(
         }
     }
 
+    // NodePorts (externalTrafficPolicy: Cluster): KUBE-NODEPORTS matches the port only (the
+    // jump to it already required a local destination), then KUBE-EXT masquerades and hands
+    // over to the Service's KUBE-SVC chain. A NodePort is one rule whatever the number of node
+    // addresses, so frontends are de-duplicated by (service port, protocol, node port).
+    // (externalTrafficPolicy: Local's KUBE-SVL chains and NodePorts without endpoints are not
+    // rendered yet.)
+    let with_svc_chain: std::collections::BTreeSet<String> = services
+        .iter()
+        .filter(|(_, _, b)| !b.is_empty())
+        .map(|(fe, sps, _)| service_chain_name(&sps.name.to_string(), fe.protocol.as_lower()))
+        .collect();
+    let mut nodeports: Vec<(String, &'static str, u16)> = state
+        .services
+        .iter()
+        .filter(|(fe, sps)| {
+            matches!(fe.ip, IpAddr::V4(_))
+                && sps.kind == FrontendKind::NodePort
+                && !sps.external_policy_local
+        })
+        .map(|(fe, sps)| (sps.name.to_string(), fe.protocol.as_lower(), fe.port))
+        .collect();
+    nodeports.sort();
+    nodeports.dedup();
+    for (name, protocol, port) in &nodeports {
+        let svc_chain = service_chain_name(name, protocol);
+        if !with_svc_chain.contains(&svc_chain) {
+            continue;
+        }
+        let ext_chain = format!("KUBE-EXT-{}", &svc_chain["KUBE-SVC-".len()..]);
+        nat_chains.chain(&ext_chain);
+        nat_rules.line(format_args!(
+            "-A {KUBE_NODEPORTS} -m comment --comment {name} -m {protocol} -p {protocol} --dport {port} -j {ext_chain}"
+        ));
+        nat_rules.line(format_args!(
+            "-A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j {KUBE_MARK_MASQ}"
+        ));
+        nat_rules.line(format_args!("-A {ext_chain} -j {svc_chain}"));
+    }
+
     // Tail call to the nodeports chain (nodeport addresses "all", IPv4, localhost nodeports on).
     nat_rules.line(format_args!(
         "-A {KUBE_SERVICES} -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}"
@@ -688,7 +727,7 @@ mod tests {
     fn non_cluster_ip_frontends_are_skipped() {
         let mut state = basic_state();
         for (i, kind) in [
-            FrontendKind::NodePort,
+            // NodePorts are rendered (see nodeports_jump_through_kube_ext_to_the_service_chain).
             FrontendKind::ExternalIp,
             FrontendKind::LoadBalancer,
         ]
@@ -710,6 +749,50 @@ mod tests {
             render_kube_proxy_iptables_with_last(&state, &basic_cfg(), Some(&last)),
             render_kube_proxy_iptables(&basic_state(), &basic_cfg())
         );
+    }
+
+    #[test]
+    fn nodeports_jump_through_kube_ext_to_the_service_chain() {
+        let mut state = basic_state();
+        let (cip, sps) = state
+            .services
+            .iter()
+            .find(|(_, s)| !s.backends.is_empty())
+            .map(|(f, s)| (*f, s.clone()))
+            .unwrap();
+        for node_ip in ["192.168.1.10", "192.168.1.11"] {
+            let mut np = sps.clone();
+            np.kind = FrontendKind::NodePort;
+            state.services.insert(
+                Frontend {
+                    ip: v4(node_ip),
+                    port: 30080,
+                    protocol: cip.protocol,
+                },
+                np,
+            );
+        }
+        let out = render_kube_proxy_iptables(&state, &basic_cfg());
+        let name = sps.name.to_string();
+        let svc = service_chain_name(&name, "tcp");
+        let ext = format!("KUBE-EXT-{}", &svc[9..]);
+        let np_rules: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS"))
+            .collect();
+        assert_eq!(
+            np_rules.len(),
+            1,
+            "one rule per NodePort, not per address: {np_rules:?}"
+        );
+        assert!(
+            np_rules[0].ends_with(&format!("--dport 30080 -j {ext}")),
+            "{}",
+            np_rules[0]
+        );
+        assert!(out.contains(&format!(":{ext} - [0:0]")));
+        assert!(out.contains(&format!("-A {ext} -j {svc}")));
+        assert!(out.contains(&format!("-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ")));
     }
 
     #[test]
