@@ -35,7 +35,8 @@ fn main() -> ExitCode {
             manifests,
             cluster_cidr,
             last,
-        } => render_iptables(&manifests, cluster_cidr, last.as_deref()),
+            node,
+        } => render_iptables(&manifests, cluster_cidr, last.as_deref(), node.as_deref()),
         Action::Cleanup { bpf_pin_dir } => cleanup(&bpf_pin_dir),
         Action::InitOnly(_) => {
             tracing::info!("--init-only: configuration is valid; kpr has no separate init step");
@@ -70,12 +71,17 @@ fn render_iptables(
     dir: &std::path::Path,
     cluster_cidr: Option<String>,
     last: Option<&str>,
+    node: Option<&str>,
 ) -> anyhow::Result<()> {
-    let (snapshot, errors) = manifest::load_dir(dir)?;
+    let (snapshot, errors) = manifest::load_dir_for(dir, node)?;
     for e in &errors {
         tracing::warn!("skipped: {e}");
     }
-    let (state, _) = kpr::model::build(&snapshot.services, &snapshot.slices);
+    let context = kpr::model::NodeContext {
+        node_name: node.map(str::to_owned),
+        node_ips: kpr::nodeaddr::nodeport_ips(snapshot.node.as_ref(), &[]),
+    };
+    let (state, _) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &context);
     let last = match last {
         Some(name) => Some(
             state

@@ -47,6 +47,9 @@ pub enum CliCommand {
         /// Place this Service's ("namespace/name") rules last in KUBE-SERVICES (worst case).
         #[arg(long)]
         last: Option<String>,
+        /// Render NodePorts for this node, whose v1/Node object is in the manifest directory.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Remove what kpr created on this node: its nftables table (`table ip kpr`, in this
     /// network namespace) and its pinned maps (the `KPR_*` pins under --bpf-pin-dir, then the

@@ -338,6 +338,7 @@ pub enum Action {
         manifests: PathBuf,
         cluster_cidr: Option<String>,
         last: Option<String>,
+        node: Option<String>,
     },
     /// `kpr cleanup`: remove kpr's nftables table and the `KPR_*` pins under `bpf_pin_dir`.
     Cleanup { bpf_pin_dir: PathBuf },
@@ -390,12 +391,14 @@ where
             manifests,
             cluster_cidr,
             last,
+            node,
         }) => {
             return Ok(Resolved {
                 action: Action::RenderIptables {
                     manifests,
                     cluster_cidr,
                     last,
+                    node,
                 },
                 warnings,
                 verbosity: cli.run.verbosity.unwrap_or(0),

@@ -297,7 +297,9 @@ fn render_iptables_subcommand() {
             manifests,
             cluster_cidr,
             last,
+            node,
         } => {
+            assert_eq!(node, None);
             assert_eq!(manifests, PathBuf::from("/m"));
             assert_eq!(cluster_cidr.as_deref(), Some("10.0.0.0/8"));
             assert_eq!(last.as_deref(), Some("default/x"));
