@@ -1,4 +1,6 @@
-//! kpr's kernel programs: socket-level service load balancing ("socket LB").
+//! kpr's kernel programs: socket-level service load balancing ("socket LB", this file) and
+//! north-south load balancing in tc programs on the node's external devices (`tc`, with
+//! `conntrack` and `packet`). The maps, shared by both, are defined here.
 //!
 //! The cgroup v2 sock_addr hooks run when a process in the cgroup calls connect(), sendmsg(),
 //! recvmsg() or getpeername() on an IPv4 socket. A connect or send to a service frontend
@@ -12,6 +14,10 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod packet;
+mod tc;
+
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
@@ -19,14 +25,15 @@ use aya_ebpf::{
         bpf_set_retval,
     },
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
     EbpfContext,
 };
 use kpr_common::{
-    Affinity4Key, Affinity4Value, Backend4Value, Counter, Service4Key, Service4Value, SockFwd4Key,
-    SockFwd4Value, SockRevNat4Key, SockRevNat4Value, AFFINITY_MAP_MAX, AFFINITY_SCAN_MAX,
-    BACKENDS_MAP_MAX, COUNTER_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX,
+    Affinity4Key, Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Ct4Key, Ct4Value,
+    Service4Key, Service4Value, SockFwd4Key, SockFwd4Value, SockRevNat4Key, SockRevNat4Value,
+    SrcRange4Key, AFFINITY_MAP_MAX, AFFINITY_SCAN_MAX, BACKENDS_MAP_MAX, COUNTER_MAX, CT_MAP_MAX,
+    IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX, SRC_RANGE_MAP_MAX,
     SVC_FLAG_AFFINITY,
 };
 
@@ -53,6 +60,21 @@ static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(A
 
 #[map(name = "KPR_CNT_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
+
+// North-south conntrack (tc programs), two entries per flow. LRU: ended flows are evicted, not
+// deleted; the agent purges the entries of backends that left. The agent sizes it at load time.
+#[map(name = "KPR_CT4_V1")]
+static CONNTRACK: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(CT_MAP_MAX, 0);
+
+// Session affinity of clients outside the node, keyed by client address (tc programs). LRU as
+// AFFINITY.
+#[map(name = "KPR_AFFX4_V1")]
+static AFFINITY_EXT: LruHashMap<AffinityExt4Key, Affinity4Value> =
+    LruHashMap::pinned(AFFINITY_MAP_MAX, 0);
+
+// loadBalancerSourceRanges: (frontend rev-NAT id, client prefix) → allowed.
+#[map(name = "KPR_LBSRC4_V1")]
+static SRC_RANGES: LpmTrie<SrcRange4Key, u8> = LpmTrie::pinned(SRC_RANGE_MAP_MAX, 0);
 
 /// sock_addr programs allow the call with 1 and refuse it with 0.
 const SYS_PROCEED: i32 = 1;
@@ -246,12 +268,18 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
     Ok(Some(()))
 }
 
-/// The slot of `frontend` that holds `backend_id`: `hint` if it still does, else the first of
-/// up to AFFINITY_SCAN_MAX slots that does. None when the backend left the service.
+/// The slot of `frontend` (in its scope) that holds `backend_id`: `hint` if it still does, else
+/// the first of up to AFFINITY_SCAN_MAX slots that does. None when the backend left the service.
 #[inline(always)]
 fn backend_slot(frontend: &Service4Key, count: u16, hint: u16, backend_id: u32) -> Option<u16> {
     let holds = |slot: u16| {
-        let key = Service4Key::new(frontend.address_be, frontend.port_be, frontend.proto, slot);
+        let key = Service4Key::scoped(
+            frontend.address_be,
+            frontend.port_be,
+            frontend.proto,
+            frontend.scope,
+            slot,
+        );
         // SAFETY: values are plain data, read at once.
         matches!(unsafe { SERVICES.get(&key) }, Some(v) if v.backend_id == backend_id)
     };

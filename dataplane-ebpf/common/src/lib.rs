@@ -28,6 +28,18 @@ pub const AFFINITY_MAP: &str = "KPR_AFF4_V1";
 pub const AFFINITY_MAP_MAX: u32 = 262_144;
 /// Per-CPU datapath counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "KPR_CNT_V1";
+/// North-south connection tracking (tc programs): [`Ct4Key`] → [`Ct4Value`], LRU.
+pub const CT_MAP: &str = "KPR_CT4_V1";
+/// Default size of [`CT_MAP`]; the agent overrides it at load time (`map_max_entries`). Each
+/// connection takes two entries (forward and reverse).
+pub const CT_MAP_MAX: u32 = 262_144;
+/// Session affinity for traffic from outside the node (tc programs): [`AffinityExt4Key`] →
+/// [`Affinity4Value`], LRU.
+pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V1";
+/// loadBalancerSourceRanges: LPM trie keyed by `bpf_lpm_trie_key` { prefixlen, [`SrcRange4Key`] }
+/// → `u8` (unused, 1).
+pub const SRC_RANGE_MAP: &str = "KPR_LBSRC4_V1";
+pub const SRC_RANGE_MAP_MAX: u32 = 65_536;
 
 /// Default capacities. The agent may override them at load time.
 pub const SERVICES_MAP_MAX: u32 = 262_144;
@@ -117,6 +129,19 @@ pub struct Service4Value {
 pub const SVC_FLAG_NONE: u8 = 0;
 /// `sessionAffinity: ClientIP`; slot 0's `backend_id` is the timeout in seconds.
 pub const SVC_FLAG_AFFINITY: u8 = 1 << 0;
+/// External scope only: `externalTrafficPolicy: Local`. The tc program keeps the client's source
+/// address (no masquerade mark) and drops traffic when the node has no local endpoint
+/// (`count == 0`), as kube-proxy does ("no local endpoints").
+pub const SVC_FLAG_EXT_LOCAL: u8 = 1 << 1;
+/// External scope only: `loadBalancerSourceRanges` apply to this frontend; clients not matched
+/// by [`SRC_RANGE_MAP`] under the frontend's `rev_nat_id` are dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u8 = 1 << 2;
+
+/// `skb->mark` bit the tc ingress program sets on north-south traffic that must be
+/// masqueraded (`externalTrafficPolicy: Cluster`): kpr's nftables table masquerades packets
+/// carrying it in postrouting. It is the bit kube-proxy uses for KUBE-MARK-MASQ
+/// (`--iptables-masquerade-bit` 14), so a node's other netfilter users already leave it alone.
+pub const KPR_MASQ_MARK: u32 = 0x4000;
 
 /// How many backend slots the datapath scans to check that an affinity's backend is still in the
 /// service when it is no longer in its recorded slot. Beyond this, affinity is re-chosen.
@@ -242,13 +267,38 @@ pub enum Counter {
     StickyReused = 7,
     /// A new connection went to the client's affinity backend.
     AffinityReused = 8,
+    /// tc ingress: an external frontend with `externalTrafficPolicy: Local` and no endpoint on
+    /// this node was hit; the packet was dropped (kube-proxy drops it too).
+    DropNoLocalBackend = 9,
+    /// tc ingress: a client outside the frontend's `loadBalancerSourceRanges`; dropped.
+    DropSourceRange = 10,
+    /// tc ingress: the conntrack entries of a new flow could not be written; dropped rather than
+    /// sent on with no way to translate the replies.
+    CtCreateFailed = 11,
+    /// tc ingress: a packet to an external frontend was translated (DNAT) to a backend.
+    TcTranslated = 12,
+    /// tc egress: a reply was translated back (SNAT) to its frontend.
+    TcRevTranslated = 13,
+    /// tc ingress: a packet of a known flow kept its backend.
+    TcCtReused = 14,
+    /// tc ingress: a non-first IPv4 fragment (no L4 header) passed untouched.
+    TcFragment = 15,
+    /// tc ingress: an external frontend with no endpoints at all (`externalTrafficPolicy:
+    /// Cluster`) was hit; the packet was passed to the stack, which refuses it.
+    TcNoBackendPassed = 16,
+    /// tc ingress: a TCP packet that is not a SYN and has no conntrack entry; passed untouched
+    /// (only a SYN starts a flow, see the tc program).
+    TcCtMissNotSyn = 17,
+    /// tc ingress/egress: rewriting the packet (store or checksum helper) failed; dropped.
+    DropRewrite = 18,
 }
 
-/// Number of counters; size of [`COUNTERS_MAP`].
-pub const COUNTER_MAX: u32 = 16;
+/// Number of counters; size of [`COUNTERS_MAP`]. (Was 16 before the tc counters: a pin left by
+/// an older agent is smaller, and the agent re-creates it, see userspace `ebpf`.)
+pub const COUNTER_MAX: u32 = 32;
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 19] = [
         Counter::Translated,
         Counter::DropNoBackend,
         Counter::DropBackendMissing,
@@ -258,6 +308,16 @@ impl Counter {
         Counter::RevNatStale,
         Counter::StickyReused,
         Counter::AffinityReused,
+        Counter::DropNoLocalBackend,
+        Counter::DropSourceRange,
+        Counter::CtCreateFailed,
+        Counter::TcTranslated,
+        Counter::TcRevTranslated,
+        Counter::TcCtReused,
+        Counter::TcFragment,
+        Counter::TcNoBackendPassed,
+        Counter::TcCtMissNotSyn,
+        Counter::DropRewrite,
     ];
 
     /// Name used in logs and metrics.
@@ -272,8 +332,94 @@ impl Counter {
             Counter::RevNatStale => "revnat_stale",
             Counter::StickyReused => "sticky_reused",
             Counter::AffinityReused => "affinity_reused",
+            Counter::DropNoLocalBackend => "drop_no_local_backend",
+            Counter::DropSourceRange => "drop_source_range",
+            Counter::CtCreateFailed => "ct_create_failed",
+            Counter::TcTranslated => "tc_translated",
+            Counter::TcRevTranslated => "tc_rev_translated",
+            Counter::TcCtReused => "tc_ct_reused",
+            Counter::TcFragment => "tc_fragment",
+            Counter::TcNoBackendPassed => "tc_no_backend_passed",
+            Counter::TcCtMissNotSyn => "tc_ct_miss_not_syn",
+            Counter::DropRewrite => "drop_rewrite",
         }
     }
+}
+
+/// Key of the conntrack map ([`CT_MAP`]): one direction of a north-south flow.
+///
+/// Forward entries ([`CT_DIR_FORWARD`]) are keyed by the packet as the client sends it
+/// (client → frontend); reverse entries ([`CT_DIR_REVERSE`]) by the reply as the backend sends
+/// it (backend → client). All fields in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REVERSE`].
+    pub dir: u8,
+    pub pad: [u8; 2],
+}
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REVERSE: u8 = 1;
+
+/// Value of the conntrack map.
+///
+/// Forward entry: `address_be`/`port_be` are the backend's (the DNAT target); reverse entry:
+/// the frontend's (the SNAT source of replies). Both carry the backend id so the agent can
+/// purge the entries of a backend that left (`purge_conntrack`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Value {
+    /// bpf_ktime_get_ns() when the flow was created or last refreshed (refreshed at most about
+    /// once a second, to keep writes off the per-packet path).
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub address_be: u32,
+    pub port_be: u16,
+    /// Forward entry: the service slot the backend was in (checked first on reuse).
+    pub slot: u16,
+    /// [`CT_FLAG_*`](CT_FLAG_MASQ) bits.
+    pub flags: u8,
+    pub pad: [u8; 7],
+}
+
+/// The flow is masqueraded (externalTrafficPolicy: Cluster): its packets get [`KPR_MASQ_MARK`].
+pub const CT_FLAG_MASQ: u8 = 1 << 0;
+
+/// Key of the external session-affinity map ([`AFFINITY_EXT_MAP`]): a client address and a
+/// frontend. Traffic from outside the node has a real client address (unlike the socket path,
+/// which keys by network namespace), which is what kube-proxy's ClientIP affinity keys by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityExt4Key {
+    /// Client IPv4 address, network byte order.
+    pub client_address_be: u32,
+    pub rev_nat_id: u32,
+}
+
+/// Data of the loadBalancerSourceRanges LPM trie key (after the kernel's 32-bit `prefixlen`).
+///
+/// The trie matches bits from the first byte on, so the frontend comes first and is always
+/// matched in full: `prefixlen = 32 + CIDR prefix length`. `rev_nat_id` is in host byte order
+/// (matched whole, its byte order does not matter); the address is in network byte order, so
+/// its prefix bits come first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SrcRange4Key {
+    pub rev_nat_id: u32,
+    /// Client network IPv4 address, network byte order.
+    pub address_be: u32,
+}
+
+/// `prefixlen` of a [`SrcRange4Key`] for a CIDR of `prefix` bits.
+pub const fn src_range_prefixlen(prefix: u8) -> u32 {
+    32 + prefix as u32
 }
 
 // The kernel and userspace must agree on these sizes; a change here is a layout change and
@@ -287,7 +433,19 @@ const _: () = assert!(core::mem::size_of::<SockFwd4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<SockFwd4Value>() == 8);
 const _: () = assert!(core::mem::size_of::<Affinity4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<Affinity4Value>() == 16);
+const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
+const _: () = assert!(core::mem::size_of::<AffinityExt4Key>() == 8);
+const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 8);
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
+// Every counter's index is its position in ALL: the agent reads them in that order.
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 #[cfg(feature = "user")]
 mod user {
@@ -303,4 +461,8 @@ mod user {
     unsafe impl aya::Pod for SockFwd4Value {}
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Value {}
+    unsafe impl aya::Pod for AffinityExt4Key {}
+    unsafe impl aya::Pod for SrcRange4Key {}
 }

@@ -4,10 +4,15 @@
 //! pinned maps; tests drive a fake that checks the datapath's invariant after every single
 //! write and can inject failures (see `sync.rs`). The same syncer code runs against both.
 
+use std::collections::BTreeSet;
 use std::io;
+use std::net::Ipv4Addr;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError};
-use kpr_common::{Backend4Value, Service4Key, Service4Value};
+use kpr_common::{
+    src_range_prefixlen, Backend4Value, Service4Key, Service4Value, SrcRange4Key, SRC_RANGE_MAP,
+};
 
 /// A failed map operation, naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +35,104 @@ pub trait LbMaps {
     fn put_service(&mut self, key: &Service4Key, value: &Service4Value) -> Result<(), MapOpError>;
     /// Deleting an absent entry is not an error.
     fn delete_service(&mut self, key: &Service4Key) -> Result<(), MapOpError>;
+
+    /// Replaces the loadBalancerSourceRanges of the external frontend `rev_nat_id` (empty: none
+    /// left). The tc program only consults them for a frontend whose slot 0 has
+    /// `SVC_FLAG_SOURCE_RANGES`, so write them before setting that flag and delete them after
+    /// clearing it (or after deleting slot 0); otherwise allowed clients are dropped meanwhile.
+    /// The default does nothing (maps without the LPM trie, test fakes).
+    fn put_source_ranges(
+        &mut self,
+        rev_nat_id: u32,
+        ranges: &[(Ipv4Addr, u8)],
+    ) -> Result<(), MapOpError> {
+        let _ = (rev_nat_id, ranges);
+        Ok(())
+    }
+
+    /// Every source-range entry: (rev_nat_id, network, prefix length), for restoring state.
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapOpError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The real maps, as loaded (and pinned) by [`super::EbpfDataplane`].
 pub struct AyaLbMaps {
     pub(super) services: HashMap<MapData, Service4Key, Service4Value>,
     pub(super) backends: HashMap<MapData, u32, Backend4Value>,
+    pub(super) src_ranges: SrcRangeMap,
+}
+
+/// The loadBalancerSourceRanges LPM trie (`KPR_LBSRC4_V1`).
+pub struct SrcRangeMap {
+    pub(super) map: LpmTrie<MapData, SrcRange4Key, u8>,
+}
+
+impl SrcRangeMap {
+    /// (rev_nat_id, network, prefix length) of every entry.
+    pub fn dump(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapOpError> {
+        let mut out = Vec::new();
+        for key in self.map.keys() {
+            let key = key.map_err(|e| op_error("dump", SRC_RANGE_MAP, e))?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
+            out.push((
+                data.rev_nat_id,
+                Ipv4Addr::from(u32::from_be(data.address_be)),
+                prefix,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Makes the entries of `rev_nat_id` exactly `ranges` (host bits are cleared: a range is
+    /// a network). Adds before it deletes, so a client allowed before and after never sees a
+    /// gap.
+    pub fn set(&mut self, rev_nat_id: u32, ranges: &[(Ipv4Addr, u8)]) -> Result<(), MapOpError> {
+        let want: BTreeSet<(Ipv4Addr, u8)> = ranges
+            .iter()
+            .map(|(ip, prefix)| {
+                let prefix = (*prefix).min(32);
+                (mask(*ip, prefix), prefix)
+            })
+            .collect();
+        let have: BTreeSet<(Ipv4Addr, u8)> = self
+            .dump()?
+            .into_iter()
+            .filter(|(id, _, _)| *id == rev_nat_id)
+            .map(|(_, ip, prefix)| (ip, prefix))
+            .collect();
+        for (ip, prefix) in want.difference(&have) {
+            self.map
+                .insert(&lpm_key(rev_nat_id, *ip, *prefix), 1, 0)
+                .map_err(|e| op_error("update", SRC_RANGE_MAP, e))?;
+        }
+        for (ip, prefix) in have.difference(&want) {
+            absent_ok(self.map.remove(&lpm_key(rev_nat_id, *ip, *prefix)))
+                .map_err(|e| op_error("delete", SRC_RANGE_MAP, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn mask(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    let bits = u32::from(ip);
+    let m = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    };
+    Ipv4Addr::from(bits & m)
+}
+
+fn lpm_key(rev_nat_id: u32, ip: Ipv4Addr, prefix: u8) -> LpmKey<SrcRange4Key> {
+    LpmKey::new(
+        src_range_prefixlen(prefix),
+        SrcRange4Key {
+            rev_nat_id,
+            address_be: u32::from_ne_bytes(ip.octets()),
+        },
+    )
 }
 
 fn op_error(op: &'static str, map: &'static str, e: MapError) -> MapOpError {
@@ -90,5 +187,43 @@ impl LbMaps for AyaLbMaps {
     fn delete_service(&mut self, key: &Service4Key) -> Result<(), MapOpError> {
         absent_ok(self.services.remove(key))
             .map_err(|e| op_error("delete", kpr_common::SERVICES_MAP, e))
+    }
+
+    fn put_source_ranges(
+        &mut self,
+        rev_nat_id: u32,
+        ranges: &[(Ipv4Addr, u8)],
+    ) -> Result<(), MapOpError> {
+        self.src_ranges.set(rev_nat_id, ranges)
+    }
+
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapOpError> {
+        self.src_ranges.dump()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_range_keys_are_networks_matched_after_the_frontend() {
+        assert_eq!(
+            mask(Ipv4Addr::new(203, 0, 113, 77), 24),
+            Ipv4Addr::new(203, 0, 113, 0)
+        );
+        assert_eq!(
+            mask(Ipv4Addr::new(203, 0, 113, 77), 0),
+            Ipv4Addr::UNSPECIFIED
+        );
+        assert_eq!(
+            mask(Ipv4Addr::new(203, 0, 113, 77), 32),
+            Ipv4Addr::new(203, 0, 113, 77)
+        );
+        let k = lpm_key(7, Ipv4Addr::new(203, 0, 113, 0), 24);
+        assert_eq!(k.prefix_len(), 56);
+        // The address is in network byte order: its first octet is the first byte matched.
+        assert_eq!(k.data().address_be.to_ne_bytes(), [203, 0, 113, 0]);
+        assert_eq!(k.data().rev_nat_id, 7);
     }
 }

@@ -1,19 +1,28 @@
 //! The eBPF dataplane: loads kpr's kernel programs, pins their maps, attaches the socket-LB
-//! programs to a cgroup v2 directory, and keeps the maps in sync with the model.
+//! programs to a cgroup v2 directory and the north-south programs to the node's external
+//! devices (see [`tc`]), and keeps the maps in sync with the model.
 
 pub mod maps;
 pub mod sync;
+pub mod tc;
 
+use std::collections::HashSet;
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, PerCpuArray};
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
-use kpr_common::{Counter, BACKENDS_MAP, COUNTERS_MAP, SERVICES_MAP};
+use kpr_common::{
+    Counter, Ct4Key, Ct4Value, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_MAP_MAX,
+    SERVICES_MAP, SRC_RANGE_MAP,
+};
 
-use self::maps::AyaLbMaps;
+use self::maps::{AyaLbMaps, LbMaps, MapOpError, SrcRangeMap};
 use self::sync::{LbSyncer, SyncError, SyncStats};
+use self::tc::TcLinks;
 use crate::model::DesiredState;
 
 /// The kernel object built by build.rs (aya-build) from dataplane-ebpf.
@@ -42,6 +51,8 @@ pub enum EbpfError {
     Program(&'static str, aya::programs::ProgramError),
     #[error("map {0}: {1}")]
     Map(&'static str, String),
+    #[error("device {0}: {1}")]
+    Device(String, String),
     #[error(transparent)]
     Sync(#[from] SyncError),
 }
@@ -58,17 +69,51 @@ pub struct EbpfConfig {
     pub allow_cgroup_root: bool,
 }
 
+/// The north-south (tc) part of the dataplane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcConfig {
+    /// Devices to attach the tc programs to (ingress and egress), in the calling thread's
+    /// network namespace. Empty: none (the programs are still loaded and verified). The agent
+    /// passes `--devices`, or [`tc::default_devices`] when that is empty.
+    pub devices: Vec<String>,
+    /// Capacity of the conntrack map (two entries per flow). A map already pinned keeps its
+    /// size (and its flows); remove the pin to resize.
+    pub ct_max: u32,
+}
+
+impl Default for TcConfig {
+    fn default() -> Self {
+        Self {
+            devices: Vec::new(),
+            ct_max: CT_MAP_MAX,
+        }
+    }
+}
+
 /// Loaded programs and the syncer for their maps. Dropping it detaches the programs; the
-/// pinned maps stay, so a restarted agent resumes with the same ids.
+/// pinned maps stay, so a restarted agent resumes with the same ids (and flows).
 pub struct EbpfDataplane {
-    // Keeps programs and their links alive.
-    _ebpf: Ebpf,
+    // Detach before the programs go (field order is drop order).
+    tc_links: TcLinks,
+    // Keeps programs and the cgroup links alive.
+    ebpf: Ebpf,
     syncer: LbSyncer<AyaLbMaps>,
-    counters: PerCpuArray<aya::maps::MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
+    ct_max: u32,
+    /// A second handle on the source-range trie (the syncer's maps hold the other).
+    src_ranges: SrcRangeMap,
 }
 
 impl EbpfDataplane {
+    /// Loads everything with no tc devices (see [`EbpfDataplane::load_with`]).
     pub fn load(cfg: &EbpfConfig) -> Result<Self, EbpfError> {
+        Self::load_with(cfg, &TcConfig::default())
+    }
+
+    /// Loads the programs, attaches the socket programs to `cfg.cgroup` and the tc programs to
+    /// `tc.devices`, and restores the syncer's state from the pinned maps.
+    pub fn load_with(cfg: &EbpfConfig, tc: &TcConfig) -> Result<Self, EbpfError> {
         check_fs(
             &cfg.pin_dir,
             BPF_FS_MAGIC,
@@ -90,8 +135,10 @@ impl EbpfDataplane {
         let cgroup = File::open(&cfg.cgroup)
             .map_err(|e| EbpfError::Cgroup(cfg.cgroup.clone(), e.to_string()))?;
 
+        prepare_pins(&cfg.pin_dir, tc.ct_max)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
+            .map_max_entries(CT_MAP, tc.ct_max)
             .load(KERNEL_OBJECT)?;
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -107,18 +154,142 @@ impl EbpfDataplane {
                 .map_err(|e| EbpfError::Program(name, e))?;
         }
 
+        // Loaded (verified) even without devices, so a verifier rejection shows at start.
+        tc::load_programs(&mut ebpf)?;
+        let tc_links = tc::attach(&mut ebpf, &tc.devices)?;
+
         let services = HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?)
             .map_err(|e| EbpfError::Map(SERVICES_MAP, e.to_string()))?;
         let backends = HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?)
             .map_err(|e| EbpfError::Map(BACKENDS_MAP, e.to_string()))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
             .map_err(|e| EbpfError::Map(COUNTERS_MAP, e.to_string()))?;
-        let syncer = LbSyncer::restore(AyaLbMaps { services, backends })?;
+        let conntrack = HashMap::try_from(take_map(&mut ebpf, CT_MAP)?)
+            .map_err(|e| EbpfError::Map(CT_MAP, e.to_string()))?;
+        let ct_max = MapInfo::from_pin(cfg.pin_dir.join(CT_MAP))
+            .map(|i| i.max_entries())
+            .unwrap_or(tc.ct_max);
+        let src_ranges = SrcRangeMap {
+            map: LpmTrie::try_from(take_map(&mut ebpf, SRC_RANGE_MAP)?)
+                .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))?,
+        };
+        // The same trie again, for set_source_ranges (aya's map handles are not shareable).
+        let src_ranges_again = SrcRangeMap {
+            map: MapData::from_pin(cfg.pin_dir.join(SRC_RANGE_MAP))
+                .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))
+                .and_then(|m| {
+                    aya::maps::Map::from_map_data(m)
+                        .and_then(LpmTrie::try_from)
+                        .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))
+                })?,
+        };
+        let syncer = LbSyncer::restore(AyaLbMaps {
+            services,
+            backends,
+            src_ranges,
+        })?;
         Ok(Self {
-            _ebpf: ebpf,
+            tc_links,
+            ebpf,
             syncer,
             counters,
+            conntrack,
+            ct_max,
+            src_ranges: src_ranges_again,
         })
+    }
+
+    /// Where the tc programs are attached: (device, "ingress"/"egress").
+    pub fn tc_attachments(&self) -> Vec<(String, &'static str)> {
+        self.tc_links.attached()
+    }
+
+    /// A loaded program by function name (tests run them with BPF_PROG_TEST_RUN).
+    pub fn program(&self, name: &str) -> Option<&aya::programs::Program> {
+        self.ebpf.program(name)
+    }
+
+    /// Replaces the loadBalancerSourceRanges of the external frontend with reverse-NAT id
+    /// `rev_nat_id` (see [`LbMaps::put_source_ranges`] for the order relative to the frontend's
+    /// `SVC_FLAG_SOURCE_RANGES`). Empty removes them.
+    pub fn set_source_ranges(
+        &mut self,
+        rev_nat_id: u32,
+        ranges: &[(Ipv4Addr, u8)],
+    ) -> Result<(), MapOpError> {
+        self.src_ranges.set(rev_nat_id, ranges)
+    }
+
+    /// The reverse-NAT id of a programmed frontend (slot 0) in `scope`
+    /// (`kpr_common::SCOPE_INTERNAL` / `SCOPE_EXTERNAL`).
+    pub fn rev_nat_id(&self, ip: Ipv4Addr, port: u16, proto: u8, scope: u8) -> Option<u32> {
+        let key = kpr_common::Service4Key::scoped(
+            u32::from_ne_bytes(ip.octets()),
+            port.to_be(),
+            proto,
+            scope,
+            0,
+        );
+        self.syncer
+            .maps()
+            .services
+            .get(&key, 0)
+            .ok()
+            .map(|v| v.rev_nat_id)
+    }
+
+    /// Deletes the conntrack entries (both directions) of flows whose backend id is not in
+    /// `live_backend_ids`; returns how many entries went. The kernel re-balances such a flow on
+    /// its next packet anyway; this frees the entries (and stops replies from a removed
+    /// backend being shown as the frontend). It walks the whole map: call it after syncs that
+    /// removed backends, or on the full-sync period, not on every sync.
+    pub fn purge_conntrack(&mut self, live_backend_ids: &HashSet<u32>) -> usize {
+        let mut stale = Vec::new();
+        // An LRU map may evict the key an iteration stands on, which restarts the walk from
+        // the first key: bound it.
+        let bound = 2 * self.ct_max as usize + 16;
+        for entry in self.conntrack.iter().take(bound) {
+            match entry {
+                Ok((k, v)) if !live_backend_ids.contains(&v.backend_id) => stale.push(k),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "walking the conntrack map");
+                    break;
+                }
+            }
+        }
+        stale.sort_by_key(|k| {
+            (
+                k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto, k.dir,
+            )
+        });
+        stale.dedup();
+        stale
+            .iter()
+            .filter(|k| self.conntrack.remove(k).is_ok())
+            .count()
+    }
+
+    /// [`EbpfDataplane::purge_conntrack`] with the backend ids currently in the backends map.
+    pub fn purge_stale_conntrack(&mut self) -> Result<usize, MapOpError> {
+        let live: HashSet<u32> = self
+            .syncer
+            .maps()
+            .dump_backends()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        Ok(self.purge_conntrack(&live))
+    }
+
+    /// Number of conntrack entries (a walk of the map: for tests and diagnostics).
+    pub fn conntrack_entries(&self) -> usize {
+        let bound = 2 * self.ct_max as usize + 16;
+        self.conntrack
+            .keys()
+            .take(bound)
+            .filter(|k| k.is_ok())
+            .count()
     }
 
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats, SyncError> {
@@ -147,6 +318,36 @@ impl EbpfDataplane {
     pub fn occupancy(&self) -> (usize, usize) {
         self.syncer.occupancy()
     }
+}
+
+/// Pins left by an older agent that this one cannot reuse as they are.
+fn prepare_pins(pin_dir: &Path, ct_max: u32) -> Result<(), EbpfError> {
+    // The counters array grew when the tc counters were added. Its contents are only
+    // statistics, so a smaller pin is replaced rather than leaving new counters uncounted.
+    let counters = pin_dir.join(COUNTERS_MAP);
+    if let Ok(info) = MapInfo::from_pin(&counters) {
+        if info.max_entries() < COUNTER_MAX {
+            tracing::info!(
+                pin = %counters.display(),
+                from = info.max_entries(),
+                to = COUNTER_MAX,
+                "re-creating the counters map with room for more counters"
+            );
+            std::fs::remove_file(&counters)
+                .map_err(|e| EbpfError::PinDir(counters.clone(), e.to_string()))?;
+        }
+    }
+    // The conntrack map keeps its size: re-creating it would drop every live flow.
+    if let Ok(info) = MapInfo::from_pin(pin_dir.join(CT_MAP)) {
+        if info.max_entries() != ct_max {
+            tracing::warn!(
+                pinned = info.max_entries(),
+                wanted = ct_max,
+                "the pinned conntrack map keeps its size; remove the pin to resize it"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {

@@ -1,0 +1,249 @@
+//! North-south service load balancing: tc (clsact) programs on the node's external devices,
+//! for NodePort, externalIP and LoadBalancer frontends reached from outside the node.
+//!
+//! Traffic from processes on the node never gets here translated twice: the socket programs
+//! translate it at connect()/sendmsg() to a backend address, which is not a frontend.
+//!
+//! - `kpr_tc_ingress` looks up the destination in the services map's external scope
+//!   (`SCOPE_EXTERNAL`, whose slots follow externalTrafficPolicy), keeps each flow on one
+//!   backend through conntrack (`KPR_CT4_V1`), rewrites the destination (DNAT) and lets the
+//!   stack route the packet to the local pod or to the node of a remote one.
+//! - `kpr_tc_egress` rewrites the source of replies (backend → client) back to the frontend.
+//!
+//! Source NAT for externalTrafficPolicy: Cluster is not done here. Ingress sets
+//! `KPR_MASQ_MARK` on the packet and kpr's nftables table masquerades marked packets in
+//! postrouting; netfilter's conntrack undoes it on the replies before they reach the egress
+//! program. Netfilter already does SNAT well (source port allocation, collisions between
+//! clients, reply matching); doing it in BPF would need a port allocator and a second
+//! conntrack. With externalTrafficPolicy: Local no mark is set and the backend sees the
+//! client's address, as with kube-proxy.
+//!
+//! A frontend without endpoints:
+//! - externalTrafficPolicy: Local (`SVC_FLAG_EXT_LOCAL`): dropped (kube-proxy drops too: the
+//!   client's load balancer health check steers traffic away from this node);
+//! - otherwise passed to the stack untouched. For a NodePort on a node address no socket
+//!   listens, so the kernel answers a TCP RST or an ICMP port unreachable at once; for
+//!   externalIPs and LoadBalancer IPs kpr's nftables table holds reject rules.
+//!
+//! IPv4 fragments: a non-first fragment has no ports, so it is passed untouched (counted).
+//! The first fragment is translated like any packet, so a fragmented datagram to a frontend
+//! does not reach its backend whole; tracking fragments (Cilium's frag map) is left to do.
+//!
+//! Return codes: a packet kpr lets through gets `TC_ACT_UNSPEC` ("no verdict"): with TCX or a
+//! clsact filter chain, programs after kpr's still see it, and with none the packet passes.
+//! Drops are `TC_ACT_SHOT`, each counted under its reason.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::classifier,
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use kpr_common::{
+    Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Service4Key, Service4Value,
+    SrcRange4Key, KPR_MASQ_MARK, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL,
+    SVC_FLAG_SOURCE_RANGES,
+};
+
+use crate::{
+    backend_slot,
+    conntrack::{self, Choice},
+    count,
+    packet::{self, End, Packet, Parsed},
+    AFFINITY_EXT, BACKENDS, SERVICES, SRC_RANGES,
+};
+
+/// What happens to a packet that is not dropped.
+enum Verdict {
+    /// Not for kpr, or left to the stack: untouched, nothing to count.
+    Pass,
+    /// Passed untouched, counted for visibility.
+    PassCounted(Counter),
+    /// Rewritten; counted.
+    Translated(Counter),
+}
+
+#[classifier]
+pub fn kpr_tc_ingress(ctx: TcContext) -> i32 {
+    finish(ingress(&ctx))
+}
+
+#[classifier]
+pub fn kpr_tc_egress(ctx: TcContext) -> i32 {
+    finish(egress(&ctx))
+}
+
+#[inline(always)]
+fn finish(r: Result<Verdict, Counter>) -> i32 {
+    match r {
+        Ok(Verdict::Pass) => TC_ACT_UNSPEC,
+        Ok(Verdict::PassCounted(c)) | Ok(Verdict::Translated(c)) => {
+            count(c);
+            TC_ACT_UNSPEC
+        }
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
+    let pkt = match packet::parse(ctx) {
+        Parsed::Packet(p) => p,
+        Parsed::Fragment => return Ok(Verdict::PassCounted(Counter::TcFragment)),
+        Parsed::Other => return Ok(Verdict::Pass),
+    };
+    let frontend_key = Service4Key::scoped(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXTERNAL, 0);
+    // SAFETY: values are plain data, copied out at once.
+    let frontend: Service4Value = match unsafe { SERVICES.get(frontend_key) } {
+        Some(v) => *v,
+        None => return Ok(Verdict::Pass),
+    };
+
+    // loadBalancerSourceRanges come first: a client outside them learns nothing about the
+    // service, not even whether it has endpoints.
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        let key = Key::new(
+            kpr_common::src_range_prefixlen(32),
+            SrcRange4Key {
+                rev_nat_id: frontend.rev_nat_id,
+                address_be: pkt.saddr,
+            },
+        );
+        if SRC_RANGES.get(&key).is_none() {
+            return Err(Counter::DropSourceRange);
+        }
+    }
+
+    if frontend.count == 0 {
+        if frontend.flags & SVC_FLAG_EXT_LOCAL != 0 {
+            return Err(Counter::DropNoLocalBackend);
+        }
+        return Ok(Verdict::PassCounted(Counter::TcNoBackendPassed));
+    }
+
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let fwd_key = conntrack::forward_key(&pkt);
+    let choice = match conntrack::lookup(&fwd_key, &frontend_key, frontend.count, now) {
+        Some(c) => {
+            count(Counter::TcCtReused);
+            c
+        }
+        None => {
+            // Only a SYN starts a TCP flow. A mid-stream segment without an entry (evicted, or
+            // a reply that happens to be addressed to a frontend's address and port, such as a
+            // masqueraded connection's reply) would be sent to a backend that knows nothing of
+            // the connection; left alone, it meets the stack, as without kpr.
+            if pkt.proto == kpr_common::IPPROTO_TCP && !pkt.is_tcp_syn() {
+                return Ok(Verdict::PassCounted(Counter::TcCtMissNotSyn));
+            }
+            let c = select(&pkt, &frontend_key, &frontend, now)?;
+            conntrack::create(&pkt, &c, frontend.rev_nat_id, now)?;
+            c
+        }
+    };
+
+    packet::rewrite(ctx, &pkt, End::Dst, choice.address_be, choice.port_be)
+        .map_err(|_| Counter::DropRewrite)?;
+    if choice.masq {
+        packet::or_mark(ctx, KPR_MASQ_MARK);
+    }
+    Ok(Verdict::Translated(Counter::TcTranslated))
+}
+
+/// Chooses the backend of a new flow: the client's affinity backend if the frontend has
+/// session affinity and it is still valid, else a slot at random.
+#[inline(always)]
+fn select(
+    pkt: &Packet,
+    frontend_key: &Service4Key,
+    frontend: &Service4Value,
+    now: u64,
+) -> Result<Choice, Counter> {
+    let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
+    // Keyed by the client's address: traffic from outside has a real one, which is what
+    // kube-proxy's ClientIP affinity uses.
+    let affinity_key = AffinityExt4Key {
+        client_address_be: pkt.saddr,
+        rev_nat_id: frontend.rev_nat_id,
+    };
+    let mut chosen: Option<(u16, u32)> = None;
+    if affinity {
+        // SAFETY: plain data, copied out at once.
+        if let Some(prev) = unsafe { AFFINITY_EXT.get(affinity_key) } {
+            let prev = *prev;
+            // Same semantics as the socket program: the timeout (slot 0's backend_id, in
+            // seconds) runs from the client's last new connection to the frontend.
+            let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
+            if now.wrapping_sub(prev.last_used_ns) <= timeout_ns {
+                if let Some(slot) =
+                    backend_slot(frontend_key, frontend.count, prev.slot, prev.backend_id)
+                {
+                    chosen = Some((slot, prev.backend_id));
+                    count(Counter::AffinityReused);
+                }
+            }
+        }
+    }
+    let (slot, backend_id) = match chosen {
+        Some(c) => c,
+        None => {
+            // SAFETY: helper without preconditions.
+            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
+            let slot = pick as u16 + 1;
+            let slot_key = Service4Key::scoped(
+                frontend_key.address_be,
+                frontend_key.port_be,
+                frontend_key.proto,
+                SCOPE_EXTERNAL,
+                slot,
+            );
+            match unsafe { SERVICES.get(slot_key) } {
+                Some(v) => (slot, v.backend_id),
+                None => return Err(Counter::DropSlotMissing),
+            }
+        }
+    };
+    let backend: Backend4Value = match unsafe { BACKENDS.get(backend_id) } {
+        Some(b) => *b,
+        None => return Err(Counter::DropBackendMissing),
+    };
+    if affinity {
+        let v = Affinity4Value {
+            last_used_ns: now,
+            backend_id,
+            slot,
+            pad: 0,
+        };
+        // Best effort: without the entry the client's next connection chooses anew.
+        let _ = AFFINITY_EXT.insert(affinity_key, v, 0);
+    }
+    Ok(Choice {
+        backend_id,
+        slot,
+        address_be: backend.address_be,
+        port_be: backend.port_be,
+        masq: frontend.flags & SVC_FLAG_EXT_LOCAL == 0,
+    })
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Result<Verdict, Counter> {
+    let pkt = match packet::parse(ctx) {
+        Parsed::Packet(p) => p,
+        // Fragments of replies are not tracked either (see the module doc); not counted here,
+        // to count each fragment once per node.
+        Parsed::Fragment | Parsed::Other => return Ok(Verdict::Pass),
+    };
+    // netfilter undid the masquerade when the reply entered the node (nat prerouting), so a
+    // reply reads backend → client here.
+    let Some((address_be, port_be)) = conntrack::reverse(&conntrack::reply_key(&pkt)) else {
+        return Ok(Verdict::Pass);
+    };
+    packet::rewrite(ctx, &pkt, End::Src, address_be, port_be).map_err(|_| Counter::DropRewrite)?;
+    Ok(Verdict::Translated(Counter::TcRevTranslated))
+}
