@@ -116,11 +116,25 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&settings.bpf_pin_dir)
         .with_context(|| format!("creating {}", settings.bpf_pin_dir.display()))?;
-    let mut dataplane = EbpfDataplane::load(&EbpfConfig {
-        pin_dir: settings.bpf_pin_dir.clone(),
-        cgroup: settings.cgroup_path.clone(),
-        allow_cgroup_root: allow_root,
-    })?;
+    // North-south: the devices given, else those carrying the node's addresses (in this
+    // process's network namespace).
+    let devices = if settings.devices.is_empty() {
+        kpr::ebpf::tc::default_devices()
+    } else {
+        settings.devices.clone()
+    };
+    let mut dataplane = EbpfDataplane::load_with(
+        &EbpfConfig {
+            pin_dir: settings.bpf_pin_dir.clone(),
+            cgroup: settings.cgroup_path.clone(),
+            allow_cgroup_root: allow_root,
+        },
+        &kpr::ebpf::TcConfig {
+            devices,
+            ct_max: kpr_common::CT_MAP_MAX,
+        },
+    )?;
+    tracing::info!(attached = ?dataplane.tc_attachments(), "tc programs");
     tracing::info!(
         cgroup = %settings.cgroup_path.display(),
         pins = %settings.bpf_pin_dir.display(),

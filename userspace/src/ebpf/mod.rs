@@ -386,6 +386,15 @@ impl crate::runner::Dataplane for EbpfDataplane {
         } else {
             EbpfDataplane::sync(self, desired)?
         };
+        // Conntrack entries of backends that are gone: a whole-map walk, so on full syncs
+        // (every sync period) only; until then the datapath re-balances such flows itself.
+        if full || stats.deletes > 0 {
+            match self.purge_stale_conntrack() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "purged stale conntrack entries"),
+                Err(e) => tracing::warn!("purging stale conntrack entries: {e}"),
+            }
+        }
         if stats.skipped > 0 {
             tracing::warn!(
                 skipped = stats.skipped,

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use kpr_common::{
     Backend4Value, Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_NONE,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_SOURCE_RANGES,
 };
 
 use super::maps::{LbMaps, MapOpError};
@@ -63,6 +63,8 @@ struct WantFrontend {
     /// Slot 0's flags and, with SVC_FLAG_AFFINITY, the timeout in seconds (in `backend_id`).
     flags: u8,
     affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (external scope of LoadBalancer frontends only), sorted.
+    source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 /// A backend as the maps describe it.
@@ -92,6 +94,7 @@ struct ProgrammedFrontend {
     count: u16,
     flags: u8,
     affinity_timeout_s: u32,
+    source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
     /// Every slot > 0 present in the map → backend id (may include slots beyond `count` after
     /// a restore from maps left by an interrupted sync).
     slots: BTreeMap<u16, u32>,
@@ -195,6 +198,16 @@ impl<M: LbMaps> LbSyncer<M> {
                 f.slots.insert(k.backend_slot, v.backend_id);
             }
         }
+        let mut ranges: HashMap<u32, Vec<(std::net::Ipv4Addr, u8)>> = HashMap::new();
+        for (rev, ip, len) in self.maps.dump_source_ranges()? {
+            ranges.entry(rev).or_default().push((ip, len));
+        }
+        for f in self.frontends.values_mut() {
+            if let Some(r) = f.rev_nat_id.and_then(|rev| ranges.remove(&rev)) {
+                f.source_ranges = r;
+                f.source_ranges.sort();
+            }
+        }
         self.next_backend_id = max_backend.wrapping_add(1).max(1);
         self.next_rev_nat_id = max_rev.wrapping_add(1).max(1);
         self.dirty = false;
@@ -235,18 +248,47 @@ impl<M: LbMaps> LbSyncer<M> {
                 ),
                 None => (SVC_FLAG_NONE, 0),
             };
-            let want_of = |backends: &[crate::model::Backend]| WantFrontend {
-                backends: backend_keys(backends, fk.proto),
-                flags,
-                affinity_timeout_s,
-            };
-            want.insert(fk, want_of(&state.backends));
+            want.insert(
+                fk,
+                WantFrontend {
+                    backends: backend_keys(&state.backends, fk.proto),
+                    flags,
+                    affinity_timeout_s,
+                    source_ranges: Vec::new(),
+                },
+            );
             if state.kind.is_external() {
+                // What only the tc path reads: eTP=Local and the source ranges.
+                let mut ext_flags = flags;
+                if state.external_policy_local {
+                    ext_flags |= SVC_FLAG_EXT_LOCAL;
+                }
+                let mut source_ranges: Vec<(std::net::Ipv4Addr, u8)> = state
+                    .load_balancer_source_ranges
+                    .iter()
+                    .filter_map(|(ip, len)| match ip {
+                        IpAddr::V4(v4) => Some((*v4, *len)),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect();
+                source_ranges.sort();
+                source_ranges.dedup();
+                if !source_ranges.is_empty() {
+                    ext_flags |= SVC_FLAG_SOURCE_RANGES;
+                }
                 let ext = FrontendKey {
                     scope: SCOPE_EXTERNAL,
                     ..fk
                 };
-                want.insert(ext, want_of(&state.external_backends));
+                want.insert(
+                    ext,
+                    WantFrontend {
+                        backends: backend_keys(&state.external_backends, fk.proto),
+                        flags: ext_flags,
+                        affinity_timeout_s,
+                        source_ranges,
+                    },
+                );
             }
         }
 
@@ -283,6 +325,13 @@ impl<M: LbMaps> LbSyncer<M> {
                 self.maps.put_service(&fk.slot(slot), &value)?;
                 stats.writes += 1;
             }
+            // Allowed sources go in before the flag that makes tc check them, and out after it
+            // is cleared: an allowed client is never dropped in between.
+            let ranges_changed = old.source_ranges != w.source_ranges;
+            if ranges_changed && !w.source_ranges.is_empty() {
+                self.maps.put_source_ranges(rev_nat_id, &w.source_ranges)?;
+                stats.writes += 1;
+            }
             if old.rev_nat_id != Some(rev_nat_id)
                 || old.count != count
                 || old.flags != w.flags
@@ -298,6 +347,10 @@ impl<M: LbMaps> LbSyncer<M> {
                 };
                 self.maps.put_service(&fk.slot(0), &value)?;
                 stats.writes += 1;
+            }
+            if ranges_changed && w.source_ranges.is_empty() {
+                self.maps.put_source_ranges(rev_nat_id, &[])?;
+                stats.deletes += 1;
             }
             for slot in old.slots.keys().filter(|s| **s > count) {
                 self.maps.delete_service(&fk.slot(*slot))?;
@@ -315,6 +368,7 @@ impl<M: LbMaps> LbSyncer<M> {
                     count,
                     flags: w.flags,
                     affinity_timeout_s: w.affinity_timeout_s,
+                    source_ranges: w.source_ranges.clone(),
                     slots,
                 },
             );
@@ -333,6 +387,9 @@ impl<M: LbMaps> LbSyncer<M> {
                 self.maps.delete_service(&fk.slot(0))?;
                 stats.deletes += 1;
                 self.rev_nat_ids.remove(&rev);
+                if !old.source_ranges.is_empty() {
+                    self.maps.put_source_ranges(rev, &[])?;
+                }
             }
             let slots: Vec<u16> = old.slots.keys().copied().collect();
             for slot in slots {
