@@ -33,6 +33,9 @@ pub struct Args {
     /// Length of each measurement.
     #[arg(long, default_value_t = 3000)]
     duration_ms: u64,
+    /// Number of Services for the NodePort measurement (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    nodeport_services: usize,
 }
 
 const VIP: &str = "10.96.0.10:80";
@@ -145,6 +148,9 @@ pub fn run(args: Args) -> Result<()> {
         });
     }
     drop(lab);
+    if args.nodeport_services > 0 {
+        rows.extend(nodeport_rows(&bins, args.nodeport_services, duration)?);
+    }
 
     let table = render_table(&rows);
     println!("\n{table}");
@@ -180,12 +186,117 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `r`'s figure over the direct path's figure for the same N.
+/// `r`'s figure over its direct path's figure (same N, same client) in this run.
 fn ratio(r: &Row, rows: &[Row], f: impl Fn(&BenchConnect) -> f64) -> f64 {
+    let direct = if r.path.starts_with("external") {
+        EXT_DIRECT
+    } else {
+        "direct pod IP"
+    };
     rows.iter()
-        .find(|d| d.services == r.services && d.path == "direct pod IP")
+        .find(|d| d.services == r.services && d.path == direct)
         .map(|d| f(&r.result) / f(&d.result))
         .unwrap_or(f64::NAN)
+}
+
+const EXT_DIRECT: &str = "external client → pod IP via the node";
+const NODE_IP: &str = "192.168.100.11";
+
+/// External client → NodePort with a local backend, among `n` Services: kpr's tc programs
+/// against kube-proxy's iptables rules, as ratios to the external client → pod IP path
+/// routed through the same node with no rules.
+fn nodeport_rows(bins: &build::Bins, n: usize, duration: Duration) -> Result<Vec<Row>> {
+    println!("==> NodePort, N = {n} services, external client");
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix("benchnp"),
+        labtool: Some(bins.labtool.clone()),
+        external_client: true,
+        ..LabSpec::default()
+    })?;
+    let ext = lab.external_client().expect("external client").clone();
+    let be1 = lab.backends()[0].ip;
+    let measure = |target: SocketAddr| -> Result<BenchConnect> {
+        let r = lab.bench_connect(&ext, target, duration, 1)?;
+        if r.connections == 0 {
+            bail!("no transaction completed to {target}: {:?}", r.error_kinds);
+        }
+        Ok(r)
+    };
+    let dir = lab.work_dir().join("bench-nodeport");
+    std::fs::create_dir_all(&dir)?;
+    let mut yaml = manifests(n.saturating_sub(1).max(1), &[]);
+    // The measured Service: a NodePort whose one endpoint is on this node.
+    yaml += &format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: bench}}\n\
+         spec:\n  type: NodePort\n  clusterIP: 10.96.0.20\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: np}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n  - {{addresses: [{be1}], nodeName: node1}}\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}]\n"
+    );
+    std::fs::write(dir.join("services.yaml"), yaml)?;
+    let nodeport: SocketAddr = format!("{NODE_IP}:30080").parse()?;
+    let mut rows = Vec::new();
+
+    let a = measure(SocketAddr::new(be1.into(), 8080))?;
+    println!("    direct            {:>9.0} conn/s", a.per_sec);
+    rows.push(Row {
+        services: n,
+        path: EXT_DIRECT,
+        result: a,
+        program_ms: None,
+        note: String::new(),
+    });
+
+    let dir_s = dir.to_str().context("path")?;
+    let args = [
+        "--manifests",
+        dir_s,
+        "--hostname-override",
+        "node1",
+        "--devices",
+        "eth0",
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let kpr = Kpr::start_with(&lab, &bins.kpr, "kpr-np", &args)?;
+    let b = measure(nodeport);
+    let log = kpr.stop();
+    let b = b.with_context(|| format!("NodePort through kpr; kpr log:\n{log}"))?;
+    println!("    kpr               {:>9.0} conn/s", b.per_sec);
+    rows.push(Row {
+        services: n,
+        path: "external client → NodePort via kpr (tc)",
+        result: b,
+        program_ms: None,
+        note: String::new(),
+    });
+
+    let out = Command::new(&bins.kpr)
+        .arg("render-iptables")
+        .arg("--manifests")
+        .arg(&dir)
+        .args(["--cluster-cidr", "10.244.0.0/16", "--node", "node1"])
+        .output()
+        .context("running kpr render-iptables")?;
+    if !out.status.success() {
+        bail!(
+            "kpr render-iptables failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = String::from_utf8(out.stdout)?;
+    lab.exec_in_node(&["iptables-restore"], Some(rules.as_bytes()))?;
+    let c = measure(nodeport);
+    lab.exec_in_node(&["iptables-restore"], Some(EMPTY_TABLES.as_bytes()))?;
+    let c = c?;
+    println!("    kube-proxy rules  {:>9.0} conn/s", c.per_sec);
+    rows.push(Row {
+        services: n,
+        path: "external client → NodePort via kube-proxy iptables",
+        result: c,
+        program_ms: None,
+        note: String::new(),
+    });
+    Ok(rows)
 }
 
 fn render_table(rows: &[Row]) -> String {
