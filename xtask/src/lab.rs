@@ -47,7 +47,7 @@ pub fn run(action: Action) -> Result<()> {
 }
 
 /// The lab `lab up --nodes N` builds.
-fn spec(nodes: usize, labtool: PathBuf) -> LabSpec {
+pub(crate) fn spec(nodes: usize, labtool: PathBuf) -> LabSpec {
     let base = LabSpec {
         prefix: PERSISTENT_PREFIX.into(),
         labtool: Some(labtool),
@@ -69,7 +69,22 @@ fn spec(nodes: usize, labtool: PathBuf) -> LabSpec {
 /// The example manifest names its backends' addresses as in the one-node lab (`be<k>` at
 /// 10.244.1.<10+k>); in a multi-node lab some backends live elsewhere (be3 at 10.244.2.11 on
 /// node 2), so the manifest's addresses are rewritten to the lab's.
-fn demo_manifest(lab: &Lab, shipped: &str) -> String {
+/// The lab's Node objects, with their fabric addresses: kpr on each node reads its own from
+/// the manifest directory to know where NodePorts are served.
+pub(crate) fn nodes_manifest(lab: &Lab) -> String {
+    lab.nodes()
+        .iter()
+        .map(|n| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n",
+                n.name, n.fabric_ip
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+pub(crate) fn demo_manifest(lab: &Lab, shipped: &str) -> String {
     let mut text = shipped.to_string();
     for (k, be) in lab.backends().iter().enumerate().take(200) {
         let documented = Ipv4Addr::new(10, 244, 1, 11 + k as u8);
@@ -96,6 +111,9 @@ fn up(nodes: usize) -> Result<()> {
         &manifests.join("demo.yaml"),
         &demo_manifest(&lab, &demo_yaml),
     )?;
+    if nodes > 1 {
+        demo::write_atomically(&manifests.join("nodes.yaml"), &nodes_manifest(&lab))?;
+    }
     // One kpr per node, all on the same manifest directory (the lab's "API server").
     // Started kprs are killed again if a later one fails (dropped before the lab).
     let mut kprs = Vec::new();
