@@ -43,7 +43,7 @@ use aya_ebpf::{
 use kpr_common::{
     Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Service4Key, Service4Value,
     SrcRange4Key, KPR_MASQ_MARK, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -227,7 +227,7 @@ fn select(
         slot,
         address_be: backend.address_be,
         port_be: backend.port_be,
-        masq: frontend.flags & SVC_FLAG_EXT_LOCAL == 0,
+        masq: frontend.flags & (SVC_FLAG_EXT_LOCAL | SVC_FLAG_NO_SNAT) == 0,
     })
 }
 

@@ -152,6 +152,11 @@ pub struct ServicePortState {
     /// `externalTrafficPolicy: Local` on an external frontend: outside traffic keeps its client
     /// address (no masquerade) and is dropped when this node has no endpoint.
     pub external_policy_local: bool,
+    /// Traffic from outside must be source-NATed to the node: `externalTrafficPolicy: Cluster`
+    /// and some external backend lives on another node (its reply would not come back through
+    /// this node). Like Cilium, and unlike kube-proxy, traffic to a backend on this node keeps
+    /// the client's address even with `Cluster`: the reply returns through this node anyway.
+    pub external_snat: bool,
     /// `sessionAffinity: ClientIP`: how long a client stays on its backend
     /// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800 s). Same on every
     /// frontend of the Service.
@@ -796,7 +801,7 @@ fn service_ports(
         }
         let family = Family::of(ip);
         let e = &endpoints[&(i, family)];
-        let (backends, external_backends) = if kind.is_external() {
+        let (backends, external_backends, external_snat) = if kind.is_external() {
             // kube-proxy's short circuit: traffic from this node to an external destination
             // gets the cluster endpoints, whatever the policies.
             let external = if view.external_local {
@@ -804,14 +809,15 @@ fn service_ports(
             } else {
                 e.cluster.clone()
             };
-            (e.cluster.clone(), external)
+            let snat = !view.external_local && external.iter().any(|b| !e.local.contains(b));
+            (e.cluster.clone(), external, snat)
         } else {
             let internal = if view.internal_local {
                 e.local.clone()
             } else {
                 e.cluster.clone()
             };
-            (internal.clone(), internal)
+            (internal.clone(), internal, false)
         };
         out.insert(
             frontend,
@@ -825,6 +831,7 @@ fn service_ports(
                 backends,
                 external_backends,
                 external_policy_local: kind.is_external() && view.external_local,
+                external_snat,
                 session_affinity: view.session_affinity,
                 load_balancer_source_ranges: if kind == FrontendKind::LoadBalancer {
                     view.load_balancer_source_ranges
@@ -1839,6 +1846,10 @@ mod tests {
         assert_eq!(np.external_backends, vec![be("10.0.0.1", 8080)]);
         assert!(np.external_policy_local);
         assert!(
+            !np.external_snat,
+            "externalTrafficPolicy: Local never source-NATs"
+        );
+        assert!(
             !cip.external_policy_local,
             "only external frontends carry the policy"
         );
@@ -1916,7 +1927,23 @@ mod tests {
         let all = vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)];
         for st in state.services.values() {
             assert_eq!((&st.backends, &st.external_backends), (&all, &all));
+            // One backend is on another node: outside traffic must be source-NATed.
+            assert_eq!(st.external_snat, st.kind.is_external());
         }
+    }
+
+    #[test]
+    fn outside_traffic_to_local_backends_only_is_not_source_natted() {
+        let s = web_with(json!({"type": "NodePort", "externalTrafficPolicy": "Cluster"}));
+        let sl = web_slice(json!([ready_on("10.0.0.1", NODE)]));
+        let state = build_ok(&[s], &[sl]);
+        let np = state
+            .services
+            .values()
+            .find(|st| st.kind == FrontendKind::NodePort)
+            .expect("a NodePort frontend");
+        assert_eq!(np.external_backends, vec![be("10.0.0.1", 8080)]);
+        assert!(!np.external_snat);
     }
 
     #[test]

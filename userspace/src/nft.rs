@@ -166,6 +166,8 @@ pub type Frontend = (Ipv4Addr, u8, u16);
 pub struct NftTable {
     mark: u32,
     created: bool,
+    /// Whether the table as created has the masquerade (nat) chain.
+    masquerade: bool,
 }
 
 impl NftTable {
@@ -175,6 +177,7 @@ impl NftTable {
         NftTable {
             mark,
             created: false,
+            masquerade: true,
         }
     }
 
@@ -185,10 +188,25 @@ impl NftTable {
     /// Makes the table hold exactly `no_endpoints` (duplicates are ignored), in one transaction.
     /// The first call (re)creates the whole table; later ones replace the set's elements.
     pub fn apply(&mut self, no_endpoints: &[Frontend]) -> Result<(), NftError> {
+        self.apply_with(no_endpoints, true)
+    }
+
+    /// Like [`NftTable::apply`]; with `masquerade` false the table has no nat chain at all, so
+    /// netfilter conntrack stays off for the namespace's traffic (it costs every packet, and
+    /// kpr needs it only to masquerade traffic to backends on other nodes). Switching it on or
+    /// off recreates the table in one transaction.
+    pub fn apply_with(
+        &mut self,
+        no_endpoints: &[Frontend],
+        masquerade: bool,
+    ) -> Result<(), NftError> {
         if self.mark == 0 {
             return Err(NftError::ZeroMark);
         }
         let keys: BTreeSet<Key> = no_endpoints.iter().map(|&f| Key::from(f)).collect();
+        if self.created && self.masquerade != masquerade {
+            self.created = false;
+        }
         if self.created {
             match replace_elements(&keys) {
                 Ok(()) => return Ok(()),
@@ -200,8 +218,9 @@ impl NftTable {
             }
         }
         self.created = false;
-        create_table(self.mark, &keys)?;
+        create_table(self.mark, &keys, masquerade)?;
         self.created = true;
+        self.masquerade = masquerade;
         Ok(())
     }
 
@@ -271,7 +290,7 @@ fn describe(key: &Key) -> String {
 }
 
 /// One batch: the whole table, replacing any stale one.
-fn create_table(mark: u32, keys: &BTreeSet<Key>) -> Result<(), NftError> {
+fn create_table(mark: u32, keys: &BTreeSet<Key>, masquerade: bool) -> Result<(), NftError> {
     let table = Table::new(TABLE_C, ProtoFamily::Ipv4);
     let mut txn = Transaction::new();
     // `add` first so that `delete` cannot fail with ENOENT when there is no stale table.
@@ -293,7 +312,13 @@ fn create_table(mark: u32, keys: &BTreeSet<Key>) -> Result<(), NftError> {
     forward.set_hook(Hook::Forward, PRIORITY_FILTER);
     forward.set_type(ChainType::Filter);
     forward.set_policy(Policy::Accept);
-    for chain in [&nat, &input, &forward] {
+    // Without the nat chain netfilter conntrack is not engaged for the namespace's traffic.
+    let chains: Vec<&Chain> = if masquerade {
+        vec![&nat, &input, &forward]
+    } else {
+        vec![&input, &forward]
+    };
+    for chain in chains {
         txn.add(chain, MsgType::Add, || {
             format!(
                 "add chain ip {TABLE} {}",
@@ -310,9 +335,11 @@ fn create_table(mark: u32, keys: &BTreeSet<Key>) -> Result<(), NftError> {
     add_elements(&mut txn, &set, keys);
 
     let masq = masquerade_rule(&nat, mark);
-    txn.add(&masq, MsgType::Add, || {
-        format!("add rule ip {TABLE} {NAT_POSTROUTING_CHAIN} (masquerade)")
-    });
+    if masquerade {
+        txn.add(&masq, MsgType::Add, || {
+            format!("add rule ip {TABLE} {NAT_POSTROUTING_CHAIN} (masquerade)")
+        });
+    }
     let rules = [&input, &forward].map(|chain| {
         (
             chain.get_name().to_string_lossy().into_owned(),

@@ -93,8 +93,14 @@ pub fn frontends_without_endpoints(
 
 impl SyncObserver for NftObserver {
     fn desired_state(&self, state: &crate::model::DesiredState) {
+        // The nat chain (and with it netfilter conntrack for every packet) only while some
+        // frontend sends outside traffic to another node's backend.
+        let masquerade = state
+            .services
+            .values()
+            .any(|s| s.kind.is_external() && s.external_snat);
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = table.apply(&frontends_without_endpoints(state)) {
+        if let Err(e) = table.apply_with(&frontends_without_endpoints(state), masquerade) {
             // The next sync applies the whole set again.
             tracing::warn!("updating the nftables table: {e}");
         }

@@ -136,6 +136,11 @@ pub const SVC_FLAG_EXT_LOCAL: u8 = 1 << 1;
 /// External scope only: `loadBalancerSourceRanges` apply to this frontend; clients not matched
 /// by [`SRC_RANGE_MAP`] under the frontend's `rev_nat_id` are dropped.
 pub const SVC_FLAG_SOURCE_RANGES: u8 = 1 << 2;
+/// External scope only: every backend is on this node, so traffic is not source-NATed (no
+/// masquerade mark): the reply comes back through this node anyway, and the backend sees the
+/// client's address. Set by the agent for `externalTrafficPolicy: Cluster` frontends whose
+/// backends are all local.
+pub const SVC_FLAG_NO_SNAT: u8 = 1 << 3;
 
 /// `skb->mark` bit the tc ingress program sets on north-south traffic that must be
 /// masqueraded (`externalTrafficPolicy: Cluster`): kpr's nftables table masquerades packets

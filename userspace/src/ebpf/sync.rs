@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use kpr_common::{
     Backend4Value, Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use super::maps::{LbMaps, MapOpError};
@@ -262,6 +262,8 @@ impl<M: LbMaps> LbSyncer<M> {
                 let mut ext_flags = flags;
                 if state.external_policy_local {
                     ext_flags |= SVC_FLAG_EXT_LOCAL;
+                } else if !state.external_snat {
+                    ext_flags |= SVC_FLAG_NO_SNAT;
                 }
                 let mut source_ranges: Vec<(std::net::Ipv4Addr, u8)> = state
                     .load_balancer_source_ranges
