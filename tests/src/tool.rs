@@ -590,11 +590,13 @@ mod tests {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, l.local_addr().unwrap().port()));
         std::thread::spawn(move || {
             for s in l.incoming().take(3).flatten() {
-                handle_tcp(s, b"t1\n");
+                handle_tcp(s, b"t1 8080");
             }
         });
         let r = tcp_spread(addr, 2, Duration::from_secs(1));
         assert_eq!(r.counts.get("t1"), Some(&2), "{r:?}");
+        assert_eq!(r.ports.get("8080"), Some(&2), "{r:?}");
+        assert_eq!(r.clients.get("127.0.0.1"), Some(&2), "{r:?}");
         assert_eq!(r.peers.get(&addr.to_string()), Some(&2));
         let o = connect_once(addr, Duration::from_secs(1));
         assert!(o.ok && o.backend.as_deref() == Some("t1"), "{o:?}");
