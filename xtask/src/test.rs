@@ -18,7 +18,13 @@ pub fn run() -> Result<()> {
     step("cargo test (unit, golden, and integration tests in network namespaces)");
     build::run(
         Command::new("cargo")
-            .args(["test", "--workspace", "--exclude", "kpr-ebpf"])
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "kpr-ebpf",
+                "--no-fail-fast",
+            ])
             .env("KPR_BIN", &bins.kpr)
             .env("KPR_LABTOOL", &bins.labtool),
     )?;
