@@ -52,6 +52,19 @@ fn node() -> serde_json::Value {
     })
 }
 
+/// A one-node lab and the fake API server listening inside its node namespace (where kpr runs).
+fn lab_with_api(tag: &str) -> (Lab, FakeApiServer) {
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix(tag),
+        ..LabSpec::default()
+    })
+    .expect("lab up");
+    let listener = in_netns(lab.node_ns(), || TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    (lab, FakeApiServer::start(listener))
+}
+
 /// RFC 3339 UTC with nanoseconds, as the EndpointSlice controller writes trigger times.
 fn now_rfc3339() -> String {
     let out = std::process::Command::new("date")
@@ -105,15 +118,7 @@ fn kpr_follows_the_api_server_serves_traffic_health_and_metrics() {
     if skip_unless_root("kube_api") {
         return;
     }
-    let lab = Lab::up(LabSpec {
-        prefix: Lab::unique_prefix("api"),
-        ..LabSpec::default()
-    })
-    .expect("lab up");
-    let listener = in_netns(lab.node_ns(), || TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApiServer::start(listener);
+    let (lab, api) = lab_with_api("api");
     api.apply(service());
     api.apply(slice(&["10.244.1.11", "10.244.1.12", "10.244.1.13"], None));
     api.apply(node());
@@ -209,15 +214,7 @@ fn kpr_keeps_serving_while_the_api_server_is_down() {
     if skip_unless_root("kube_api_down") {
         return;
     }
-    let lab = Lab::up(LabSpec {
-        prefix: Lab::unique_prefix("apidown"),
-        ..LabSpec::default()
-    })
-    .expect("lab up");
-    let listener = in_netns(lab.node_ns(), || TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApiServer::start(listener);
+    let (lab, api) = lab_with_api("apidown");
     api.apply(service());
     api.apply(slice(&["10.244.1.11", "10.244.1.12", "10.244.1.13"], None));
     let url = api.url();
@@ -254,15 +251,7 @@ fn pods_reach_nodeports_on_the_nodes_address_and_external_ips() {
     if skip_unless_root("kube_api_nodeport") {
         return;
     }
-    let lab = Lab::up(LabSpec {
-        prefix: Lab::unique_prefix("apinp"),
-        ..LabSpec::default()
-    })
-    .expect("lab up");
-    let listener = in_netns(lab.node_ns(), || TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApiServer::start(listener);
+    let (lab, api) = lab_with_api("apinp");
     let mut svc = service();
     svc["spec"]["type"] = json!("NodePort");
     svc["spec"]["ports"][0]["nodePort"] = json!(30080);

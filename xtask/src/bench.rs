@@ -113,7 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         });
 
         // (c) kube-proxy's iptables rules for the same services.
-        let rules = render_iptables(&bins.kpr, &dir)?;
+        let rules = render_iptables(&bins.kpr, &dir, &["--last", TARGET_SERVICE])?;
         let rule_count = rules.lines().filter(|l| l.starts_with("-A ")).count();
         let t0 = Instant::now();
         lab.exec_in_node(&["iptables-restore"], Some(rules.as_bytes()))
@@ -280,20 +280,7 @@ fn nodeport_rows(bins: &build::Bins, n: usize, duration: Duration) -> Result<Vec
         note: String::new(),
     });
 
-    let out = Command::new(&bins.kpr)
-        .arg("render-iptables")
-        .arg("--manifests")
-        .arg(&dir)
-        .args(["--cluster-cidr", "10.244.0.0/16", "--node", "node1"])
-        .output()
-        .context("running kpr render-iptables")?;
-    if !out.status.success() {
-        bail!(
-            "kpr render-iptables failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let rules = String::from_utf8(out.stdout)?;
+    let rules = render_iptables(&bins.kpr, &dir, &["--node", "node1"])?;
     lab.exec_in_node(&["iptables-restore"], Some(rules.as_bytes()))?;
     let c = measure(nodeport);
     lab.exec_in_node(&["iptables-restore"], Some(EMPTY_TABLES.as_bytes()))?;
@@ -365,12 +352,15 @@ pub fn manifests(n: usize, backends: &[String]) -> String {
     y
 }
 
-fn render_iptables(kpr: &Path, dir: &Path) -> Result<String> {
+/// kube-proxy's iptables rules for the Services in `dir` (`kpr render-iptables`), with the lab's
+/// cluster CIDR and `extra` options.
+fn render_iptables(kpr: &Path, dir: &Path, extra: &[&str]) -> Result<String> {
     let out = Command::new(kpr)
         .arg("render-iptables")
         .arg("--manifests")
         .arg(dir)
-        .args(["--cluster-cidr", "10.244.0.0/16", "--last", TARGET_SERVICE])
+        .args(["--cluster-cidr", "10.244.0.0/16"])
+        .args(extra)
         .output()
         .context("running kpr render-iptables")?;
     if !out.status.success() {
