@@ -95,3 +95,27 @@ pub fn labtool_path() -> PathBuf {
     }
     PathBuf::from("kpr-labtool")
 }
+
+/// For tests of stale-lab cleanup: runs this test binary's test `test` (which builds a lab and
+/// then aborts, as a crashed test would) in a child process with `env_var` set, and returns
+/// the lab prefix the child printed as `PREFIX=...`. Panics (it is for tests) if the child did
+/// not abort or printed no prefix.
+pub fn run_aborting_child(test: &str, env_var: &str) -> String {
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("current exe"));
+    cmd.args(["--exact", test, "--include-ignored", "--nocapture"])
+        .env(env_var, "1");
+    let out = run_bounded(cmd, None, std::time::Duration::from_secs(60)).expect("child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let prefix = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PREFIX="))
+        .unwrap_or_else(|| {
+            panic!(
+                "no prefix from child: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string();
+    assert!(!out.status.success(), "the child did not abort");
+    prefix
+}

@@ -200,27 +200,7 @@ fn stale_lab_is_collected() {
     if kpr_lab::skip_unless_root("stale_lab_is_collected") {
         return;
     }
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "child_builds_lab_and_aborts",
-        "--include-ignored",
-        "--nocapture",
-    ])
-    .env("KPR_LAB_SMOKE_CHILD", "1");
-    let out = kpr_lab::run_bounded(cmd, None, Duration::from_secs(60)).expect("child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let prefix = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("PREFIX="))
-        .unwrap_or_else(|| {
-            panic!(
-                "no prefix from child: {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-        .to_string();
-    assert!(!out.status.success());
+    let prefix = kpr_lab::run_aborting_child("child_builds_lab_and_aborts", "KPR_LAB_SMOKE_CHILD");
     assert!(netns_names().contains(&format!("{prefix}-node")));
     let n = kpr_lab::cleanup_stale().expect("cleanup_stale");
     assert!(n >= 1);
