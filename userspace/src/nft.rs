@@ -99,6 +99,14 @@ const PRIORITY_FILTER: i32 = 0;
 
 // linux/netfilter/nf_tables.h and friends.
 const NFT_REG_1: u32 = 1;
+const NFT_REG_2: u32 = 2;
+
+/// Source ports masquerading picks for TCP and UDP: above Kubernetes' default NodePort range
+/// (30000-32767). A masqueraded reply arrives at the node's address on the port masquerading
+/// chose; were that a NodePort, the tc program would take a UDP reply for a new flow to that
+/// NodePort (TCP is safe: only a SYN starts a flow there). A cluster with a custom
+/// `--service-node-port-range` reaching above 32767 reopens that window for UDP.
+pub const MASQUERADE_PORTS: (u16, u16) = (32768, 65535);
 const NFT_REG32_01: u32 = 9;
 const NFT_REG32_02: u32 = 10;
 const NFT_CMP_EQ: u32 = 0;
@@ -334,11 +342,17 @@ fn create_table(mark: u32, keys: &BTreeSet<Key>, masquerade: bool) -> Result<(),
     });
     add_elements(&mut txn, &set, keys);
 
-    let masq = masquerade_rule(&nat, mark);
+    let masq = [
+        masquerade_rule(&nat, mark, Some(libc::IPPROTO_TCP as u8)),
+        masquerade_rule(&nat, mark, Some(libc::IPPROTO_UDP as u8)),
+        masquerade_rule(&nat, mark, None),
+    ];
     if masquerade {
-        txn.add(&masq, MsgType::Add, || {
-            format!("add rule ip {TABLE} {NAT_POSTROUTING_CHAIN} (masquerade)")
-        });
+        for rule in &masq {
+            txn.add(rule, MsgType::Add, || {
+                format!("add rule ip {TABLE} {NAT_POSTROUTING_CHAIN} (masquerade)")
+            });
+        }
     }
     let rules = [&input, &forward].map(|chain| {
         (
@@ -388,11 +402,18 @@ fn add_elements(txn: &mut Transaction, set: &Set<'_, Key>, keys: &BTreeSet<Key>)
 }
 
 /// `meta mark & M == M meta mark set meta mark ^ M masquerade fully-random`.
-fn masquerade_rule<'a>(chain: &'a Chain<'a>, mark: u32) -> Rule<'a> {
+/// `meta mark & M == M [meta l4proto P] meta mark set meta mark ^ M masquerade [to :PORTS]
+/// fully-random`: with `proto` (TCP or UDP) the source port comes from [`MASQUERADE_PORTS`]
+/// (nft allows a port range only after a transport protocol match); without, any protocol.
+fn masquerade_rule<'a>(chain: &'a Chain<'a>, mark: u32, proto: Option<u8>) -> Rule<'a> {
     let mut rule = Rule::new(chain);
     rule.add_expr(&RawExpr::meta_load(NFT_META_MARK, NFT_REG_1));
     rule.add_expr(&RawExpr::bitwise(NFT_REG_1, &mark.to_ne_bytes(), &[0; 4]));
     rule.add_expr(&RawExpr::cmp_eq(NFT_REG_1, &mark.to_ne_bytes()));
+    if let Some(p) = proto {
+        rule.add_expr(&RawExpr::meta_load(NFT_META_L4PROTO, NFT_REG_1));
+        rule.add_expr(&RawExpr::cmp_eq(NFT_REG_1, &[p]));
+    }
     rule.add_expr(&RawExpr::meta_load(NFT_META_MARK, NFT_REG_1));
     rule.add_expr(&RawExpr::bitwise(
         NFT_REG_1,
@@ -400,7 +421,18 @@ fn masquerade_rule<'a>(chain: &'a Chain<'a>, mark: u32) -> Rule<'a> {
         &mark.to_ne_bytes(),
     ));
     rule.add_expr(&RawExpr::meta_store(NFT_META_MARK, NFT_REG_1));
-    rule.add_expr(&RawExpr::masquerade(NF_NAT_RANGE_PROTO_RANDOM_FULLY));
+    if proto.is_some() {
+        let (min, max) = MASQUERADE_PORTS;
+        rule.add_expr(&RawExpr::immediate(NFT_REG_1, &min.to_be_bytes()));
+        rule.add_expr(&RawExpr::immediate(NFT_REG_2, &max.to_be_bytes()));
+        rule.add_expr(&RawExpr::masquerade_ports(
+            NF_NAT_RANGE_PROTO_RANDOM_FULLY,
+            NFT_REG_1,
+            NFT_REG_2,
+        ));
+    } else {
+        rule.add_expr(&RawExpr::masquerade(NF_NAT_RANGE_PROTO_RANDOM_FULLY));
+    }
     // A comment is at most 128 bytes; this one fits.
     let _ = rule.set_comment(c"kpr: SNAT for traffic kpr marked; the mark is cleared");
     rule
@@ -526,6 +558,29 @@ impl RawExpr {
         RawExpr {
             name: c"masq",
             attrs: vec![(sys::NFTNL_EXPR_MASQ_FLAGS, Attr::U32(flags))],
+        }
+    }
+
+    /// Masquerade with the source port between registers `min` and `max`.
+    fn masquerade_ports(flags: u32, min: u32, max: u32) -> RawExpr {
+        RawExpr {
+            name: c"masq",
+            attrs: vec![
+                (sys::NFTNL_EXPR_MASQ_FLAGS, Attr::U32(flags)),
+                (sys::NFTNL_EXPR_MASQ_REG_PROTO_MIN, Attr::U32(min)),
+                (sys::NFTNL_EXPR_MASQ_REG_PROTO_MAX, Attr::U32(max)),
+            ],
+        }
+    }
+
+    /// Loads `data` into register `dreg`.
+    fn immediate(dreg: u32, data: &[u8]) -> RawExpr {
+        RawExpr {
+            name: c"immediate",
+            attrs: vec![
+                (sys::NFTNL_EXPR_IMM_DREG, Attr::U32(dreg)),
+                (sys::NFTNL_EXPR_IMM_DATA, Attr::Data(data.to_vec())),
+            ],
         }
     }
 

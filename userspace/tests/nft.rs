@@ -249,15 +249,28 @@ fn assert_kpr_structure(json: &Value, mark: u64) {
         "{set}"
     );
 
-    // meta mark & M == M meta mark set meta mark ^ M masquerade fully-random
+    // meta mark & M == M [meta l4proto P] meta mark set meta mark ^ M masquerade [to :PORTS]
+    // fully-random: TCP and UDP masquerade above the NodePort range, anything else as is.
     let nat = rules(json, "nat-postrouting");
-    assert_eq!(nat.len(), 1, "{json}");
-    let want = serde_json::json!([
-        {"match": {"left": {"&": [{"meta": {"key": "mark"}}, mark]}, "op": "==", "right": mark}},
-        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"^": [{"meta": {"key": "mark"}}, mark]}}},
-        {"masquerade": {"flags": "fully-random"}},
-    ]);
-    assert_eq!(nat[0]["expr"], want, "{}", exprs(nat[0]));
+    assert_eq!(nat.len(), 3, "{json}");
+    let marked = serde_json::json!(
+        {"match": {"left": {"&": [{"meta": {"key": "mark"}}, mark]}, "op": "==", "right": mark}}
+    );
+    let clear = serde_json::json!(
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"^": [{"meta": {"key": "mark"}}, mark]}}}
+    );
+    let (min, max) = kpr::nft::MASQUERADE_PORTS;
+    for (rule, proto) in nat.iter().zip(["tcp", "udp"]) {
+        let want = serde_json::json!([
+            marked,
+            {"match": {"left": {"meta": {"key": "l4proto"}}, "op": "==", "right": proto}},
+            clear,
+            {"masquerade": {"flags": "fully-random", "port": {"range": [min, max]}}},
+        ]);
+        assert_eq!(rule["expr"], want, "{}", exprs(rule));
+    }
+    let want = serde_json::json!([marked, clear, {"masquerade": {"flags": "fully-random"}}]);
+    assert_eq!(nat[2]["expr"], want, "{}", exprs(nat[2]));
 
     for name in ["filter-input", "filter-forward"] {
         let r = rules(json, name);
