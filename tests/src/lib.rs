@@ -119,3 +119,17 @@ pub fn run_aborting_child(test: &str, env_var: &str) -> String {
     assert!(!out.status.success(), "the child did not abort");
     prefix
 }
+
+/// Network namespace names as `ip netns list` reports them: for tests that check the lab's
+/// cleanup through the user-facing tool rather than through the lab's own bookkeeping.
+pub fn ip_netns_names() -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}

@@ -65,6 +65,23 @@ fn lab_with_api(tag: &str) -> (Lab, FakeApiServer) {
     (lab, FakeApiServer::start(listener))
 }
 
+/// kpr on node1, watching `api`, with its health and metrics servers on the node's loopback.
+fn start_kpr(lab: &Lab, api: &FakeApiServer) -> Kpr {
+    let url = api.url();
+    let args = [
+        "--master",
+        url.as_str(),
+        "--hostname-override",
+        NODE,
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    Kpr::start_with(lab, &kpr_path(), "kpr", &args).expect("kpr start")
+}
+
 /// RFC 3339 UTC with nanoseconds, as the EndpointSlice controller writes trigger times.
 fn now_rfc3339() -> String {
     let out = std::process::Command::new("date")
@@ -123,19 +140,7 @@ fn kpr_follows_the_api_server_serves_traffic_health_and_metrics() {
     api.apply(slice(&["10.244.1.11", "10.244.1.12", "10.244.1.13"], None));
     api.apply(node());
 
-    let url = api.url();
-    let args = [
-        "--master",
-        url.as_str(),
-        "--hostname-override",
-        NODE,
-        "--healthz-bind-address",
-        "127.0.0.1:10256",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-    ];
-    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-    let mut kpr = Kpr::start_with(&lab, &kpr_path(), "kpr", &args).expect("kpr start");
+    let mut kpr = start_kpr(&lab, &api);
     let client = lab.clients()[0].clone();
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
 
@@ -217,19 +222,7 @@ fn kpr_keeps_serving_while_the_api_server_is_down() {
     let (lab, api) = lab_with_api("apidown");
     api.apply(service());
     api.apply(slice(&["10.244.1.11", "10.244.1.12", "10.244.1.13"], None));
-    let url = api.url();
-    let args = [
-        "--master",
-        url.as_str(),
-        "--hostname-override",
-        NODE,
-        "--healthz-bind-address",
-        "127.0.0.1:10256",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-    ];
-    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-    let kpr = Kpr::start_with(&lab, &kpr_path(), "kpr", &args).expect("kpr start");
+    let kpr = start_kpr(&lab, &api);
     let client = lab.clients()[0].clone();
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
 

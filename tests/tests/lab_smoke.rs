@@ -9,18 +9,6 @@ use std::time::Duration;
 use kpr_lab::tool::UdpMode;
 use kpr_lab::{Lab, LabSpec};
 
-fn netns_names() -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn lab_up_traffic_down() {
     if kpr_lab::skip_unless_root("lab_up_traffic_down") {
@@ -41,7 +29,7 @@ fn lab_up_traffic_down() {
     assert!(lab.cgroup_dir().join("cgroup.procs").is_file());
     assert!(lab.bpffs_dir().is_dir());
     {
-        let names = netns_names();
+        let names = kpr_lab::ip_netns_names();
         assert!(names.contains(&lab.node_ns().to_string()), "{names:?}");
         for n in &ns {
             assert!(names.contains(n), "{n} missing from {names:?}");
@@ -123,7 +111,7 @@ fn lab_up_traffic_down() {
     let work_dir = lab.work_dir().to_path_buf();
     drop(lab);
 
-    let names = netns_names();
+    let names = kpr_lab::ip_netns_names();
     assert!(
         !names.iter().any(|n| n.starts_with(&format!("{prefix}-"))),
         "left: {names:?}"
@@ -168,9 +156,9 @@ fn persistent_lab() {
             .expect("connect-once");
         assert_eq!(r.backend.as_deref(), Some("be1"), "{r:?}");
     } // attached: dropping does not tear down
-    assert!(netns_names().contains(&format!("{prefix}-node")));
+    assert!(kpr_lab::ip_netns_names().contains(&format!("{prefix}-node")));
     assert!(kpr_lab::down(&prefix).expect("down"));
-    assert!(!netns_names()
+    assert!(!kpr_lab::ip_netns_names()
         .iter()
         .any(|n| n.starts_with(&format!("{prefix}-"))));
     assert!(!kpr_lab::down(&prefix).expect("down again"));
@@ -201,10 +189,10 @@ fn stale_lab_is_collected() {
         return;
     }
     let prefix = kpr_lab::run_aborting_child("child_builds_lab_and_aborts", "KPR_LAB_SMOKE_CHILD");
-    assert!(netns_names().contains(&format!("{prefix}-node")));
+    assert!(kpr_lab::ip_netns_names().contains(&format!("{prefix}-node")));
     let n = kpr_lab::cleanup_stale().expect("cleanup_stale");
     assert!(n >= 1);
-    assert!(!netns_names()
+    assert!(!kpr_lab::ip_netns_names()
         .iter()
         .any(|n| n.starts_with(&format!("{prefix}-"))));
     assert!(!std::path::Path::new("/run/kpr-lab").join(&prefix).exists());

@@ -16,20 +16,8 @@ fn labtool() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kpr-labtool"))
 }
 
-fn netns_names() -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
-}
-
 fn lab_namespaces_left(prefix: &str) -> Vec<String> {
-    netns_names()
+    kpr_lab::ip_netns_names()
         .into_iter()
         .filter(|n| n.starts_with(&format!("{prefix}-")))
         .collect()
@@ -140,7 +128,7 @@ fn two_nodes_traffic_down() {
     assert_eq!(cl2.ip.to_string(), "10.244.2.21");
     assert_eq!(lab.pod("ext"), Some(&ext));
     {
-        let names = netns_names();
+        let names = kpr_lab::ip_netns_names();
         let mut expect: Vec<String> = lab.nodes().iter().map(|n| n.ns.clone()).collect();
         expect.extend(lab.pods().iter().map(|p| p.ns.clone()));
         expect.push(format!("{prefix}-fab"));
@@ -339,7 +327,7 @@ fn persistent_two_node_lab() {
         }
         assert!(cgroup_of(&lab, &be2).ends_with(&format!("/{prefix}/node2")));
     } // attached: dropping does not tear down
-    let names = netns_names();
+    let names = kpr_lab::ip_netns_names();
     for role in ["node", "node2", "fab", "ext", "be2"] {
         assert!(
             names.contains(&format!("{prefix}-{role}")),
@@ -391,7 +379,7 @@ fn stale_two_node_lab_is_collected() {
         "child_builds_two_node_lab_and_aborts",
         "KPR_LAB_MULTINODE_CHILD",
     );
-    let names = netns_names();
+    let names = kpr_lab::ip_netns_names();
     for role in ["node", "node2", "fab", "ext"] {
         assert!(
             names.contains(&format!("{prefix}-{role}")),
