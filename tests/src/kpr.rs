@@ -1,10 +1,11 @@
 //! Running the kpr agent for a lab: in a node's network namespace, attached to that node's
 //! cgroup, pinning in that node's bpffs, reading a manifest directory (or an API server).
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
@@ -15,6 +16,10 @@ type Result<T> = std::result::Result<T, LabError>;
 /// How long to wait for kpr's first sync (a 100,000-service manifest takes a while to parse).
 const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long a change may take to be programmed before a test gives up (a bound for a loaded
+/// machine, not a latency claim: the benchmark measures latency).
+pub const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The part of kpr's `--status-file` the lab reads.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct KprStatus {
@@ -24,7 +29,29 @@ pub struct KprStatus {
     pub first_sync_after_start_ms: Option<f64>,
     pub model_errors: usize,
     #[serde(default)]
-    pub counters: std::collections::BTreeMap<String, u64>,
+    pub counters: BTreeMap<String, u64>,
+    /// When `counters` were read (ms since the epoch).
+    #[serde(default)]
+    pub counters_unix_ms: u128,
+    /// Every frontend the last successful sync programmed (`10.96.0.10:80/tcp`).
+    #[serde(default)]
+    pub frontends: BTreeMap<String, FrontendStatus>,
+}
+
+/// One programmed frontend in kpr's status.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct FrontendStatus {
+    /// `ip:port`, sorted; empty: refused.
+    pub backends: Vec<String>,
+    /// For traffic from outside the node, where it differs from `backends`.
+    #[serde(default)]
+    pub external_backends: Option<Vec<String>>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    #[serde(default)]
+    pub affinity_timeout_s: Option<u64>,
+    /// `loadBalancerSourceRanges`.
+    #[serde(default)]
+    pub source_ranges: Vec<String>,
 }
 
 /// A running kpr. Killed when dropped (its programs detach; pins stay in the lab's bpffs
@@ -136,24 +163,29 @@ impl Kpr {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Waits (bounded) until kpr has completed `n` successful syncs; fails early if it exits.
-    pub fn wait_for_syncs(&mut self, n: u64, timeout: Duration) -> Result<KprStatus> {
+    /// Waits (bounded) until kpr's status satisfies `pred`; fails early if kpr exits, and on
+    /// timeout names `what` and shows the last status and kpr's log.
+    pub fn wait_for_status(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&KprStatus) -> bool,
+    ) -> Result<KprStatus> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self.status() {
-                if s.syncs >= n {
-                    return Ok(s);
-                }
+            let status = self.status();
+            if let Some(s) = status.as_ref().filter(|s| pred(s)) {
+                return Ok(s.clone());
             }
             if let Ok(Some(exit)) = self.process.try_wait() {
                 return Err(LabError::Other(format!(
-                    "kpr exited ({exit}) before its sync #{n}; log:\n{}",
+                    "kpr exited ({exit}) before {what}; log:\n{}",
                     self.log()
                 )));
             }
             if Instant::now() > deadline {
                 return Err(LabError::Other(format!(
-                    "kpr did not complete sync #{n} within {timeout:?}; log:\n{}",
+                    "kpr: no {what} within {timeout:?}; last status: {status:?}; log:\n{}",
                     self.log()
                 )));
             }
@@ -161,28 +193,69 @@ impl Kpr {
         }
     }
 
-    /// Waits (bounded) until kpr's datapath counter `name` reaches `at_least`; kpr refreshes
-    /// the counters in its status file every second.
+    /// Waits (bounded) until kpr has completed `n` successful syncs.
+    pub fn wait_for_syncs(&mut self, n: u64, timeout: Duration) -> Result<KprStatus> {
+        self.wait_for_status(&format!("sync #{n}"), timeout, |s| s.syncs >= n)
+    }
+
+    /// Waits until kpr has programmed `frontend` (as kpr names it: `10.96.0.10:80/tcp`) with
+    /// exactly `backends` (`ip:port`, any order) for clients on the node. An empty list waits
+    /// for the frontend to be programmed as refused (no endpoints).
+    pub fn wait_for_backends(&mut self, frontend: &str, backends: &[&str]) -> Result<KprStatus> {
+        let mut want: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+        want.sort();
+        self.wait_for_frontend(frontend, &format!("backends {want:?}"), |f| {
+            f.backends == want
+        })
+    }
+
+    /// Waits until kpr has programmed `frontend` so that `pred` holds (`what` names it).
+    pub fn wait_for_frontend(
+        &mut self,
+        frontend: &str,
+        what: &str,
+        pred: impl Fn(&FrontendStatus) -> bool,
+    ) -> Result<KprStatus> {
+        self.wait_for_status(
+            &format!("{frontend} programmed with {what}"),
+            PROGRAMMED_TIMEOUT,
+            |s| s.frontends.get(frontend).is_some_and(&pred),
+        )
+    }
+
+    /// Waits until kpr no longer programs `frontend`.
+    pub fn wait_for_no_frontend(&mut self, frontend: &str) -> Result<KprStatus> {
+        self.wait_for_status(
+            &format!("sync that removed {frontend}"),
+            PROGRAMMED_TIMEOUT,
+            |s| s.syncs > 0 && !s.frontends.contains_key(frontend),
+        )
+    }
+
+    /// kpr's datapath counters as read after this call: waits for the status refresh that
+    /// follows (kpr refreshes them every second), so they include all traffic that ended
+    /// before the call.
+    pub fn counters_now(&mut self) -> Result<BTreeMap<String, u64>> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        self.wait_for_status("counter refresh", PROGRAMMED_TIMEOUT, |s| {
+            s.counters_unix_ms > now
+        })
+        .map(|s| s.counters)
+    }
+
+    /// Waits (bounded) until kpr's datapath counter `name` reaches `at_least`.
     pub fn wait_for_counter(
-        &self,
+        &mut self,
         name: &str,
         at_least: u64,
         timeout: Duration,
     ) -> Result<KprStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status().unwrap_or_default();
-            if status.counters.get(name).copied().unwrap_or(0) >= at_least {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                return Err(LabError::Other(format!(
-                    "counter {name} did not reach {at_least} within {timeout:?}: {:?}",
-                    status.counters
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_status(&format!("counter {name} >= {at_least}"), timeout, |s| {
+            s.counters.get(name).copied().unwrap_or(0) >= at_least
+        })
     }
 
     /// kpr's log so far (stderr and stdout).

@@ -43,13 +43,15 @@ mod error;
 pub mod kpr;
 mod lab;
 mod netns;
+pub mod preconditions;
 mod process;
 mod state;
 pub mod tool;
 
 pub use error::LabError;
 pub use lab::{node_fabric_ip, Lab, LabNode, LabSpec, Pod, PodRole, EXTERNAL_CLIENT_IP, MAX_NODES};
-pub use netns::in_netns;
+pub use netns::{in_netns, TestNetns};
+pub use preconditions::{is_root, require_lab};
 pub use process::{run_bounded, ProcessGuard};
 pub use state::{cleanup_stale, down, down_all, LabState, PERSISTENT_PREFIX};
 
@@ -57,23 +59,6 @@ use std::path::PathBuf;
 
 /// Where every lab keeps its mounts and files: `/run/kpr-lab/<prefix>/`.
 pub const LAB_RUN_DIR: &str = "/run/kpr-lab";
-
-/// Whether the current process runs as root (the lab needs CAP_SYS_ADMIN and CAP_NET_ADMIN).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// For tests: returns `true` (after printing a note) when the test must be skipped because
-/// the process is not root.
-pub fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        false
-    } else {
-        eprintln!("note: skipping {test}: the lab needs root");
-        true
-    }
-}
 
 /// Locates the `kpr-labtool` binary: `$KPR_LABTOOL` if set; else next to the current
 /// executable (`target/<profile>/kpr-labtool`), or in its parent directory (tests run from

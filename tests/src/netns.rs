@@ -72,3 +72,62 @@ where
         }
     })
 }
+
+/// A network namespace for one test, with a unique name (`<prefix>-<pid>-<n>`, so tests run
+/// in parallel), loopback up, deleted on drop even when the test fails.
+pub struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    /// Creates the namespace; panics (it is for tests) if `ip netns add` fails.
+    pub fn new(prefix: &str) -> TestNetns {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]).unwrap_or_else(|e| panic!("{e}"));
+        let ns = TestNetns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `ip netns exec <ns> <args>` with `stdin` as input: its output, whatever the exit status.
+    pub fn exec(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        run_bounded(cmd, stdin, CMD_TIMEOUT)
+            .unwrap_or_else(|e| panic!("ip netns exec {} {args:?}: {e}", self.name))
+    }
+
+    /// Runs `f` on a thread that joined this namespace (checked: code under test never runs in
+    /// the caller's namespace by mistake).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let here = || std::fs::read_link("/proc/thread-self/ns/net").ok();
+        let outside = here();
+        in_netns(&self.name, || {
+            assert_ne!(here(), outside, "setns did not switch namespace");
+            f()
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "delete", &self.name]);
+    }
+}

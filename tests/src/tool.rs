@@ -326,13 +326,15 @@ pub enum UdpMode {
     Connected,
 }
 
-/// `count` UDP request/response pairs.
+/// `count` UDP request/response pairs; fewer if `stop_file` (checked before each request)
+/// appears first, so a test can keep a flow alive until it has seen what it waits for.
 pub fn udp_spread(
     target: SocketAddr,
     count: u64,
     mode: UdpMode,
     timeout: Duration,
     interval: Duration,
+    stop_file: Option<&std::path::Path>,
 ) -> UdpSpread {
     let mut r = UdpSpread {
         target: target.to_string(),
@@ -354,6 +356,9 @@ pub fn udp_spread(
     for i in 0..count {
         if i > 0 && !interval.is_zero() {
             std::thread::sleep(interval);
+        }
+        if stop_file.is_some_and(|f| f.exists()) {
+            break;
         }
         let res = (|| -> io::Result<(usize, SocketAddr)> {
             let sock = match (mode, &shared) {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr};
-use kpr_lab::{skip_unless_root, Lab, LabSpec};
+use kpr_lab::{Lab, LabSpec};
 
 const VIP: &str = "10.96.0.10:80";
 
@@ -74,28 +74,23 @@ impl Setup {
         Setup { lab, kpr, file }
     }
 
-    fn update(&mut self, manifest: &str) {
-        let before = self.kpr.status().map(|s| s.syncs).unwrap_or(0);
+    /// Replaces the manifest and waits until kpr has programmed `backends` (IPs) for the VIP.
+    fn update(&mut self, manifest: &str, backends: &[&str]) {
         write(&self.file, manifest);
-        self.kpr
-            .wait_for_syncs(before + 1, Duration::from_secs(5))
-            .unwrap();
+        let want: Vec<String> = backends.iter().map(|ip| format!("{ip}:8080")).collect();
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        self.kpr.wait_for_backends(FRONTEND, &want).unwrap();
     }
 
-    /// The `affinity_reused` counter once kpr's status has caught up with the traffic so far
-    /// (the status refreshes every second).
-    fn reused(&self) -> u64 {
-        std::thread::sleep(Duration::from_millis(1200));
-        self.kpr
-            .status()
-            .unwrap()
-            .counters
-            .get("affinity_reused")
-            .copied()
-            .unwrap_or(0)
+    /// The `affinity_reused` counter, read after every connection made so far.
+    fn reused(&mut self) -> u64 {
+        self.kpr.counters_now().unwrap()["affinity_reused"]
     }
 }
 
+const FRONTEND: &str = "10.96.0.10:80/tcp";
+
+const ALL_IPS: [&str; 3] = ["10.244.1.11", "10.244.1.12", "10.244.1.13"];
 const ALL: [(&str, &str); 3] = [
     ("10.244.1.11", "node1"),
     ("10.244.1.12", "node1"),
@@ -104,9 +99,7 @@ const ALL: [(&str, &str); 3] = [
 
 #[test]
 fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
-    if skip_unless_root("affinity") {
-        return;
-    }
+    kpr_lab::require_lab("affinity");
     let mut s = Setup::new("aff", 2, &manifest(Some(2), false, &ALL));
     let (c1, c2) = (s.lab.clients()[0].clone(), s.lab.clients()[1].clone());
     let vip: SocketAddr = VIP.parse().unwrap();
@@ -128,7 +121,8 @@ fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
         "client 2 reused client 1's affinity"
     );
 
-    // After the 2 s timeout since the last new connection, a new choice is made.
+    // After the 2 s timeout since the last new connection, a new choice is made. (Sleeping is
+    // the condition here: expiry compares timestamps, so any wait of at least 2 s expires it.)
     std::thread::sleep(Duration::from_millis(2300));
     let before = s.reused();
     let r = s.lab.tcp_spread(&c1, vip, 1).unwrap();
@@ -145,7 +139,8 @@ fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
         .filter(|(ip, _)| *ip != ip_of(&current))
         .collect();
     assert_eq!(keep.len(), 2);
-    s.update(&manifest(Some(2), false, &keep));
+    let keep_ips: Vec<&str> = keep.iter().map(|(ip, _)| *ip).collect();
+    s.update(&manifest(Some(2), false, &keep), &keep_ips);
     let moved = s.lab.tcp_spread(&c1, vip, 10).unwrap();
     assert_eq!(moved.errors, 0, "{moved:?}");
     assert!(
@@ -154,20 +149,26 @@ fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
     );
 
     // Switching affinity off on the live Service spreads the same client again.
-    s.update(&manifest(None, false, &ALL));
+    s.update(&manifest(None, false, &ALL), &ALL_IPS);
+    s.kpr
+        .wait_for_frontend(FRONTEND, "no affinity", |f| f.affinity_timeout_s.is_none())
+        .unwrap();
     let spread = s.lab.tcp_spread(&c1, vip, 60).unwrap();
     assert!(spread.counts.len() >= 2, "affinity still on: {spread:?}");
     // And on again.
-    s.update(&manifest(Some(60), false, &ALL));
+    s.update(&manifest(Some(60), false, &ALL), &ALL_IPS);
+    s.kpr
+        .wait_for_frontend(FRONTEND, "affinity 60 s", |f| {
+            f.affinity_timeout_s == Some(60)
+        })
+        .unwrap();
     let sticky = s.lab.tcp_spread(&c1, vip, 30).unwrap();
     assert_eq!(sticky.counts.len(), 1, "affinity not back on: {sticky:?}");
 }
 
 #[test]
 fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
-    if skip_unless_root("itp_local") {
-        return;
-    }
+    kpr_lab::require_lab("itp_local");
     let eps = [
         ("10.244.1.11", "node1"),
         ("10.244.1.12", "node2"),
@@ -180,7 +181,10 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
     assert_eq!(r.errors, 0, "{r:?}");
     assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
     // Cluster policy again: every endpoint.
-    s.update(&manifest(None, false, &eps));
+    s.update(
+        &manifest(None, false, &eps),
+        &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
+    );
     let r = s.lab.tcp_spread(&c, vip, 90).unwrap();
     assert_eq!(r.counts.len(), 3, "{r:?}");
 }

@@ -1,18 +1,14 @@
 //! `kpr cleanup` after the agent stopped leaves nothing of kpr behind on the node: no nftables
 //! table, no program on the cgroup, no pinned map. In the lab, with the real binary.
 
-use std::time::Duration;
-
 use kpr_lab::kpr::{kpr_path, Kpr};
-use kpr_lab::{skip_unless_root, Lab, LabSpec};
+use kpr_lab::{Lab, LabSpec};
 
 const MANIFEST: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: demo\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints: []\n";
 
 #[test]
 fn cleanup_removes_the_table_programs_and_pins() {
-    if skip_unless_root("cleanup_lab") {
-        return;
-    }
+    kpr_lab::require_lab("cleanup_lab");
     let lab = Lab::up(LabSpec {
         prefix: Lab::unique_prefix("clean"),
         ..LabSpec::default()
@@ -77,7 +73,5 @@ fn cleanup_removes_the_table_programs_and_pins() {
         "programs left on the cgroup: {progs}"
     );
     assert_eq!(pinned(&pins), Vec::<String>::new(), "pins left behind");
-    // And the lab still tears down cleanly (checked by Drop); give the kernel a moment to
-    // release the detached programs' references.
-    std::thread::sleep(Duration::from_millis(100));
+    // And the lab still tears down cleanly (checked by Drop).
 }

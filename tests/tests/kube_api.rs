@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use kpr_fake_apiserver::{FakeApiServer, Kind};
 use kpr_lab::kpr::{kpr_path, Kpr};
-use kpr_lab::{in_netns, skip_unless_root, Lab, LabSpec};
+use kpr_lab::{in_netns, Lab, LabSpec};
 use serde_json::json;
 
 const NODE: &str = "node1";
+const FRONTEND: &str = "10.96.0.10:80/tcp";
 const TRIGGER: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 fn service() -> serde_json::Value {
@@ -132,9 +133,7 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn kpr_follows_the_api_server_serves_traffic_health_and_metrics() {
-    if skip_unless_root("kube_api") {
-        return;
-    }
+    kpr_lab::require_lab("kube_api");
     let (lab, api) = lab_with_api("api");
     api.apply(service());
     api.apply(slice(&["10.244.1.11", "10.244.1.12", "10.244.1.13"], None));
@@ -155,10 +154,9 @@ fn kpr_follows_the_api_server_serves_traffic_health_and_metrics() {
     assert_eq!(code, 200);
 
     // An EndpointSlice change through the API, stamped like the EndpointSlice controller does.
-    let syncs = kpr.status().map(|s| s.syncs).unwrap_or(0);
     let written = Instant::now();
     api.apply(slice(&["10.244.1.11", "10.244.1.12"], Some(&now_rfc3339())));
-    kpr.wait_for_syncs(syncs + 1, Duration::from_secs(5))
+    kpr.wait_for_backends(FRONTEND, &["10.244.1.11:8080", "10.244.1.12:8080"])
         .unwrap();
     let applied = written.elapsed();
     let r = lab.tcp_spread(&client, vip, 100).unwrap();
@@ -170,6 +168,8 @@ fn kpr_follows_the_api_server_serves_traffic_health_and_metrics() {
 
     let (code, metrics) = http_get(lab.node_ns(), "127.0.0.1:10249", "/metrics");
     assert_eq!(code, 200);
+    // The histogram is recorded by the sync that programmed the change, before the status
+    // that showed it was written.
     let count = sample(
         &metrics,
         "kubeproxy_network_programming_duration_seconds_count",
@@ -191,7 +191,8 @@ fn kpr_follows_the_api_server_serves_traffic_health_and_metrics() {
         latency * 1e3,
         applied.as_secs_f64() * 1e3
     );
-    assert!(latency < 5.0, "latency {latency} s");
+    // A sanity bound (the change was stamped just before the write), not a latency claim.
+    assert!(latency < 60.0, "latency {latency} s");
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -203,22 +204,23 @@ fn kpr_follows_the_api_server_serves_traffic_health_and_metrics() {
         );
     }
 
-    // A Service deleted through the API stops being translated.
-    let syncs = kpr.status().map(|s| s.syncs).unwrap_or(0);
+    // A Service deleted through the API stops being translated: the connection goes to the
+    // ClusterIP itself, which the lab's node does not route, and kpr's hook saw nothing.
     api.delete(Kind::Service, "demo", "echo");
-    kpr.wait_for_syncs(syncs + 1, Duration::from_secs(5))
-        .unwrap();
+    kpr.wait_for_no_frontend(FRONTEND).unwrap();
+    let before = kpr.counters_now().unwrap();
     let once = lab
-        .connect_once(&client, vip, Duration::from_millis(500))
+        .connect_once(&client, vip, Duration::from_secs(2))
         .unwrap();
-    assert!(!once.ok, "{once:?}");
+    assert_eq!(once.error.as_deref(), Some("ENETUNREACH"), "{once:?}");
+    let after = kpr.counters_now().unwrap();
+    assert_eq!(after["translated"], before["translated"]);
+    assert_eq!(after["drop_no_backend"], before["drop_no_backend"]);
 }
 
 #[test]
 fn kpr_keeps_serving_while_the_api_server_is_down() {
-    if skip_unless_root("kube_api_down") {
-        return;
-    }
+    kpr_lab::require_lab("kube_api_down");
     let (lab, api) = lab_with_api("apidown");
     api.apply(service());
     api.apply(slice(&["10.244.1.11", "10.244.1.12", "10.244.1.13"], None));
@@ -228,7 +230,19 @@ fn kpr_keeps_serving_while_the_api_server_is_down() {
 
     api.set_refusing(true);
     api.drop_connections();
-    std::thread::sleep(Duration::from_secs(2));
+    // Wait until kpr has noticed: both watches report the failure and keep the last state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !["Services", "EndpointSlices"]
+        .iter()
+        .all(|w| kpr.log().contains(&format!("{w} watch failing")))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "kpr did not notice the outage:\n{}",
+            kpr.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let r = lab.tcp_spread(&client, vip, 60).unwrap();
     assert_eq!(
         r.errors,
@@ -241,9 +255,7 @@ fn kpr_keeps_serving_while_the_api_server_is_down() {
 
 #[test]
 fn pods_reach_nodeports_on_the_nodes_address_and_external_ips() {
-    if skip_unless_root("kube_api_nodeport") {
-        return;
-    }
+    kpr_lab::require_lab("kube_api_nodeport");
     let (lab, api) = lab_with_api("apinp");
     let mut svc = service();
     svc["spec"]["type"] = json!("NodePort");

@@ -11,9 +11,7 @@ use kpr_lab::{Lab, LabSpec};
 
 #[test]
 fn lab_up_traffic_down() {
-    if kpr_lab::skip_unless_root("lab_up_traffic_down") {
-        return;
-    }
+    kpr_lab::require_lab("lab_up_traffic_down");
     if let Err(e) = kpr_lab::cleanup_stale() {
         eprintln!("note: cleanup_stale: {e}");
     }
@@ -129,9 +127,7 @@ fn labtool() -> PathBuf {
 /// A persistent lab outlives its `Lab` value; `attach` reuses it; `down` removes it.
 #[test]
 fn persistent_lab() {
-    if kpr_lab::skip_unless_root("persistent_lab") {
-        return;
-    }
+    kpr_lab::require_lab("persistent_lab");
     let spec = LabSpec {
         prefix: Lab::unique_prefix("keep"),
         backends: 1,
@@ -168,9 +164,10 @@ fn persistent_lab() {
 #[test]
 #[ignore = "run by stale_lab_is_collected in a child process"]
 fn child_builds_lab_and_aborts() {
-    if std::env::var_os("KPR_LAB_SMOKE_CHILD").is_none() {
-        return;
-    }
+    assert!(
+        std::env::var_os("KPR_LAB_SMOKE_CHILD").is_some(),
+        "a helper of stale_lab_is_collected, which runs it in a child process with KPR_LAB_SMOKE_CHILD set"
+    );
     let spec = LabSpec {
         prefix: Lab::unique_prefix("stale"),
         backends: 1,
@@ -185,9 +182,7 @@ fn child_builds_lab_and_aborts() {
 
 #[test]
 fn stale_lab_is_collected() {
-    if kpr_lab::skip_unless_root("stale_lab_is_collected") {
-        return;
-    }
+    kpr_lab::require_lab("stale_lab_is_collected");
     let prefix = kpr_lab::run_aborting_child("child_builds_lab_and_aborts", "KPR_LAB_SMOKE_CHILD");
     assert!(kpr_lab::ip_netns_names().contains(&format!("{prefix}-node")));
     let n = kpr_lab::cleanup_stale().expect("cleanup_stale");
@@ -198,35 +193,4 @@ fn stale_lab_is_collected() {
     assert!(!std::path::Path::new("/run/kpr-lab").join(&prefix).exists());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&prefix), "mounts left behind");
-}
-
-/// Direct pod → pod connection rate (the yardstick). Run with
-/// `cargo test -p kpr-lab --release --test lab_smoke -- --ignored bench_direct --nocapture`.
-#[test]
-#[ignore = "benchmark"]
-fn bench_direct() {
-    if kpr_lab::skip_unless_root("bench_direct") {
-        return;
-    }
-    let lab = Lab::up(LabSpec {
-        prefix: Lab::unique_prefix("bench"),
-        labtool: Some(labtool()),
-        ..LabSpec::default()
-    })
-    .expect("lab up");
-    let be = lab.backends()[0].clone();
-    for concurrency in [1, 2, 4] {
-        let r = lab
-            .bench_connect(
-                &lab.clients()[0],
-                SocketAddr::from((be.ip, 8080)),
-                Duration::from_secs(2),
-                concurrency,
-            )
-            .expect("bench");
-        println!(
-            "concurrency {concurrency}: {:.0} conn/s, p50 {} us, p99 {} us, errors {}",
-            r.per_sec, r.p50_us, r.p99_us, r.errors
-        );
-    }
 }

@@ -91,9 +91,7 @@ fn assert_all_gone(prefix: &str, work_dir: &Path, cgroup_dirs: &[PathBuf]) {
 
 #[test]
 fn two_nodes_traffic_down() {
-    if kpr_lab::skip_unless_root("two_nodes_traffic_down") {
-        return;
-    }
+    kpr_lab::require_lab("two_nodes_traffic_down");
     if let Err(e) = kpr_lab::cleanup_stale() {
         eprintln!("note: cleanup_stale: {e}");
     }
@@ -252,9 +250,7 @@ fn two_nodes_traffic_down() {
 /// A one-node lab can have an external client (and so a fabric) too.
 #[test]
 fn one_node_with_external_client() {
-    if kpr_lab::skip_unless_root("one_node_with_external_client") {
-        return;
-    }
+    kpr_lab::require_lab("one_node_with_external_client");
     let lab = Lab::up(LabSpec {
         prefix: Lab::unique_prefix("ext1"),
         labtool: Some(labtool()),
@@ -286,9 +282,7 @@ fn one_node_with_external_client() {
 /// every node, the fabric and the external client.
 #[test]
 fn persistent_two_node_lab() {
-    if kpr_lab::skip_unless_root("persistent_two_node_lab") {
-        return;
-    }
+    kpr_lab::require_lab("persistent_two_node_lab");
     let spec = LabSpec {
         backends_per_node: vec![1, 1],
         clients_per_node: vec![1, 0],
@@ -343,9 +337,10 @@ fn persistent_two_node_lab() {
 #[test]
 #[ignore = "run by stale_two_node_lab_is_collected in a child process"]
 fn child_builds_two_node_lab_and_aborts() {
-    if std::env::var_os("KPR_LAB_MULTINODE_CHILD").is_none() {
-        return;
-    }
+    assert!(
+        std::env::var_os("KPR_LAB_MULTINODE_CHILD").is_some(),
+        "a helper of stale_two_node_lab_is_collected, which runs it in a child process with KPR_LAB_MULTINODE_CHILD set"
+    );
     let lab = Lab::up(LabSpec {
         backends_per_node: vec![1, 1],
         clients_per_node: vec![0, 1],
@@ -372,9 +367,7 @@ fn child_builds_two_node_lab_and_aborts() {
 
 #[test]
 fn stale_two_node_lab_is_collected() {
-    if kpr_lab::skip_unless_root("stale_two_node_lab_is_collected") {
-        return;
-    }
+    kpr_lab::require_lab("stale_two_node_lab_is_collected");
     let prefix = kpr_lab::run_aborting_child(
         "child_builds_two_node_lab_and_aborts",
         "KPR_LAB_MULTINODE_CHILD",
@@ -392,21 +385,16 @@ fn stale_two_node_lab_is_collected() {
     assert_all_gone(&prefix, &work_dir, &[]);
 }
 
-/// `Kpr::start_on`: one kpr per node, each attached to its own node's cgroup only. Skipped
-/// (with a note) when the kpr binary is not built.
+/// `Kpr::start_on`: one kpr per node, each attached to its own node's cgroup only.
 #[test]
 fn one_kpr_per_node() {
-    if kpr_lab::skip_unless_root("one_kpr_per_node") {
-        return;
-    }
+    kpr_lab::require_lab("one_kpr_per_node");
     let bin = kpr_lab::kpr::kpr_path();
-    if !bin.is_file() {
-        eprintln!(
-            "note: skipping one_kpr_per_node: no kpr binary at {} (cargo build -p kpr, or set KPR_BIN)",
-            bin.display()
-        );
-        return;
-    }
+    assert!(
+        bin.is_file(),
+        "no kpr binary at {} (cargo build -p kpr, or set KPR_BIN)",
+        bin.display()
+    );
     let lab = Lab::up(two_node_spec("kpr2")).expect("lab up");
     let dir = lab.work_dir().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();

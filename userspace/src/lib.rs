@@ -3,6 +3,8 @@
 pub mod changes;
 pub mod config;
 pub mod ebpf;
+#[cfg(test)]
+mod golden;
 pub mod health;
 mod http_server;
 pub mod iptables;

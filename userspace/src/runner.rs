@@ -108,7 +108,54 @@ pub struct Status {
     pub last_report: SyncReport,
     pub model_errors: usize,
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// When `counters` were read: a reader that needs counters covering some traffic waits for
+    /// a refresh later than the traffic's end.
+    pub counters_unix_ms: u128,
     pub occupancy: Vec<MapOccupancy>,
+    /// Every frontend the last successful sync programmed, with its backends: what a reader
+    /// waits on to know that a change it made is in the dataplane (not merely that some sync
+    /// ran).
+    pub frontends: std::collections::BTreeMap<String, FrontendStatus>,
+}
+
+/// One programmed frontend in the status file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FrontendStatus {
+    /// Backends for clients on this node (`ip:port`, sorted); empty: refused.
+    pub backends: Vec<String>,
+    /// Backends for traffic from outside the node, where they differ from `backends`
+    /// (`externalTrafficPolicy: Local`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_backends: Option<Vec<String>>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_s: Option<u64>,
+    /// `loadBalancerSourceRanges` (CIDRs); empty: any source.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
+}
+
+impl FrontendStatus {
+    fn of(state: &model::ServicePortState) -> FrontendStatus {
+        let names = |bs: &[model::Backend]| bs.iter().map(ToString::to_string).collect();
+        FrontendStatus {
+            backends: names(&state.backends),
+            external_backends: (state.external_backends != state.backends)
+                .then(|| names(&state.external_backends)),
+            affinity_timeout_s: state.session_affinity.map(|d| d.as_secs()),
+            source_ranges: state
+                .load_balancer_source_ranges
+                .iter()
+                .map(|(ip, len)| format!("{ip}/{len}"))
+                .collect(),
+        }
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }
 
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -262,6 +309,13 @@ pub async fn run<D: Dataplane>(
                 if full {
                     next_full = Instant::now() + cfg.sync_period;
                 }
+                if cfg.status_file.is_some() {
+                    status.frontends = desired
+                        .services
+                        .iter()
+                        .map(|(fe, st)| (fe.to_string(), FrontendStatus::of(st)))
+                        .collect();
+                }
                 let now = SystemTime::now();
                 notify(&|o| {
                     o.desired_state(&desired);
@@ -283,10 +337,7 @@ pub async fn run<D: Dataplane>(
                 next_full = Instant::now() + RETRY_BACKOFF;
             }
         }
-        status.last_sync_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
+        status.last_sync_unix_ms = unix_ms(SystemTime::now());
         write_status(dataplane, &mut status, cfg);
     }
 }
@@ -294,6 +345,9 @@ pub async fn run<D: Dataplane>(
 /// Refreshes the datapath figures, hands them to the observers, and writes the status file if
 /// one is configured.
 fn write_status<D: Dataplane>(dataplane: &D, status: &mut Status, cfg: &RunnerConfig) {
+    // Stamped before the read, so that a stamp later than some instant means the counters were
+    // read after it.
+    status.counters_unix_ms = unix_ms(SystemTime::now());
     let counters = dataplane.counters();
     status.occupancy = dataplane.occupancy();
     for o in &cfg.observers {
@@ -308,7 +362,7 @@ fn write_status<D: Dataplane>(dataplane: &D, status: &mut Status, cfg: &RunnerCo
         .collect();
     // Write then rename, so a reader never sees half a file.
     let tmp = path.with_extension("tmp");
-    let result = serde_json::to_vec_pretty(status)
+    let result = serde_json::to_vec(status)
         .map_err(std::io::Error::from)
         .and_then(|bytes| std::fs::write(&tmp, bytes))
         .and_then(|()| std::fs::rename(&tmp, path));

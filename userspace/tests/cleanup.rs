@@ -1,5 +1,5 @@
 //! `kpr cleanup`, the real binary, run inside a test network namespace (`ip netns exec`) with
-//! a pin directory on a bpffs mounted in a temporary directory. Root only (skipped otherwise).
+//! a pin directory on a bpffs mounted in a temporary directory. Root only (fails otherwise).
 //!
 //! Safety: kpr's table is created and removed only in the test namespace (`kpr-nft-cleanup-…`,
 //! deleted on drop); the root namespace's netfilter tables are never touched. The bpffs lives
@@ -13,22 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kpr::nft::{NftTable, DEFAULT_MASQ_MARK};
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok()
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() || !have("bpftool") || !have("nft") {
-            eprintln!("skipped: needs root, bpftool and nft");
-            return;
-        }
-    };
+/// Loading programs, nftables and bpftool need root; fails (never passes untested) when
+/// not root or a tool is missing.
+#[track_caller]
+fn require() {
+    kpr_lab::preconditions::require("the cleanup tests", &["ip", "nft", "bpftool", "mount"]);
 }
 
 fn run(cmd: &str, args: &[&str]) {
@@ -169,7 +158,7 @@ fn pin_map(path: &Path) {
 
 #[test]
 fn cleanup_removes_kprs_table_and_pins_only() {
-    require_root!();
+    require();
     let ns = Netns::new();
     ns.create_kpr_table();
     let out = ns.exec(&["nft", "add table ip other; add chain ip other c"]);
@@ -219,7 +208,7 @@ fn cleanup_removes_kprs_table_and_pins_only() {
 /// A pin directory that is the bpffs mount itself: the pins go, the mount point stays.
 #[test]
 fn cleanup_keeps_a_mount_point() {
-    require_root!();
+    require();
     let ns = Netns::new();
     let fs = Bpffs::new();
     pin_map(&fs.mount.join("KPR_TEST"));
@@ -232,7 +221,7 @@ fn cleanup_keeps_a_mount_point() {
 
 #[test]
 fn cleanup_refuses_a_directory_not_on_a_bpffs() {
-    require_root!();
+    require();
     let ns = Netns::new();
     ns.create_kpr_table();
     let dir = tempfile::tempdir().unwrap();

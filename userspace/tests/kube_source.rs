@@ -123,7 +123,8 @@ fn start(server: &FakeApiServer, node_name: &str) -> Running {
 }
 
 impl Running {
-    /// Waits (bounded) for a published snapshot satisfying `pred`.
+    /// Waits (bounded) for a published snapshot satisfying `pred`, and for the collector
+    /// (another receiver, which may lag) to have recorded it or something newer.
     async fn wait_for(
         &mut self,
         what: &str,
@@ -132,8 +133,15 @@ impl Running {
     ) -> Arc<ClusterSnapshot> {
         let deadline = Instant::now() + bound;
         loop {
-            if let Some(s) = self.rx.borrow_and_update().clone() {
+            let current = self.rx.borrow_and_update().clone();
+            if let Some(s) = current {
                 if pred(&s) {
+                    let (published, rx) = (self.published.clone(), self.rx.clone());
+                    wait_until("the collector to record the snapshot", || {
+                        let newer = rx.borrow().as_ref().is_some_and(|c| !Arc::ptr_eq(c, &s));
+                        newer || published.lock().unwrap().iter().any(|p| Arc::ptr_eq(p, &s))
+                    })
+                    .await;
                     return s;
                 }
             }

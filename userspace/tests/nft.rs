@@ -1,4 +1,4 @@
-//! kpr's nftables table ([`kpr::nft`]) against the kernel. Root only (skipped otherwise).
+//! kpr's nftables table ([`kpr::nft`]) against the kernel. Root only (fails otherwise).
 //!
 //! Safety: nothing here touches the root network namespace's netfilter tables. Every test
 //! creates its own network namespaces (`kpr-nft-<pid>-<n>`, deleted on drop) and runs kpr's
@@ -17,22 +17,15 @@ use std::time::{Duration, Instant};
 use kpr::nft::{self, NftTable, DEFAULT_MASQ_MARK};
 use serde_json::Value;
 
+/// Network namespaces and nftables need root; fails (never passes untested) when
+/// not root or a tool is missing.
+#[track_caller]
+fn require() {
+    kpr_lab::preconditions::require("the nftables tests", &["ip", "nft"]);
+}
+
 const TCP: u8 = 6;
 const UDP: u8 = 17;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces and nftables)");
-            return;
-        }
-    };
-}
 
 /// A named network namespace of this test process, deleted on drop.
 struct Netns {
@@ -307,7 +300,7 @@ fn handles(json: &Value) -> Vec<(String, u64)> {
 
 #[test]
 fn apply_creates_the_table_chains_set_and_rules() {
-    require_root!();
+    require();
     let ns = Netns::new();
     assert!(ns.kpr_table().is_none());
     ns.run(|| {
@@ -346,7 +339,7 @@ fn apply_creates_the_table_chains_set_and_rules() {
 
 #[test]
 fn later_applies_replace_the_elements_in_place() {
-    require_root!();
+    require();
     let ns = Netns::new();
     let a = Ipv4Addr::new(10, 96, 0, 1);
     let b = Ipv4Addr::new(10, 96, 0, 2);
@@ -399,7 +392,7 @@ fn later_applies_replace_the_elements_in_place() {
 /// A new NftTable (a restarted agent) replaces a stale kpr table, whatever it holds.
 #[test]
 fn first_apply_replaces_a_stale_table() {
-    require_root!();
+    require();
     let ns = Netns::new();
     let out = ns.exec(&[
         "nft",
@@ -428,7 +421,7 @@ fn first_apply_replaces_a_stale_table() {
 /// Enough elements for a batch of several pages (sent as one netlink message).
 #[test]
 fn many_elements_in_one_transaction() {
-    require_root!();
+    require();
     let ns = Netns::new();
     let many: Vec<_> = (0..40_000u32)
         .map(|i| (Ipv4Addr::from(0x0a60_0000 + i), TCP, 80 + (i % 3) as u16))
@@ -445,7 +438,7 @@ fn many_elements_in_one_transaction() {
 
 #[test]
 fn other_tables_are_left_alone_and_delete_removes_only_kprs() {
-    require_root!();
+    require();
     let ns = Netns::new();
     ns.add_other_table();
     let other = ns.list_table("other").unwrap();
@@ -536,7 +529,7 @@ fn connect_from(ns: &Netns, to: SocketAddr) -> Result<TcpStream, (ErrorKind, Dur
 
 #[test]
 fn tcp_to_a_frontend_without_endpoints_is_refused_at_once() {
-    require_root!();
+    require();
     let pair = Pair::new();
     let server: SocketAddr = "10.250.0.2:8080".parse().unwrap();
     let listener = pair.node.run(|| TcpListener::bind(server).unwrap());
@@ -571,7 +564,7 @@ fn tcp_to_a_frontend_without_endpoints_is_refused_at_once() {
 
 #[test]
 fn udp_to_a_frontend_without_endpoints_gets_port_unreachable() {
-    require_root!();
+    require();
     let pair = Pair::new();
     let server: SocketAddr = "10.250.0.2:5353".parse().unwrap();
     let receiver = pair.node.run(|| std::net::UdpSocket::bind(server).unwrap());
@@ -665,7 +658,7 @@ impl Routed {
 
 #[test]
 fn marked_traffic_is_masqueraded_and_unmarked_and_forward_rejects() {
-    require_root!();
+    require();
     let net = Routed::new();
     let server: SocketAddr = "10.250.2.1:8080".parse().unwrap();
     let listener = net.server.run(|| TcpListener::bind(server).unwrap());

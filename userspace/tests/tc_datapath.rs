@@ -12,7 +12,7 @@
 //! connects over TCP. Everything is created by and deleted with the test (guards), and traffic
 //! only goes to addresses inside those namespaces.
 //!
-//! Root only: skipped with a note otherwise.
+//! Root only: fails, naming what is missing, otherwise.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ffi::CString;
@@ -37,6 +37,13 @@ use kpr_common::{
     SVC_FLAG_SOURCE_RANGES,
 };
 
+/// Loading programs, mounting bpffs/cgroup2 and building namespaces need root; fails (never passes untested) when
+/// not root or a tool is missing.
+#[track_caller]
+fn require() {
+    kpr_lab::preconditions::require("the tc datapath tests", &["ip", "nft", "mount"]);
+}
+
 const INGRESS: &str = "kpr_tc_ingress";
 const EGRESS: &str = "kpr_tc_egress";
 /// TC_ACT_UNSPEC: "no verdict", the packet goes on (see the tc module).
@@ -50,20 +57,6 @@ const NODE_PORT: u16 = 30080;
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: loading eBPF programs and mounting bpffs/cgroup2 need root");
-            return;
-        }
-    };
-}
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -454,7 +447,7 @@ fn addr(b: (u32, [u8; 4], u16)) -> (Ipv4Addr, u16) {
 
 #[test]
 fn nodeport_tcp_is_translated_with_valid_checksums_and_marked_for_masquerade() {
-    require_root!();
+    require();
     let mut env = Env::new();
     env.program(&nodeport(IPPROTO_TCP, 0, &[B1]));
     let syn = build(&tcp(CLIENT, 40000, NODE, NODE_PORT, TCP_SYN));
@@ -492,7 +485,7 @@ fn nodeport_tcp_is_translated_with_valid_checksums_and_marked_for_masquerade() {
 
 #[test]
 fn replies_are_translated_back_on_egress_with_valid_checksums() {
-    require_root!();
+    require();
     let mut env = Env::new();
     env.program(&nodeport(IPPROTO_TCP, 0, &[B1]));
     let (rc, _, _) = env.run(
@@ -527,7 +520,7 @@ fn replies_are_translated_back_on_egress_with_valid_checksums() {
 
 #[test]
 fn udp_is_translated_both_ways_and_a_zero_checksum_stays_zero() {
-    require_root!();
+    require();
     let mut env = Env::new();
     env.program(&nodeport(IPPROTO_UDP, 0, &[B3]));
     let (bip, bport) = addr(B3);
@@ -565,7 +558,7 @@ fn udp_is_translated_both_ways_and_a_zero_checksum_stays_zero() {
 
 #[test]
 fn a_flow_keeps_its_backend_and_flows_spread_over_all_backends() {
-    require_root!();
+    require();
     let mut env = Env::new();
     env.program(&nodeport(IPPROTO_TCP, 0, &[B1, B2, B3]));
     let mut seen = BTreeSet::new();
@@ -615,7 +608,7 @@ fn a_flow_keeps_its_backend_and_flows_spread_over_all_backends() {
 
 #[test]
 fn external_traffic_policy_local_keeps_the_client_and_drops_without_local_endpoints() {
-    require_root!();
+    require();
     let mut env = Env::new();
     env.program(&nodeport(IPPROTO_TCP, SVC_FLAG_EXT_LOCAL, &[B1]));
     let syn = build(&tcp(CLIENT, 40010, NODE, NODE_PORT, TCP_SYN));
@@ -643,7 +636,7 @@ fn external_traffic_policy_local_keeps_the_client_and_drops_without_local_endpoi
 
 #[test]
 fn load_balancer_source_ranges_allow_and_deny() {
-    require_root!();
+    require();
     let mut env = Env::new();
     let mut lb = nodeport(IPPROTO_TCP, SVC_FLAG_SOURCE_RANGES, &[B1]);
     lb.ip = Ipv4Addr::new(198, 51, 100, 200);
@@ -684,7 +677,7 @@ fn load_balancer_source_ranges_allow_and_deny() {
 
 #[test]
 fn session_affinity_keeps_a_client_address_on_one_backend() {
-    require_root!();
+    require();
     let mut env = Env::new();
     let mut svc = nodeport(IPPROTO_TCP, SVC_FLAG_AFFINITY, &[B1, B2, B3]);
     svc.affinity_timeout_s = 600;
@@ -716,7 +709,7 @@ fn session_affinity_keeps_a_client_address_on_one_backend() {
 
 #[test]
 fn packets_that_are_not_for_an_external_frontend_pass_untouched() {
-    require_root!();
+    require();
     let mut env = Env::new();
     env.program(&nodeport(IPPROTO_TCP, 0, &[B1]));
     let cases = [
@@ -768,7 +761,7 @@ fn packets_that_are_not_for_an_external_frontend_pass_untouched() {
 
 #[test]
 fn purge_removes_the_flows_of_backends_that_left() {
-    require_root!();
+    require();
     let mut env = Env::new();
     env.program(&nodeport(IPPROTO_TCP, 0, &[B1, B2]));
     for port in 44000..44020 {
@@ -799,7 +792,7 @@ fn purge_removes_the_flows_of_backends_that_left() {
 
 #[test]
 fn a_nodeport_programmed_by_the_syncer_is_served_by_the_tc_program() {
-    require_root!();
+    require();
     let mut env = Env::new();
     let backend = Backend {
         ip: IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5)),
@@ -1004,11 +997,7 @@ fn request(ns: &str, to: SocketAddr, msg: &str) -> Result<(String, SocketAddr), 
 
 #[test]
 fn real_traffic_nodeport_local_and_cluster_through_veths() {
-    require_root!();
-    if Command::new("nft").arg("--version").output().is_err() {
-        eprintln!("skipped: needs nft (the masquerade rule of the eTP=Cluster case)");
-        return;
-    }
+    require();
     let mut ns = Netns { names: Vec::new() };
     let client = ns.add("client");
     let node = ns.add("node");

@@ -34,6 +34,8 @@ enum Task {
     Bench(bench::Args),
     /// Regenerate deploy/*.yaml from deploy/gen
     GenDeploy,
+    /// Rewrite the golden files from kpr's current output (review the diff before committing).
+    Goldens,
 }
 
 fn main() -> Result<()> {
@@ -43,6 +45,7 @@ fn main() -> Result<()> {
         Task::Lab { action } => lab::run(action),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Goldens => test::goldens(),
         Task::Bench(args) => bench::run(args),
         Task::GenDeploy => build::run(
             std::process::Command::new("cargo")

@@ -55,6 +55,9 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 500)]
         timeout_ms: u64,
+        /// Stop early (before `count`) once this file exists.
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
     },
     /// Connection-rate loop (connect, 1 byte, response, RST) bounded by duration and max.
     BenchConnect {
@@ -118,6 +121,7 @@ fn main() -> anyhow::Result<()> {
             one_socket,
             timeout_ms,
             interval_ms,
+            stop_file,
         } => {
             let mode = if connected {
                 tool::UdpMode::Connected
@@ -132,6 +136,7 @@ fn main() -> anyhow::Result<()> {
                 mode,
                 ms(timeout_ms),
                 ms(interval_ms),
+                stop_file.as_deref(),
             ))
         }
         Cmd::BenchConnect {

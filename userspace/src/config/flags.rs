@@ -170,7 +170,8 @@ pub struct RunArgs {
     /// How often the manifest directory is checked for changes.
     #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration, help_heading = OWN)]
     pub manifest_poll: Duration,
-    /// Write a JSON status after every sync.
+    /// Write a JSON status after every sync and every second: sync counts, datapath counters,
+    /// and every programmed frontend with its backends (for tests, benchmarks and debugging).
     #[arg(long, value_name = "FILE", help_heading = OWN)]
     pub status_file: Option<PathBuf>,
     /// Comma-separated devices that receive traffic from outside the node (NodePort,

@@ -1,39 +1,23 @@
 //! Golden tests: each `tests/golden/config/NAME.yaml` is resolved as `kpr --config NAME.yaml`;
 //! the Settings (JSON) and the warnings are compared with `NAME.settings.golden` and
 //! `NAME.warnings.golden`, or, for `bad-*.yaml`, the error with `NAME.error.golden`.
-//! `KPR_UPDATE_GOLDEN=1 cargo test -p kpr config::golden` rewrites them.
+//! `cargo xtask goldens` rewrites them (the ignored `write_goldens` test); the test never does.
+//!
+//! These goldens are kpr's own output. The outside reference for what a kube-proxy
+//! configuration means is kube-proxy's defaulting and validation (pkg/proxy/apis/config); the
+//! inputs include an unchanged kubeadm ConfigMap for that reason.
 use std::path::{Path, PathBuf};
 
 use super::{from_args, Action};
+use crate::golden;
 
 /// Relative to the package, so that paths in messages are the same on every machine (cargo
 /// runs unit tests in the package's directory).
 const DIR: &str = "tests/golden/config";
 
-fn update() -> bool {
-    std::env::var_os("KPR_UPDATE_GOLDEN").is_some_and(|v| v == "1")
-}
-
-fn check(golden: &Path, actual: &str, failures: &mut Vec<String>) {
-    if update() {
-        std::fs::write(golden, actual).unwrap();
-        return;
-    }
-    match std::fs::read_to_string(golden) {
-        Ok(want) if want == actual => {}
-        Ok(want) => failures.push(format!(
-            "{}: differs (KPR_UPDATE_GOLDEN=1 rewrites)\n--- want\n{want}--- got\n{actual}",
-            golden.display()
-        )),
-        Err(e) => failures.push(format!(
-            "{}: {e} (KPR_UPDATE_GOLDEN=1 writes it)\n--- got\n{actual}",
-            golden.display()
-        )),
-    }
-}
-
-#[test]
-fn config_files_resolve_to_golden_settings_and_warnings() {
+/// Every golden file with the content kpr produces for it now, or a failure that is not a
+/// difference (an input that should fail and does not, or the other way round).
+fn expected() -> (Vec<(PathBuf, String)>, Vec<String>) {
     assert!(
         Path::new(DIR).is_dir(),
         "run from the kpr package directory"
@@ -45,6 +29,7 @@ fn config_files_resolve_to_golden_settings_and_warnings() {
         .collect();
     inputs.sort();
     assert!(inputs.len() >= 5, "golden inputs missing: {inputs:?}");
+    let mut files = Vec::new();
     let mut failures = Vec::new();
     for input in &inputs {
         let stem = input.file_stem().unwrap().to_str().unwrap();
@@ -55,18 +40,51 @@ fn config_files_resolve_to_golden_settings_and_warnings() {
                 let Action::Run(settings) = r.action else {
                     panic!("{stem}: not a run")
                 };
-                check(
-                    &golden("settings"),
-                    &(settings.to_json() + "\n"),
-                    &mut failures,
-                );
+                files.push((golden("settings"), settings.to_json() + "\n"));
                 let warnings: String = r.warnings.iter().map(|w| format!("{w}\n")).collect();
-                check(&golden("warnings"), &warnings, &mut failures);
+                files.push((golden("warnings"), warnings));
             }
-            (true, Err(e)) => check(&golden("error"), &format!("{e}\n"), &mut failures),
+            (true, Err(e)) => files.push((golden("error"), format!("{e}\n"))),
             (false, Err(e)) => failures.push(format!("{stem}: unexpected error: {e}")),
             (true, Ok(_)) => failures.push(format!("{stem}: expected an error")),
         }
     }
+    (files, failures)
+}
+
+#[test]
+fn config_files_resolve_to_golden_settings_and_warnings() {
+    let (files, mut failures) = expected();
+    for (path, actual) in &files {
+        if let Err(e) = golden::compare(path, actual) {
+            failures.push(e);
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+#[ignore = "rewrites the golden files: run by `cargo xtask goldens`"]
+fn write_goldens() {
+    let (files, failures) = expected();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    for (path, actual) in &files {
+        let what = format!(
+            "`kpr --config {}.yaml`: {}",
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .split('.')
+                .next()
+                .unwrap_or(""),
+            if path.to_string_lossy().ends_with(".error.golden") {
+                "the error"
+            } else if path.to_string_lossy().ends_with(".warnings.golden") {
+                "the warnings"
+            } else {
+                "the resolved settings"
+            }
+        );
+        golden::write(path, &golden::self_made_header(&what), actual);
+    }
 }
