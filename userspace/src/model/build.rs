@@ -1,0 +1,227 @@
+//! The builder: checked Services and slices, categorised endpoints and the node's context →
+//! the desired state, with conflicts between Services settled.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::categorize::{categorize, Endpoints};
+use super::service::{parse_service, ServiceView};
+use super::slice::{parse_slice, SliceView};
+use super::*;
+
+/// Builds the desired state without knowing the node: ClusterIP, externalIP and load-balancer
+/// frontends, no NodePort frontends (no node addresses), and no endpoint is local (so
+/// `internalTrafficPolicy: Local` ClusterIPs and `externalTrafficPolicy: Local` external traffic
+/// have no backends). Same as [`build_for_node`] with an empty [`NodeContext`].
+pub fn build(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<ModelError>) {
+    build_for_node(services, slices, &NodeContext::default())
+}
+
+/// Builds the desired state for the node described by `ctx`. Invalid objects are skipped (their
+/// errors returned alongside) and never affect other objects.
+///
+/// Conflicts (a frontend claimed by two Services) are settled per Service, never by serving half
+/// a Service: Services are taken in namespace/name order, and one that would claim a frontend
+/// already taken is dropped as a whole and reported. ClusterIP frontends are claimed first, for
+/// all Services, and external frontends (NodePort, externalIP, load-balancer IP) after them, so
+/// an externalIP or load-balancer status naming another Service's ClusterIP:port drops its own
+/// Service, never the ClusterIP's owner (externalIPs are user-chosen; cf. CVE-2020-8554). A
+/// Service dropped in the second round releases its ClusterIPs; Services dropped earlier for
+/// them are not reconsidered. Within one Service, an address listed under two kinds (an
+/// externalIP equal to its own ClusterIP, say) is served once, as the first of ClusterIP,
+/// externalIP, load-balancer IP, NodePort (the order of kube-proxy's rules).
+pub fn build_for_node(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    ctx: &NodeContext,
+) -> (DesiredState, Vec<ModelError>) {
+    let mut errors = Vec::new();
+
+    let mut slices_by_service: BTreeMap<(&str, &str), Vec<SliceView<'_>>> = BTreeMap::new();
+    for slice in slices {
+        match parse_slice(slice) {
+            Ok(Some(view)) => slices_by_service
+                .entry((view.namespace, view.service))
+                .or_default()
+                .push(view),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+
+    let mut views = Vec::new();
+    for svc in services {
+        match parse_service(svc) {
+            Ok(Some(view)) => views.push(view),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    // Processing in name order makes the winner of any conflict independent of input order.
+    views.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+
+    let mut state = DesiredState::default();
+    let mut seen = BTreeSet::new();
+    // Round one: ClusterIP frontends. Two Services claiming one ClusterIP:port is something the
+    // API server prevents; from hand-written manifests it can happen.
+    let mut kept = Vec::new();
+    for view in &views {
+        if !seen.insert((view.namespace, view.name)) {
+            errors.push(view.error("defined more than once; the first definition is used"));
+            continue;
+        }
+        let slices = slices_by_service
+            .get(&(view.namespace, view.name))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let (internal, external): (Vec<_>, Vec<_>) = service_ports(view, slices, ctx)
+            .into_iter()
+            .partition(|(_, s)| s.kind == FrontendKind::ClusterIp);
+        if let Some(e) = conflict(&state, view, &internal) {
+            errors.push(e);
+            continue;
+        }
+        let internal_frontends: Vec<Frontend> = internal.iter().map(|(f, _)| *f).collect();
+        state.services.extend(internal);
+        kept.push((view, internal_frontends, external));
+    }
+    // Round two: external frontends.
+    for (view, internal, external) in kept {
+        if let Some(e) = conflict(&state, view, &external) {
+            errors.push(e);
+            for f in &internal {
+                state.services.remove(f);
+            }
+            continue;
+        }
+        state.services.extend(external);
+    }
+    (state, errors)
+}
+
+/// The error for the first of `ports` that `state` already serves.
+pub(super) fn conflict(
+    state: &DesiredState,
+    view: &ServiceView<'_>,
+    ports: &[(Frontend, ServicePortState)],
+) -> Option<ModelError> {
+    ports.iter().find_map(|(f, _)| {
+        state
+            .services
+            .get(f)
+            .map(|owner| view.error(&format!("frontend {f} is already used by {}", owner.name)))
+    })
+}
+
+/// The frontends of one Service with their backends. A frontend listed twice within the
+/// Service keeps its first kind, in kube-proxy's rule order: ClusterIP, externalIP,
+/// load-balancer IP (per port, as in `KUBE-SERVICES`), then NodePorts (`KUBE-NODEPORTS`, last).
+pub(super) fn service_ports(
+    view: &ServiceView<'_>,
+    slices: &[SliceView<'_>],
+    ctx: &NodeContext,
+) -> BTreeMap<Frontend, ServicePortState> {
+    let node = ctx.node_name.as_deref().filter(|n| !n.is_empty());
+    // kube-proxy runs one proxier per family, and each proxies only the Services with a
+    // ClusterIP of its family: an externalIP, LB IP or node address of another family is unused.
+    let families: BTreeSet<Family> = view.ips.iter().map(|&ip| Family::of(ip)).collect();
+    let in_families = |ip: &&IpAddr| families.contains(&Family::of(**ip));
+
+    let mut endpoints: BTreeMap<(usize, Family), Endpoints> = BTreeMap::new();
+    let mut local_ready: BTreeMap<Family, usize> = BTreeMap::new();
+    for (i, port) in view.ports.iter().enumerate() {
+        for &family in &families {
+            let e = categorize(family, port, slices, node);
+            *local_ready.entry(family).or_default() += e.local_ready;
+            endpoints.insert((i, family), e);
+        }
+    }
+
+    let mut out = BTreeMap::new();
+    let mut add = |i: usize, kind: FrontendKind, ip: IpAddr, port: u16| {
+        let sp = &view.ports[i];
+        let frontend = Frontend {
+            ip,
+            port,
+            protocol: sp.protocol,
+        };
+        if let Some(first) = out.get(&frontend).map(|s: &ServicePortState| s.kind) {
+            tracing::debug!(
+                "Service {}/{}: {frontend} is both {first:?} and {kind:?}; served as {first:?}",
+                view.namespace,
+                view.name
+            );
+            return;
+        }
+        let family = Family::of(ip);
+        let e = &endpoints[&(i, family)];
+        let (backends, external_backends, external_snat) = if kind.is_external() {
+            // kube-proxy's short circuit: traffic from this node to an external destination
+            // gets the cluster endpoints, whatever the policies.
+            let external = if view.external_local {
+                e.local.clone()
+            } else {
+                e.cluster.clone()
+            };
+            let snat = !view.external_local && external.iter().any(|b| !e.local.contains(b));
+            (e.cluster.clone(), external, snat)
+        } else {
+            let internal = if view.internal_local {
+                e.local.clone()
+            } else {
+                e.cluster.clone()
+            };
+            (internal.clone(), internal, false)
+        };
+        out.insert(
+            frontend,
+            ServicePortState {
+                name: ServicePortName {
+                    namespace: view.namespace.to_owned(),
+                    name: view.name.to_owned(),
+                    port: sp.name.to_owned(),
+                },
+                kind,
+                backends,
+                external_backends,
+                external_policy_local: kind.is_external() && view.external_local,
+                external_snat,
+                session_affinity: view.session_affinity,
+                load_balancer_source_ranges: if kind == FrontendKind::LoadBalancer {
+                    view.load_balancer_source_ranges
+                        .iter()
+                        .filter(|(net, _)| Family::of(*net) == family)
+                        .copied()
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                health_check_node_port: view.health_check_node_port,
+                local_endpoints: local_ready.get(&family).copied().unwrap_or_default(),
+            },
+        );
+    };
+
+    for (i, sp) in view.ports.iter().enumerate() {
+        for &ip in &view.ips {
+            add(i, FrontendKind::ClusterIp, ip, sp.port);
+        }
+        for &ip in view.external_ips.iter().filter(in_families) {
+            add(i, FrontendKind::ExternalIp, ip, sp.port);
+        }
+        for &ip in view.load_balancer_ips.iter().filter(in_families) {
+            add(i, FrontendKind::LoadBalancer, ip, sp.port);
+        }
+    }
+    for (i, sp) in view.ports.iter().enumerate() {
+        let Some(node_port) = sp.node_port else {
+            continue;
+        };
+        for &ip in ctx.node_ips.iter().filter(in_families) {
+            add(i, FrontendKind::NodePort, ip, node_port);
+        }
+    }
+    out
+}
