@@ -32,10 +32,11 @@ pub use types::*;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+// Manifests often omit the namespace; `kubectl apply` would put them in "default", so the
 // Service and its slices must agree on that.
 const DEFAULT_NAMESPACE: &str = "default";
 
-pub(super) fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
     match p {
         None | Some("TCP") => Ok(Protocol::Tcp),
         Some("UDP") => Ok(Protocol::Udp),
@@ -44,13 +45,13 @@ pub(super) fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
     }
 }
 
-pub(super) fn namespace_of(meta: &ObjectMeta) -> &str {
+fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace
         .as_deref()
         .filter(|ns| !ns.is_empty())
         .unwrap_or(DEFAULT_NAMESPACE)
 }
 
-pub(super) fn has_label(meta: &ObjectMeta, label: &str) -> bool {
+fn has_label(meta: &ObjectMeta, label: &str) -> bool {
     meta.labels.as_ref().is_some_and(|l| l.contains_key(label))
 }

@@ -202,8 +202,6 @@ pub const DEFAULT_SESSION_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_80
 /// The longest ClientIP affinity the API server accepts (`MaxClientIPServiceAffinitySeconds`).
 pub const MAX_SESSION_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
 
-// Manifests often omit the namespace; `kubectl apply` would put them in "default", so the
-
 /// An address family. kube-proxy runs one proxier per family; kpr's model keeps frontends and
 /// endpoints of both, and each one knows its family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
