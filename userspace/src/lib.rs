@@ -2,14 +2,15 @@
 //! it, the dataplane backends that program the node, and the runner that ties them together.
 pub mod changes;
 pub mod config;
+pub mod dataplane;
 pub mod ebpf;
 #[cfg(test)]
 mod golden;
 pub mod health;
 mod http_server;
-pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod netfilter;
 pub mod nft;
 pub mod nodeaddr;
 pub mod observers;

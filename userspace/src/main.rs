@@ -3,12 +3,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use kpr::config::{self, Action, ConfigError, Settings, DEFAULT_CGROUP};
+use kpr::config::{self, Action, ConfigError, ProxyMode, Settings, DEFAULT_CGROUP};
+use kpr::dataplane::Dataplane;
 use kpr::ebpf::{EbpfConfig, EbpfDataplane};
 use kpr::health::{serve_health, ProxyHealth};
-use kpr::iptables::{render_kube_proxy_iptables_with_last, KubeProxyIptablesConfig};
 use kpr::metrics::{serve_metrics, Metrics};
-use kpr::observers::NftObserver;
 use kpr::runner::{self, RunnerConfig};
 use kpr::service_health::ServiceHealthServers;
 use kpr::source::manifest::{self, ManifestSource};
@@ -73,6 +72,7 @@ fn render_iptables(
     last: Option<&str>,
     node: Option<&str>,
 ) -> anyhow::Result<()> {
+    use kpr::netfilter::iptables::render;
     let (snapshot, errors) = manifest::load_dir_for(dir, node)?;
     for e in &errors {
         tracing::warn!("skipped: {e}");
@@ -80,35 +80,91 @@ fn render_iptables(
     let context = kpr::model::NodeContext {
         node_name: node.map(str::to_owned),
         node_ips: kpr::nodeaddr::nodeport_ips(snapshot.node.as_ref(), &[]),
+        node_ip: kpr::nodeaddr::primary_ip(snapshot.node.as_ref()),
     };
     let (state, _) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &context);
-    let last = match last {
-        Some(name) => Some(
-            state
-                .services
-                .iter()
-                .find(|(_, s)| format!("{}/{}", s.name.namespace, s.name.name) == name)
-                .map(|(f, _)| *f)
-                .with_context(|| format!("--last {name}: no such Service with endpoints"))?,
-        ),
-        None => None,
+    let mut cluster_cidrs = Vec::new();
+    for c in cluster_cidr.iter().flat_map(|c| c.split(',')) {
+        let c: kpr::config::Cidr = c.parse().map_err(anyhow::Error::msg)?;
+        cluster_cidrs.push((c.addr, c.prefix));
+    }
+    let cfg = kpr::netfilter::plan::PlanConfig {
+        cluster_cidrs,
+        node_ip: state.node_ip,
+        ..Default::default()
     };
-    let cfg = KubeProxyIptablesConfig {
-        cluster_cidr,
-        masquerade_all: false,
-    };
-    print!(
-        "{}",
-        render_kube_proxy_iptables_with_last(&state, &cfg, last.as_ref())
+    let mut plan = kpr::netfilter::plan::plan(&state, &cfg);
+    if let Some(name) = last {
+        // The Service's rules after every other Service's: its KUBE-SERVICES rules are the last
+        // of the linear chain, the worst case for a lookup.
+        let is_it = |p: &kpr::netfilter::plan::PortPlan| {
+            format!("{}/{}", p.info.name.namespace, p.info.name.name) == name
+        };
+        if !plan.ports.iter().any(|p| is_it(p) && p.has_endpoints) {
+            bail!("--last {name}: no such Service with endpoints");
+        }
+        let (mut it, rest): (Vec<_>, Vec<_>) = plan.ports.into_iter().partition(|p| is_it(p));
+        plan.ports = rest;
+        plan.ports.append(&mut it);
+    }
+    let rules = render::write(
+        &plan,
+        &cfg,
+        &render::IptablesConfig::for_mark_bit(MASQUERADE_BIT),
+        render::WriteScope::default(),
     );
+    print!("{}", render::standalone(&rules.text));
     Ok(())
 }
 
-/// Runs the agent with the resolved settings (the proxy mode is ebpf: the config module refuses
-/// or replaces the others).
-fn run_agent(settings: Settings) -> anyhow::Result<()> {
-    tracing::debug!(settings = %settings.to_json(), "effective configuration");
+/// The dataplane of the configured proxy mode: the one place that knows which modes exist.
+fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    match settings.proxy_mode {
+        ProxyMode::Ebpf => Ok(Box::new(ebpf_dataplane(settings)?)),
+        ProxyMode::Iptables => {
+            let backend = kpr::netfilter::iptables::Backend::detect();
+            tracing::info!(?backend, "proxy mode iptables");
+            Ok(Box::new(kpr::netfilter::iptables::IptablesDataplane::new(
+                backend,
+                kpr::netfilter::iptables::RuleSyncer::new(
+                    plan_config(settings)?,
+                    !settings.nodeport_addresses.is_empty(),
+                    kpr::netfilter::iptables::IptablesConfig::for_mark_bit(MASQUERADE_BIT),
+                ),
+            )))
+        }
+        ProxyMode::Nftables => bail!("--proxy-mode nftables: not implemented yet"),
+        ProxyMode::Ipvs => bail!("--proxy-mode ipvs: this kernel has no IPVS"),
+    }
+}
 
+/// kube-proxy's default `--iptables-masquerade-bit`.
+const MASQUERADE_BIT: u32 = 14;
+
+/// The netfilter modes' node-wide settings.
+fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::PlanConfig> {
+    // kube-proxy's NewProxier: localhost NodePorts need route_localnet (IPv4), in this
+    // network namespace.
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+        tracing::warn!(
+            "setting net.ipv4.conf.all.route_localnet=1: {e}; NodePorts on localhost will not work"
+        );
+    }
+    Ok(kpr::netfilter::plan::PlanConfig {
+        masquerade_all: settings.masquerade_all,
+        cluster_cidrs: settings
+            .cluster_cidrs
+            .iter()
+            .filter(|c| c.addr.is_ipv4())
+            .map(|c| (c.addr, c.prefix))
+            .collect(),
+        masquerade_mark: 1 << MASQUERADE_BIT,
+        ..Default::default()
+    })
+}
+
+/// Loads and attaches the eBPF mode's programs.
+fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
     let allow_root =
         settings.allow_cgroup_root || settings.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
     if settings.cgroup_path == std::path::Path::new(DEFAULT_CGROUP) {
@@ -123,11 +179,12 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
     } else {
         settings.devices.clone()
     };
-    let mut dataplane = EbpfDataplane::load_with(
+    let dataplane = EbpfDataplane::load_with(
         &EbpfConfig {
             pin_dir: settings.bpf_pin_dir.clone(),
             cgroup: settings.cgroup_path.clone(),
             allow_cgroup_root: allow_root,
+            nftables_mark: Some(kpr::nft::DEFAULT_MASQ_MARK),
         },
         &kpr::ebpf::TcConfig {
             devices,
@@ -140,6 +197,13 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         pins = %settings.bpf_pin_dir.display(),
         "socket-LB programs attached"
     );
+    Ok(dataplane)
+}
+
+/// Runs the agent with the resolved settings.
+fn run_agent(settings: Settings) -> anyhow::Result<()> {
+    tracing::debug!(settings = %settings.to_json(), "effective configuration");
+    let mut dataplane = dataplane(&settings)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -168,14 +232,13 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
                     health.clone(),
                 )),
                 Arc::new(health),
-                Arc::new(NftObserver::new(kpr::nft::DEFAULT_MASQ_MARK)),
             ],
             node_name: node_name(&settings).ok(),
             nodeport_addresses: settings.nodeport_addresses.clone(),
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = runner::run(&mut dataplane, rx, &cfg) => tracing::warn!("source ended"),
+            _ = runner::run(dataplane.as_mut(), rx, &cfg) => tracing::warn!("source ended"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
             _ = term.recv() => tracing::info!("terminated"),
         }

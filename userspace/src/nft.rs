@@ -803,6 +803,29 @@ fn send_all(fd: libc::c_int, buffers: &[&[u8]]) -> io::Result<()> {
     Ok(())
 }
 
+/// IPv4 frontends with no endpoint at all, as (address, protocol, port): the `no-endpoints`
+/// set, whose traffic kpr's table rejects (kube-proxy's "has no endpoints" REJECT).
+pub fn frontends_without_endpoints(state: &crate::model::DesiredState) -> Vec<(Ipv4Addr, u8, u16)> {
+    state
+        .services
+        .iter()
+        .filter(|(_, s)| s.backends.is_empty() && s.external_backends.is_empty())
+        .filter_map(|(f, _)| match f.ip {
+            std::net::IpAddr::V4(ip) => Some((ip, f.protocol.number(), f.port)),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Whether the table needs its nat chain: only while some frontend sends outside traffic to
+/// another node's backend (the chain turns on netfilter conntrack for every packet).
+pub fn needs_masquerade(state: &crate::model::DesiredState) -> bool {
+    state
+        .services
+        .values()
+        .any(|s| s.kind.is_external() && s.external_snat)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

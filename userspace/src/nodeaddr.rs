@@ -50,6 +50,18 @@ pub fn nodeport_ips(node: Option<&Node>, filter: &[NodePortAddress]) -> Vec<IpAd
     out
 }
 
+/// kube-proxy's `nodeIP`: the node's first InternalIP (or, lacking one, its first address).
+pub fn primary_ip(node: Option<&Node>) -> Option<IpAddr> {
+    let addresses = node?.status.as_ref()?.addresses.as_ref()?;
+    let parse = |t: Option<&str>| {
+        addresses
+            .iter()
+            .filter(|a| t.is_none_or(|t| a.type_ == t))
+            .find_map(|a| a.address.parse().ok())
+    };
+    parse(Some("InternalIP")).or_else(|| parse(None))
+}
+
 fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
     match (c.addr, ip) {
         (IpAddr::V4(net), IpAddr::V4(ip)) => {

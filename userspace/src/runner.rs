@@ -7,7 +7,6 @@
 //! - Every `sync_period`, and after a failed sync (with backoff), a full sync re-reads what the
 //!   dataplane holds and repairs it.
 
-use std::error::Error;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,42 +19,7 @@ use crate::changes;
 use crate::model::{self, DesiredState};
 use crate::source::ClusterSnapshot;
 
-/// What a dataplane reports after a sync.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SyncReport {
-    pub frontends: usize,
-    pub backends: usize,
-    pub writes: usize,
-    pub deletes: usize,
-}
-
-/// Every proxy mode implements this; the runner does not know which one it drives.
-pub trait Dataplane {
-    /// Programs `desired`. With `full`, first re-reads the dataplane's actual state.
-    fn sync(
-        &mut self,
-        desired: &DesiredState,
-        full: bool,
-    ) -> Result<SyncReport, Box<dyn Error + Send + Sync>>;
-
-    /// Datapath counters (typed drop reasons and the like), by name.
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
-
-    /// How full the dataplane's tables are.
-    fn occupancy(&self) -> Vec<MapOccupancy> {
-        Vec::new()
-    }
-}
-
-/// Entries in one of the dataplane's tables, and its capacity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct MapOccupancy {
-    pub map: &'static str,
-    pub entries: u64,
-    pub capacity: u64,
-}
+pub use crate::dataplane::{Dataplane, MapOccupancy, SyncReport};
 
 /// What the runner reports as it goes: metrics and health are observers. Every method has a
 /// no-op default so an observer implements only what it needs.
@@ -203,7 +167,7 @@ impl TokenBucket {
 }
 
 /// Runs until the source's sender is dropped.
-pub async fn run<D: Dataplane>(
+pub async fn run<D: Dataplane + ?Sized>(
     dataplane: &mut D,
     mut source: watch::Receiver<Option<Arc<ClusterSnapshot>>>,
     cfg: &RunnerConfig,
@@ -281,6 +245,7 @@ pub async fn run<D: Dataplane>(
                 snapshot.node.as_ref(),
                 &cfg.nodeport_addresses,
             ),
+            node_ip: crate::nodeaddr::primary_ip(snapshot.node.as_ref()),
         };
         let (desired, errors) = model::build_for_node(&snapshot.services, &snapshot.slices, &node);
         for e in &errors {
@@ -344,7 +309,7 @@ pub async fn run<D: Dataplane>(
 
 /// Refreshes the datapath figures, hands them to the observers, and writes the status file if
 /// one is configured.
-fn write_status<D: Dataplane>(dataplane: &D, status: &mut Status, cfg: &RunnerConfig) {
+fn write_status<D: Dataplane + ?Sized>(dataplane: &D, status: &mut Status, cfg: &RunnerConfig) {
     // Stamped before the read, so that a stamp later than some instant means the counters were
     // read after it.
     status.counters_unix_ms = unix_ms(SystemTime::now());
@@ -387,13 +352,13 @@ mod tests {
             &mut self,
             desired: &DesiredState,
             full: bool,
-        ) -> Result<SyncReport, Box<dyn Error + Send + Sync>> {
+        ) -> Result<SyncReport, crate::dataplane::DataplaneError> {
             self.calls
                 .lock()
                 .unwrap()
                 .push((desired.services.len(), full));
             if std::mem::take(&mut self.fail_next) {
-                return Err("injected".into());
+                return Err(crate::nft::NftError::ZeroMark.into());
             }
             Ok(SyncReport::default())
         }

@@ -137,6 +137,8 @@ impl Env {
                 pin_dir: env.bpf.clone(),
                 cgroup: cg,
                 allow_cgroup_root: false,
+                // These tests run in the host's namespace: kpr's table is never written here.
+                nftables_mark: None,
             },
             &TcConfig {
                 devices,

@@ -25,14 +25,13 @@
 //!
 //! # Proxy mode
 //!
-//! `--proxy-mode ebpf` (or `''`, or nothing) is kpr's dataplane. kube-proxy's modes given with
-//! the `--proxy-mode` flag are honoured, and refused (exit 2): `nftables` and `iptables` are not
-//! implemented yet, `ipvs` needs IPVS, which this kernel lacks. In the config file, though,
-//! `mode: iptables` (or nftables, ipvs) is what an unchanged kube-proxy ConfigMap says (kubeadm
-//! writes `mode: ""`, many clusters set it explicitly): kpr is the replacement for that
-//! kube-proxy, so it warns and uses ebpf. The mode the file names still selects, as in
-//! kube-proxy, which section (`iptables`, `ipvs`, `nftables`) the sync periods and
-//! masqueradeAll are read from.
+//! `--proxy-mode ebpf` (or `''`, or nothing) is kpr's own dataplane; `iptables` and `nftables`
+//! are kube-proxy's modes with kube-proxy's own rules, for nodes where eBPF is not allowed and
+//! as the step-by-step migration path. The flag and the config file's `mode:` are honoured
+//! alike (kubeadm's default `mode: ""` is ebpf, kpr's default). `ipvs` needs IPVS, which this
+//! kernel lacks: refused (exit 2). The mode the file names also selects, as in kube-proxy,
+//! which section (`iptables`, `ipvs`, `nftables`) the sync periods and masqueradeAll are read
+//! from.
 pub mod duration;
 pub mod file;
 pub mod flags;
@@ -76,10 +75,6 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
-    #[error(
-        "--proxy-mode {0}: the {0} proxy mode is not implemented in kpr yet; use --proxy-mode ebpf"
-    )]
-    ModeNotImplemented(ProxyMode),
     #[error("--proxy-mode ipvs: this kernel has no IPVS (CONFIG_IP_VS is not set); use --proxy-mode ebpf")]
     Ipvs,
     #[error("--{flag} is not supported: {reason}")]
@@ -234,7 +229,7 @@ impl Serialize for NodePortAddress {
 /// The effective configuration: what the agent uses.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Settings {
-    /// Always [`ProxyMode::Ebpf`] once resolved (the others are refused or replaced).
+    /// `ebpf`, `iptables` or `nftables` (`ipvs` is refused).
     pub proxy_mode: ProxyMode,
     /// `--config`, if given.
     pub config_file: Option<PathBuf>,
@@ -459,7 +454,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
                      config file replaces kube-proxy's flags); set it in the config file"
                 ));
             }
-            from_file(&mut s, &cfg, path, &mut warnings)?;
+            from_file(&mut s, &cfg, path)?;
             warnings.extend(cfg.unused_fields());
             warnings.extend(unknown);
         }
@@ -545,11 +540,8 @@ fn flag_error(flag: &'static str, value: &str, reason: impl Into<String>) -> Con
 
 fn from_flags(s: &mut Settings, a: &RunArgs) -> Result<(), ConfigError> {
     s.proxy_mode = match a.proxy_mode.unwrap_or(ProxyMode::Ebpf) {
-        ProxyMode::Ebpf => ProxyMode::Ebpf,
-        m @ (ProxyMode::Nftables | ProxyMode::Iptables) => {
-            return Err(ConfigError::ModeNotImplemented(m))
-        }
         ProxyMode::Ipvs => return Err(ConfigError::Ipvs),
+        m => m,
     };
     if let Some(c) = &a.cluster_cidr {
         s.cluster_cidrs = parse_cidrs(c).map_err(|e| flag_error("cluster-cidr", c, e))?;
@@ -615,7 +607,6 @@ fn from_file(
     s: &mut Settings,
     cfg: &KubeProxyConfiguration,
     path: &std::path::Path,
-    warnings: &mut Vec<String>,
 ) -> Result<(), ConfigError> {
     let field = |field: &str, message: String| ConfigError::Field {
         path: path.to_path_buf(),
@@ -624,14 +615,8 @@ fn from_file(
     };
     let mode = cfg.mode_str();
     s.proxy_mode = match ProxyMode::parse(mode).map_err(|e| field("mode", e))? {
-        ProxyMode::Ebpf => ProxyMode::Ebpf,
-        m => {
-            warnings.push(format!(
-                "config: mode \"{m}\" is kube-proxy's; kpr replaces kube-proxy and uses its \
-                 ebpf dataplane (only the --proxy-mode flag can ask for {m})"
-            ));
-            ProxyMode::Ebpf
-        }
+        ProxyMode::Ipvs => return Err(ConfigError::Ipvs),
+        m => m,
     };
     if let Some(h) = cfg.hostname_override.as_deref().map(str::trim) {
         if !h.is_empty() {

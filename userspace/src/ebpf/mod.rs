@@ -67,6 +67,10 @@ pub struct EbpfConfig {
     /// Attaching to the root of a cgroup v2 hierarchy affects every process on the host: a
     /// production DaemonSet wants that, a test must never do it. Off unless asked for.
     pub allow_cgroup_root: bool,
+    /// Program kpr's nftables table (masquerade by mark, no-endpoint reject) in the calling
+    /// thread's network namespace on every sync, with masquerade mark `Some(mark)`. The agent
+    /// does; tests that run in the host's namespace leave it `None`.
+    pub nftables_mark: Option<u32>,
 }
 
 /// The north-south (tc) part of the dataplane.
@@ -103,6 +107,8 @@ pub struct EbpfDataplane {
     ct_max: u32,
     /// A second handle on the source-range trie (the syncer's maps hold the other).
     src_ranges: SrcRangeMap,
+    /// kpr's nftables table, when this dataplane programs it ([`EbpfConfig::nftables_mark`]).
+    table: Option<crate::nft::NftTable>,
 }
 
 impl EbpfDataplane {
@@ -196,6 +202,7 @@ impl EbpfDataplane {
             conntrack,
             ct_max,
             src_ranges: src_ranges_again,
+            table: cfg.nftables_mark.map(crate::nft::NftTable::new),
         })
     }
 
@@ -375,12 +382,12 @@ fn is_cgroup2_root(path: &Path) -> bool {
     !path.join("cgroup.type").exists()
 }
 
-impl crate::runner::Dataplane for EbpfDataplane {
+impl crate::dataplane::Dataplane for EbpfDataplane {
     fn sync(
         &mut self,
         desired: &DesiredState,
         full: bool,
-    ) -> Result<crate::runner::SyncReport, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<crate::dataplane::SyncReport, crate::dataplane::DataplaneError> {
         let stats = if full {
             self.full_sync(desired)?
         } else {
@@ -401,7 +408,15 @@ impl crate::runner::Dataplane for EbpfDataplane {
                 "IPv6 frontends are not served by the eBPF dataplane yet"
             );
         }
-        Ok(crate::runner::SyncReport {
+        // The netfilter half of this mode, in the same sync: a failure here fails the sync, and
+        // the runner's full resync retries both halves.
+        if let Some(table) = &mut self.table {
+            table.apply_with(
+                &crate::nft::frontends_without_endpoints(desired),
+                crate::nft::needs_masquerade(desired),
+            )?;
+        }
+        Ok(crate::dataplane::SyncReport {
             frontends: stats.frontends,
             backends: stats.backends,
             writes: stats.writes,
@@ -413,15 +428,15 @@ impl crate::runner::Dataplane for EbpfDataplane {
         EbpfDataplane::counters(self)
     }
 
-    fn occupancy(&self) -> Vec<crate::runner::MapOccupancy> {
+    fn occupancy(&self) -> Vec<crate::dataplane::MapOccupancy> {
         let (services, backends) = self.syncer.map_entries();
         vec![
-            crate::runner::MapOccupancy {
+            crate::dataplane::MapOccupancy {
                 map: SERVICES_MAP,
                 entries: services as u64,
                 capacity: u64::from(kpr_common::SERVICES_MAP_MAX),
             },
-            crate::runner::MapOccupancy {
+            crate::dataplane::MapOccupancy {
                 map: BACKENDS_MAP,
                 entries: backends as u64,
                 capacity: u64::from(kpr_common::BACKENDS_MAP_MAX),

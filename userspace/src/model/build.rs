@@ -76,7 +76,8 @@ pub fn build_for_node(
             .get(&(view.namespace, view.name))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let (internal, external): (Vec<_>, Vec<_>) = service_ports(view, slices, ctx)
+        let (frontends, ports) = service_ports(view, slices, ctx);
+        let (internal, external): (Vec<_>, Vec<_>) = frontends
             .into_iter()
             .partition(|(_, s)| s.kind == FrontendKind::ClusterIp);
         if let Some(e) = conflict(&state, view, &internal) {
@@ -85,10 +86,10 @@ pub fn build_for_node(
         }
         let internal_frontends: Vec<Frontend> = internal.iter().map(|(f, _)| *f).collect();
         state.services.extend(internal);
-        kept.push((view, internal_frontends, external));
+        kept.push((view, internal_frontends, external, ports));
     }
     // Round two: external frontends.
-    for (view, internal, external) in kept {
+    for (view, internal, external, ports) in kept {
         if let Some(e) = conflict(&state, view, &external) {
             errors.push(e);
             for f in &internal {
@@ -97,7 +98,13 @@ pub fn build_for_node(
             continue;
         }
         state.services.extend(external);
+        state.service_ports.extend(ports);
     }
+    state.node_ips = ctx.node_ips.clone();
+    state.node_ip = ctx.node_ip;
+    state
+        .service_ports
+        .sort_by(|a, b| (a.family, &a.name, a.protocol).cmp(&(b.family, &b.name, b.protocol)));
     (state, errors)
 }
 
@@ -122,7 +129,7 @@ pub(super) fn service_ports(
     view: &ServiceView<'_>,
     slices: &[SliceView<'_>],
     ctx: &NodeContext,
-) -> BTreeMap<Frontend, ServicePortState> {
+) -> (BTreeMap<Frontend, ServicePortState>, Vec<ServicePortInfo>) {
     let node = ctx.node_name.as_deref().filter(|n| !n.is_empty());
     // kube-proxy runs one proxier per family, and each proxies only the Services with a
     // ClusterIP of its family: an externalIP, LB IP or node address of another family is unused.
@@ -223,5 +230,56 @@ pub(super) fn service_ports(
             add(i, FrontendKind::NodePort, ip, node_port);
         }
     }
-    out
+
+    let mut infos = Vec::new();
+    for (i, sp) in view.ports.iter().enumerate() {
+        for &family in &families {
+            let Some(&cluster_ip) = view.ips.iter().find(|ip| Family::of(**ip) == family) else {
+                continue;
+            };
+            let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+                ips.iter()
+                    .copied()
+                    .filter(|ip| Family::of(*ip) == family)
+                    .collect()
+            };
+            let e = &endpoints[&(i, family)];
+            let mut info = ServicePortInfo {
+                name: ServicePortName {
+                    namespace: view.namespace.to_owned(),
+                    name: view.name.to_owned(),
+                    port: sp.name.to_owned(),
+                },
+                protocol: sp.protocol,
+                family,
+                cluster_ip,
+                port: sp.port,
+                node_port: sp.node_port,
+                external_ips: of_family(&view.external_ips),
+                load_balancer_ips: of_family(&view.load_balancer_ips),
+                load_balancer_source_ranges: view
+                    .load_balancer_source_ranges
+                    .iter()
+                    .filter(|(net, _)| Family::of(*net) == family)
+                    .copied()
+                    .collect(),
+                internal_policy_local: view.internal_local,
+                external_policy_local: false,
+                session_affinity: view.session_affinity,
+                health_check_node_port: view.health_check_node_port,
+                cluster_endpoints: Vec::new(),
+                local_endpoints: Vec::new(),
+                has_endpoints: e.any,
+            };
+            info.external_policy_local = view.external_local && info.externally_accessible();
+            if info.uses_cluster_endpoints() {
+                info.cluster_endpoints = e.cluster.clone();
+            }
+            if info.uses_local_endpoints() {
+                info.local_endpoints = e.local.clone();
+            }
+            infos.push(info);
+        }
+    }
+    (out, infos)
 }

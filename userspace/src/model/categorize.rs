@@ -17,6 +17,9 @@ pub(super) struct Endpoints {
     pub(super) local: Vec<Backend>,
     /// This node's ready endpoints.
     pub(super) local_ready: usize,
+    /// Some endpoint anywhere is ready or serving while terminating (kube-proxy's
+    /// hasAnyEndpoints).
+    pub(super) any: bool,
 }
 
 pub(super) fn categorize(
@@ -77,6 +80,7 @@ pub(super) fn categorize(
     Endpoints {
         cluster: pick(|u| u.ready, |u| u.draining),
         local_ready: seen.values().filter(|u| u.local_ready).count(),
+        any: seen.values().any(|u| u.ready || u.draining),
         local,
     }
 }

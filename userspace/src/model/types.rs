@@ -155,10 +155,93 @@ pub struct ServicePortState {
     pub local_endpoints: usize,
 }
 
-/// Everything the dataplane should serve, keyed by frontend.
+/// Everything the dataplane should serve: by frontend (what the eBPF maps hold), and by service
+/// port (what kube-proxy's netfilter proxiers build their per-service-port chains from). Both
+/// describe the same Services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, ServicePortState>,
+    /// One entry per Service port and family, sorted by (family, name, protocol).
+    pub service_ports: Vec<ServicePortInfo>,
+    /// The node addresses NodePorts are served on ([`NodeContext::node_ips`]).
+    pub node_ips: Vec<IpAddr>,
+    /// The node's primary address ([`NodeContext::node_ip`]).
+    pub node_ip: Option<IpAddr>,
+}
+
+/// One Service port in one address family as kube-proxy's proxiers see it (its `ServicePort`
+/// with the endpoints `CategorizeEndpoints` picks): the netfilter modes' input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub name: ServicePortName,
+    pub protocol: Protocol,
+    pub family: Family,
+    /// The Service's ClusterIP of this family.
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    /// `spec.externalIPs` of this family.
+    pub external_ips: Vec<IpAddr>,
+    /// VIP-mode load-balancer ingress IPs of this family.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `loadBalancerSourceRanges` of this family (network, prefix length).
+    pub load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+    /// kube-proxy's `InternalPolicyLocal()`.
+    pub internal_policy_local: bool,
+    /// kube-proxy's `ExternalPolicyLocal()`: `externalTrafficPolicy: Local` on a Service with
+    /// an external destination.
+    pub external_policy_local: bool,
+    pub session_affinity: Option<Duration>,
+    pub health_check_node_port: Option<u16>,
+    /// `CategorizeEndpoints`' clusterEndpoints: empty unless the port uses cluster endpoints.
+    pub cluster_endpoints: Vec<Backend>,
+    /// `CategorizeEndpoints`' localEndpoints: empty unless the port uses local endpoints.
+    pub local_endpoints: Vec<Backend>,
+    /// `CategorizeEndpoints`' hasAnyEndpoints: some endpoint anywhere is ready, or serving
+    /// while terminating.
+    pub has_endpoints: bool,
+}
+
+impl Default for ServicePortInfo {
+    fn default() -> Self {
+        ServicePortInfo {
+            name: ServicePortName::default(),
+            protocol: Protocol::Tcp,
+            family: Family::V4,
+            cluster_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port: 0,
+            node_port: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            internal_policy_local: false,
+            external_policy_local: false,
+            session_affinity: None,
+            health_check_node_port: None,
+            cluster_endpoints: Vec::new(),
+            local_endpoints: Vec::new(),
+            has_endpoints: false,
+        }
+    }
+}
+
+impl ServicePortInfo {
+    /// kube-proxy's `ExternallyAccessible()`: a NodePort, an externalIP or a load-balancer IP.
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+
+    /// kube-proxy's `UsesClusterEndpoints()`.
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_policy_local || (self.externally_accessible() && !self.external_policy_local)
+    }
+
+    /// kube-proxy's `UsesLocalEndpoints()`.
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_policy_local || self.external_policy_local
+    }
 }
 
 /// What the model needs to know about the node it runs on.
@@ -170,6 +253,9 @@ pub struct NodeContext {
     /// The addresses NodePorts are served on, already filtered by `--nodeport-addresses`.
     /// Empty: no NodePort frontends.
     pub node_ips: Vec<IpAddr>,
+    /// kube-proxy's `nodeIP`, the node's primary address: a `loadBalancerSourceRanges` entry
+    /// holding it also admits the LB IPs as sources (a node reaching its own VIP).
+    pub node_ip: Option<IpAddr>,
 }
 
 /// Why an object was not used. Carries enough to name the object in a log line.

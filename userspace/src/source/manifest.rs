@@ -101,6 +101,18 @@ pub fn load_dir_for(
     Ok((snapshot, errors))
 }
 
+/// Reads one manifest file's `text` (named `path` in errors), as [`load_dir_for`] reads each file.
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    node_name: Option<&str>,
+) -> (ClusterSnapshot, Vec<ManifestError>) {
+    let mut snapshot = ClusterSnapshot::default();
+    let mut errors = Vec::new();
+    load_file(path, text, node_name, &mut snapshot, &mut errors);
+    (snapshot, errors)
+}
+
 /// Candidate manifest paths in `dir`, sorted by file name. Files are not opened.
 fn manifest_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut names: Vec<OsString> = Vec::new();

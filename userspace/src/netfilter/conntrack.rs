@@ -1,0 +1,451 @@
+//! Stale UDP flows: netfilter conntrack entries of a UDP service that point to an endpoint no
+//! longer serving. With the iptables and nftables modes a UDP "connection" is a conntrack entry,
+//! DNATed once; while the entry lives, its packets keep going to the endpoint it chose, even
+//! after that endpoint is gone. kube-proxy deletes such entries after each sync
+//! (pkg/proxy/conntrack, `CleanStaleEntries`), so the flow's next packet is balanced afresh;
+//! kpr does the same, through conntrack netlink (ctnetlink), in the calling thread's network
+//! namespace.
+//!
+//! An entry is stale when its original destination is a UDP service address and port (a
+//! ClusterIP, externalIP or load-balancer IP) or its original destination port is a UDP
+//! NodePort, and its reply source is not one of that service port's endpoints. That includes
+//! entries made while the service had no endpoint (their reply source is the service address),
+//! which would otherwise black-hole the flow.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::model::{DesiredState, Protocol};
+
+/// Errors of the conntrack cleanup.
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    #[error("conntrack netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("conntrack netlink: {0}")]
+    Io(#[source] io::Error),
+    #[error("conntrack netlink: kernel error {0}")]
+    Kernel(i32),
+}
+
+/// UDP service addresses and NodePorts with their endpoint IPs, as last cleaned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UdpEndpoints {
+    /// (service IP, port) → endpoint IPs.
+    pub by_address: BTreeMap<(IpAddr, u16), BTreeSet<IpAddr>>,
+    /// NodePort → endpoint IPs.
+    pub by_node_port: BTreeMap<u16, BTreeSet<IpAddr>>,
+}
+
+impl UdpEndpoints {
+    /// The UDP service ports of `state`.
+    pub fn of(state: &DesiredState) -> UdpEndpoints {
+        let mut out = UdpEndpoints::default();
+        for p in state
+            .service_ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Udp)
+        {
+            let ips: BTreeSet<IpAddr> = p
+                .cluster_endpoints
+                .iter()
+                .chain(&p.local_endpoints)
+                .map(|b| b.ip)
+                .collect();
+            for ip in std::iter::once(&p.cluster_ip)
+                .chain(&p.external_ips)
+                .chain(&p.load_balancer_ips)
+            {
+                out.by_address.insert((*ip, p.port), ips.clone());
+            }
+            if let Some(np) = p.node_port {
+                out.by_node_port.insert(np, ips.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether the flow `orig_dst:orig_dport` answered by `reply_src` is stale.
+    pub fn is_stale(&self, orig_dst: IpAddr, orig_dport: u16, reply_src: IpAddr) -> bool {
+        let stale = |eps: &BTreeSet<IpAddr>| !eps.contains(&reply_src);
+        self.by_address
+            .get(&(orig_dst, orig_dport))
+            .is_some_and(stale)
+            || self.by_node_port.get(&orig_dport).is_some_and(stale)
+    }
+}
+
+/// Runs the cleanup after a sync whenever the UDP endpoints changed (kube-proxy's
+/// `ConntrackCleanupRequired`), and after the first sync.
+#[derive(Debug, Default)]
+pub struct StaleFlows {
+    last: Option<UdpEndpoints>,
+    /// Entries deleted so far.
+    pub deleted: u64,
+}
+
+impl StaleFlows {
+    pub fn cleanup(&mut self, state: &DesiredState) {
+        let now = UdpEndpoints::of(state);
+        if self.last.as_ref() == Some(&now) {
+            return;
+        }
+        if now.by_address.is_empty() && now.by_node_port.is_empty() {
+            self.last = Some(now);
+            return;
+        }
+        match delete_stale(&now) {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(entries = n, "deleted stale UDP conntrack entries");
+                }
+                self.deleted += n as u64;
+                self.last = Some(now);
+            }
+            // Tried again after the next sync: `last` is left as it was.
+            Err(e) => tracing::warn!("cleaning stale UDP conntrack entries: {e}"),
+        }
+    }
+}
+
+// linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const IPPROTO_UDP: u8 = 17;
+
+/// One conntrack entry's two tuples (UDP only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub orig: Tuple,
+    pub reply: Tuple,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Deletes every stale UDP entry of both families; returns how many.
+pub fn delete_stale(endpoints: &UdpEndpoints) -> Result<usize, ConntrackError> {
+    let mut n = 0;
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let sock = Socket::open()?;
+        let flows = sock.dump(family)?;
+        for f in flows.iter().filter(|f| {
+            f.orig.proto == IPPROTO_UDP && endpoints.is_stale(f.orig.dst, f.orig.dport, f.reply.src)
+        }) {
+            match sock.delete(family, &f.orig) {
+                Ok(()) => n += 1,
+                // Gone meanwhile (expired, or deleted with another entry).
+                Err(ConntrackError::Kernel(e)) if e == libc::ENOENT => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(n)
+}
+
+struct Socket {
+    fd: OwnedFd,
+    seq: std::cell::Cell<u32>,
+}
+
+fn push_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    while !buf.len().is_multiple_of(4) {
+        buf.push(0);
+    }
+}
+
+fn nested(ty: u16, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut inner = Vec::new();
+    f(&mut inner);
+    let mut out = Vec::new();
+    push_attr(&mut out, ty | NLA_F_NESTED, &inner);
+    out
+}
+
+/// Iterates the attributes in `buf`: (type without flags, payload).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        let aligned = (len + 3) & !3;
+        buf = &buf[aligned.min(buf.len())..];
+        Some((ty, payload))
+    })
+}
+
+fn parse_tuple(buf: &[u8]) -> Option<Tuple> {
+    let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, 0, 0, 0);
+    for (ty, p) in attrs(buf) {
+        match ty {
+            CTA_TUPLE_IP => {
+                for (ty, a) in attrs(p) {
+                    let ip = match (ty, a.len()) {
+                        (CTA_IP_V4_SRC | CTA_IP_V4_DST, 4) => {
+                            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+                        }
+                        (CTA_IP_V6_SRC | CTA_IP_V6_DST, 16) => {
+                            let b: [u8; 16] = a.try_into().ok()?;
+                            IpAddr::V6(Ipv6Addr::from(b))
+                        }
+                        _ => continue,
+                    };
+                    if ty == CTA_IP_V4_SRC || ty == CTA_IP_V6_SRC {
+                        src = Some(ip);
+                    } else {
+                        dst = Some(ip);
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (ty, a) in attrs(p) {
+                    match (ty, a.len()) {
+                        (CTA_PROTO_NUM, 1) => proto = a[0],
+                        (CTA_PROTO_SRC_PORT, 2) => sport = u16::from_be_bytes([a[0], a[1]]),
+                        (CTA_PROTO_DST_PORT, 2) => dport = u16::from_be_bytes([a[0], a[1]]),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(Tuple {
+        src: src?,
+        dst: dst?,
+        proto,
+        sport,
+        dport,
+    })
+}
+
+fn tuple_attr(ty: u16, t: &Tuple) -> Vec<u8> {
+    nested(ty, |b| {
+        b.extend(nested(CTA_TUPLE_IP, |ip| match (t.src, t.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                push_attr(ip, CTA_IP_V4_SRC, &s.octets());
+                push_attr(ip, CTA_IP_V4_DST, &d.octets());
+            }
+            (s, d) => {
+                let v6 = |a: IpAddr| match a {
+                    IpAddr::V6(a) => a.octets(),
+                    IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                };
+                push_attr(ip, CTA_IP_V6_SRC, &v6(s));
+                push_attr(ip, CTA_IP_V6_DST, &v6(d));
+            }
+        }));
+        b.extend(nested(CTA_TUPLE_PROTO, |p| {
+            push_attr(p, CTA_PROTO_NUM, &[t.proto]);
+            push_attr(p, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
+            push_attr(p, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
+        }));
+    })
+}
+
+impl Socket {
+    fn open() -> Result<Socket, ConntrackError> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(ConntrackError::Socket(io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Socket {
+            fd,
+            seq: std::cell::Cell::new(1),
+        })
+    }
+
+    fn send(
+        &self,
+        msg_type: u16,
+        flags: u16,
+        family: u8,
+        attrs: &[u8],
+    ) -> Result<u32, ConntrackError> {
+        let seq = self.seq.get();
+        self.seq.set(seq + 1);
+        let len = 16 + 4 + attrs.len();
+        let mut buf = Vec::with_capacity(len);
+        buf.extend_from_slice(&(len as u32).to_ne_bytes());
+        buf.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg_type).to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        // struct nfgenmsg
+        buf.extend_from_slice(&[family, 0, 0, 0]);
+        buf.extend_from_slice(attrs);
+        // SAFETY: buf is valid for len bytes; the kernel is the peer (nl_pid 0).
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(ConntrackError::Io(io::Error::last_os_error()));
+        }
+        Ok(seq)
+    }
+
+    /// Receives until NLMSG_DONE or an ack/error for `seq`; calls `each` with every data
+    /// message's payload after the nfgenmsg header.
+    fn recv(&self, seq: u32, mut each: impl FnMut(&[u8])) -> Result<(), ConntrackError> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: buf is valid for its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(ConntrackError::Io(io::Error::last_os_error()));
+            }
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
+                let ty = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+                let mseq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
+                if len < 16 || len > rest.len() {
+                    return Err(ConntrackError::Io(io::Error::other(
+                        "truncated netlink message",
+                    )));
+                }
+                let body = &rest[16..len];
+                rest = &rest[((len + 3) & !3).min(rest.len())..];
+                if mseq != seq {
+                    continue;
+                }
+                match ty {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(body[0..4].try_into().unwrap_or([0; 4]));
+                        return if errno == 0 {
+                            Ok(())
+                        } else {
+                            Err(ConntrackError::Kernel(-errno))
+                        };
+                    }
+                    _ if body.len() >= 4 => each(&body[4..]),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn dump(&self, family: u8) -> Result<Vec<Flow>, ConntrackError> {
+        let seq = self.send(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[])?;
+        let mut flows = Vec::new();
+        self.recv(seq, |payload| {
+            let (mut orig, mut reply) = (None, None);
+            for (ty, p) in attrs(payload) {
+                match ty {
+                    CTA_TUPLE_ORIG => orig = parse_tuple(p),
+                    CTA_TUPLE_REPLY => reply = parse_tuple(p),
+                    _ => {}
+                }
+            }
+            if let (Some(orig), Some(reply)) = (orig, reply) {
+                flows.push(Flow { orig, reply });
+            }
+        })?;
+        Ok(flows)
+    }
+
+    fn delete(&self, family: u8, orig: &Tuple) -> Result<(), ConntrackError> {
+        let attrs = tuple_attr(CTA_TUPLE_ORIG, orig);
+        let seq = self.send(
+            IPCTNL_MSG_CT_DELETE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            family,
+            &attrs,
+        )?;
+        self.recv(seq, |_| {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tuple_survives_its_netlink_encoding() {
+        let t = Tuple {
+            src: "10.244.1.21".parse().unwrap(),
+            dst: "10.96.0.10".parse().unwrap(),
+            proto: IPPROTO_UDP,
+            sport: 40000,
+            dport: 53,
+        };
+        let a = tuple_attr(CTA_TUPLE_ORIG, &t);
+        let (ty, payload) = attrs(&a).next().unwrap();
+        assert_eq!(ty, CTA_TUPLE_ORIG);
+        assert_eq!(parse_tuple(payload), Some(t));
+    }
+
+    #[test]
+    fn stale_means_a_reply_source_that_is_no_endpoint() {
+        let mut e = UdpEndpoints::default();
+        let vip: IpAddr = "10.96.0.10".parse().unwrap();
+        let be1: IpAddr = "10.244.1.11".parse().unwrap();
+        let be2: IpAddr = "10.244.1.12".parse().unwrap();
+        e.by_address.insert((vip, 53), [be1].into());
+        e.by_node_port.insert(30053, [be1].into());
+        assert!(!e.is_stale(vip, 53, be1));
+        assert!(e.is_stale(vip, 53, be2));
+        // An entry made while there was no endpoint answers from the VIP itself.
+        assert!(e.is_stale(vip, 53, vip));
+        assert!(e.is_stale("192.168.100.11".parse().unwrap(), 30053, be2));
+        assert!(!e.is_stale("10.96.0.99".parse().unwrap(), 53, be2));
+    }
+}

@@ -1,0 +1,382 @@
+//! `--proxy-mode iptables`: kube-proxy's iptables rules, loaded with `iptables-restore
+//! --noflush` in the agent's network namespace.
+//!
+//! As kube-proxy (since 1.26) does: a full sync rewrites every chain and ensures the jump rules
+//! from the built-in chains; a partial sync rewrites the shared chains (KUBE-SERVICES,
+//! KUBE-NODEPORTS, the filter table) and only the per-service-port chains of ports that changed.
+//! Chains no longer used are flushed and deleted. A failed restore fails the sync, and the
+//! runner's full resync follows.
+
+pub mod render;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use crate::dataplane::{Dataplane, DataplaneError, ModeMetrics, SyncReport};
+use crate::model::{DesiredState, Protocol, ServicePortInfo};
+use crate::netfilter::plan::{plan, PlanConfig};
+
+pub use render::{IptablesConfig, IptablesRules, Table, WriteScope, JUMP_RULES};
+
+/// Errors of the iptables mode.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("running {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// Which iptables backend the node uses: kube-proxy must write its rules where kubelet and the
+/// rest of the node's rules are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// iptables-nft: the nf_tables kernel API behind iptables' syntax (Debian's default).
+    Nft,
+    /// iptables-legacy: the x_tables kernel API.
+    Legacy,
+}
+
+impl Backend {
+    /// The command for `tool` (`iptables`, `iptables-save`, `iptables-restore`).
+    pub fn command(self, tool: &str) -> String {
+        let suffix = tool.strip_prefix("iptables").unwrap_or("");
+        match self {
+            Backend::Nft => format!("iptables-nft{suffix}"),
+            Backend::Legacy => format!("iptables-legacy{suffix}"),
+        }
+    }
+
+    /// Detects the backend as kube-proxy's image does (iptables-wrapper): the one where kubelet
+    /// left its canary chains, else the one holding more rules, else nft.
+    pub fn detect() -> Backend {
+        let save = |b: Backend| -> Option<String> {
+            let out = Command::new(b.command("iptables-save"))
+                .stderr(Stdio::null())
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let (nft, legacy) = (save(Backend::Nft), save(Backend::Legacy));
+        let hint = |s: &Option<String>| {
+            s.as_deref().is_some_and(|s| {
+                s.contains(":KUBE-IPTABLES-HINT") || s.contains(":KUBE-KUBELET-CANARY")
+            })
+        };
+        let rules = |s: &Option<String>| {
+            s.as_deref()
+                .map_or(0, |s| s.lines().filter(|l| l.starts_with("-A ")).count())
+        };
+        match (nft.is_some(), legacy.is_some()) {
+            (true, false) => Backend::Nft,
+            (false, true) => Backend::Legacy,
+            _ if hint(&nft) => Backend::Nft,
+            _ if hint(&legacy) => Backend::Legacy,
+            _ if rules(&legacy) > rules(&nft) => Backend::Legacy,
+            _ => Backend::Nft,
+        }
+    }
+}
+
+/// Runs `cmd` with `stdin`, failing with its stderr.
+fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<String, IptablesError> {
+    let command = format!("{cmd:?}");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| IptablesError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input)
+            .map_err(|source| IptablesError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| IptablesError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(IptablesError::Failed {
+            command,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// kube-proxy's NewProxier: NodePorts on 127.0.0.1 need `route_localnet` (IPv4), in the network
+/// namespace the agent programs. Done with the first sync, never before kpr has something to
+/// program; a failure only costs localhost NodePorts.
+fn set_route_localnet() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    if std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    if let Err(e) = std::fs::write(SYSCTL, "1") {
+        tracing::warn!(
+            "setting net.ipv4.conf.all.route_localnet=1: {e}; NodePorts on localhost will not work"
+        );
+    }
+}
+
+/// The chain names declared in `iptables-save` output.
+pub fn chains_in(save: &str) -> BTreeSet<String> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The iptables mode's memory between syncs, and the restore input of each sync: no I/O, so
+/// that kube-proxy's multi-step tests run against it unchanged.
+pub struct RuleSyncer {
+    /// The node-wide settings; `node_ip` and `nodeport_ips` are refreshed from each desired
+    /// state (they follow the Node object).
+    pub plan_cfg: PlanConfig,
+    /// `--nodeport-addresses` was given: NodePorts only on the node's matching addresses.
+    pub nodeport_addresses_given: bool,
+    pub ipt: IptablesConfig,
+    /// The service ports as last programmed, to tell which changed (partial syncs).
+    programmed: BTreeMap<(String, Protocol), ServicePortInfo>,
+    /// The large-cluster mode of the last sync (a change rewrites every chain's comments).
+    large: Option<bool>,
+}
+
+/// One sync's restore input and what committing it changes.
+pub struct PreparedSync {
+    pub rules: IptablesRules,
+    pub full: bool,
+    /// Service ports whose chains this input rewrites.
+    pub rewritten: usize,
+    programmed: BTreeMap<(String, Protocol), ServicePortInfo>,
+    large: bool,
+}
+
+impl RuleSyncer {
+    pub fn new(plan_cfg: PlanConfig, nodeport_addresses_given: bool, ipt: IptablesConfig) -> Self {
+        RuleSyncer {
+            plan_cfg,
+            nodeport_addresses_given,
+            ipt,
+            programmed: BTreeMap::new(),
+            large: None,
+        }
+    }
+
+    /// Whether the next sync must be full (nothing programmed yet, or the last one failed).
+    pub fn needs_full(&self) -> bool {
+        self.large.is_none()
+    }
+
+    /// Whether the next sync, for `desired`, will rewrite every chain: asked for, or forced
+    /// ([`Self::needs_full`], or a change of the large-cluster mode).
+    pub fn will_be_full(&self, desired: &DesiredState, full: bool) -> bool {
+        full || self.large != Some(self.plan(desired).large_cluster())
+    }
+
+    fn plan_cfg_for(&self, desired: &DesiredState) -> PlanConfig {
+        let mut cfg = self.plan_cfg.clone();
+        cfg.node_ip = desired.node_ip;
+        cfg.nodeport_ips = self
+            .nodeport_addresses_given
+            .then(|| desired.node_ips.clone());
+        cfg
+    }
+
+    fn plan<'a>(&self, desired: &'a DesiredState) -> crate::netfilter::plan::Plan<'a> {
+        plan(desired, &self.plan_cfg_for(desired))
+    }
+
+    /// The restore input that brings the kernel from what was last committed to `desired`.
+    /// `existing_nat_chains`: the nat table's chains now (kpr's stale ones among them are
+    /// deleted); `None` skips the stale-chain cleanup (kube-proxy does so in large clusters
+    /// between sync periods).
+    pub fn prepare(
+        &self,
+        desired: &DesiredState,
+        full: bool,
+        existing_nat_chains: Option<&BTreeSet<String>>,
+    ) -> PreparedSync {
+        let cfg = self.plan_cfg_for(desired);
+        let plan = plan(desired, &cfg);
+        let full = full || self.large != Some(plan.large_cluster());
+        let programmed = &self.programmed;
+        let changed =
+            |p: &crate::netfilter::plan::PortPlan| programmed.get(&key(p.info)) != Some(p.info);
+        let rewritten = plan.ports.iter().filter(|p| full || changed(p)).count();
+        let rules = render::write(
+            &plan,
+            &cfg,
+            &self.ipt,
+            WriteScope {
+                changed: if full { None } else { Some(&changed) },
+                existing_nat_chains,
+            },
+        );
+        PreparedSync {
+            rules,
+            full,
+            rewritten,
+            programmed: plan
+                .ports
+                .iter()
+                .map(|p| (key(p.info), p.info.clone()))
+                .collect(),
+            large: plan.large_cluster(),
+        }
+    }
+
+    /// The prepared input was loaded.
+    pub fn commit(&mut self, prepared: PreparedSync) -> IptablesRules {
+        self.programmed = prepared.programmed;
+        self.large = Some(prepared.large);
+        prepared.rules
+    }
+
+    /// Loading failed: what the kernel holds is unknown, so the next sync rewrites everything.
+    pub fn reset(&mut self) {
+        self.programmed.clear();
+        self.large = None;
+    }
+}
+
+/// The iptables mode.
+pub struct IptablesDataplane {
+    backend: Backend,
+    syncer: RuleSyncer,
+    metrics: ModeMetrics,
+    /// Endpoints of UDP service ports as last programmed, for the conntrack cleanup.
+    conntrack: crate::netfilter::conntrack::StaleFlows,
+}
+
+impl IptablesDataplane {
+    pub fn new(backend: Backend, syncer: RuleSyncer) -> Self {
+        IptablesDataplane {
+            backend,
+            syncer,
+            metrics: ModeMetrics::default(),
+            conntrack: Default::default(),
+        }
+    }
+
+    fn iptables(&self, table: Table, args: &[&str]) -> Result<String, IptablesError> {
+        let mut cmd = Command::new(self.backend.command("iptables"));
+        cmd.args(["-w", "5", "-W", "100000", "-t", table.name()])
+            .args(args);
+        run(cmd, None)
+    }
+
+    /// kube-proxy's `EnsureChain` + `EnsureRule(Prepend, …)` for every jump rule.
+    fn ensure_jumps(&self) -> Result<(), IptablesError> {
+        for j in JUMP_RULES {
+            let existing = chains_in(&self.save(j.table)?);
+            if !existing.contains(j.to) {
+                self.iptables(j.table, &["-N", j.to])?;
+            }
+            let args = j.args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut check = vec!["-C", j.from];
+            check.extend(&args);
+            if self.iptables(j.table, &check).is_err() {
+                let mut insert = vec!["-I", j.from];
+                insert.extend(&args);
+                self.iptables(j.table, &insert)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn save(&self, table: Table) -> Result<String, IptablesError> {
+        let mut cmd = Command::new(self.backend.command("iptables-save"));
+        cmd.args(["-t", table.name()]);
+        run(cmd, None)
+    }
+
+    fn restore(&self, input: &str) -> Result<(), IptablesError> {
+        let mut cmd = Command::new(self.backend.command("iptables-restore"));
+        cmd.args(["-w", "5", "-W", "100000", "--noflush", "--counters"]);
+        run(cmd, Some(input.as_bytes())).map(|_| ())
+    }
+}
+
+fn key(p: &ServicePortInfo) -> (String, Protocol) {
+    (p.name.to_string(), p.protocol)
+}
+
+impl Dataplane for IptablesDataplane {
+    fn sync(&mut self, desired: &DesiredState, full: bool) -> Result<SyncReport, DataplaneError> {
+        let full = self
+            .syncer
+            .will_be_full(desired, full || self.syncer.needs_full());
+        let result = (|| -> Result<PreparedSync, IptablesError> {
+            if full {
+                if self.syncer.plan_cfg.localhost_nodeports
+                    && self.syncer.plan_cfg.family == crate::model::Family::V4
+                {
+                    set_route_localnet();
+                }
+                self.ensure_jumps()?;
+            }
+            let existing = chains_in(&self.save(Table::Nat)?);
+            let prepared = self.syncer.prepare(desired, full, Some(&existing));
+            self.restore(&prepared.rules.text)?;
+            Ok(prepared)
+        })();
+        let prepared = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.restore_failures += 1;
+                if !full {
+                    self.metrics.partial_restore_failures += 1;
+                }
+                self.syncer.reset();
+                return Err(e.into());
+            }
+        };
+        let (writes, full) = (prepared.rewritten, prepared.full);
+        let rules = self.syncer.commit(prepared);
+        self.metrics.iptables_rules = vec![
+            ("filter", rules.filter_rules as u64),
+            ("nat", (rules.nat_rules + rules.nat_rules_skipped) as u64),
+        ];
+        self.conntrack.cleanup(desired);
+        let _ = full;
+        Ok(SyncReport {
+            frontends: desired.services.len(),
+            backends: desired
+                .service_ports
+                .iter()
+                .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
+                .sum(),
+            writes,
+            deletes: rules.deleted_chains,
+        })
+    }
+
+    fn mode_metrics(&self) -> ModeMetrics {
+        self.metrics.clone()
+    }
+}

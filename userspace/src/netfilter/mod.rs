@@ -1,0 +1,16 @@
+//! The netfilter proxy modes (`--proxy-mode iptables`, `--proxy-mode nftables`): kube-proxy's
+//! own rules, from one planner and two writers.
+//!
+//! - [`plan`]: per service port, the decisions kube-proxy's proxiers take (which endpoints each
+//!   traffic policy uses, which chains exist, what is rejected or dropped), computed once;
+//! - [`chains`]: chain names, kube-proxy's hashes;
+//! - [`iptables`]: the plan as `iptables-restore` input, and the mode that loads it;
+//! - [`nftables`]: the plan as one nftables netlink transaction, and the mode that sends it;
+//! - [`conntrack`]: deleting the conntrack entries of UDP endpoints that went away, so flows
+//!   move on as they do with kube-proxy.
+
+pub mod chains;
+pub mod conntrack;
+pub mod iptables;
+pub mod nftables;
+pub mod plan;

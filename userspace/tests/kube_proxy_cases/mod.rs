@@ -1,0 +1,236 @@
+//! kube-proxy's unit-test cases as data (`tests/golden/kube-proxy/<mode>/<Test>/`), loaded into
+//! kpr's model: shared by the iptables and nftables golden and tracer tests.
+
+#![allow(dead_code)]
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use kpr::model::{DesiredState, Family, NodeContext};
+use kpr::netfilter::plan::{contains, PlanConfig};
+
+/// One kube-proxy test (or one step of a multi-step test).
+pub struct Case {
+    pub name: String,
+    pub dir: PathBuf,
+    pub manifests: String,
+    pub proxier: serde_yaml::Value,
+    /// `None`: a step of a multi-step test with nothing to compare (one whose sync kube-proxy's
+    /// test makes fail, TestSyncProxyRulesRepeated's step 9).
+    pub expected: Option<String>,
+}
+
+/// The fake network's addresses, which `--nodeport-addresses` is matched against (kube-proxy's
+/// fake interfacer; a case's `interfaceAddresses` replaces them).
+const INTERFACE_ADDRESSES: &[&str] = &[
+    "127.0.0.1",
+    "::1",
+    "192.168.0.2",
+    "192.168.1.2",
+    "192.168.99.11",
+    "2001:db8::1",
+    "2001:db8:1::2",
+];
+
+fn root(mode: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/kube-proxy")
+        .join(mode)
+}
+
+/// Every case of `mode` (a directory with `manifests.yaml`), in name order, with its `expected`
+/// file if it has one.
+pub fn cases(mode: &str, expected: &str) -> Vec<Case> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root(mode)];
+    while let Some(dir) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            }
+        }
+        let exp = dir.join(expected);
+        if !dir.join("manifests.yaml").is_file() {
+            continue;
+        }
+        let proxier = ["proxier.yaml", "../proxier.yaml"]
+            .iter()
+            .map(|p| dir.join(p))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("{}: no proxier.yaml", dir.display()));
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        };
+        let name = dir
+            .strip_prefix(root(mode))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        out.push(Case {
+            name,
+            manifests: read(&dir.join("manifests.yaml")),
+            proxier: serde_yaml::from_str(&read(&proxier)).unwrap(),
+            expected: exp.is_file().then(|| read(&exp)),
+            dir,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn parse_cidr(s: &str) -> (IpAddr, u8) {
+    let (ip, len) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
+    let ip: IpAddr = ip.parse().unwrap_or_else(|_| panic!("bad CIDR {s:?}"));
+    let len = len.parse().unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
+    (ip, len)
+}
+
+impl Case {
+    fn str(&self, key: &str) -> Option<&str> {
+        self.proxier.get(key).and_then(|v| v.as_str())
+    }
+
+    fn bool(&self, key: &str, default: bool) -> bool {
+        self.proxier
+            .get(key)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(default)
+    }
+
+    fn list(&self, key: &str) -> Vec<String> {
+        self.proxier
+            .get(key)
+            .and_then(|v| v.as_sequence())
+            .map(|s| {
+                s.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn family(&self) -> Family {
+        match self.str("ipFamily") {
+            Some("IPv6") => Family::V6,
+            _ => Family::V4,
+        }
+    }
+
+    /// The model's desired state for the case's objects on the fake node, and the planner's
+    /// settings from the fake proxier's; `Err` with kpr's reasons when kpr refuses an object.
+    pub fn desired_state_and_config(&self) -> Result<(DesiredState, PlanConfig), String> {
+        let hostname = self.str("hostname").unwrap_or("test-hostname").to_string();
+        let family = self.family();
+        let of_family = |ip: &IpAddr| (family == Family::V6) == ip.is_ipv6();
+        let node_ips: Vec<IpAddr> = self
+            .list("nodeIPs")
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .filter(of_family)
+            .collect();
+        let interfaces: Vec<IpAddr> = {
+            let given = self.list("interfaceAddresses");
+            if given.is_empty() {
+                INTERFACE_ADDRESSES
+                    .iter()
+                    .map(|s| s.parse().unwrap())
+                    .collect()
+            } else {
+                // `eth0 192.168.0.2/24`
+                given
+                    .iter()
+                    .map(|s| parse_cidr(s.split_whitespace().last().unwrap()).0)
+                    .collect()
+            }
+        };
+        let nodeport_cidrs: Vec<(IpAddr, u8)> = self
+            .list("nodePortAddresses")
+            .iter()
+            .map(|s| parse_cidr(s))
+            .filter(|(ip, _)| of_family(ip))
+            .collect();
+        let nodeport_ips = (!nodeport_cidrs.is_empty()).then(|| {
+            interfaces
+                .iter()
+                .copied()
+                .filter(of_family)
+                .filter(|ip| nodeport_cidrs.iter().any(|&(n, l)| contains(n, l, *ip)))
+                .collect::<Vec<_>>()
+        });
+        let cluster_cidrs = self
+            .str("clusterCIDR")
+            .map(|c| vec![parse_cidr(c)])
+            .unwrap_or_default();
+
+        let (snapshot, errors) = kpr::source::manifest::load_text(
+            &self.dir.join("manifests.yaml"),
+            &self.manifests,
+            None,
+        );
+        if !errors.is_empty() {
+            let e: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return Err(e.join("; "));
+        }
+        let ctx = NodeContext {
+            node_name: Some(hostname),
+            node_ips: nodeport_ips.clone().unwrap_or_default(),
+            node_ip: node_ips.first().copied(),
+        };
+        let (state, errors) =
+            kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &ctx);
+        if !errors.is_empty() {
+            let e: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return Err(e.join("; "));
+        }
+        let cfg = PlanConfig {
+            family,
+            masquerade_all: self.bool("masqueradeAll", false),
+            cluster_cidrs,
+            node_ip: node_ips.first().copied(),
+            localhost_nodeports: self.bool("localhostNodePorts", true),
+            nodeport_ips,
+            masquerade_mark: 0x4000,
+        };
+        Ok((state, cfg))
+    }
+}
+
+/// kube-proxy cases whose objects the API server would refuse, which kpr refuses too (and says
+/// why) instead of writing rules for them: (case, what kpr's error says).
+pub const REFUSED_BY_KPR: &[(&str, &str)] = &[
+    // The test leaves the Service port at 0 ("--dport 0" in its rules).
+    ("TestEndpointSliceE2E", "port 0 is out of range"),
+    // Leading zeros in every address: kube-proxy reads them as decimal (ParseIPSloppy); the
+    // API server refuses new ones since 1.33 (StrictIPCIDRValidation), and kpr refuses them.
+    ("TestBadIPs", "invalid ClusterIP \"172.30.0.041\""),
+];
+
+/// Lines only in `want` (-) and only in `got` (+).
+pub fn diff(want: &str, got: &str) -> String {
+    let w: Vec<&str> = want.lines().collect();
+    let g: Vec<&str> = got.lines().collect();
+    let mut out = String::new();
+    for l in &w {
+        if !g.contains(l) {
+            out.push_str(&format!("- {l}\n"));
+        }
+    }
+    for l in &g {
+        if !w.contains(l) {
+            out.push_str(&format!("+ {l}\n"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("(same lines, different order)\n");
+        for (a, b) in w.iter().zip(&g) {
+            if a != b {
+                out.push_str(&format!("first difference:\n- {a}\n+ {b}\n"));
+                break;
+            }
+        }
+    }
+    out
+}
