@@ -290,3 +290,87 @@ impl Kpr {
         std::fs::read_to_string(log_file).unwrap_or_default()
     }
 }
+
+/// A kpr proxy mode, as the lab runs it: every mode serves the same acceptance suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    Ebpf,
+    Iptables,
+    Nftables,
+}
+
+/// Why a connection that must not succeed did not: each mode counts it in its own layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A ClusterIP (or an external frontend reached from a pod) without endpoints.
+    NoEndpoints,
+    /// An external frontend without endpoints, reached from outside the node.
+    NoEndpointsFromOutside,
+    /// `externalTrafficPolicy: Local` on a node without a local endpoint.
+    NoLocalEndpoints,
+    /// A client outside `loadBalancerSourceRanges`.
+    SourceRange,
+}
+
+impl ProxyMode {
+    pub const ALL: [ProxyMode; 3] = [ProxyMode::Ebpf, ProxyMode::Iptables, ProxyMode::Nftables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyMode::Ebpf => "ebpf",
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Nftables => "nftables",
+        }
+    }
+
+    /// kpr's flags for this mode.
+    pub fn args(self) -> [&'static str; 2] {
+        ["--proxy-mode", self.name()]
+    }
+
+    pub fn is_netfilter(self) -> bool {
+        self != ProxyMode::Ebpf
+    }
+
+    /// The counter (in kpr's status) of the layer that refuses for `reason` in this mode: the
+    /// eBPF programs' drop reasons, or the netfilter modes' rule counters. This table is where
+    /// the modes' inherent differences are pinned (see docs/DESIGN.md, "Proxy modes").
+    pub fn refusal_counter(self, reason: Refusal) -> &'static str {
+        match (self, reason) {
+            (ProxyMode::Ebpf, Refusal::NoEndpoints) => "drop_no_backend",
+            (ProxyMode::Ebpf, Refusal::NoEndpointsFromOutside) => "tc_no_backend_passed",
+            (ProxyMode::Ebpf, Refusal::NoLocalEndpoints) => "drop_no_local_backend",
+            (ProxyMode::Ebpf, Refusal::SourceRange) => "drop_source_range",
+            (_, Refusal::NoEndpoints | Refusal::NoEndpointsFromOutside) => "reject_no_endpoints",
+            (_, Refusal::NoLocalEndpoints) => "drop_no_local_endpoints",
+            (_, Refusal::SourceRange) => "drop_source_range",
+        }
+    }
+}
+
+/// Defines one test per proxy mode: `per_mode! { fn name(mode) { ... } }` makes the tests
+/// `name::ebpf`, `name::iptables` and `name::nftables`, each running the body with `mode` set,
+/// so that no mode can drift from the others.
+#[macro_export]
+macro_rules! per_mode {
+    ($(#[$meta:meta])* fn $name:ident($mode:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn run($mode: $crate::kpr::ProxyMode) $body
+            #[test]
+            fn ebpf() {
+                run($crate::kpr::ProxyMode::Ebpf)
+            }
+            #[test]
+            fn iptables() {
+                run($crate::kpr::ProxyMode::Iptables)
+            }
+            #[test]
+            fn nftables() {
+                run($crate::kpr::ProxyMode::Nftables)
+            }
+        }
+    };
+}

@@ -512,7 +512,15 @@ impl Lab {
             )?;
         }
         for node in &nodes {
-            let mut batch = String::new();
+            // Every node has a default route, as real nodes do (to their upstream router): here
+            // into a veth whose peer stays down, where packets for unknown destinations vanish
+            // (this kernel has no dummy devices). Netfilter filters forwarded packets only after
+            // routing found them a way out, so without one a proxy's REJECT for a Service
+            // without endpoints would never be reached.
+            let mut batch = String::from(
+                "link add uplink type veth peer name uplink-peer\nlink set uplink up\n\
+                 route add default dev uplink\n",
+            );
             for p in pods.iter().filter(|p| p.node == node.index) {
                 batch.push_str(&format!(
                     "link set {dev} up\nroute add {ip}/32 dev {dev}\n",

@@ -4,7 +4,9 @@
 //! Topology of the default lab (one node, see `shared/design/ARCHITECTURE.md`, "The lab"):
 //!
 //! ```text
-//!   <prefix>-node   lo: 127.0.0.1, 169.254.1.1/32; ip_forward=1, rp_filter=0
+//!   <prefix>-node   lo: 127.0.0.1, 169.254.1.1/32; ip_forward=1, rp_filter=0;
+//!                   uplink (a veth, its peer down): the default route, where unknown
+//!                   destinations vanish
 //!     vp11 ──veth── eth0  <prefix>-be1   10.244.1.11/32, default via 169.254.1.1
 //!     vp12 ──veth── eth0  <prefix>-be2   10.244.1.12/32
 //!     vp13 ──veth── eth0  <prefix>-be3   10.244.1.13/32

@@ -1,15 +1,19 @@
-//! Session affinity and internal traffic policy on the socket path, in the lab, real traffic.
+//! Session affinity and internal traffic policy for clients on the node, in the lab, real
+//! traffic, in every proxy mode.
 //!
-//! Affinity is checked deterministically through kpr's datapath counter `affinity_reused`
-//! (one increment per connection that reused the client's backend), not by hoping a random
-//! choice differs.
+//! In the eBPF mode affinity is checked deterministically through kpr's datapath counter
+//! `affinity_reused` (one increment per connection that reused the client's backend), not by
+//! hoping a random choice differs. The netfilter modes keep affinity in the kernel (`-m
+//! recent`, nftables sets with timeouts), which counts nothing: there the test checks what
+//! clients see (50 connections on one backend, the move off a removed backend, affinity
+//! switched off and on) and leaves the expiry to the eBPF counter and the golden rules.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use kpr_lab::kpr::{kpr_path, Kpr};
-use kpr_lab::{Lab, LabSpec};
+use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
+use kpr_lab::{per_mode, Lab, LabSpec};
 
 const VIP: &str = "10.96.0.10:80";
 
@@ -52,7 +56,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(tag: &str, clients: usize, manifest: &str) -> Setup {
+    fn new(tag: &str, clients: usize, manifest: &str, mode: ProxyMode) -> Setup {
         let lab = Lab::up(LabSpec {
             prefix: Lab::unique_prefix(tag),
             clients,
@@ -68,7 +72,12 @@ impl Setup {
             &kpr_path(),
             &dir,
             "kpr",
-            &["--hostname-override", "node1"],
+            &[
+                "--hostname-override",
+                "node1",
+                mode.args()[0],
+                mode.args()[1],
+            ],
         )
         .expect("kpr start");
         Setup { lab, kpr, file }
@@ -97,94 +106,102 @@ const ALL: [(&str, &str); 3] = [
     ("10.244.1.13", "node1"),
 ];
 
-#[test]
-fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
-    kpr_lab::require_lab("affinity");
-    let mut s = Setup::new("aff", 2, &manifest(Some(2), false, &ALL));
-    let (c1, c2) = (s.lab.clients()[0].clone(), s.lab.clients()[1].clone());
-    let vip: SocketAddr = VIP.parse().unwrap();
+per_mode! {
+    fn client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout(mode) {
+        kpr_lab::require_lab("affinity");
+        let mut s = Setup::new("aff", 2, &manifest(Some(2), false, &ALL), mode);
+        let (c1, c2) = (s.lab.clients()[0].clone(), s.lab.clients()[1].clone());
+        let vip: SocketAddr = VIP.parse().unwrap();
 
-    // 50 connections from one client: one backend, 49 of them by affinity.
-    let base = s.reused();
-    let r = s.lab.tcp_spread(&c1, vip, 50).unwrap();
-    assert_eq!(r.errors, 0, "{r:?}");
-    assert_eq!(r.counts.len(), 1, "one client spread over backends: {r:?}");
-    let after_c1 = s.reused();
-    assert_eq!(after_c1 - base, 49);
+        let ebpf = mode == ProxyMode::Ebpf;
+        // 50 connections from one client: one backend, 49 of them by affinity.
+        let base = if ebpf { s.reused() } else { 0 };
+        let r = s.lab.tcp_spread(&c1, vip, 50).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(r.counts.len(), 1, "one client spread over backends: {r:?}");
+        let after_c1 = if ebpf { s.reused() } else { 0 };
+        if ebpf {
+            assert_eq!(after_c1 - base, 49);
+        }
 
-    // A second client has its own affinity: its first connection is a fresh choice.
-    let r2 = s.lab.tcp_spread(&c2, vip, 20).unwrap();
-    assert_eq!(r2.counts.len(), 1, "{r2:?}");
-    assert_eq!(
-        s.reused() - after_c1,
-        19,
-        "client 2 reused client 1's affinity"
-    );
+        // A second client has its own affinity: its first connection is a fresh choice.
+        let r2 = s.lab.tcp_spread(&c2, vip, 20).unwrap();
+        assert_eq!(r2.counts.len(), 1, "{r2:?}");
+        if ebpf {
+            assert_eq!(
+                s.reused() - after_c1,
+                19,
+                "client 2 reused client 1's affinity"
+            );
 
-    // After the 2 s timeout since the last new connection, a new choice is made. (Sleeping is
-    // the condition here: expiry compares timestamps, so any wait of at least 2 s expires it.)
-    std::thread::sleep(Duration::from_millis(2300));
-    let before = s.reused();
-    let r = s.lab.tcp_spread(&c1, vip, 1).unwrap();
-    assert_eq!(r.errors, 0);
-    assert_eq!(s.reused(), before, "affinity outlived its timeout");
+            // After the 2 s timeout since the last new connection, a new choice is made.
+            // (Sleeping is the condition here: expiry compares timestamps, so any wait of at
+            // least 2 s expires it.)
+            std::thread::sleep(Duration::from_millis(2300));
+            let before = s.reused();
+            let r = s.lab.tcp_spread(&c1, vip, 1).unwrap();
+            assert_eq!(r.errors, 0);
+            assert_eq!(s.reused(), before, "affinity outlived its timeout");
+        }
 
-    // The affinity backend going away is not kept: remove it, and the client moves.
-    // Re-establish affinity to whatever c1 has now, then remove that backend.
-    let now = s.lab.tcp_spread(&c1, vip, 5).unwrap();
-    let current = now.counts.keys().next().unwrap().clone();
-    let keep: Vec<(&str, &str)> = ALL
-        .iter()
-        .copied()
-        .filter(|(ip, _)| *ip != ip_of(&current))
-        .collect();
-    assert_eq!(keep.len(), 2);
-    let keep_ips: Vec<&str> = keep.iter().map(|(ip, _)| *ip).collect();
-    s.update(&manifest(Some(2), false, &keep), &keep_ips);
-    let moved = s.lab.tcp_spread(&c1, vip, 10).unwrap();
-    assert_eq!(moved.errors, 0, "{moved:?}");
-    assert!(
-        !moved.counts.contains_key(&current),
-        "affinity kept a removed backend: {moved:?}"
-    );
+        // The affinity backend going away is not kept: remove it, and the client moves.
+        // Re-establish affinity to whatever c1 has now, then remove that backend.
+        let now = s.lab.tcp_spread(&c1, vip, 5).unwrap();
+        let current = now.counts.keys().next().unwrap().clone();
+        let keep: Vec<(&str, &str)> = ALL
+            .iter()
+            .copied()
+            .filter(|(ip, _)| *ip != ip_of(&current))
+            .collect();
+        assert_eq!(keep.len(), 2);
+        let keep_ips: Vec<&str> = keep.iter().map(|(ip, _)| *ip).collect();
+        s.update(&manifest(Some(2), false, &keep), &keep_ips);
+        let moved = s.lab.tcp_spread(&c1, vip, 10).unwrap();
+        assert_eq!(moved.errors, 0, "{moved:?}");
+        assert!(
+            !moved.counts.contains_key(&current),
+            "affinity kept a removed backend: {moved:?}"
+        );
 
-    // Switching affinity off on the live Service spreads the same client again.
-    s.update(&manifest(None, false, &ALL), &ALL_IPS);
-    s.kpr
-        .wait_for_frontend(FRONTEND, "no affinity", |f| f.affinity_timeout_s.is_none())
-        .unwrap();
-    let spread = s.lab.tcp_spread(&c1, vip, 60).unwrap();
-    assert!(spread.counts.len() >= 2, "affinity still on: {spread:?}");
-    // And on again.
-    s.update(&manifest(Some(60), false, &ALL), &ALL_IPS);
-    s.kpr
-        .wait_for_frontend(FRONTEND, "affinity 60 s", |f| {
-            f.affinity_timeout_s == Some(60)
-        })
-        .unwrap();
-    let sticky = s.lab.tcp_spread(&c1, vip, 30).unwrap();
-    assert_eq!(sticky.counts.len(), 1, "affinity not back on: {sticky:?}");
+        // Switching affinity off on the live Service spreads the same client again.
+        s.update(&manifest(None, false, &ALL), &ALL_IPS);
+        s.kpr
+            .wait_for_frontend(FRONTEND, "no affinity", |f| f.affinity_timeout_s.is_none())
+            .unwrap();
+        let spread = s.lab.tcp_spread(&c1, vip, 60).unwrap();
+        assert!(spread.counts.len() >= 2, "affinity still on: {spread:?}");
+        // And on again.
+        s.update(&manifest(Some(60), false, &ALL), &ALL_IPS);
+        s.kpr
+            .wait_for_frontend(FRONTEND, "affinity 60 s", |f| {
+                f.affinity_timeout_s == Some(60)
+            })
+            .unwrap();
+        let sticky = s.lab.tcp_spread(&c1, vip, 30).unwrap();
+        assert_eq!(sticky.counts.len(), 1, "affinity not back on: {sticky:?}");
+    }
 }
 
-#[test]
-fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
-    kpr_lab::require_lab("itp_local");
-    let eps = [
-        ("10.244.1.11", "node1"),
-        ("10.244.1.12", "node2"),
-        ("10.244.1.13", "node2"),
-    ];
-    let mut s = Setup::new("itp", 1, &manifest(None, true, &eps));
-    let c = s.lab.clients()[0].clone();
-    let vip: SocketAddr = VIP.parse().unwrap();
-    let r = s.lab.tcp_spread(&c, vip, 60).unwrap();
-    assert_eq!(r.errors, 0, "{r:?}");
-    assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
-    // Cluster policy again: every endpoint.
-    s.update(
-        &manifest(None, false, &eps),
-        &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
-    );
-    let r = s.lab.tcp_spread(&c, vip, 90).unwrap();
-    assert_eq!(r.counts.len(), 3, "{r:?}");
+per_mode! {
+    fn internal_traffic_policy_local_uses_only_this_nodes_endpoints(mode) {
+        kpr_lab::require_lab("itp_local");
+        let eps = [
+            ("10.244.1.11", "node1"),
+            ("10.244.1.12", "node2"),
+            ("10.244.1.13", "node2"),
+        ];
+        let mut s = Setup::new("itp", 1, &manifest(None, true, &eps), mode);
+        let c = s.lab.clients()[0].clone();
+        let vip: SocketAddr = VIP.parse().unwrap();
+        let r = s.lab.tcp_spread(&c, vip, 60).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
+        // Cluster policy again: every endpoint.
+        s.update(
+            &manifest(None, false, &eps),
+            &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
+        );
+        let r = s.lab.tcp_spread(&c, vip, 90).unwrap();
+        assert_eq!(r.counts.len(), 3, "{r:?}");
+    }
 }

@@ -11,17 +11,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kpr_lab::kpr::{kpr_path, Kpr};
+use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode, Refusal};
 use kpr_lab::tool::{UdpMode, UdpSpread};
-use kpr_lab::{require_lab, Lab, LabSpec};
+use kpr_lab::{per_mode, require_lab, Lab, LabSpec};
 
 const VIP: &str = "10.96.0.10";
 /// The frontends of [`web_and_dns`] as kpr's status names them.
 const WEB: &str = "10.96.0.10:80/tcp";
 const DNS: &str = "10.96.0.10:53/udp";
-/// What a client gets when kpr does not translate a ClusterIP: the lab's nodes have no route
-/// for the service range (nor a default route), so the node answers "network unreachable".
-const UNROUTED: &str = "ENETUNREACH";
+/// What a client gets when kpr does not translate a ClusterIP: the node routes it to its
+/// uplink (in the lab, a veth whose peer is down), where it vanishes: the connection times out.
+const UNROUTED: &str = "ETIMEDOUT";
 
 /// A lab with kpr running on `manifest` (written as `svc.yaml` in a fresh manifest directory).
 struct Setup {
@@ -32,6 +32,10 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str, manifest: &str) -> Setup {
+        Self::in_mode(tag, manifest, ProxyMode::Ebpf)
+    }
+
+    fn in_mode(tag: &str, manifest: &str, mode: ProxyMode) -> Setup {
         require_lab(tag);
         let lab = Lab::up(LabSpec {
             prefix: Lab::unique_prefix(tag),
@@ -47,7 +51,7 @@ impl Setup {
             "kpr binary not found at {} (build it, or set KPR_BIN)",
             bin.display()
         );
-        let kpr = Kpr::start(&lab, &bin, &dir, "kpr", &[]).expect("kpr start");
+        let kpr = Kpr::start(&lab, &bin, &dir, "kpr", &mode.args()).expect("kpr start");
         Setup { lab, kpr, dir }
     }
 
@@ -139,63 +143,68 @@ fn assert_spread(counts: &std::collections::BTreeMap<String, u64>, total: u64, w
     }
 }
 
-#[test]
-fn tcp_clusterip_reaches_all_backends_and_getpeername_shows_the_clusterip() {
-    let mut s = Setup::new("tcp", &web_and_dns(&ALL));
-    let r = s
-        .lab
-        .tcp_spread(&s.client(), addr("10.96.0.10:80"), 300)
-        .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
-    assert_spread(&r.counts, 300, "TCP");
-    // Every connection was translated to the target port, and the application still sees
-    // the ClusterIP as its peer.
-    assert_eq!(r.ports.get("8080"), Some(&300), "{r:?}");
-    assert_eq!(
-        r.peers.keys().collect::<Vec<_>>(),
-        vec!["10.96.0.10:80"],
-        "{r:?}"
-    );
-    s.kpr
-        .wait_for_counter("translated", 300, Duration::from_secs(3))
-        .unwrap();
+per_mode! {
+    fn tcp_clusterip_reaches_all_backends_and_getpeername_shows_the_clusterip(mode) {
+        let mut s = Setup::in_mode("tcp", &web_and_dns(&ALL), mode);
+        let r = s
+            .lab
+            .tcp_spread(&s.client(), addr("10.96.0.10:80"), 300)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+        assert_spread(&r.counts, 300, "TCP");
+        // Every connection was translated to the target port, and the application still sees
+        // the ClusterIP as its peer.
+        assert_eq!(r.ports.get("8080"), Some(&300), "{r:?}");
+        assert_eq!(
+            r.peers.keys().collect::<Vec<_>>(),
+            vec!["10.96.0.10:80"],
+            "{r:?}"
+        );
+        if mode == ProxyMode::Ebpf {
+            // The socket programs translated every connection themselves.
+            s.kpr
+                .wait_for_counter("translated", 300, Duration::from_secs(10))
+                .unwrap();
+        }
+    }
 }
 
-#[test]
-fn udp_clusterip_unconnected_and_connected() {
-    let s = Setup::new("udp", &web_and_dns(&ALL));
-    let r = s
-        .lab
-        .udp_spread(
-            &s.client(),
-            addr("10.96.0.10:53"),
-            300,
-            UdpMode::SocketPerRequest,
-        )
-        .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}");
-    assert_spread(&r.counts, 300, "unconnected UDP");
-    // Replies to an unconnected socket appear to come from the ClusterIP, not the pod.
-    assert_eq!(
-        r.sources.keys().collect::<Vec<_>>(),
-        vec!["10.96.0.10:53"],
-        "{r:?}"
-    );
-    assert_eq!(r.ports.get("5353"), Some(&300), "{r:?}");
+per_mode! {
+    fn udp_clusterip_unconnected_and_connected(mode) {
+        let s = Setup::in_mode("udp", &web_and_dns(&ALL), mode);
+        let r = s
+            .lab
+            .udp_spread(
+                &s.client(),
+                addr("10.96.0.10:53"),
+                300,
+                UdpMode::SocketPerRequest,
+            )
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_spread(&r.counts, 300, "unconnected UDP");
+        // Replies to an unconnected socket appear to come from the ClusterIP, not the pod.
+        assert_eq!(
+            r.sources.keys().collect::<Vec<_>>(),
+            vec!["10.96.0.10:53"],
+            "{r:?}"
+        );
+        assert_eq!(r.ports.get("5353"), Some(&300), "{r:?}");
 
-    // A connected UDP socket is translated once, at connect: one backend, and its peer is
-    // the ClusterIP.
-    let r = s
-        .lab
-        .udp_spread(&s.client(), addr("10.96.0.10:53"), 20, UdpMode::Connected)
-        .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}");
-    assert_eq!(r.counts.len(), 1, "{r:?}");
-    assert_eq!(
-        r.sources.keys().collect::<Vec<_>>(),
-        vec!["10.96.0.10:53"],
-        "{r:?}"
-    );
+        // A connected UDP socket is translated once, at connect: one backend, and its peer is
+        // the ClusterIP.
+        let r = s
+            .lab
+            .udp_spread(&s.client(), addr("10.96.0.10:53"), 20, UdpMode::Connected)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(r.counts.len(), 1, "{r:?}");
+        assert_eq!(
+            r.sources.keys().collect::<Vec<_>>(),
+            vec!["10.96.0.10:53"],
+            "{r:?}"
+        );
+    }
 }
 
 #[test]
@@ -269,144 +278,156 @@ fn one_unconnected_udp_socket_stays_on_its_backend_until_it_is_removed() {
     assert!(r.errors <= 1, "{r:?}");
 }
 
-#[test]
-fn a_removed_backend_gets_no_new_connections() {
-    let mut s = Setup::new("rmbe", &web_and_dns(&ALL));
-    let before = s
-        .lab
-        .tcp_spread(&s.client(), addr("10.96.0.10:80"), 60)
-        .unwrap();
-    assert!(before.counts.contains_key("be3"), "{before:?}");
+per_mode! {
+    fn a_removed_backend_gets_no_new_connections(mode) {
+        let mut s = Setup::in_mode("rmbe", &web_and_dns(&ALL), mode);
+        let before = s
+            .lab
+            .tcp_spread(&s.client(), addr("10.96.0.10:80"), 60)
+            .unwrap();
+        assert!(before.counts.contains_key("be3"), "{before:?}");
 
-    // Once kpr has programmed the change, no new connection reaches be3. (How soon after the
-    // write that happens is a latency figure: the benchmark measures it.)
-    s.update(&web_and_dns(&["10.244.1.11", "10.244.1.12"]));
-    wait_for_web_and_dns(&mut s.kpr, &["10.244.1.11", "10.244.1.12"]);
-    let after = s
-        .lab
-        .tcp_spread(&s.client(), addr("10.96.0.10:80"), 200)
-        .unwrap();
-    assert_eq!(after.errors, 0, "{after:?}");
-    assert_eq!(after.counts.get("be3"), None, "{after:?}\n{}", s.kpr.log());
-    assert!(after.counts.contains_key("be1") && after.counts.contains_key("be2"));
+        // Once kpr has programmed the change, no new connection reaches be3. (How soon after the
+        // write that happens is a latency figure: the benchmark measures it.)
+        s.update(&web_and_dns(&["10.244.1.11", "10.244.1.12"]));
+        wait_for_web_and_dns(&mut s.kpr, &["10.244.1.11", "10.244.1.12"]);
+        let after = s
+            .lab
+            .tcp_spread(&s.client(), addr("10.96.0.10:80"), 200)
+            .unwrap();
+        assert_eq!(after.errors, 0, "{after:?}");
+        assert_eq!(after.counts.get("be3"), None, "{after:?}\n{}", s.kpr.log());
+        assert!(after.counts.contains_key("be1") && after.counts.contains_key("be2"));
 
-    // And it comes back when re-added.
-    s.update(&web_and_dns(&ALL));
-    wait_for_web_and_dns(&mut s.kpr, &ALL);
-    let back = s
-        .lab
-        .tcp_spread(&s.client(), addr("10.96.0.10:80"), 100)
-        .unwrap();
-    assert!(back.counts.contains_key("be3"), "{back:?}");
+        // And it comes back when re-added.
+        s.update(&web_and_dns(&ALL));
+        wait_for_web_and_dns(&mut s.kpr, &ALL);
+        let back = s
+            .lab
+            .tcp_spread(&s.client(), addr("10.96.0.10:80"), 100)
+            .unwrap();
+        assert!(back.counts.contains_key("be3"), "{back:?}");
+    }
 }
 
-#[test]
-fn a_deleted_service_stops_being_translated() {
-    // Two Services: echo (deleted below) and other, the positive control that must keep working.
-    let other = "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: other-1\n  namespace: demo\n  labels: {kubernetes.io/service-name: other}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n  - addresses: [10.244.1.12]\n";
-    let mut s = Setup::new("delsvc", &format!("{}---\n{other}", web_and_dns(&ALL)));
-    let vip = addr("10.96.0.10:80");
-    let control = addr("10.96.0.11:80");
-    let once = s
-        .lab
-        .connect_once(&s.client(), vip, Duration::from_secs(1))
-        .unwrap();
-    assert!(once.ok, "{once:?}");
+per_mode! {
+    fn a_deleted_service_stops_being_translated(mode) {
+        // Two Services: echo (deleted below) and other, the positive control that must keep working.
+        let other = "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: other-1\n  namespace: demo\n  labels: {kubernetes.io/service-name: other}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n  - addresses: [10.244.1.12]\n";
+        let mut s = Setup::in_mode("delsvc", &format!("{}---\n{other}", web_and_dns(&ALL)), mode);
+        let vip = addr("10.96.0.10:80");
+        let control = addr("10.96.0.11:80");
+        let once = s
+            .lab
+            .connect_once(&s.client(), vip, Duration::from_secs(1))
+            .unwrap();
+        assert!(once.ok, "{once:?}");
 
-    // Only echo's slice and the other Service are left: echo is gone.
-    let slice_only = web_and_dns(&ALL).split("---\n").nth(1).unwrap().to_string();
-    s.update(&format!("{slice_only}---\n{other}"));
-    s.kpr.wait_for_no_frontend(WEB).unwrap();
-    s.kpr.wait_for_no_frontend(DNS).unwrap();
-    let before = s.kpr.counters_now().unwrap();
-    let once = s
-        .lab
-        .connect_once(&s.client(), vip, Duration::from_secs(2))
-        .unwrap();
-    // Not translated: the connection went to the ClusterIP itself, which nothing routes.
-    assert_eq!(once.error.as_deref(), Some(UNROUTED), "{once:?}");
-    let r = s
-        .lab
-        .udp_spread(&s.client(), addr("10.96.0.10:53"), 3, UdpMode::OneSocket)
-        .unwrap();
-    assert_eq!(r.errors, 3, "UDP still translated after deletion: {r:?}");
-    let after = s.kpr.counters_now().unwrap();
-    for counter in ["translated", "drop_no_backend", "sticky_reused"] {
+        // Only echo's slice and the other Service are left: echo is gone.
+        let slice_only = web_and_dns(&ALL).split("---\n").nth(1).unwrap().to_string();
+        s.update(&format!("{slice_only}---\n{other}"));
+        s.kpr.wait_for_no_frontend(WEB).unwrap();
+        s.kpr.wait_for_no_frontend(DNS).unwrap();
+        let before = s.kpr.counters_now().unwrap();
+        let once = s
+            .lab
+            .connect_once(&s.client(), vip, Duration::from_secs(2))
+            .unwrap();
+        // Not translated: the connection went to the ClusterIP itself, which nothing routes.
+        assert_eq!(once.error.as_deref(), Some(UNROUTED), "{once:?}");
+        let r = s
+            .lab
+            .udp_spread(&s.client(), addr("10.96.0.10:53"), 3, UdpMode::OneSocket)
+            .unwrap();
+        assert_eq!(r.errors, 3, "UDP still translated after deletion: {r:?}");
+        let after = s.kpr.counters_now().unwrap();
+        let counters: &[&str] = if mode == ProxyMode::Ebpf {
+            &["translated", "drop_no_backend", "sticky_reused"]
+        } else {
+            &["reject_no_endpoints"]
+        };
+        for &counter in counters {
+            assert_eq!(
+                after[counter], before[counter],
+                "kpr still handled the deleted Service ({counter})"
+            );
+        }
+        // The control: kpr is alive and translating in the same test.
+        let ok = s
+            .lab
+            .connect_once(&s.client(), control, Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(ok.backend.as_deref(), Some("be2"), "{ok:?}");
+        if mode == ProxyMode::Ebpf {
+            assert_eq!(
+                s.kpr.counters_now().unwrap()["translated"],
+                after["translated"] + 1
+            );
+        }
+    }
+}
+
+per_mode! {
+    fn a_two_port_service_with_named_target_ports_works_on_both_ports(mode) {
+        // Service ports name their targets; the slice maps the names to numbers — crossed
+        // relative to the service port order, so a positional mix-up would show.
+        let manifest = service(
+            &[("web", "TCP", 80, "web"), ("admin", "TCP", 9090, "admin")],
+            &[("admin", "TCP", 8080), ("web", "TCP", 8081)],
+            &ALL,
+        );
+        let s = Setup::in_mode("named", &manifest, mode);
+        let web = s
+            .lab
+            .tcp_spread(&s.client(), addr("10.96.0.10:80"), 90)
+            .unwrap();
+        assert_eq!(web.errors, 0, "{web:?}");
         assert_eq!(
-            after[counter], before[counter],
-            "kpr's socket programs still handled the deleted Service ({counter})"
+            web.ports.keys().collect::<Vec<_>>(),
+            vec!["8081"],
+            "{web:?}"
+        );
+        assert_eq!(web.counts.len(), 3, "{web:?}");
+        let admin = s
+            .lab
+            .tcp_spread(&s.client(), addr("10.96.0.10:9090"), 90)
+            .unwrap();
+        assert_eq!(admin.errors, 0, "{admin:?}");
+        assert_eq!(
+            admin.ports.keys().collect::<Vec<_>>(),
+            vec!["8080"],
+            "{admin:?}"
         );
     }
-    // The control: kpr is alive and translating in the same test.
-    let ok = s
-        .lab
-        .connect_once(&s.client(), control, Duration::from_secs(2))
-        .unwrap();
-    assert_eq!(ok.backend.as_deref(), Some("be2"), "{ok:?}");
-    assert_eq!(
-        s.kpr.counters_now().unwrap()["translated"],
-        after["translated"] + 1
-    );
 }
 
-#[test]
-fn a_two_port_service_with_named_target_ports_works_on_both_ports() {
-    // Service ports name their targets; the slice maps the names to numbers — crossed
-    // relative to the service port order, so a positional mix-up would show.
-    let manifest = service(
-        &[("web", "TCP", 80, "web"), ("admin", "TCP", 9090, "admin")],
-        &[("admin", "TCP", 8080), ("web", "TCP", 8081)],
-        &ALL,
-    );
-    let s = Setup::new("named", &manifest);
-    let web = s
-        .lab
-        .tcp_spread(&s.client(), addr("10.96.0.10:80"), 90)
-        .unwrap();
-    assert_eq!(web.errors, 0, "{web:?}");
-    assert_eq!(
-        web.ports.keys().collect::<Vec<_>>(),
-        vec!["8081"],
-        "{web:?}"
-    );
-    assert_eq!(web.counts.len(), 3, "{web:?}");
-    let admin = s
-        .lab
-        .tcp_spread(&s.client(), addr("10.96.0.10:9090"), 90)
-        .unwrap();
-    assert_eq!(admin.errors, 0, "{admin:?}");
-    assert_eq!(
-        admin.ports.keys().collect::<Vec<_>>(),
-        vec!["8080"],
-        "{admin:?}"
-    );
-}
-
-#[test]
-fn a_service_without_endpoints_is_refused_at_once() {
-    let mut s = Setup::new("noep", &web_and_dns(&[]));
-    s.kpr.wait_for_backends(WEB, &[]).unwrap();
-    let before = s.kpr.counters_now().unwrap()["drop_no_backend"];
-    let once = s
-        .lab
-        .connect_once(&s.client(), addr("10.96.0.10:80"), Duration::from_secs(2))
-        .unwrap();
-    // Refused by kpr's connect hook itself (its counter says so), not by a timeout or the
-    // network. How fast is the benchmark's to say.
-    assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
-    assert_eq!(
-        s.kpr.counters_now().unwrap()["drop_no_backend"],
-        before + 1,
-        "the refusal was not kpr's"
-    );
-    // The control: with an endpoint the same frontend connects.
-    s.update(&web_and_dns(&["10.244.1.13"]));
-    s.kpr.wait_for_backends(WEB, &["10.244.1.13:8080"]).unwrap();
-    let once = s
-        .lab
-        .connect_once(&s.client(), addr("10.96.0.10:80"), Duration::from_secs(2))
-        .unwrap();
-    assert_eq!(once.backend.as_deref(), Some("be3"), "{once:?}");
+per_mode! {
+    fn a_service_without_endpoints_is_refused_at_once(mode) {
+        let mut s = Setup::in_mode("noep", &web_and_dns(&[]), mode);
+        s.kpr.wait_for_backends(WEB, &[]).unwrap();
+        let counter = mode.refusal_counter(Refusal::NoEndpoints);
+        let before = s.kpr.counters_now().unwrap()[counter];
+        let once = s
+            .lab
+            .connect_once(&s.client(), addr("10.96.0.10:80"), Duration::from_secs(2))
+            .unwrap();
+        // Refused by kpr's layer itself (its counter says so: the connect hook, or the netfilter
+        // mode's REJECT rule), not by a timeout or the network. How fast is the benchmark's to say.
+        assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
+        assert_eq!(
+            s.kpr.counters_now().unwrap()[counter],
+            before + 1,
+            "the refusal was not kpr's"
+        );
+        // The control: with an endpoint the same frontend connects.
+        s.update(&web_and_dns(&["10.244.1.13"]));
+        s.kpr.wait_for_backends(WEB, &["10.244.1.13:8080"]).unwrap();
+        let once = s
+            .lab
+            .connect_once(&s.client(), addr("10.96.0.10:80"), Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(once.backend.as_deref(), Some("be3"), "{once:?}");
+    }
 }
 
 #[test]

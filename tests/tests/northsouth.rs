@@ -9,9 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kpr_lab::kpr::{kpr_path, Kpr};
+use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode, Refusal};
 use kpr_lab::tool::UdpMode;
-use kpr_lab::{Lab, LabSpec};
+use kpr_lab::{per_mode, Lab, LabSpec};
 
 const NODE1: &str = "192.168.100.11";
 const NODE2: &str = "192.168.100.12";
@@ -114,7 +114,7 @@ struct TwoNodes {
     kprs: Vec<Kpr>,
 }
 
-fn two_nodes(tag: &str) -> TwoNodes {
+fn two_nodes(tag: &str, mode: ProxyMode) -> TwoNodes {
     let lab = Lab::up(LabSpec {
         prefix: Lab::unique_prefix(tag),
         nodes: 2,
@@ -158,6 +158,8 @@ fn two_nodes(tag: &str) -> TwoNodes {
             "eth0",
             "--healthz-bind-address",
             "127.0.0.1:10256",
+            mode.args()[0],
+            mode.args()[1],
         ];
         let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
         kprs.push(Kpr::start_on(&lab, n, &kpr_path(), "kpr", &args).expect("kpr start"));
@@ -182,176 +184,184 @@ impl TwoNodes {
     }
 }
 
-#[test]
-fn external_client_reaches_nodeports_external_ips_and_lb_ips_on_both_nodes() {
-    kpr_lab::require_lab("northsouth");
-    let t = two_nodes("ns");
-    let ext = t.ext();
-    for target in [
-        format!("{NODE1}:30080"),
-        format!("{NODE2}:30080"),
-        "203.0.113.70:80".to_string(),
-        "203.0.113.60:80".to_string(),
-    ] {
-        let r = t.lab.tcp_spread(&ext, addr(&target), 90).unwrap();
-        assert_eq!(r.errors, 0, "{target}: {r:?}\n{}", t.logs());
-        // Local and remote backends alike (be3 lives on node2).
-        assert_eq!(r.counts.len(), 3, "{target}: {r:?}");
-        // externalTrafficPolicy: Cluster masquerades: backends see a node address.
-        assert!(
-            !r.clients.contains_key(EXT),
-            "{target}: client address leaked: {r:?}"
+per_mode! {
+    fn external_client_reaches_nodeports_external_ips_and_lb_ips_on_both_nodes(mode) {
+        kpr_lab::require_lab("northsouth");
+        let t = two_nodes("ns", mode);
+        let ext = t.ext();
+        for target in [
+            format!("{NODE1}:30080"),
+            format!("{NODE2}:30080"),
+            "203.0.113.70:80".to_string(),
+            "203.0.113.60:80".to_string(),
+        ] {
+            let r = t.lab.tcp_spread(&ext, addr(&target), 90).unwrap();
+            assert_eq!(r.errors, 0, "{target}: {r:?}\n{}", t.logs());
+            // Local and remote backends alike (be3 lives on node2).
+            assert_eq!(r.counts.len(), 3, "{target}: {r:?}");
+            // externalTrafficPolicy: Cluster masquerades: backends see a node address.
+            assert!(
+                !r.clients.contains_key(EXT),
+                "{target}: client address leaked: {r:?}"
+            );
+        }
+        // UDP NodePort: replies come back from the NodePort address.
+        let r = t
+            .lab
+            .udp_spread(
+                &ext,
+                addr(&format!("{NODE1}:30053")),
+                60,
+                UdpMode::SocketPerRequest,
+            )
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
+        assert_eq!(r.counts.len(), 3, "{r:?}");
+        assert_eq!(
+            r.sources.keys().collect::<Vec<_>>(),
+            vec![&format!("{NODE1}:30053")],
+            "{r:?}"
         );
     }
-    // UDP NodePort: replies come back from the NodePort address.
-    let r = t
-        .lab
-        .udp_spread(
-            &ext,
-            addr(&format!("{NODE1}:30053")),
-            60,
-            UdpMode::SocketPerRequest,
-        )
-        .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
-    assert_eq!(r.counts.len(), 3, "{r:?}");
-    assert_eq!(
-        r.sources.keys().collect::<Vec<_>>(),
-        vec![&format!("{NODE1}:30053")],
-        "{r:?}"
-    );
 }
 
-#[test]
-fn external_traffic_policy_local_keeps_the_client_address_and_health_checks() {
-    kpr_lab::require_lab("northsouth_local");
-    let mut t = two_nodes("nsl");
-    let ext = t.ext();
-    let r = t
-        .lab
-        .tcp_spread(&ext, addr(&format!("{NODE1}:30082")), 20)
-        .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
-    assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
-    assert_eq!(
-        r.clients.keys().collect::<Vec<_>>(),
-        vec![EXT],
-        "client address not kept: {r:?}"
-    );
-    // node2 has no local endpoint: node2's tc program drops it (its counter says so), it is
-    // not forwarded to node1's endpoint.
-    let before = t.kprs[1].counters_now().unwrap()["drop_no_local_backend"];
-    let once = t
-        .lab
-        .connect_once(
-            &ext,
-            addr(&format!("{NODE2}:30082")),
-            Duration::from_millis(500),
-        )
-        .unwrap();
-    assert_eq!(
-        once.error.as_deref(),
-        Some("ETIMEDOUT"),
-        "node without local endpoints: {once:?}"
-    );
-    let after = t.kprs[1].counters_now().unwrap()["drop_no_local_backend"];
-    assert!(after > before, "node2 did not drop it: {before} -> {after}");
-    // The health-check node port tells a load balancer which node to use.
-    let h1 = t
-        .lab
-        .http_get(&ext, addr(&format!("{NODE1}:32000")), "/")
-        .unwrap();
-    let h2 = t
-        .lab
-        .http_get(&ext, addr(&format!("{NODE2}:32000")), "/")
-        .unwrap();
-    assert_eq!(h1.status, 200, "{h1:?}");
-    assert!(h1.body.contains("\"localEndpoints\": 1"), "{h1:?}");
-    assert_eq!(h2.status, 503, "{h2:?}");
+per_mode! {
+    fn external_traffic_policy_local_keeps_the_client_address_and_health_checks(mode) {
+        kpr_lab::require_lab("northsouth_local");
+        let mut t = two_nodes("nsl", mode);
+        let ext = t.ext();
+        let r = t
+            .lab
+            .tcp_spread(&ext, addr(&format!("{NODE1}:30082")), 20)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
+        assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
+        assert_eq!(
+            r.clients.keys().collect::<Vec<_>>(),
+            vec![EXT],
+            "client address not kept: {r:?}"
+        );
+        // node2 has no local endpoint: node2 drops it (its counter says so: the tc program's, or
+        // the netfilter mode's DROP rule), it is not forwarded to node1's endpoint.
+        let before = t.kprs[1].counters_now().unwrap()[mode.refusal_counter(Refusal::NoLocalEndpoints)];
+        let once = t
+            .lab
+            .connect_once(
+                &ext,
+                addr(&format!("{NODE2}:30082")),
+                Duration::from_millis(500),
+            )
+            .unwrap();
+        assert_eq!(
+            once.error.as_deref(),
+            Some("ETIMEDOUT"),
+            "node without local endpoints: {once:?}"
+        );
+        let after = t.kprs[1].counters_now().unwrap()[mode.refusal_counter(Refusal::NoLocalEndpoints)];
+        assert!(after > before, "node2 did not drop it: {before} -> {after}");
+        // The health-check node port tells a load balancer which node to use.
+        let h1 = t
+            .lab
+            .http_get(&ext, addr(&format!("{NODE1}:32000")), "/")
+            .unwrap();
+        let h2 = t
+            .lab
+            .http_get(&ext, addr(&format!("{NODE2}:32000")), "/")
+            .unwrap();
+        assert_eq!(h1.status, 200, "{h1:?}");
+        assert!(h1.body.contains("\"localEndpoints\": 1"), "{h1:?}");
+        assert_eq!(h2.status, 503, "{h2:?}");
+    }
 }
 
-#[test]
-fn no_endpoints_refused_fast_and_source_ranges_enforced() {
-    kpr_lab::require_lab("northsouth_refuse");
-    let mut t = two_nodes("nsr");
-    let ext = t.ext();
-    // Refused, not timed out: node1's tc program passes the packet to the stack (counted),
-    // whose reject rule in kpr's table answers. How fast is the benchmark's to say.
-    let counter = |t: &mut TwoNodes, name: &str| t.kprs[0].counters_now().unwrap()[name];
-    let before = counter(&mut t, "tc_no_backend_passed");
-    let once = t
-        .lab
-        .connect_once(
-            &ext,
-            addr(&format!("{NODE1}:30083")),
-            Duration::from_secs(2),
-        )
-        .unwrap();
-    assert_eq!(
-        once.error.as_deref(),
-        Some("ECONNREFUSED"),
-        "{once:?}\n{}",
-        t.logs()
-    );
-    assert!(counter(&mut t, "tc_no_backend_passed") > before);
-    // From a pod, kpr's connect hook refuses it.
-    let cl1 = t.lab.clients()[0].clone();
-    let before = counter(&mut t, "drop_no_backend");
-    let once = t
-        .lab
-        .connect_once(&cl1, addr("10.96.1.3:80"), Duration::from_secs(2))
-        .unwrap();
-    assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
-    assert_eq!(counter(&mut t, "drop_no_backend"), before + 1);
+per_mode! {
+    fn no_endpoints_refused_fast_and_source_ranges_enforced(mode) {
+        kpr_lab::require_lab("northsouth_refuse");
+        let mut t = two_nodes("nsr", mode);
+        let ext = t.ext();
+        // Refused, not timed out: ebpf: node1's tc program passes the packet to the stack
+        // (counted), whose reject rule in kpr's table answers; netfilter modes: their REJECT
+        // rule (counted). How fast is the benchmark's to say.
+        let counter = |t: &mut TwoNodes, name: &str| t.kprs[0].counters_now().unwrap()[name];
+        let before = counter(&mut t, mode.refusal_counter(Refusal::NoEndpointsFromOutside));
+        let once = t
+            .lab
+            .connect_once(
+                &ext,
+                addr(&format!("{NODE1}:30083")),
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(
+            once.error.as_deref(),
+            Some("ECONNREFUSED"),
+            "{once:?}\n{}",
+            t.logs()
+        );
+        assert!(counter(&mut t, mode.refusal_counter(Refusal::NoEndpointsFromOutside)) > before);
+        // From a pod: kpr's connect hook, or the netfilter mode's REJECT rule, refuses it.
+        let cl1 = t.lab.clients()[0].clone();
+        let before = counter(&mut t, mode.refusal_counter(Refusal::NoEndpoints));
+        let once = t
+            .lab
+            .connect_once(&cl1, addr("10.96.1.3:80"), Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
+        assert_eq!(
+            counter(&mut t, mode.refusal_counter(Refusal::NoEndpoints)),
+            before + 1
+        );
 
-    // The control: an LB IP whose ranges allow the external client.
-    let ok = t.lab.tcp_spread(&ext, addr("203.0.113.60:80"), 10).unwrap();
-    assert_eq!(ok.errors, 0, "allowed source refused: {ok:?}");
-    let before = counter(&mut t, "drop_source_range");
-    let no = t
-        .lab
-        .connect_once(&ext, addr("203.0.113.61:80"), Duration::from_millis(500))
-        .unwrap();
-    assert_eq!(
-        no.error.as_deref(),
-        Some("ETIMEDOUT"),
-        "source outside loadBalancerSourceRanges: {no:?}"
-    );
-    let after = counter(&mut t, "drop_source_range");
-    assert!(
-        after > before,
-        "node1 did not drop it for its source range: {before} -> {after}"
-    );
+        // The control: an LB IP whose ranges allow the external client.
+        let ok = t.lab.tcp_spread(&ext, addr("203.0.113.60:80"), 10).unwrap();
+        assert_eq!(ok.errors, 0, "allowed source refused: {ok:?}");
+        let before = counter(&mut t, mode.refusal_counter(Refusal::SourceRange));
+        let no = t
+            .lab
+            .connect_once(&ext, addr("203.0.113.61:80"), Duration::from_millis(500))
+            .unwrap();
+        assert_eq!(
+            no.error.as_deref(),
+            Some("ETIMEDOUT"),
+            "source outside loadBalancerSourceRanges: {no:?}"
+        );
+        let after = counter(&mut t, mode.refusal_counter(Refusal::SourceRange));
+        assert!(
+            after > before,
+            "node1 did not drop it for its source range: {before} -> {after}"
+        );
+    }
 }
 
-#[test]
-fn affinity_from_outside_pod_to_other_nodes_nodeport_and_hairpin() {
-    kpr_lab::require_lab("northsouth_misc");
-    let t = two_nodes("nsm");
-    let ext = t.ext();
-    let r = t
-        .lab
-        .tcp_spread(&ext, addr(&format!("{NODE1}:30084")), 30)
-        .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
-    assert_eq!(
-        r.counts.len(),
-        1,
-        "affinity from the external client: {r:?}"
-    );
+per_mode! {
+    fn affinity_from_outside_pod_to_other_nodes_nodeport_and_hairpin(mode) {
+        kpr_lab::require_lab("northsouth_misc");
+        let t = two_nodes("nsm", mode);
+        let ext = t.ext();
+        let r = t
+            .lab
+            .tcp_spread(&ext, addr(&format!("{NODE1}:30084")), 30)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
+        assert_eq!(
+            r.counts.len(),
+            1,
+            "affinity from the external client: {r:?}"
+        );
 
-    // A pod on node1 → node2's NodePort (translated by node2's tc programs).
-    let cl1 = t.lab.clients()[0].clone();
-    let r = t
-        .lab
-        .tcp_spread(&cl1, addr(&format!("{NODE2}:30080")), 60)
-        .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
-    assert_eq!(r.counts.len(), 3, "{r:?}");
+        // A pod on node1 → node2's NodePort (translated by node2's tc programs).
+        let cl1 = t.lab.clients()[0].clone();
+        let r = t
+            .lab
+            .tcp_spread(&cl1, addr(&format!("{NODE2}:30080")), 60)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", t.logs());
+        assert_eq!(r.counts.len(), 3, "{r:?}");
 
-    // Hairpin: be1 → its own Service, whose only backend is be1.
-    let be1 = t.lab.pod("be1").unwrap().clone();
-    let r = t.lab.tcp_spread(&be1, addr("10.96.1.5:80"), 10).unwrap();
-    assert_eq!(r.errors, 0, "{r:?}");
-    assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
+        // Hairpin: be1 → its own Service, whose only backend is be1.
+        let be1 = t.lab.pod("be1").unwrap().clone();
+        let r = t.lab.tcp_spread(&be1, addr("10.96.1.5:80"), 10).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
+    }
 }

@@ -270,6 +270,7 @@ pub struct IptablesDataplane {
     metrics: ModeMetrics,
     /// Endpoints of UDP service ports as last programmed, for the conntrack cleanup.
     conntrack: crate::netfilter::conntrack::StaleFlows,
+    last_counters: std::sync::Mutex<Vec<(&'static str, u64)>>,
 }
 
 impl IptablesDataplane {
@@ -279,6 +280,7 @@ impl IptablesDataplane {
             syncer,
             metrics: ModeMetrics::default(),
             conntrack: Default::default(),
+            last_counters: std::sync::Mutex::new(refusal_counters("")),
         }
     }
 
@@ -378,5 +380,95 @@ impl Dataplane for IptablesDataplane {
 
     fn mode_metrics(&self) -> ModeMetrics {
         self.metrics.clone()
+    }
+
+    /// Packets refused by kube-proxy's filter rules, by reason, from the rules' own counters.
+    /// A failed read reports the last counts read (the counters never go back).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut last = self.last_counters.lock().unwrap_or_else(|e| e.into_inner());
+        match self.save_counted(Table::Filter) {
+            Ok(save) => *last = refusal_counters(&save),
+            Err(e) => tracing::warn!("reading the filter table's rule counters: {e}"),
+        }
+        last.clone()
+    }
+}
+
+impl IptablesDataplane {
+    fn save_counted(&self, table: Table) -> Result<String, IptablesError> {
+        let mut cmd = Command::new(self.backend.command("iptables-save"));
+        cmd.args(["-c", "-t", table.name()]);
+        run(cmd, None)
+    }
+}
+
+/// The netfilter modes' refusal counters, named alike in both modes.
+pub const REJECT_NO_ENDPOINTS: &str = "reject_no_endpoints";
+pub const DROP_NO_LOCAL_ENDPOINTS: &str = "drop_no_local_endpoints";
+pub const DROP_SOURCE_RANGE: &str = "drop_source_range";
+
+/// Sums the packet counts of `iptables-save -c` rules by why they refuse: "has no endpoints"
+/// REJECTs, "has no local endpoints" DROPs, and the firewall's source-range DROPs.
+pub fn refusal_counters(save: &str) -> Vec<(&'static str, u64)> {
+    let (mut reject, mut local, mut range) = (0, 0, 0);
+    for line in save.lines() {
+        let Some(rest) = line.strip_prefix('[') else {
+            continue;
+        };
+        let Some((counts, rule)) = rest.split_once("] ") else {
+            continue;
+        };
+        let packets: u64 = counts
+            .split(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if rule.contains("has no endpoints") && rule.contains("-j REJECT") {
+            reject += packets;
+        } else if rule.contains("has no local endpoints") && rule.contains("-j DROP") {
+            local += packets;
+        } else if rule.starts_with("-A KUBE-PROXY-FIREWALL ") && rule.contains("-j DROP") {
+            range += packets;
+        }
+    }
+    vec![
+        (REJECT_NO_ENDPOINTS, reject),
+        (DROP_NO_LOCAL_ENDPOINTS, local),
+        (DROP_SOURCE_RANGE, range),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_counted_from_iptables_save() {
+        let save = "*filter\n:KUBE-SERVICES - [0:0]\n\
+            [3:180] -A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment \"ns1/svc1:p80 has no endpoints\" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable\n\
+            [2:120] -A KUBE-EXTERNAL-SERVICES -p tcp -m comment --comment \"ns2/svc2:p80 has no local endpoints\" -m addrtype --dst-type LOCAL -m tcp --dport 3001 -j DROP\n\
+            [5:300] -A KUBE-PROXY-FIREWALL -d 5.6.7.8/32 -p tcp -m comment --comment \"ns5/svc5:p80 traffic not accepted by KUBE-FW-NUKIZ6OKUXPJNT4C\" -m tcp --dport 80 -j DROP\n\
+            [7:420] -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\nCOMMIT\n";
+        assert_eq!(
+            refusal_counters(save),
+            vec![
+                (REJECT_NO_ENDPOINTS, 3),
+                (DROP_NO_LOCAL_ENDPOINTS, 2),
+                (DROP_SOURCE_RANGE, 5)
+            ]
+        );
+        assert_eq!(
+            chains_in(save),
+            BTreeSet::from(["KUBE-SERVICES".to_string()])
+        );
+    }
+
+    #[test]
+    fn backend_commands() {
+        assert_eq!(
+            Backend::Nft.command("iptables-restore"),
+            "iptables-nft-restore"
+        );
+        assert_eq!(Backend::Legacy.command("iptables"), "iptables-legacy");
     }
 }
