@@ -5,7 +5,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{Backend, Protocol};
+use crate::model::{Backend, Protocol, ServicePortName};
 
 /// kube-proxy's `portProtoHash`: the first 16 characters of base32 (RFC 4648, padded) of
 /// sha256(`input`).
@@ -60,62 +60,41 @@ pub fn iptables_endpoint_chain(name: &str, protocol: Protocol, endpoint: &Backen
     )
 }
 
-/// kube-proxy's nftables `servicePortChainNameBase`: `<hash>-<ns>/<name>/<proto>/<port>`, the
-/// hash over `ns/name:port` + protocol, lower-case. The readable part shows what it is; the hash
-/// keeps names of different service ports apart.
-pub fn nftables_service_base(
-    namespace: &str,
-    name: &str,
-    port_name: &str,
-    protocol: Protocol,
-    port: u16,
-) -> String {
-    let spn = if port_name.is_empty() {
-        format!("{namespace}/{name}")
-    } else {
-        format!("{namespace}/{name}:{port_name}")
-    };
-    let hash = hash16(&format!("{spn}{}", protocol.as_lower()));
-    let port_part = if port_name.is_empty() {
-        format!("p{port}")
-    } else {
-        port_name.to_string()
-    };
-    format!(
-        "{hash}-{namespace}/{name}/{}/{port_part}",
-        protocol.as_lower()
-    )
+/// kube-proxy's nftables `servicePortChainNameBase`: `<hash8>-<ns>/<name>/<proto>/<port name>`,
+/// the hash over the readable part itself. The readable part shows what the chain is for; the
+/// hash keeps apart names that differ only in characters nftables does not allow.
+pub fn nftables_service_base(spn: &ServicePortName, protocol: Protocol) -> String {
+    with_hash(format!(
+        "{}/{}/{}/{}",
+        spn.namespace,
+        spn.name,
+        protocol.as_lower(),
+        spn.port
+    ))
 }
 
 /// kube-proxy's nftables `servicePortEndpointChainNameBase`:
-/// `<hash>-<ns>/<name>/<proto>/<port>__<ip>/<port>`, the hash also over the endpoint.
+/// `<hash8>-<ns>/<name>/<proto>/<port name>__<ip>/<port>`.
 pub fn nftables_endpoint_base(
-    namespace: &str,
-    name: &str,
-    port_name: &str,
+    spn: &ServicePortName,
     protocol: Protocol,
-    port: u16,
     endpoint: &Backend,
 ) -> String {
-    let spn = if port_name.is_empty() {
-        format!("{namespace}/{name}")
-    } else {
-        format!("{namespace}/{name}:{port_name}")
-    };
-    let hash = hash16(&format!("{spn}{}{endpoint}", protocol.as_lower()));
-    let port_part = if port_name.is_empty() {
-        format!("p{port}")
-    } else {
-        port_name.to_string()
-    };
-    let ep = match endpoint.ip {
-        std::net::IpAddr::V4(ip) => format!("{ip}/{}", endpoint.port),
-        std::net::IpAddr::V6(ip) => format!("{ip}/{}", endpoint.port),
-    };
-    format!(
-        "{hash}-{namespace}/{name}/{}/{port_part}__{ep}",
-        protocol.as_lower()
-    )
+    with_hash(format!(
+        "{}/{}/{}/{}__{}/{}",
+        spn.namespace,
+        spn.name,
+        protocol.as_lower(),
+        spn.port,
+        endpoint.ip,
+        endpoint.port
+    ))
+}
+
+fn with_hash(base: String) -> String {
+    let mut hash = hash16(&base);
+    hash.truncate(8);
+    format!("{hash}-{base}")
 }
 
 #[cfg(test)]
@@ -143,6 +122,28 @@ mod tests {
         assert_eq!(
             IptablesChains::new("default/kubernetes:https", Protocol::Tcp).cluster,
             "KUBE-SVC-NPX46M4PTMTKRN6Y"
+        );
+    }
+
+    #[test]
+    fn nftables_names_match_kube_proxy() {
+        // From kube-proxy's TestOverallNFTablesRules.
+        let spn = ServicePortName {
+            namespace: "ns1".into(),
+            name: "svc1".into(),
+            port: "p80".into(),
+        };
+        assert_eq!(
+            nftables_service_base(&spn, Protocol::Tcp),
+            "ULMVA6XW-ns1/svc1/tcp/p80"
+        );
+        let ep = Backend {
+            ip: "10.180.0.1".parse().unwrap(),
+            port: 80,
+        };
+        assert_eq!(
+            nftables_endpoint_base(&spn, Protocol::Tcp, &ep),
+            "5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
         );
     }
 }

@@ -1,0 +1,182 @@
+//! kpr's nftables writer against kube-proxy's own expectations: each case under
+//! `tests/golden/kube-proxy/nftables/` is a kube-proxy unit test (pkg/proxy/nftables
+//! proxier_test.go) transcribed as data. kpr builds its plan from the same objects and settings,
+//! writes the ruleset and prints it as knftables' fake does; the two must be equal after the
+//! normalisation kube-proxy's test applies itself.
+
+mod kube_proxy_cases;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use kpr::model::Family;
+use kpr::netfilter::nftables::sync::NftSyncer;
+use kpr::netfilter::nftables::write::NftablesConfig;
+use kube_proxy_cases::{cases, Case, REFUSED_BY_KPR};
+
+/// kube-proxy's test normalisation: blank and `#` lines dropped, then lines ordered by object
+/// type (table, chain, rule, set, map, element), then by object name, rules of one chain in
+/// their order, anything else by the whole line.
+fn normalise(text: &str) -> String {
+    let rank = |t: &str| match t {
+        "table" => 0,
+        "chain" => 1,
+        "rule" => 2,
+        "set" => 3,
+        "map" => 4,
+        "element" => 5,
+        _ => 6,
+    };
+    let mut lines: Vec<(usize, u8, String, String)> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .enumerate()
+        .map(|(i, l)| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let ty = w.get(1).copied().unwrap_or_default();
+            let name = w.get(4).copied().unwrap_or_default().to_string();
+            (i, rank(ty), name, l.to_string())
+        })
+        .collect();
+    lines.sort_by(|a, b| {
+        (a.1, &a.2).cmp(&(b.1, &b.2)).then_with(|| {
+            if a.1 == 2 {
+                a.0.cmp(&b.0)
+            } else {
+                a.3.cmp(&b.3)
+            }
+        })
+    });
+    lines.into_iter().map(|(_, _, _, l)| l + "\n").collect()
+}
+
+fn service_cidrs(case: &Case, family: Family) -> Vec<(IpAddr, u8)> {
+    case.proxier
+        .get("serviceCIDRs")
+        .and_then(|v| v.as_sequence())
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str())
+                .filter_map(|c| {
+                    let (ip, len) = c.split_once('/')?;
+                    let ip: IpAddr = ip.parse().ok()?;
+                    let len: u8 = len.parse().ok()?;
+                    ((family == Family::V6) == ip.is_ipv6()).then_some((ip, len))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Steps before which kube-proxy's test ages the stale-chain timestamps (by 2 s), so that the
+/// chains flushed earlier are deleted in that sync: (test, step).
+const AGED: &[(&str, usize)] = &[
+    ("TestSyncProxyRulesRepeated", 4),
+    ("TestSyncProxyRulesRepeated", 8),
+];
+
+/// The full state after each of `steps`, synced one after another by one syncer.
+fn run(steps: &[(usize, &Case)]) -> Result<Vec<String>, String> {
+    let start = Instant::now();
+    let mut now = start;
+    let mut syncer: Option<NftSyncer> = None;
+    let mut out = Vec::new();
+    for (n, case) in steps {
+        let (mut state, cfg) = case.desired_state_and_config()?;
+        let test = case.name.split('/').next().unwrap_or_default();
+        if AGED.contains(&(test, *n)) {
+            now += Duration::from_secs(2);
+        }
+        // kube-proxy's nftables proxier puts only --nodeport-addresses' matches in
+        // nodeport-ips; the fake's default list has the node IP.
+        state.node_ips = cfg.nodeport_ips.clone().unwrap_or_default();
+        let s = syncer.get_or_insert_with(|| {
+            NftSyncer::new(
+                cfg.clone(),
+                true,
+                NftablesConfig {
+                    service_cidrs: service_cidrs(case, cfg.family),
+                },
+            )
+        });
+        let prepared = s.prepare(&state, s.needs_full(), now);
+        out.push(s.commit(prepared).dump());
+    }
+    Ok(out)
+}
+
+/// The steps of a multi-step test up to `case`, with their numbers, or `case` alone.
+fn steps_until<'a>(cases: &'a [Case], case: &'a Case) -> Vec<(usize, &'a Case)> {
+    let step = |c: &Case| -> Option<(String, usize)> {
+        let (test, n) = c.name.rsplit_once("/step")?;
+        Some((test.to_string(), n.parse().ok()?))
+    };
+    let Some((test, n)) = step(case) else {
+        return vec![(1, case)];
+    };
+    let mut s: Vec<(usize, &Case)> = cases
+        .iter()
+        .filter_map(|c| {
+            step(c)
+                .filter(|(t, m)| *t == test && *m <= n)
+                .map(|(_, m)| (m, c))
+        })
+        .collect();
+    s.sort_by_key(|(m, _)| *m);
+    s
+}
+
+#[test]
+fn kpr_writes_kube_proxys_expected_nftables_rules() {
+    let all = cases("nftables", "expected.nft");
+    let cases: Vec<&Case> = all.iter().filter(|c| c.expected.is_some()).collect();
+    assert!(
+        cases.len() >= 4,
+        "kube-proxy's cases are missing: {}",
+        cases.len()
+    );
+    let mut failures = Vec::new();
+    let (mut compared, mut refused_n) = (0, 0);
+    for case in &cases {
+        let refused = REFUSED_BY_KPR.iter().find(|(n, _)| case.name == *n);
+        let got = match (run(&steps_until(&all, case)), refused) {
+            (Ok(mut t), None) => t.pop().unwrap(),
+            (Err(e), Some((_, why))) if e.contains(why) => {
+                refused_n += 1;
+                continue;
+            }
+            (Ok(_), Some((_, why))) => {
+                failures.push(format!(
+                    "{}: kpr accepted it; expected a refusal ({why})",
+                    case.name
+                ));
+                continue;
+            }
+            (Err(e), _) => {
+                failures.push(format!("{}: kpr refused an object: {e}", case.name));
+                continue;
+            }
+        };
+        compared += 1;
+        let want = normalise(case.expected.as_deref().unwrap());
+        let got = normalise(&got);
+        if want != got {
+            failures.push(format!(
+                "{}:\n{}",
+                case.name,
+                kube_proxy_cases::diff(&want, &got)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} kube-proxy cases differ:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+    eprintln!(
+        "{compared} kube-proxy nftables cases match; {refused_n} refused as the API server would"
+    );
+}
