@@ -469,10 +469,10 @@ fn other_tables_are_left_alone_and_delete_removes_only_kprs() {
 
 #[test]
 fn netlink_errors_carry_the_code() {
-    let err = kpr::nft::NftError::Kernel {
+    let err = kpr::nft::NftError::from(kpr::netfilter::nfnetlink::NetlinkError::Kernel {
         op: "delete table ip kpr".into(),
         errno: libc::ENOENT,
-    };
+    });
     assert_eq!(err.errno(), Some(libc::ENOENT));
     assert!(err.to_string().contains("netlink error 2"), "{err}");
     assert!(err.to_string().contains("delete table ip kpr"), "{err}");

@@ -12,5 +12,6 @@
 pub mod chains;
 pub mod conntrack;
 pub mod iptables;
+pub mod nfnetlink;
 pub mod nftables;
 pub mod plan;
