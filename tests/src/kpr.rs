@@ -246,6 +246,19 @@ impl Kpr {
         .map(|s| s.counters)
     }
 
+    /// The count of refusals for `reason` in `mode`, read after this call (`None`: the mode
+    /// counts no such thing, see [`ProxyMode::refusal_counter`]).
+    pub fn refusals(&mut self, mode: ProxyMode, reason: Refusal) -> Option<u64> {
+        let name = mode.refusal_counter(reason)?;
+        let counters = self.counters_now().ok()?;
+        Some(
+            counters
+                .get(name)
+                .copied()
+                .unwrap_or_else(|| panic!("kpr's status has no counter {name}: {counters:?}")),
+        )
+    }
+
     /// Waits (bounded) until kpr's datapath counter `name` reaches `at_least`.
     pub fn wait_for_counter(
         &mut self,
@@ -333,10 +346,14 @@ impl ProxyMode {
     }
 
     /// The counter (in kpr's status) of the layer that refuses for `reason` in this mode: the
-    /// eBPF programs' drop reasons, or the netfilter modes' rule counters. This table is where
-    /// the modes' inherent differences are pinned (see docs/DESIGN.md, "Proxy modes").
-    pub fn refusal_counter(self, reason: Refusal) -> &'static str {
-        match (self, reason) {
+    /// eBPF programs' drop reasons, or the iptables mode's rule counters. kube-proxy's nftables
+    /// ruleset counts nothing (its refusals are verdicts of map elements), so there the check
+    /// is the error kind, the refusal kpr says it programmed, and a positive control. This
+    /// table is where the modes' inherent differences are pinned (docs/DESIGN.md, "Proxy
+    /// modes").
+    pub fn refusal_counter(self, reason: Refusal) -> Option<&'static str> {
+        Some(match (self, reason) {
+            (ProxyMode::Nftables, _) => return None,
             (ProxyMode::Ebpf, Refusal::NoEndpoints) => "drop_no_backend",
             (ProxyMode::Ebpf, Refusal::NoEndpointsFromOutside) => "tc_no_backend_passed",
             (ProxyMode::Ebpf, Refusal::NoLocalEndpoints) => "drop_no_local_backend",
@@ -344,7 +361,7 @@ impl ProxyMode {
             (_, Refusal::NoEndpoints | Refusal::NoEndpointsFromOutside) => "reject_no_endpoints",
             (_, Refusal::NoLocalEndpoints) => "drop_no_local_endpoints",
             (_, Refusal::SourceRange) => "drop_source_range",
-        }
+        })
     }
 }
 
@@ -373,4 +390,20 @@ macro_rules! per_mode {
             }
         }
     };
+}
+
+/// Checks that a refusal counter read `before` and `after` some traffic went up by at least
+/// `by` (`None`: the mode has no such counter, nothing to check; see
+/// [`ProxyMode::refusal_counter`]).
+#[track_caller]
+pub fn assert_refused(before: Option<u64>, after: Option<u64>, by: u64, what: &str) {
+    match (before, after) {
+        (Some(b), Some(a)) => assert!(
+            a >= b + by,
+            "{what}: the refusing layer counted {} (from {b} to {a}), not {by} or more",
+            a.saturating_sub(b)
+        ),
+        (None, None) => {}
+        _ => panic!("{what}: the counter appeared or vanished: {before:?} -> {after:?}"),
+    }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode, Refusal};
+use kpr_lab::kpr::{assert_refused, kpr_path, Kpr, ProxyMode, Refusal};
 use kpr_lab::tool::{UdpMode, UdpSpread};
 use kpr_lab::{per_mode, require_lab, Lab, LabSpec};
 
@@ -341,10 +341,10 @@ per_mode! {
             .unwrap();
         assert_eq!(r.errors, 3, "UDP still translated after deletion: {r:?}");
         let after = s.kpr.counters_now().unwrap();
-        let counters: &[&str] = if mode == ProxyMode::Ebpf {
-            &["translated", "drop_no_backend", "sticky_reused"]
-        } else {
-            &["reject_no_endpoints"]
+        let counters: &[&str] = match mode {
+            ProxyMode::Ebpf => &["translated", "drop_no_backend", "sticky_reused"],
+            ProxyMode::Iptables => &["reject_no_endpoints"],
+            ProxyMode::Nftables => &[],
         };
         for &counter in counters {
             assert_eq!(
@@ -405,8 +405,7 @@ per_mode! {
     fn a_service_without_endpoints_is_refused_at_once(mode) {
         let mut s = Setup::in_mode("noep", &web_and_dns(&[]), mode);
         s.kpr.wait_for_backends(WEB, &[]).unwrap();
-        let counter = mode.refusal_counter(Refusal::NoEndpoints);
-        let before = s.kpr.counters_now().unwrap()[counter];
+        let before = s.kpr.refusals(mode, Refusal::NoEndpoints);
         let once = s
             .lab
             .connect_once(&s.client(), addr("10.96.0.10:80"), Duration::from_secs(2))
@@ -414,11 +413,8 @@ per_mode! {
         // Refused by kpr's layer itself (its counter says so: the connect hook, or the netfilter
         // mode's REJECT rule), not by a timeout or the network. How fast is the benchmark's to say.
         assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
-        assert_eq!(
-            s.kpr.counters_now().unwrap()[counter],
-            before + 1,
-            "the refusal was not kpr's"
-        );
+        let after = s.kpr.refusals(mode, Refusal::NoEndpoints);
+        assert_refused(before, after, 1, "the connect hook or REJECT rule");
         // The control: with an endpoint the same frontend connects.
         s.update(&web_and_dns(&["10.244.1.13"]));
         s.kpr.wait_for_backends(WEB, &["10.244.1.13:8080"]).unwrap();

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode, Refusal};
+use kpr_lab::kpr::{assert_refused, kpr_path, Kpr, ProxyMode, Refusal};
 use kpr_lab::tool::UdpMode;
 use kpr_lab::{per_mode, Lab, LabSpec};
 
@@ -243,7 +243,7 @@ per_mode! {
         );
         // node2 has no local endpoint: node2 drops it (its counter says so: the tc program's, or
         // the netfilter mode's DROP rule), it is not forwarded to node1's endpoint.
-        let before = t.kprs[1].counters_now().unwrap()[mode.refusal_counter(Refusal::NoLocalEndpoints)];
+        let before = t.kprs[1].refusals(mode, Refusal::NoLocalEndpoints);
         let once = t
             .lab
             .connect_once(
@@ -257,8 +257,8 @@ per_mode! {
             Some("ETIMEDOUT"),
             "node without local endpoints: {once:?}"
         );
-        let after = t.kprs[1].counters_now().unwrap()[mode.refusal_counter(Refusal::NoLocalEndpoints)];
-        assert!(after > before, "node2 did not drop it: {before} -> {after}");
+        let after = t.kprs[1].refusals(mode, Refusal::NoLocalEndpoints);
+        assert_refused(before, after, 1, "node2 for its missing local endpoint");
         // The health-check node port tells a load balancer which node to use.
         let h1 = t
             .lab
@@ -282,8 +282,8 @@ per_mode! {
         // Refused, not timed out: ebpf: node1's tc program passes the packet to the stack
         // (counted), whose reject rule in kpr's table answers; netfilter modes: their REJECT
         // rule (counted). How fast is the benchmark's to say.
-        let counter = |t: &mut TwoNodes, name: &str| t.kprs[0].counters_now().unwrap()[name];
-        let before = counter(&mut t, mode.refusal_counter(Refusal::NoEndpointsFromOutside));
+        let counter = |t: &mut TwoNodes, r: Refusal| t.kprs[0].refusals(mode, r);
+        let before = counter(&mut t, Refusal::NoEndpointsFromOutside);
         let once = t
             .lab
             .connect_once(
@@ -298,24 +298,23 @@ per_mode! {
             "{once:?}\n{}",
             t.logs()
         );
-        assert!(counter(&mut t, mode.refusal_counter(Refusal::NoEndpointsFromOutside)) > before);
+        let after = counter(&mut t, Refusal::NoEndpointsFromOutside);
+        assert_refused(before, after, 1, "node1, NodePort without endpoints");
         // From a pod: kpr's connect hook, or the netfilter mode's REJECT rule, refuses it.
         let cl1 = t.lab.clients()[0].clone();
-        let before = counter(&mut t, mode.refusal_counter(Refusal::NoEndpoints));
+        let before = counter(&mut t, Refusal::NoEndpoints);
         let once = t
             .lab
             .connect_once(&cl1, addr("10.96.1.3:80"), Duration::from_secs(2))
             .unwrap();
         assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
-        assert_eq!(
-            counter(&mut t, mode.refusal_counter(Refusal::NoEndpoints)),
-            before + 1
-        );
+        let after = counter(&mut t, Refusal::NoEndpoints);
+        assert_refused(before, after, 1, "node1, ClusterIP without endpoints");
 
         // The control: an LB IP whose ranges allow the external client.
         let ok = t.lab.tcp_spread(&ext, addr("203.0.113.60:80"), 10).unwrap();
         assert_eq!(ok.errors, 0, "allowed source refused: {ok:?}");
-        let before = counter(&mut t, mode.refusal_counter(Refusal::SourceRange));
+        let before = counter(&mut t, Refusal::SourceRange);
         let no = t
             .lab
             .connect_once(&ext, addr("203.0.113.61:80"), Duration::from_millis(500))
@@ -325,11 +324,8 @@ per_mode! {
             Some("ETIMEDOUT"),
             "source outside loadBalancerSourceRanges: {no:?}"
         );
-        let after = counter(&mut t, mode.refusal_counter(Refusal::SourceRange));
-        assert!(
-            after > before,
-            "node1 did not drop it for its source range: {before} -> {after}"
-        );
+        let after = counter(&mut t, Refusal::SourceRange);
+        assert_refused(before, after, 1, "node1, source outside the ranges");
     }
 }
 

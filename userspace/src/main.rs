@@ -133,7 +133,16 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
                 ),
             )))
         }
-        ProxyMode::Nftables => bail!("--proxy-mode nftables: not implemented yet"),
+        ProxyMode::Nftables => {
+            tracing::info!("proxy mode nftables");
+            Ok(Box::new(kpr::netfilter::nftables::NftablesDataplane::new(
+                kpr::netfilter::nftables::sync::NftSyncer::new(
+                    plan_config(settings)?,
+                    !settings.nodeport_addresses.is_empty(),
+                    kpr::netfilter::nftables::write::NftablesConfig::default(),
+                ),
+            )))
+        }
         ProxyMode::Ipvs => bail!("--proxy-mode ipvs: this kernel has no IPVS"),
     }
 }

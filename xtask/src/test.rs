@@ -38,7 +38,7 @@ const GROUPS: [Group; 3] = [
         name: "datapath",
         filter: Some(
             "package(kpr) & (binary(tc_datapath) | binary(nft) | binary(cleanup) \
-             | binary(iptables_restore))",
+             | binary(iptables_restore) | binary(nftables_netlink))",
         ),
         threads: 2,
     },

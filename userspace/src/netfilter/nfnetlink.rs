@@ -61,6 +61,7 @@ pub struct RawExpr {
 pub enum Attr {
     U8(u8),
     U32(u32),
+    U64(u64),
     Str(CString),
     Data(Vec<u8>),
 }
@@ -176,10 +177,11 @@ impl RawExpr {
     }
 }
 
-impl Expression for RawExpr {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        // SAFETY: libnftnl copies every attribute value it is given; `expr` is handed to the
-        // rule, which frees it.
+impl RawExpr {
+    /// A libnftnl expression with these attributes; the caller owns it (a rule it is added to
+    /// takes it over).
+    pub fn alloc(&self) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: libnftnl copies every attribute value it is given.
         unsafe {
             let Some(expr) = NonNull::new(sys::nftnl_expr_alloc(self.name.as_ptr())) else {
                 // Out of memory for a few bytes: do what std does.
@@ -191,6 +193,7 @@ impl Expression for RawExpr {
                 match value {
                     Attr::U8(v) => sys::nftnl_expr_set_u8(e, attr, *v),
                     Attr::U32(v) => sys::nftnl_expr_set_u32(e, attr, *v),
+                    Attr::U64(v) => sys::nftnl_expr_set_u64(e, attr, *v),
                     Attr::Str(s) => {
                         sys::nftnl_expr_set_str(e, attr, s.as_ptr());
                     }
@@ -201,6 +204,17 @@ impl Expression for RawExpr {
             }
             expr
         }
+    }
+
+    /// An expression of `name` with `attrs`.
+    pub fn new(name: &'static CStr, attrs: Vec<(u32, Attr)>) -> RawExpr {
+        RawExpr { name, attrs }
+    }
+}
+
+impl Expression for RawExpr {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        self.alloc()
     }
 }
 
@@ -364,4 +378,3 @@ fn send_all(fd: libc::c_int, buffers: &[&[u8]]) -> io::Result<()> {
     }
     Ok(())
 }
-

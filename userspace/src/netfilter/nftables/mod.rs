@@ -1,12 +1,92 @@
 //! `--proxy-mode nftables`: kube-proxy's nftables ruleset, sent as one netlink transaction.
 
+pub mod netlink;
 pub mod ruleset;
 pub mod sync;
 pub mod write;
 
+use std::time::Instant;
+
+use crate::dataplane::{Dataplane, DataplaneError, ModeMetrics, SyncReport};
+use crate::model::DesiredState;
+use crate::netfilter::nfnetlink::NetlinkError;
+
+use self::netlink::Encoder;
+use self::sync::NftSyncer;
+
 /// Errors of the nftables mode.
 #[derive(Debug, thiserror::Error)]
 pub enum NftablesError {
-    #[error("netlink: {0}")]
-    Netlink(String),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
+
+/// `--proxy-mode nftables`: kube-proxy's `table ip kube-proxy`, programmed through netlink in
+/// the agent's network namespace, one transaction per sync. A failed transaction changes
+/// nothing (the kernel applies all of it or none), fails the sync, and the runner's full
+/// resync replaces the table.
+pub struct NftablesDataplane {
+    syncer: NftSyncer,
+    metrics: ModeMetrics,
+    conntrack: crate::netfilter::conntrack::StaleFlows,
+}
+
+impl NftablesDataplane {
+    pub fn new(syncer: NftSyncer) -> Self {
+        NftablesDataplane {
+            syncer,
+            metrics: ModeMetrics::default(),
+            conntrack: Default::default(),
+        }
+    }
+}
+
+impl Dataplane for NftablesDataplane {
+    fn sync(&mut self, desired: &DesiredState, full: bool) -> Result<SyncReport, DataplaneError> {
+        let full = full || self.syncer.needs_full();
+        let prepared = self.syncer.prepare(desired, full, Instant::now());
+        let (writes, deletes) = prepared.ops.iter().fold((0, 0), |(w, d), op| match op {
+            sync::Op::DeleteChain(_) | sync::Op::DeleteSet(_) | sync::Op::DeleteElement(..) => {
+                (w, d + 1)
+            }
+            _ => (w + 1, d),
+        });
+        let txn = Encoder::new(&prepared.target).encode(&prepared.ops);
+        if let Err(e) = txn.commit() {
+            self.metrics.restore_failures += 1;
+            if !full {
+                self.metrics.partial_restore_failures += 1;
+            }
+            self.syncer.reset();
+            return Err(NftablesError::from(e).into());
+        }
+        let target = self.syncer.commit(prepared);
+        self.metrics.nftables_objects = vec![
+            ("chains", target.chains.len() as u64),
+            (
+                "rules",
+                target.chains.values().map(|c| c.rules.len() as u64).sum(),
+            ),
+            ("sets", target.sets.len() as u64),
+            (
+                "elements",
+                target.elements.values().map(|e| e.len() as u64).sum(),
+            ),
+        ];
+        self.conntrack.cleanup(desired);
+        Ok(SyncReport {
+            frontends: desired.services.len(),
+            backends: desired
+                .service_ports
+                .iter()
+                .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
+                .sum(),
+            writes,
+            deletes,
+        })
+    }
+
+    fn mode_metrics(&self) -> ModeMetrics {
+        self.metrics.clone()
+    }
 }

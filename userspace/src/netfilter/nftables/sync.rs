@@ -127,7 +127,7 @@ impl NftSyncer {
 }
 
 /// Every object of `r`, after replacing the table.
-fn full_ops(r: &Ruleset) -> Vec<Op> {
+pub fn full_ops(r: &Ruleset) -> Vec<Op> {
     let mut ops = vec![Op::ReplaceTable];
     ops.extend(r.sets.keys().map(|s| Op::AddSet(s.clone())));
     ops.extend(r.chains.keys().map(|c| Op::AddChain(c.clone())));
