@@ -110,7 +110,7 @@ fn render_iptables(
     let rules = render::write(
         &plan,
         &cfg,
-        &render::IptablesConfig::for_mark_bit(MASQUERADE_BIT),
+        &render::IptablesConfig::for_mark_bit(kpr::config::DEFAULT_MASQUERADE_BIT),
         render::WriteScope::default(),
     );
     print!("{}", render::standalone(&rules.text));
@@ -129,7 +129,7 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
                 kpr::netfilter::iptables::RuleSyncer::new(
                     plan_config(settings)?,
                     !settings.nodeport_addresses.is_empty(),
-                    kpr::netfilter::iptables::IptablesConfig::for_mark_bit(MASQUERADE_BIT),
+                    kpr::netfilter::iptables::IptablesConfig::for_mark_bit(settings.masquerade_bit),
                 ),
             )))
         }
@@ -146,9 +146,6 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
         ProxyMode::Ipvs => bail!("--proxy-mode ipvs: this kernel has no IPVS"),
     }
 }
-
-/// kube-proxy's default `--iptables-masquerade-bit`.
-const MASQUERADE_BIT: u32 = 14;
 
 /// The netfilter modes' node-wide settings.
 fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::PlanConfig> {
@@ -167,7 +164,8 @@ fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::Plan
             .filter(|c| c.addr.is_ipv4())
             .map(|c| (c.addr, c.prefix))
             .collect(),
-        masquerade_mark: 1 << MASQUERADE_BIT,
+        masquerade_mark: 1 << settings.masquerade_bit,
+        localhost_nodeports: settings.localhost_nodeports,
         ..Default::default()
     })
 }

@@ -365,6 +365,10 @@ pub struct FileValues {
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
     pub masquerade_all: bool,
+    /// The mode's section's `masqueradeBit` (kube-proxy's default 14 when unset).
+    pub masquerade_bit: Option<i32>,
+    /// `iptables.localhostNodePorts` (kube-proxy's default true when unset).
+    pub localhost_nodeports: Option<bool>,
 }
 
 fn dur(v: &Option<GoDuration>) -> Option<Duration> {
@@ -396,10 +400,16 @@ impl KubeProxyConfiguration {
             _ => ipt.masquerade_all,
         }
         .unwrap_or(false);
+        let masquerade_bit = match self.section() {
+            Section::Nftables => nft.masquerade_bit,
+            _ => ipt.masquerade_bit,
+        };
         FileValues {
             sync_period: dur(&self.sync_period).or(sync),
             min_sync_period: dur(&self.min_sync_period).or(min_sync),
             masquerade_all,
+            masquerade_bit,
+            localhost_nodeports: ipt.localhost_node_ports,
         }
     }
 
@@ -470,8 +480,7 @@ impl KubeProxyConfiguration {
         let mode = self.mode_str();
         if let Some(s) = &self.iptables {
             let p = "iptables";
-            l.ptr(p, "masqueradeBit", &s.masquerade_bit, &[14]);
-            l.ptr(p, "localhostNodePorts", &s.localhost_node_ports, &[true]);
+
             l.ptr(p, "snatNodeInternalIP", &s.snat_node_internal_ip, &[false]);
             if section != Section::Iptables {
                 l.other_section(p, "masqueradeAll", mode, s.masquerade_all == Some(true));
@@ -497,7 +506,7 @@ impl KubeProxyConfiguration {
         }
         if let Some(s) = &self.nftables {
             let p = "nftables";
-            l.ptr(p, "masqueradeBit", &s.masquerade_bit, &[14]);
+
             if section != Section::Nftables {
                 l.other_section(p, "masqueradeAll", mode, s.masquerade_all == Some(true));
                 l.other_section_dur(p, "syncPeriod", mode, &s.sync_period, 30);

@@ -103,6 +103,22 @@ pub struct RunArgs {
         help_heading = USED
     )]
     pub masquerade_all: Option<bool>,
+    /// If using the iptables or nftables proxy, the bit of the fwmark space to mark packets
+    /// requiring SNAT with. Must be within the range [0, 31].
+    #[arg(long, value_name = "INT", help_heading = USED)]
+    pub iptables_masquerade_bit: Option<i32>,
+    /// If false, kube-proxy (iptables mode) will not accept NodePort traffic on localhost
+    /// (IPv4 only; route_localnet is set when true).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool,
+        help_heading = USED
+    )]
+    pub iptables_localhost_nodeports: Option<bool>,
     /// Path to kubeconfig file with authorization information (the master location can be
     /// overridden by the master flag).
     #[arg(long, value_name = "FILE", help_heading = USED)]
@@ -263,8 +279,6 @@ pub const OTHER_FLAGS: &[OtherFlag] = &[
     ignore("bind-address-hard-fail", true, "treat failure to bind a port as fatal"),
     ignore("profiling", true, "profiling via /debug/pprof"),
     ignore("show-hidden-metrics-for-version", false, "show metrics hidden in this version"),
-    ignore("iptables-masquerade-bit", false, "fwmark bit for SNAT"),
-    ignore("iptables-localhost-nodeports", true, "NodePorts on localhost"),
     ignore("ipvs-sync-period", false, "IPVS mode's sync period"),
     ignore("ipvs-min-sync-period", false, "IPVS mode's minimum sync period"),
     ignore("ipvs-scheduler", false, "IPVS scheduler"),

@@ -240,6 +240,11 @@ pub struct Settings {
     /// Empty: all local IPs.
     pub nodeport_addresses: Vec<NodePortAddress>,
     pub masquerade_all: bool,
+    /// `--iptables-masquerade-bit` / the mode section's `masqueradeBit`: the netfilter modes'
+    /// masquerade mark is `1 << bit`.
+    pub masquerade_bit: u32,
+    /// `--iptables-localhost-nodeports` / `iptables.localhostNodePorts` (iptables mode).
+    pub localhost_nodeports: bool,
     pub kubeconfig: Option<PathBuf>,
     /// API server URL, overriding the kubeconfig's.
     pub master: Option<String>,
@@ -278,6 +283,8 @@ impl Default for Settings {
             cluster_cidrs: Vec::new(),
             nodeport_addresses: Vec::new(),
             masquerade_all: false,
+            masquerade_bit: DEFAULT_MASQUERADE_BIT,
+            localhost_nodeports: true,
             kubeconfig: None,
             master: None,
             bind_address: any,
@@ -490,8 +497,16 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
 
 /// kube-proxy's flags that the config file replaces, in the order they are declared.
 fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
-    let given: [(&'static str, bool); 12] = [
+    let given: [(&'static str, bool); 14] = [
         ("proxy-mode", a.proxy_mode.is_some()),
+        (
+            "iptables-masquerade-bit",
+            a.iptables_masquerade_bit.is_some(),
+        ),
+        (
+            "iptables-localhost-nodeports",
+            a.iptables_localhost_nodeports.is_some(),
+        ),
         ("cluster-cidr", a.cluster_cidr.is_some()),
         ("nodeport-addresses", a.nodeport_addresses.is_some()),
         ("masquerade-all", a.masquerade_all.is_some()),
@@ -551,6 +566,11 @@ fn from_flags(s: &mut Settings, a: &RunArgs) -> Result<(), ConfigError> {
             .map_err(|e| flag_error("nodeport-addresses", &list.join(","), e))?;
     }
     s.masquerade_all = a.masquerade_all.unwrap_or(false);
+    if let Some(bit) = a.iptables_masquerade_bit {
+        s.masquerade_bit = masquerade_bit(bit)
+            .map_err(|e| flag_error("iptables-masquerade-bit", &bit.to_string(), e))?;
+    }
+    s.localhost_nodeports = a.iptables_localhost_nodeports.unwrap_or(true);
     s.kubeconfig = a.kubeconfig.clone().filter(|k| !k.as_os_str().is_empty());
     if let Some(b) = &a.bind_address {
         if !b.is_empty() {
@@ -652,10 +672,27 @@ fn from_file(
     });
     let v = cfg.values();
     s.masquerade_all = v.masquerade_all;
+    if let Some(bit) = v.masquerade_bit {
+        let section = cfg.section().name();
+        s.masquerade_bit =
+            masquerade_bit(bit).map_err(|e| field(&format!("{section}.masqueradeBit"), e))?;
+    }
+    s.localhost_nodeports = v.localhost_nodeports.unwrap_or(true);
     s.sync_period = v.sync_period.unwrap_or(DEFAULT_SYNC_PERIOD);
     s.min_sync_period = v.min_sync_period.unwrap_or(DEFAULT_MIN_SYNC_PERIOD);
     s.verbosity = cfg.logging.as_ref().and_then(|l| l.verbosity).unwrap_or(0);
     Ok(())
+}
+
+/// kube-proxy's default `--iptables-masquerade-bit`.
+pub const DEFAULT_MASQUERADE_BIT: u32 = 14;
+
+/// A masquerade bit as kube-proxy validates it: 0 to 31.
+fn masquerade_bit(bit: i32) -> Result<u32, String> {
+    u32::try_from(bit)
+        .ok()
+        .filter(|b| *b <= 31)
+        .ok_or_else(|| format!("{bit} is not a bit of the 32-bit mark (0 to 31)"))
 }
 
 fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {

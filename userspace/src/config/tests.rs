@@ -227,8 +227,6 @@ fn iptables_sync_period_flags_are_kube_proxys_names() {
 fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
     let (s, w) = run(&[
         "--conntrack-max-per-core=0",
-        "--iptables-masquerade-bit",
-        "14",
         "--ipvs-scheduler=rr",
         "--oom-score-adj=-999",
         "--feature-gates=A=true",
@@ -243,7 +241,6 @@ fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
         w,
         [
             "ignored: kpr does not use --conntrack-max-per-core",
-            "ignored: kpr does not use --iptables-masquerade-bit",
             "ignored: kpr does not use --ipvs-scheduler",
             "ignored: kpr does not use --oom-score-adj",
             "ignored: kpr does not use --feature-gates",
@@ -589,4 +586,27 @@ fn devices_flag_takes_comma_lists_and_repeats() {
             ..
         }
     ));
+}
+
+#[test]
+fn masquerade_bit_and_localhost_nodeports_from_flags_and_file() {
+    let (s, w) = run(&[
+        "--iptables-masquerade-bit",
+        "15",
+        "--iptables-localhost-nodeports=false",
+    ]);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!((s.masquerade_bit, s.localhost_nodeports), (15, false));
+    assert_eq!(
+        (
+            Settings::default().masquerade_bit,
+            Settings::default().localhost_nodeports
+        ),
+        (14, true)
+    );
+    let e = err(&["--iptables-masquerade-bit", "32"]).to_string();
+    assert!(e.contains("not a bit of the 32-bit mark"), "{e}");
+    let f = config_file("mode: nftables\nnftables:\n  masqueradeBit: 12\niptables:\n  masqueradeBit: 13\n  localhostNodePorts: false\n");
+    let (s, _) = run(&["--config", f.path().to_str().unwrap()]);
+    assert_eq!((s.masquerade_bit, s.localhost_nodeports), (12, false));
 }
