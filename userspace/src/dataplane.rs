@@ -62,8 +62,10 @@ pub trait Dataplane {
 }
 
 /// What a netfilter mode reports for kube-proxy's per-mode metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ModeMetrics {
+    /// `iptables` or `nftables` (empty for the eBPF mode, which has none of these).
+    pub mode: &'static str,
     /// `kubeproxy_sync_proxy_rules_iptables_total{table}`: rules in each table after the last
     /// sync (iptables mode).
     pub iptables_rules: Vec<(&'static str, u64)>,

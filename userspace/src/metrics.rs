@@ -138,6 +138,8 @@ struct State {
     datapath_events: Mutex<BTreeMap<String, u64>>,
     sync_failures: Counter,
     model_errors: Gauge,
+    /// The netfilter modes' figures, as last reported.
+    mode: Mutex<crate::dataplane::ModeMetrics>,
 }
 
 fn describe<M: EncodeMetric>(
@@ -266,6 +268,64 @@ impl Collector for State {
             "Services or endpoints the last model build could not use",
             &self.model_errors,
         )?;
+        let mode = self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let counter = |e: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
+            describe(e, name, help, &ConstCounter::new(v))
+        };
+        let by_label = |e: &mut DescriptorEncoder,
+                        name: &str,
+                        help: &str,
+                        label: &str,
+                        values: &[(&'static str, u64)]|
+         -> Result<(), std::fmt::Error> {
+            let probe = Gauge::<i64>::default();
+            let mut metric_encoder = e.encode_descriptor(name, help, None, probe.metric_type())?;
+            for (k, v) in values {
+                let g = Gauge::<i64>::default();
+                g.set(as_i64(*v));
+                g.encode(metric_encoder.encode_family(&[(label, *k), ("ip_family", "IPv4")])?)?;
+            }
+            Ok(())
+        };
+        match mode.mode {
+            "iptables" => {
+                counter(
+                    e,
+                    "kubeproxy_iptables_restore_failures",
+                    "Cumulative proxy iptables restore failures",
+                    mode.restore_failures,
+                )?;
+                counter(
+                    e,
+                    "kubeproxy_iptables_partial_restore_failures",
+                    "Cumulative proxy iptables partial restore failures",
+                    mode.partial_restore_failures,
+                )?;
+                by_label(
+                    e,
+                    "kubeproxy_sync_proxy_rules_iptables_total",
+                    "Total number of iptables rules owned by kube-proxy",
+                    "table",
+                    &mode.iptables_rules,
+                )?;
+            }
+            "nftables" => {
+                counter(
+                    e,
+                    "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                    "Cumulative proxy nftables sync failures",
+                    mode.restore_failures,
+                )?;
+                by_label(
+                    e,
+                    "kpr_nftables_objects",
+                    "Objects in kube-proxy's nftables table, by kind",
+                    "kind",
+                    &mode.nftables_objects,
+                )?;
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -320,6 +380,7 @@ impl Metrics {
             datapath_events: Mutex::new(BTreeMap::new()),
             sync_failures: Counter::default(),
             model_errors: Gauge::default(),
+            mode: Mutex::new(Default::default()),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Arc::clone(&state)));
@@ -397,6 +458,11 @@ impl Metrics {
         for (reason, total) in totals {
             events.insert((*reason).to_string(), *total);
         }
+    }
+
+    /// The netfilter mode's figures (their `_total` counters are the mode's own totals).
+    pub fn set_mode_metrics(&self, m: &crate::dataplane::ModeMetrics) {
+        *self.state.mode.lock().unwrap_or_else(|p| p.into_inner()) = m.clone();
     }
 
     pub fn inc_sync_failures(&self) {
@@ -509,6 +575,47 @@ mod tests {
             let (name, value) = l.rsplit_once(' ')?;
             (name == series).then(|| value.parse().unwrap())
         })
+    }
+
+    #[test]
+    fn netfilter_modes_report_kube_proxys_per_mode_metrics() {
+        let m = Metrics::new();
+        m.set_mode_metrics(&crate::dataplane::ModeMetrics {
+            mode: "iptables",
+            iptables_rules: vec![("filter", 7), ("nat", 42)],
+            restore_failures: 2,
+            partial_restore_failures: 1,
+            ..Default::default()
+        });
+        let text = m.encode();
+        for (series, want) in [
+            ("kubeproxy_iptables_restore_failures_total", 2.0),
+            ("kubeproxy_iptables_partial_restore_failures_total", 1.0),
+            (
+                "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\",ip_family=\"IPv4\"}",
+                42.0,
+            ),
+        ] {
+            assert_eq!(sample(&text, series), Some(want), "{series}:\n{text}");
+        }
+        m.set_mode_metrics(&crate::dataplane::ModeMetrics {
+            mode: "nftables",
+            restore_failures: 3,
+            ..Default::default()
+        });
+        let text = m.encode();
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
+            ),
+            Some(3.0),
+            "{text}"
+        );
+        assert!(
+            !text.contains("kubeproxy_iptables_restore_failures"),
+            "{text}"
+        );
     }
 
     #[test]

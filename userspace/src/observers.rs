@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Node;
 
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
-use crate::runner::{MapOccupancy, SyncObserver, SyncReport};
+use crate::runner::{MapOccupancy, ModeMetrics, SyncObserver, SyncReport};
 
 impl SyncObserver for Metrics {
     fn update_queued(&self, at: SystemTime) {
@@ -44,6 +44,10 @@ impl SyncObserver for Metrics {
             self.set_map_occupancy(m.map, m.entries, m.capacity);
         }
         self.set_model_errors(model_errors);
+    }
+
+    fn mode_metrics(&self, m: &ModeMetrics) {
+        self.set_mode_metrics(m);
     }
 }
 

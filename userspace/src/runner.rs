@@ -19,7 +19,7 @@ use crate::changes;
 use crate::model::{self, DesiredState};
 use crate::source::ClusterSnapshot;
 
-pub use crate::dataplane::{Dataplane, MapOccupancy, SyncReport};
+pub use crate::dataplane::{Dataplane, MapOccupancy, ModeMetrics, SyncReport};
 
 /// What the runner reports as it goes: metrics and health are observers. Every method has a
 /// no-op default so an observer implements only what it needs.
@@ -45,6 +45,9 @@ pub trait SyncObserver: Send + Sync {
         _model_errors: usize,
     ) {
     }
+    /// The proxy mode's own figures (rules per table, failed restores), after every sync and
+    /// periodically.
+    fn mode_metrics(&self, _m: &ModeMetrics) {}
 }
 
 #[derive(Clone)]
@@ -76,6 +79,8 @@ pub struct Status {
     /// a refresh later than the traffic's end.
     pub counters_unix_ms: u128,
     pub occupancy: Vec<MapOccupancy>,
+    /// The proxy mode's own figures (netfilter modes: rules, failed restores).
+    pub mode: ModeMetrics,
     /// Every frontend the last successful sync programmed, with its backends: what a reader
     /// waits on to know that a change it made is in the dataplane (not merely that some sync
     /// ran).
@@ -315,8 +320,10 @@ fn write_status<D: Dataplane + ?Sized>(dataplane: &D, status: &mut Status, cfg: 
     status.counters_unix_ms = unix_ms(SystemTime::now());
     let counters = dataplane.counters();
     status.occupancy = dataplane.occupancy();
+    status.mode = dataplane.mode_metrics();
     for o in &cfg.observers {
         o.datapath(&counters, &status.occupancy, status.model_errors);
+        o.mode_metrics(&status.mode);
     }
     let Some(path) = &cfg.status_file else {
         return;

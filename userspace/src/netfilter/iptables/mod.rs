@@ -278,7 +278,10 @@ impl IptablesDataplane {
         IptablesDataplane {
             backend,
             syncer,
-            metrics: ModeMetrics::default(),
+            metrics: ModeMetrics {
+                mode: "iptables",
+                ..Default::default()
+            },
             conntrack: Default::default(),
             last_counters: std::sync::Mutex::new(refusal_counters("")),
         }

@@ -35,7 +35,10 @@ impl NftablesDataplane {
     pub fn new(syncer: NftSyncer) -> Self {
         NftablesDataplane {
             syncer,
-            metrics: ModeMetrics::default(),
+            metrics: ModeMetrics {
+                mode: "nftables",
+                ..Default::default()
+            },
             conntrack: Default::default(),
         }
     }
