@@ -320,10 +320,11 @@ fn ensure_cgroup2_mounted(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kpr cleanup`: removes what kpr created on this node and prints what it removed: kpr's
-/// nftables table (`table ip kpr`, in this network namespace; no other table is touched) and,
-/// under `pin_dir`, the pins whose names start with `KPR_`, then the directory itself if
-/// nothing else is left in it. A `pin_dir` that is not on a bpffs is refused and left
+/// `kpr cleanup`: removes what any of kpr's modes created on this node (in this network
+/// namespace) and prints what it removed: the eBPF mode's nftables table (`table ip kpr`), the
+/// netfilter modes' (kube-proxy's) iptables chains and `kube-proxy` nftables tables, and, under
+/// `pin_dir`, the pins whose names start with `KPR_`, then the directory itself if nothing else
+/// is left in it. No other table or chain is touched. A `pin_dir` that is not on a bpffs is refused and left
 /// untouched. Nothing to remove is success (exit 0); errors are reported after both parts were
 /// attempted (exit 1).
 ///
@@ -345,6 +346,12 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         Ok(true) => removed.push(format!("nftables table ip {}", kpr::nft::TABLE)),
         Ok(false) => {}
         Err(e) => errors.push(format!("nftables table ip {}: {e}", kpr::nft::TABLE)),
+    }
+    // The netfilter modes' state (kube-proxy's own, which those modes write).
+    removed.extend(kpr::netfilter::cleanup::iptables().0);
+    match kpr::netfilter::cleanup::nftables() {
+        Ok(r) => removed.extend(r.0),
+        Err(e) => errors.push(format!("nftables tables kube-proxy: {e}")),
     }
 
     let pins = |removed: &mut Vec<String>| -> anyhow::Result<()> {

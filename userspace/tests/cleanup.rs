@@ -235,3 +235,76 @@ fn cleanup_refuses_a_directory_not_on_a_bpffs() {
     assert!(r.stdout.contains("removed nftables table ip kpr"), "{r:?}");
     assert!(!ns.has_table("kpr"));
 }
+
+/// The netfilter modes' state is kube-proxy's: its iptables chains with the jumps into them,
+/// and its `kube-proxy` nftables table. `kpr cleanup` removes those and nothing else (another
+/// program's chain, kubelet's KUBE-FIREWALL and its jump stay).
+#[test]
+fn cleanup_removes_kube_proxys_iptables_chains_and_nftables_table() {
+    require();
+    let ns = Netns::new();
+    let rules = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
+        :KUBE-SVC-XYZ - [0:0]\n:KUBE-SEP-ABC - [0:0]\n:OTHER - [0:0]\n\
+        -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+        -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+        -A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -j KUBE-SVC-XYZ\n\
+        -A KUBE-SVC-XYZ -j KUBE-SEP-ABC\n\
+        -A KUBE-SEP-ABC -p tcp -m tcp -j DNAT --to-destination 10.244.0.5:443\n\
+        -A OTHER -j RETURN\nCOMMIT\n\
+        *filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
+        -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+        -A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "iptables-restore"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(ns
+        .exec(&[
+            "nft",
+            "add table ip kube-proxy; add chain ip kube-proxy services"
+        ])
+        .status
+        .success());
+    assert!(ns.has_table("kube-proxy"));
+
+    let fs = Bpffs::new();
+    let r = ns.cleanup(&fs.mount.join("kpr"));
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("kube-proxy chains in iptables table nat"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .contains("kube-proxy chains in iptables table filter"),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("nftables table ip kube-proxy"), "{r:?}");
+    assert!(!ns.has_table("kube-proxy"));
+    let saved = String::from_utf8_lossy(&ns.exec(&["iptables-save"]).stdout).into_owned();
+    for gone in [
+        "KUBE-SERVICES",
+        "KUBE-SVC-XYZ",
+        "KUBE-SEP-ABC",
+        "KUBE-NODEPORTS",
+    ] {
+        assert!(!saved.contains(gone), "{gone} left:\n{saved}");
+    }
+    for kept in [
+        ":OTHER",
+        "-A OTHER -j RETURN",
+        ":KUBE-FIREWALL",
+        "-A INPUT -j KUBE-FIREWALL",
+    ] {
+        assert!(saved.contains(kept), "{kept} removed:\n{saved}");
+    }
+}

@@ -109,6 +109,8 @@ pub struct EbpfDataplane {
     src_ranges: SrcRangeMap,
     /// kpr's nftables table, when this dataplane programs it ([`EbpfConfig::nftables_mark`]).
     table: Option<crate::nft::NftTable>,
+    /// Other modes' leftovers were removed (at the first sync).
+    cleaned: bool,
 }
 
 impl EbpfDataplane {
@@ -203,6 +205,7 @@ impl EbpfDataplane {
             ct_max,
             src_ranges: src_ranges_again,
             table: cfg.nftables_mark.map(crate::nft::NftTable::new),
+            cleaned: false,
         })
     }
 
@@ -409,7 +412,11 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
             );
         }
         // The netfilter half of this mode, in the same sync: a failure here fails the sync, and
-        // the runner's full resync retries both halves.
+        // the runner's full resync retries both halves. Before the first, what other modes
+        // (or kube-proxy) left in this namespace goes.
+        if self.table.is_some() && !std::mem::replace(&mut self.cleaned, true) {
+            crate::netfilter::cleanup::other_modes(crate::netfilter::cleanup::Leftovers::Ebpf);
+        }
         if let Some(table) = &mut self.table {
             table.apply_with(
                 &crate::nft::frontends_without_endpoints(desired),

@@ -6,10 +6,12 @@
 //! - [`chains`]: chain names, kube-proxy's hashes;
 //! - [`iptables`]: the plan as `iptables-restore` input, and the mode that loads it;
 //! - [`nftables`]: the plan as one nftables netlink transaction, and the mode that sends it;
+//! - [`cleanup`]: removing what other modes (and kube-proxy) left on the node;
 //! - [`conntrack`]: deleting the conntrack entries of UDP endpoints that went away, so flows
 //!   move on as they do with kube-proxy.
 
 pub mod chains;
+pub mod cleanup;
 pub mod conntrack;
 pub mod iptables;
 pub mod nfnetlink;

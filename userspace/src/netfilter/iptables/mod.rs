@@ -271,6 +271,8 @@ pub struct IptablesDataplane {
     /// Endpoints of UDP service ports as last programmed, for the conntrack cleanup.
     conntrack: crate::netfilter::conntrack::StaleFlows,
     last_counters: std::sync::Mutex<Vec<(&'static str, u64)>>,
+    /// Other modes' leftovers were removed (at the first sync).
+    cleaned: bool,
 }
 
 impl IptablesDataplane {
@@ -284,6 +286,7 @@ impl IptablesDataplane {
             },
             conntrack: Default::default(),
             last_counters: std::sync::Mutex::new(refusal_counters("")),
+            cleaned: false,
         }
     }
 
@@ -333,6 +336,9 @@ fn key(p: &ServicePortInfo) -> (String, Protocol) {
 
 impl Dataplane for IptablesDataplane {
     fn sync(&mut self, desired: &DesiredState, full: bool) -> Result<SyncReport, DataplaneError> {
+        if !std::mem::replace(&mut self.cleaned, true) {
+            crate::netfilter::cleanup::other_modes(crate::netfilter::cleanup::Leftovers::Iptables);
+        }
         let full = self
             .syncer
             .will_be_full(desired, full || self.syncer.needs_full());

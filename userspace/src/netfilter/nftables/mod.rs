@@ -29,11 +29,14 @@ pub struct NftablesDataplane {
     syncer: NftSyncer,
     metrics: ModeMetrics,
     conntrack: crate::netfilter::conntrack::StaleFlows,
+    /// Other modes' leftovers were removed (at the first sync).
+    cleaned: bool,
 }
 
 impl NftablesDataplane {
     pub fn new(syncer: NftSyncer) -> Self {
         NftablesDataplane {
+            cleaned: false,
             syncer,
             metrics: ModeMetrics {
                 mode: "nftables",
@@ -46,6 +49,9 @@ impl NftablesDataplane {
 
 impl Dataplane for NftablesDataplane {
     fn sync(&mut self, desired: &DesiredState, full: bool) -> Result<SyncReport, DataplaneError> {
+        if !std::mem::replace(&mut self.cleaned, true) {
+            crate::netfilter::cleanup::other_modes(crate::netfilter::cleanup::Leftovers::Nftables);
+        }
         let full = full || self.syncer.needs_full();
         let prepared = self.syncer.prepare(desired, full, Instant::now());
         let (writes, deletes) = prepared.ops.iter().fold((0, 0), |(w, d), op| match op {

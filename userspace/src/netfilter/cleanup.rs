@@ -1,0 +1,183 @@
+//! Removing what a proxy mode left on the node: kube-proxy's `CleanupLeftovers`. A node that
+//! switches from kube-proxy (or from another kpr mode) must not keep the old mode's rules, which
+//! would go on translating traffic beside the new mode's. Each mode cleans the others' state
+//! at its first sync, and `kpr cleanup` removes every mode's.
+//!
+//! Only kube-proxy's own objects are touched: its chains in the iptables tables (both iptables
+//! backends, both families) with the jumps into them, and its `kube-proxy` nftables tables;
+//! kpr's eBPF mode table is `ip kpr` ([`crate::nft`]). kubelet's chains (KUBE-FIREWALL,
+//! KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT) stay.
+
+use std::process::{Command, Stdio};
+
+use super::chains::IPTABLES_SERVICE_CHAIN_PREFIXES;
+use super::iptables::{chains_in, Backend, Table, JUMP_RULES};
+use super::nfnetlink::{NetlinkError, Transaction};
+
+/// kube-proxy's fixed chains (kubelet's KUBE-FIREWALL is not among them).
+const KUBE_PROXY_CHAINS: &[&str] = &[
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-PROXY-CANARY",
+];
+
+fn is_kube_proxy_chain(chain: &str) -> bool {
+    KUBE_PROXY_CHAINS.contains(&chain)
+        || IPTABLES_SERVICE_CHAIN_PREFIXES
+            .iter()
+            .any(|p| chain.starts_with(p))
+}
+
+/// What a cleanup removed, for the log and `kpr cleanup`'s report.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed(pub Vec<String>);
+
+fn quiet(cmd: &mut Command) -> Option<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes kube-proxy's iptables chains and jumps, for both backends and both families, in the
+/// calling process's network namespace.
+pub fn iptables() -> Removed {
+    let mut removed = Removed::default();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        for family in ["iptables", "ip6tables"] {
+            let tool = |t: &str| backend.command(t).replacen("iptables", family, 1);
+            for table in [Table::Nat, Table::Filter] {
+                let Some(save) =
+                    quiet(Command::new(tool("iptables-save")).args(["-t", table.name()]))
+                else {
+                    continue;
+                };
+                let theirs: Vec<String> = chains_in(&save)
+                    .into_iter()
+                    .filter(|c| is_kube_proxy_chain(c))
+                    .collect();
+                if theirs.is_empty() {
+                    continue;
+                }
+                for j in JUMP_RULES
+                    .iter()
+                    .filter(|j| j.table == table && is_kube_proxy_chain(j.to))
+                {
+                    let args = j.args();
+                    // A jump may have been added more than once.
+                    for _ in 0..8 {
+                        let mut cmd = Command::new(tool("iptables"));
+                        cmd.args(["-w", "5", "-t", table.name(), "-D", j.from])
+                            .args(&args);
+                        if quiet(&mut cmd).is_none() {
+                            break;
+                        }
+                    }
+                }
+                // Flush them all (a chain line flushes), then delete them all.
+                let mut input = format!("*{}\n", table.name());
+                for c in &theirs {
+                    input.push_str(&format!(":{c} - [0:0]\n"));
+                }
+                for c in &theirs {
+                    input.push_str(&format!("-X {c}\n"));
+                }
+                input.push_str("COMMIT\n");
+                let ok = Command::new(tool("iptables-restore"))
+                    .args(["-w", "5", "--noflush"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .and_then(|mut child| {
+                        use std::io::Write as _;
+                        if let Some(mut stdin) = child.stdin.take() {
+                            stdin.write_all(input.as_bytes())?;
+                        }
+                        child.wait_with_output()
+                    });
+                match ok {
+                    Ok(out) if out.status.success() => removed.0.push(format!(
+                        "{} kube-proxy chains in {} table {} ({backend:?})",
+                        theirs.len(),
+                        family,
+                        table.name()
+                    )),
+                    Ok(out) => tracing::warn!(
+                        "removing kube-proxy's {family} chains in table {}: {}",
+                        table.name(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                    Err(e) => tracing::warn!("running {}: {e}", tool("iptables-restore")),
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// Deletes kube-proxy's nftables tables (`ip kube-proxy`, `ip6 kube-proxy`) in the calling
+/// thread's network namespace.
+pub fn nftables() -> Result<Removed, NetlinkError> {
+    let mut removed = Removed::default();
+    for (family, name) in [
+        (nftnl::ProtoFamily::Ipv4, "ip"),
+        (nftnl::ProtoFamily::Ipv6, "ip6"),
+    ] {
+        let table = nftnl::Table::new(c"kube-proxy", family);
+        let mut txn = Transaction::new();
+        txn.add(&table, nftnl::MsgType::Del, || {
+            format!("delete table {name} kube-proxy")
+        });
+        match txn.commit() {
+            Ok(()) => removed.0.push(format!("nftables table {name} kube-proxy")),
+            Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ENOENT => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// A proxy mode, for what it leaves behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leftovers {
+    /// kpr's eBPF mode: its table `ip kpr` (its programs leave with the process; its pinned
+    /// maps are reused by the next eBPF run, and `kpr cleanup` removes them).
+    Ebpf,
+    Iptables,
+    Nftables,
+}
+
+/// Removes what every mode but `keep` left, logging what went; errors are logged, not fatal
+/// (kube-proxy does the same).
+pub fn other_modes(keep: Leftovers) {
+    let mut removed = Vec::new();
+    if keep != Leftovers::Iptables {
+        removed.extend(iptables().0);
+    }
+    if keep != Leftovers::Nftables {
+        match nftables() {
+            Ok(r) => removed.extend(r.0),
+            Err(e) => tracing::warn!("removing kube-proxy's nftables tables: {e}"),
+        }
+    }
+    if keep != Leftovers::Ebpf {
+        match crate::nft::delete_table() {
+            Ok(true) => removed.push(format!("nftables table ip {}", crate::nft::TABLE)),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("removing kpr's eBPF-mode table: {e}"),
+        }
+    }
+    for r in removed {
+        tracing::info!("removed another proxy mode's leftovers: {r}");
+    }
+}
