@@ -326,16 +326,27 @@ pub enum UdpMode {
     Connected,
 }
 
-/// `count` UDP request/response pairs; fewer if `stop_file` (checked before each request)
-/// appears first, so a test can keep a flow alive until it has seen what it waits for.
+/// Where a long UDP flow reports itself, for a test that acts on its progress.
+#[derive(Clone, Copy, Default)]
+pub struct FlowControl<'a> {
+    /// Stop early (before `count`) once this file exists (checked before each request).
+    pub stop_file: Option<&'a std::path::Path>,
+    /// After each request, rewritten with `<requests so far> <backend that answered the last
+    /// one, or "-">`.
+    pub progress_file: Option<&'a std::path::Path>,
+}
+
+/// `count` UDP request/response pairs; fewer if the stop file appears first, so a test can
+/// keep a flow alive until it has seen what it waits for.
 pub fn udp_spread(
     target: SocketAddr,
     count: u64,
     mode: UdpMode,
     timeout: Duration,
     interval: Duration,
-    stop_file: Option<&std::path::Path>,
+    control: FlowControl<'_>,
 ) -> UdpSpread {
+    let stop_file = control.stop_file;
     let mut r = UdpSpread {
         target: target.to_string(),
         count,
@@ -393,6 +404,17 @@ pub fn udp_spread(
                 r.sequence.push(String::new());
                 r.errors += 1;
                 bump(&mut r.error_kinds, error_kind(&e));
+            }
+        }
+        if let Some(p) = control.progress_file {
+            let last = r
+                .sequence
+                .last()
+                .filter(|b| !b.is_empty())
+                .map_or("-", |b| b.as_str());
+            let tmp = p.with_extension("tmp");
+            if std::fs::write(&tmp, format!("{} {last}\n", r.sequence.len())).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
             }
         }
     }

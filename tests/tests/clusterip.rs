@@ -124,6 +124,16 @@ fn service(
 
 const ALL: [&str; 3] = ["10.244.1.11", "10.244.1.12", "10.244.1.13"];
 
+/// The lab's backend pods: be1..be3 are 10.244.1.11..13.
+fn ip_of(backend: &str) -> &'static str {
+    match backend {
+        "be1" => ALL[0],
+        "be2" => ALL[1],
+        "be3" => ALL[2],
+        other => panic!("not a backend of the lab: {other:?}"),
+    }
+}
+
 fn web_and_dns(backends: &[&str]) -> String {
     service(
         &[("http", "TCP", 80, "8080"), ("dns", "UDP", 53, "5353")],
@@ -207,75 +217,100 @@ per_mode! {
     }
 }
 
-#[test]
-fn one_unconnected_udp_socket_stays_on_its_backend_until_it_is_removed() {
-    let s = Setup::new("udpstick", &web_and_dns(&ALL));
-    let client = s.client();
-    let stop = s.lab.work_dir().join("stop-flow");
-    let Setup { lab, mut kpr, dir } = s;
-    // One socket is one flow: like conntrack for kube-proxy, kpr keeps it on the backend its
-    // first datagram went to. Keep the flow alive (a request every 50 ms until told to stop)
-    // and remove every backend but be1 meanwhile: the flow must end on be1, not stay on a
-    // removed backend. Progress is read from kpr's `sticky_reused` counter (one per datagram
-    // that reused its socket's backend), so no step depends on how fast the machine is.
-    let sticky = |kpr: &mut Kpr| kpr.counters_now().unwrap()["sticky_reused"];
-    let base = sticky(&mut kpr);
-    let r = std::thread::scope(|scope| {
-        let running = scope.spawn(|| {
-            lab.labtool_json::<UdpSpread>(
-                &client,
-                &[
-                    "udp-spread",
-                    "--target",
-                    "10.96.0.10:53",
-                    "--count",
-                    "600",
-                    "--one-socket",
-                    "--interval-ms",
-                    "50",
-                    "--timeout-ms",
-                    "500",
-                    "--stop-file",
-                    stop.to_str().unwrap(),
-                ],
-                Duration::from_secs(60),
-            )
-        });
-        let finish = |what: &str| {
-            std::fs::write(&stop, "").unwrap();
-            panic!("{what}");
+per_mode! {
+    /// One socket is one flow: like a conntrack entry for kube-proxy, the flow stays on the
+    /// backend its first datagram went to. When that backend is removed, the flow moves to a
+    /// remaining one (eBPF: the socket's sticky entry is checked; netfilter modes: kpr deletes
+    /// the flow's conntrack entry, as kube-proxy does), rather than staying on it. Progress is
+    /// read from the flow's own progress file, so no step depends on how fast the machine is.
+    fn one_udp_flow_stays_on_its_backend_until_it_is_removed(mode) {
+        let s = Setup::in_mode("udpstick", &web_and_dns(&ALL), mode);
+        let client = s.client();
+        let stop = s.lab.work_dir().join("stop-flow");
+        let progress = s.lab.work_dir().join("flow-progress");
+        let Setup { lab, mut kpr, dir } = s;
+        let read = || -> (usize, String) {
+            let t = std::fs::read_to_string(&progress).unwrap_or_default();
+            let (n, b) = t.trim().split_once(' ').unwrap_or(("0", "-"));
+            (n.parse().unwrap_or(0), b.to_string())
         };
-        // Ten datagrams on the flow's first backend, before anything changes.
-        if let Err(e) = kpr.wait_for_counter("sticky_reused", base + 10, Duration::from_secs(20)) {
-            finish(&format!("the flow did not start: {e}"));
-        }
-        write(&dir.join("svc.yaml"), &web_and_dns(&["10.244.1.11"]));
-        if let Err(e) = kpr.wait_for_backends(DNS, &["10.244.1.11:5353"]) {
-            finish(&e.to_string());
-        }
-        // Ten more datagrams after the change was programmed.
-        let programmed = sticky(&mut kpr);
-        if let Err(e) =
-            kpr.wait_for_counter("sticky_reused", programmed + 10, Duration::from_secs(20))
-        {
-            finish(&format!("the flow stopped after the change: {e}"));
-        }
-        std::fs::write(&stop, "").unwrap();
-        running.join().unwrap().unwrap()
-    });
-    assert_eq!(
-        r.sources.keys().collect::<Vec<_>>(),
-        vec!["10.96.0.10:53"],
-        "{r:?}"
-    );
-    let first = &r.sequence[0];
-    // Before the change: one backend throughout.
-    assert!(r.sequence[..10].iter().all(|b| b == first), "{r:?}");
-    // After it was programmed, only be1 is left, so the flow is on be1 whatever it started on.
-    let n = r.sequence.len();
-    assert!(r.sequence[n - 10..].iter().all(|b| b == "be1"), "{r:?}");
-    // A request may be lost in the instant of the switch, no more.
-    assert!(r.errors <= 1, "{r:?}");
+        let wait_for = |at_least: usize| -> Result<(usize, String), String> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let p = read();
+                if p.0 >= at_least {
+                    return Ok(p);
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("the flow made {} requests, not {at_least}", p.0));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let r = std::thread::scope(|scope| {
+            let running = scope.spawn(|| {
+                lab.labtool_json::<UdpSpread>(
+                    &client,
+                    &[
+                        "udp-spread",
+                        "--target",
+                        "10.96.0.10:53",
+                        "--count",
+                        "1200",
+                        "--one-socket",
+                        "--interval-ms",
+                        "25",
+                        "--timeout-ms",
+                        "500",
+                        "--stop-file",
+                        stop.to_str().unwrap(),
+                        "--progress-file",
+                        progress.to_str().unwrap(),
+                    ],
+                    Duration::from_secs(60),
+                )
+            });
+            let finish = |what: String| -> ! {
+                std::fs::write(&stop, "").unwrap();
+                panic!("{what}");
+            };
+            // Ten datagrams on the flow's first backend, before anything changes.
+            let (_, backend) = wait_for(10).unwrap_or_else(|e| finish(e));
+            let keep: Vec<&str> = ALL
+                .iter()
+                .copied()
+                .filter(|ip| *ip != ip_of(&backend))
+                .collect();
+            assert_eq!(keep.len(), 2, "{backend}");
+            write(&dir.join("svc.yaml"), &web_and_dns(&keep));
+            if let Err(e) = kpr.wait_for_backends(DNS, &refs(&at(&keep, 5353))) {
+                finish(e.to_string());
+            }
+            // Ten more datagrams after the change was programmed.
+            let (programmed, _) = read();
+            wait_for(programmed + 10).unwrap_or_else(|e| finish(e));
+            std::fs::write(&stop, "").unwrap();
+            (backend, programmed, running.join().unwrap().unwrap())
+        });
+        let (backend, programmed, r) = r;
+        assert_eq!(
+            r.sources.keys().collect::<Vec<_>>(),
+            vec!["10.96.0.10:53"],
+            "{r:?}"
+        );
+        // Before the change: one backend throughout.
+        assert!(r.sequence[..10].iter().all(|b| *b == backend), "{r:?}");
+        // After it was programmed: on one remaining backend, never back on the removed one.
+        let after = &r.sequence[programmed..];
+        let moved = &after[0];
+        assert!(
+            !moved.is_empty() && *moved != backend,
+            "{mode:?}: the flow stayed on {backend}: {r:?}"
+        );
+        assert!(after.iter().all(|b| b == moved), "{r:?}");
+        // A request may be lost in the instant of the switch, no more.
+        assert!(r.errors <= 1, "{r:?}");
+    }
 }
 
 per_mode! {

@@ -58,6 +58,9 @@ enum Cmd {
         /// Stop early (before `count`) once this file exists.
         #[arg(long)]
         stop_file: Option<std::path::PathBuf>,
+        /// Rewritten after each request: `<requests so far> <last backend or ->`.
+        #[arg(long)]
+        progress_file: Option<std::path::PathBuf>,
     },
     /// Connection-rate loop (connect, 1 byte, response, RST) bounded by duration and max.
     BenchConnect {
@@ -122,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             timeout_ms,
             interval_ms,
             stop_file,
+            progress_file,
         } => {
             let mode = if connected {
                 tool::UdpMode::Connected
@@ -136,7 +140,10 @@ fn main() -> anyhow::Result<()> {
                 mode,
                 ms(timeout_ms),
                 ms(interval_ms),
-                stop_file.as_deref(),
+                tool::FlowControl {
+                    stop_file: stop_file.as_deref(),
+                    progress_file: progress_file.as_deref(),
+                },
             ))
         }
         Cmd::BenchConnect {
