@@ -12,7 +12,7 @@ use kube_proxy_cases::{cases, Case, REFUSED_BY_KPR};
 
 use std::collections::BTreeSet;
 
-use kpr::netfilter::iptables::render::IptablesConfig;
+use kpr::netfilter::iptables::render::{self, IptablesConfig};
 use kpr::netfilter::iptables::RuleSyncer;
 
 /// Tables in name order; within a table, chain declarations in kube-proxy's test order
@@ -288,4 +288,127 @@ fn the_normalisation_ignores_service_order_only() {
     // The order of one chain's rules counts.
     let c = b.replace("-j X\n-A KUBE-SVC-A -j Y", "-j Y\n-A KUBE-SVC-A -j X");
     assert_ne!(normalise(a), normalise(&c));
+}
+
+#[path = "kube_proxy_cases/iptables_tracer.rs"]
+mod iptables_tracer;
+
+/// One `flows.yaml` entry.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Flow {
+    name: String,
+    #[serde(rename = "sourceIP")]
+    source_ip: std::net::IpAddr,
+    #[serde(rename = "destIP")]
+    dest_ip: std::net::IpAddr,
+    dest_port: u16,
+    output: String,
+    masq: bool,
+}
+
+fn flows(dir: &std::path::Path) -> Option<Vec<Flow>> {
+    let text = std::fs::read_to_string(dir.join("flows.yaml")).ok()?;
+    Some(serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display())))
+}
+
+/// The addresses kube-proxy's tracer counts as the node's.
+fn local_ips(case: &Case) -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<std::net::IpAddr> = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+    for s in case
+        .proxier
+        .get("nodeIPs")
+        .and_then(|v| v.as_sequence())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+    {
+        ips.push(s.parse().unwrap());
+    }
+    ips
+}
+
+#[test]
+fn the_tracer_agrees_with_kube_proxys_own_tracer_test() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/kube-proxy/iptables/TestTracePackets");
+    let rules =
+        iptables_tracer::Rules::parse(&std::fs::read_to_string(dir.join("rules.txt")).unwrap());
+    let local: Vec<std::net::IpAddr> = ["127.0.0.1", "192.168.0.2"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let all = flows(&dir).expect("flows.yaml");
+    for f in &all {
+        let got = iptables_tracer::trace(
+            &rules,
+            &iptables_tracer::Packet {
+                src: f.source_ip,
+                dst: f.dest_ip,
+                dport: f.dest_port,
+                local: &local,
+            },
+        );
+        assert_eq!(got, (f.output.clone(), f.masq), "{}", f.name);
+    }
+    assert!(all.len() >= 4);
+}
+
+/// kube-proxy's packet-flow expectations (`flows.yaml`), traced through the rules kpr writes for
+/// the same objects: which endpoints a packet can reach, what is rejected or dropped, and what
+/// is masqueraded.
+#[test]
+fn packets_flow_through_kprs_rules_as_kube_proxys_tests_expect() {
+    let cases = cases("iptables", "expected.txt");
+    let (mut traced, mut failures) = (0, Vec::new());
+    for case in &cases {
+        let Some(flows) = flows(&case.dir) else {
+            continue;
+        };
+        if REFUSED_BY_KPR.iter().any(|(n, _)| case.name == *n)
+            || GATED.iter().any(|(p, _)| case.name.starts_with(p))
+        {
+            continue;
+        }
+        // A full sync of this step's state: the whole ruleset, as the kernel holds it.
+        let text = match case.desired_state_and_config() {
+            Ok((state, cfg)) => {
+                let ipt = IptablesConfig {
+                    mark: "0x4000".into(),
+                    random_fully: false,
+                    conntrack_tcp_liberal: false,
+                    nfacct: false,
+                };
+                let s = RuleSyncer::new(cfg.clone(), cfg.nodeport_ips.is_some(), ipt);
+                render::standalone(&s.prepare(&state, true, None).rules.text)
+            }
+            Err(e) => {
+                failures.push(format!("{}: {e}", case.name));
+                continue;
+            }
+        };
+        let rules = iptables_tracer::Rules::parse(&text);
+        let local = local_ips(case);
+        for f in &flows {
+            let got = iptables_tracer::trace(
+                &rules,
+                &iptables_tracer::Packet {
+                    src: f.source_ip,
+                    dst: f.dest_ip,
+                    dport: f.dest_port,
+                    local: &local,
+                },
+            );
+            traced += 1;
+            if got != (f.output.clone(), f.masq) {
+                failures.push(format!(
+                    "{} / {}: kube-proxy expects {:?} masq={}, kpr's rules give {:?} masq={}",
+                    case.name, f.name, f.output, f.masq, got.0, got.1
+                ));
+            }
+        }
+    }
+    assert!(traced >= 30, "only {traced} flows traced");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!("{traced} kube-proxy packet flows hold in kpr's iptables rules");
 }

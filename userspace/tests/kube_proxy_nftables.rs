@@ -180,3 +180,86 @@ fn kpr_writes_kube_proxys_expected_nftables_rules() {
         "{compared} kube-proxy nftables cases match; {refused_n} refused as the API server would"
     );
 }
+
+#[path = "kube_proxy_cases/nftables_tracer.rs"]
+mod nftables_tracer;
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Flow {
+    name: String,
+    #[serde(rename = "sourceIP")]
+    source_ip: IpAddr,
+    #[serde(rename = "destIP")]
+    dest_ip: IpAddr,
+    dest_port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+    output: String,
+    masq: bool,
+}
+
+/// kube-proxy's packet-flow expectations for its nftables mode (the flow-only tests and every
+/// case with a `flows.yaml`), traced through the ruleset kpr writes for the same objects.
+#[test]
+fn packets_flow_through_kprs_nftables_rules_as_kube_proxys_tests_expect() {
+    let all = cases("nftables", "expected.nft");
+    let (mut traced, mut failures) = (0, Vec::new());
+    for case in &all {
+        let Ok(text) = std::fs::read_to_string(case.dir.join("flows.yaml")) else {
+            continue;
+        };
+        let flows: Vec<Flow> = serde_yaml::from_str(&text).unwrap();
+        let (mut state, cfg) = match case.desired_state_and_config() {
+            Ok(x) => x,
+            Err(e) => {
+                failures.push(format!("{}: {e}", case.name));
+                continue;
+            }
+        };
+        state.node_ips = cfg.nodeport_ips.clone().unwrap_or_default();
+        let syncer = NftSyncer::new(
+            cfg.clone(),
+            true,
+            NftablesConfig {
+                service_cidrs: service_cidrs(case, cfg.family),
+            },
+        );
+        let r = syncer.prepare(&state, true, Instant::now()).target;
+        let local: Vec<IpAddr> = case
+            .proxier
+            .get("tracerLocalIPs")
+            .and_then(|v| v.as_sequence())
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str()?.parse().ok())
+            .collect();
+        for f in &flows {
+            let proto = match f.protocol.as_deref() {
+                Some("UDP") => kpr::model::Protocol::Udp,
+                Some("SCTP") => kpr::model::Protocol::Sctp,
+                _ => kpr::model::Protocol::Tcp,
+            };
+            let got = nftables_tracer::trace(
+                &r,
+                &nftables_tracer::Packet {
+                    src: f.source_ip,
+                    dst: f.dest_ip,
+                    proto,
+                    dport: f.dest_port,
+                    local: &local,
+                },
+            );
+            traced += 1;
+            if got != (f.output.clone(), f.masq) {
+                failures.push(format!(
+                    "{} / {}: kube-proxy expects {:?} masq={}, kpr's ruleset gives {:?} masq={}",
+                    case.name, f.name, f.output, f.masq, got.0, got.1
+                ));
+            }
+        }
+    }
+    assert!(traced >= 30, "only {traced} flows traced");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!("{traced} kube-proxy packet flows hold in kpr's nftables ruleset");
+}
