@@ -36,6 +36,18 @@ pub struct KprStatus {
     /// Every frontend the last successful sync programmed (`10.96.0.10:80/tcp`).
     #[serde(default)]
     pub frontends: BTreeMap<String, FrontendStatus>,
+    /// The netfilter modes' own figures.
+    #[serde(default)]
+    pub mode: ModeStatus,
+}
+
+/// The part of kpr's per-mode figures the lab reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModeStatus {
+    #[serde(default)]
+    pub restore_failures: u64,
+    #[serde(default)]
+    pub partial_restore_failures: u64,
 }
 
 /// One programmed frontend in kpr's status.
