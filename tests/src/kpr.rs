@@ -26,6 +26,8 @@ pub struct KprStatus {
     pub syncs: u64,
     pub failed_syncs: u64,
     pub last_sync_duration_ms: f64,
+    #[serde(default)]
+    pub last_sync_full: bool,
     pub first_sync_after_start_ms: Option<f64>,
     pub model_errors: usize,
     #[serde(default)]
@@ -48,6 +50,12 @@ pub struct ModeStatus {
     pub restore_failures: u64,
     #[serde(default)]
     pub partial_restore_failures: u64,
+    /// iptables mode: rules per table after the last sync.
+    #[serde(default)]
+    pub iptables_rules: Vec<(String, u64)>,
+    /// nftables mode: objects (chains, rules, elements) after the last sync.
+    #[serde(default)]
+    pub nftables_objects: Vec<(String, u64)>,
 }
 
 /// One programmed frontend in kpr's status.

@@ -30,12 +30,7 @@ fn main() -> ExitCode {
         tracing::warn!("{w}");
     }
     let result = match resolved.action {
-        Action::RenderIptables {
-            manifests,
-            cluster_cidr,
-            last,
-            node,
-        } => render_iptables(&manifests, cluster_cidr, last.as_deref(), node.as_deref()),
+        Action::Render { writer, args } => render(writer, &args),
         Action::Cleanup { bpf_pin_dir } => cleanup(&bpf_pin_dir),
         Action::InitOnly(_) => {
             tracing::info!("--init-only: configuration is valid; kpr has no separate init step");
@@ -66,14 +61,13 @@ fn init_logging(verbosity: u32) {
         .init();
 }
 
-fn render_iptables(
-    dir: &std::path::Path,
-    cluster_cidr: Option<String>,
-    last: Option<&str>,
-    node: Option<&str>,
-) -> anyhow::Result<()> {
-    use kpr::netfilter::iptables::render;
-    let (snapshot, errors) = manifest::load_dir_for(dir, node)?;
+/// `kpr render-iptables` / `render-nftables`: the rules kube-proxy's iptables or nftables
+/// mode would load for a manifest directory's Services, from kpr's planner and writers (which
+/// the golden tests hold to kube-proxy's own expectations).
+fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> anyhow::Result<()> {
+    use kpr::netfilter::{iptables::render, nftables, plan};
+    let node = args.node.as_deref();
+    let (snapshot, errors) = manifest::load_dir_for(&args.manifests, node)?;
     for e in &errors {
         tracing::warn!("skipped: {e}");
     }
@@ -84,22 +78,21 @@ fn render_iptables(
     };
     let (state, _) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &context);
     let mut cluster_cidrs = Vec::new();
-    for c in cluster_cidr.iter().flat_map(|c| c.split(',')) {
+    for c in args.cluster_cidr.iter().flat_map(|c| c.split(',')) {
         let c: kpr::config::Cidr = c.parse().map_err(anyhow::Error::msg)?;
         cluster_cidrs.push((c.addr, c.prefix));
     }
-    let cfg = kpr::netfilter::plan::PlanConfig {
+    let cfg = plan::PlanConfig {
         cluster_cidrs,
         node_ip: state.node_ip,
         ..Default::default()
     };
-    let mut plan = kpr::netfilter::plan::plan(&state, &cfg);
-    if let Some(name) = last {
+    let mut plan = plan::plan(&state, &cfg);
+    if let Some(name) = &args.last {
         // The Service's rules after every other Service's: its KUBE-SERVICES rules are the last
         // of the linear chain, the worst case for a lookup.
-        let is_it = |p: &kpr::netfilter::plan::PortPlan| {
-            format!("{}/{}", p.info.name.namespace, p.info.name.name) == name
-        };
+        let is_it =
+            |p: &plan::PortPlan| format!("{}/{}", p.info.name.namespace, p.info.name.name) == *name;
         if !plan.ports.iter().any(|p| is_it(p) && p.has_endpoints) {
             bail!("--last {name}: no such Service with endpoints");
         }
@@ -107,13 +100,22 @@ fn render_iptables(
         plan.ports = rest;
         plan.ports.append(&mut it);
     }
-    let rules = render::write(
-        &plan,
-        &cfg,
-        &render::IptablesConfig::for_mark_bit(kpr::config::DEFAULT_MASQUERADE_BIT),
-        render::WriteScope::default(),
-    );
-    print!("{}", render::standalone(&rules.text));
+    match writer {
+        config::RenderWriter::Iptables => {
+            let rules = render::write(
+                &plan,
+                &cfg,
+                &render::IptablesConfig::for_mark_bit(kpr::config::DEFAULT_MASQUERADE_BIT),
+                render::WriteScope::default(),
+            );
+            print!("{}", render::standalone(&rules.text));
+        }
+        config::RenderWriter::Nftables => {
+            let ruleset =
+                nftables::write::write(&plan, &cfg, &nftables::write::NftablesConfig::default());
+            print!("{}", ruleset.dump());
+        }
+    }
     Ok(())
 }
 

@@ -70,6 +70,8 @@ pub struct Status {
     pub failed_syncs: u64,
     pub last_sync_unix_ms: u128,
     pub last_sync_duration_ms: f64,
+    /// Whether the last successful sync was a full one (kube-proxy's full vs partial sync).
+    pub last_sync_full: bool,
     /// Time from agent start to the end of the first successful sync.
     pub first_sync_after_start_ms: Option<f64>,
     pub last_report: SyncReport,
@@ -273,6 +275,7 @@ pub async fn run<D: Dataplane + ?Sized>(
                 status.syncs += 1;
                 status.last_report = report;
                 status.last_sync_duration_ms = took.as_secs_f64() * 1e3;
+                status.last_sync_full = full;
                 status
                     .first_sync_after_start_ms
                     .get_or_insert(started.elapsed().as_secs_f64() * 1e3);

@@ -218,7 +218,7 @@ fn packets_flow_through_kprs_nftables_rules_as_kube_proxys_tests_expect() {
             }
         };
         state.node_ips = cfg.nodeport_ips.clone().unwrap_or_default();
-        let syncer = NftSyncer::new(
+        let mut syncer = NftSyncer::new(
             cfg.clone(),
             true,
             NftablesConfig {
@@ -262,4 +262,77 @@ fn packets_flow_through_kprs_nftables_rules_as_kube_proxys_tests_expect() {
     assert!(traced >= 30, "only {traced} flows traced");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!("{traced} kube-proxy packet flows hold in kpr's nftables ruleset");
+}
+
+/// The incremental sync (only the changed ports rewritten) must reach exactly the table a
+/// whole rewrite reaches: one syncer walks through the objects of every kube-proxy case of a
+/// family in turn (each step changing, adding and removing many ports at once), and after each
+/// step its table must equal a fresh syncer's, but for the chains it keeps flushed until they
+/// may go.
+#[test]
+fn incremental_syncs_reach_the_table_a_whole_rewrite_writes() {
+    for family in [Family::V4, Family::V6] {
+        let all = cases("nftables", "expected.nft");
+        let mut steps = Vec::new();
+        for case in &all {
+            if let Ok((state, cfg)) = case.desired_state_and_config() {
+                if cfg.family == family {
+                    steps.push((case.name.clone(), state, cfg));
+                }
+            }
+        }
+        assert!(steps.len() >= 2, "{family:?}: {} cases", steps.len());
+        let cfg = steps[0].2.clone();
+        let node_ips = cfg.nodeport_ips.clone().unwrap_or_default();
+        let node_ip = steps[0].1.node_ip;
+        let mut syncer = NftSyncer::new(cfg.clone(), true, NftablesConfig::default());
+        let mut now = Instant::now();
+        let mut incremental_steps = 0;
+        // Forwards, then backwards: every step's changes undone one by one.
+        let order: Vec<usize> = (0..steps.len()).chain((0..steps.len()).rev()).collect();
+        for i in order {
+            let (name, state, _) = &steps[i];
+            let mut state = state.clone();
+            state.node_ips = node_ips.clone();
+            state.node_ip = node_ip;
+            now += Duration::from_millis(700);
+            let full = syncer.needs_full();
+            let prepared = syncer.prepare(&state, full, now);
+            incremental_steps += usize::from(!prepared.full);
+            let got = syncer.commit(prepared).clone();
+            let stale = syncer.stale_chains();
+
+            let mut fresh = NftSyncer::new(cfg.clone(), true, NftablesConfig::default());
+            let want = fresh.prepare(&state, true, now).target;
+            assert_eq!(got.sets, want.sets, "{name}: sets");
+            for (chain, c) in &want.chains {
+                assert_eq!(got.chains.get(chain), Some(c), "{name}: chain {chain}");
+            }
+            for (chain, c) in &got.chains {
+                if !want.chains.contains_key(chain) {
+                    assert!(
+                        c.rules.is_empty() && stale.contains(&chain.as_str()),
+                        "{name}: chain {chain} is neither written nor kept stale"
+                    );
+                }
+            }
+            let sorted = |r: &kpr::netfilter::nftables::ruleset::Ruleset| {
+                r.elements
+                    .iter()
+                    .filter(|(_, e)| !e.is_empty())
+                    .map(|(s, e)| {
+                        let mut e: Vec<String> = e.iter().map(|e| format!("{e:?}")).collect();
+                        e.sort();
+                        e.dedup();
+                        (s.clone(), e)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(sorted(&got), sorted(&want), "{name}: elements");
+        }
+        assert!(
+            incremental_steps >= steps.len(),
+            "{family:?}: only {incremental_steps} steps took the incremental path"
+        );
+    }
 }

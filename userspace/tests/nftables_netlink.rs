@@ -102,7 +102,7 @@ fn kprs_transactions_load_what_nft_loads_from_kube_proxys_rulesets() {
                     .flatten()
             })
             .collect();
-        let syncer = NftSyncer::new(cfg.clone(), true, NftablesConfig { service_cidrs });
+        let mut syncer = NftSyncer::new(cfg.clone(), true, NftablesConfig { service_cidrs });
         let prepared = syncer.prepare(&state, true, Instant::now());
         let family = prepared.target.family_name();
 
@@ -170,10 +170,10 @@ fn incremental_transactions_reach_the_same_state_as_full_ones() {
         incremental
             .run(|| txn.commit())
             .unwrap_or_else(|e| panic!("{}: incremental transaction: {e}", case.name));
-        let target = s.commit(prepared);
+        let target = s.commit(prepared).clone();
 
         let scratch = TestNetns::new("kpr-nftfull");
-        let full = NftSyncer::new(cfg.clone(), true, NftablesConfig::default());
+        let mut full = NftSyncer::new(cfg.clone(), true, NftablesConfig::default());
         let mut p = full.prepare(&state, true, now);
         // The same table as the incremental one, stale chains included.
         p.target = target.clone();
@@ -187,4 +187,94 @@ fn incremental_transactions_reach_the_same_state_as_full_ones() {
             case.name
         );
     }
+}
+
+/// `n` ClusterIP Services with two endpoints each, as manifests.
+fn many_services(n: usize) -> String {
+    use std::fmt::Write as _;
+    let mut y = String::new();
+    for i in 0..n {
+        let (hi, lo) = (i / 250, i % 250 + 1);
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: big}}\n\
+             spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: p, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  namespace: big\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
+             addressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\n\
+             endpoints:\n  - addresses: [10.244.{hi}.{lo}]\n  - addresses: [10.245.{hi}.{lo}]\n---\n"
+        );
+    }
+    y
+}
+
+#[test]
+fn thousands_of_services_commit_in_one_transaction() {
+    require();
+    // Tens of thousands of messages in one batch. The kernel delivers a batch's answers only
+    // once all of it is processed; with one acknowledgement per message (libnftnl's default)
+    // they overflowed the socket's receive queue (ENOBUFS) from about 1,000 Services on.
+    const SERVICES: usize = 5_000;
+    let (snapshot, errors) = kpr::source::manifest::load_text(
+        std::path::Path::new("many.yaml"),
+        &many_services(SERVICES),
+        None,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let node = kpr::model::NodeContext::default();
+    let (state, errors) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &node);
+    assert!(errors.is_empty(), "{errors:?}");
+    let cfg = kpr::netfilter::plan::PlanConfig::default();
+    let mut syncer = NftSyncer::new(cfg, false, NftablesConfig::default());
+    let ns = TestNetns::new("kpr-nftbig");
+    let prepared = syncer.prepare(&state, true, Instant::now());
+    assert!(
+        prepared.ops.len() > 4 * SERVICES,
+        "{} operations",
+        prepared.ops.len()
+    );
+    let txn = Encoder::new(&prepared.target).encode(&prepared.ops);
+    ns.run(|| txn.commit())
+        .unwrap_or_else(|e| panic!("{SERVICES} Services in one transaction: {e}"));
+    syncer.commit(prepared);
+    let out = ns.exec(
+        &["nft", "list", "map", "ip", "kube-proxy", "service-ips"],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let elements = String::from_utf8_lossy(&out.stdout)
+        .matches(" : goto ")
+        .count();
+    assert_eq!(elements, SERVICES, "service-ips elements");
+
+    // A refused message deep in a large batch is still reported, naming it, and nothing of the
+    // batch is applied: half the Services, with the deletion of a chain that does not exist
+    // in the middle.
+    let (half, _) = kpr::source::manifest::load_text(
+        std::path::Path::new("half.yaml"),
+        &many_services(SERVICES / 2),
+        None,
+    );
+    let (half, _) = kpr::model::build_for_node(&half.services, &half.slices, &node);
+    let mut p = syncer.prepare(&half, true, Instant::now());
+    let middle = p.ops.len() / 2;
+    p.ops.insert(
+        middle,
+        kpr::netfilter::nftables::sync::Op::DeleteChain("no-such-chain".into()),
+    );
+    let txn = Encoder::new(&p.target).encode(&p.ops);
+    match ns.run(|| txn.commit()) {
+        Err(kpr::netfilter::nfnetlink::NetlinkError::Kernel { op, errno }) => {
+            assert_eq!(errno, libc::ENOENT, "{op}");
+            assert!(op.contains("no-such-chain"), "the error names {op:?}");
+        }
+        other => panic!("a batch with a bad message: {other:?}"),
+    }
+    let out = ns.exec(
+        &["nft", "list", "map", "ip", "kube-proxy", "service-ips"],
+        None,
+    );
+    let elements = String::from_utf8_lossy(&out.stdout)
+        .matches(" : goto ")
+        .count();
+    assert_eq!(elements, SERVICES, "the refused batch changed the table");
 }

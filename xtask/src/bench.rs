@@ -3,13 +3,17 @@
 //!
 //! For each N (number of Services), in one lab:
 //! (a) direct: client pod → backend pod IP, no service rules at all;
-//! (b) kpr: client pod → ClusterIP, kpr programmed with N Services;
+//! (b) kpr, in each proxy mode (ebpf, iptables, nftables): client pod → ClusterIP, kpr
+//!     programmed with N Services; then the time to program them, and the time to apply one
+//!     endpoint change to the measured Service (a partial sync in the netfilter modes);
 //! (c) kube-proxy: client pod → ClusterIP through kube-proxy's iptables rules for the same N
 //!     Services (rendered by `kpr render-iptables` in kube-proxy's exact shape, the measured
 //!     Service last in KUBE-SERVICES), loaded with iptables-restore in the node namespace;
-//! (d) direct again while (c)'s rules are loaded: plain pod-to-pod traffic pays for them too.
+//! (d) direct again while (c)'s rules are loaded: plain pod-to-pod traffic pays for them too;
+//! (e) kube-proxy's nftables rules for the same N Services (`kpr render-nftables`), loaded
+//!     with `nft -f` as kube-proxy's nftables mode loads them.
 //! A transaction is connect, 1-byte request, response, close with RST (so TIME_WAIT does not
-//! cap the rate); latency is per transaction. Also: time to program N Services.
+//! cap the rate); latency is per transaction.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -18,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
-use kpr_lab::kpr::Kpr;
+use kpr_lab::kpr::{Kpr, KprStatus, ProxyMode};
 use kpr_lab::tool::BenchConnect;
 use kpr_lab::{Lab, LabSpec};
 use serde_json::json;
@@ -39,6 +43,9 @@ pub struct Args {
 }
 
 const VIP: &str = "10.96.0.10:80";
+/// The measured Service's frontend as kpr's status names it.
+const FRONTEND: &str = "10.96.0.10:80/tcp";
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const TARGET_SERVICE: &str = "bench/target";
 const EMPTY_TABLES: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n\
 *nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
@@ -76,7 +83,10 @@ pub fn run(args: Args) -> Result<()> {
         let dir = lab.work_dir().join(format!("bench-{n}"));
         std::fs::create_dir_all(&dir)?;
         let backends: Vec<String> = lab.backends().iter().map(|b| b.ip.to_string()).collect();
-        std::fs::write(dir.join("services.yaml"), manifests(n, &backends))?;
+        // The measured Service in a file of its own, so that one endpoint change rewrites
+        // only it.
+        std::fs::write(dir.join("services.yaml"), fillers(n.saturating_sub(1)))?;
+        std::fs::write(dir.join("target.yaml"), target(&backends))?;
 
         // (a) direct, nothing loaded.
         let a = measure(direct)?;
@@ -89,31 +99,63 @@ pub fn run(args: Args) -> Result<()> {
             note: String::new(),
         });
 
-        // (b) kpr.
-        let kpr = Kpr::start(&lab, &bins.kpr, &dir, &format!("kpr-{n}"), &[])?;
-        let status = kpr.status().unwrap_or_default();
-        let rss = rss_kib(kpr.pid());
-        let b = measure(vip)?;
-        println!("    kpr               {:>9.0} conn/s", b.per_sec);
-        let log = kpr.stop();
-        if b.errors > 0 {
-            eprintln!("kpr log:\n{log}");
+        // (b) kpr, each mode.
+        for mode in ProxyMode::ALL {
+            let mut args = mode.args().to_vec();
+            if mode.is_netfilter() {
+                args.extend(["--cluster-cidr", CLUSTER_CIDR]);
+            }
+            let name = format!("kpr-{}-{n}", mode.name());
+            let mut kpr = Kpr::start(&lab, &bins.kpr, &dir, &name, &args)?;
+            let programmed = kpr.status().unwrap_or_default();
+            let rss = rss_kib(kpr.pid());
+            let b = measure(vip);
+            let change = b
+                .is_ok()
+                .then(|| one_endpoint_change(&mut kpr, &dir, &backends))
+                .transpose();
+            std::fs::write(dir.join("target.yaml"), target(&backends))?;
+            let log = kpr.stop();
+            let (b, change) = match (b, change) {
+                (Ok(b), Ok(c)) => (b, c.unwrap_or_default()),
+                (Err(e), _) | (_, Err(e)) => {
+                    return Err(e.context(format!("kpr {} mode; log:\n{log}", mode.name())))
+                }
+            };
+            println!(
+                "    kpr {:<13} {:>9.0} conn/s; programmed in {:.0} ms; one endpoint change {}",
+                mode.name(),
+                b.per_sec,
+                programmed.last_sync_duration_ms,
+                change.summary()
+            );
+            rows.push(Row {
+                services: n,
+                path: match mode {
+                    ProxyMode::Ebpf => "ClusterIP via kpr ebpf",
+                    ProxyMode::Iptables => "ClusterIP via kpr iptables",
+                    ProxyMode::Nftables => "ClusterIP via kpr nftables",
+                },
+                result: b,
+                program_ms: Some(programmed.last_sync_duration_ms),
+                note: format!(
+                    "{}programmed in {:.1} ms ({:.0} ms from start, incl. reading YAML); one endpoint change: {}; agent RSS {} MiB",
+                    mode_objects(&programmed),
+                    programmed.last_sync_duration_ms,
+                    programmed.first_sync_after_start_ms.unwrap_or_default(),
+                    change.summary(),
+                    rss.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "?".into())
+                ),
+            });
         }
-        rows.push(Row {
-            services: n,
-            path: "ClusterIP via kpr",
-            result: b,
-            program_ms: Some(status.last_sync_duration_ms),
-            note: format!(
-                "maps programmed in {:.1} ms; {:.0} ms from start (incl. reading YAML); agent RSS {} MiB",
-                status.last_sync_duration_ms,
-                status.first_sync_after_start_ms.unwrap_or_default(),
-                rss.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "?".into())
-            ),
-        });
 
         // (c) kube-proxy's iptables rules for the same services.
-        let rules = render_iptables(&bins.kpr, &dir, &["--last", TARGET_SERVICE])?;
+        let rules = render(
+            &bins.kpr,
+            "render-iptables",
+            &dir,
+            &["--last", TARGET_SERVICE],
+        )?;
         let rule_count = rules.lines().filter(|l| l.starts_with("-A ")).count();
         let t0 = Instant::now();
         lab.exec_in_node(&["iptables-restore"], Some(rules.as_bytes()))
@@ -139,6 +181,29 @@ pub fn run(args: Args) -> Result<()> {
             result: d,
             program_ms: None,
             note: String::new(),
+        });
+
+        // (e) kube-proxy's nftables rules for the same services.
+        let ruleset = render(&bins.kpr, "render-nftables", &dir, &[])?;
+        let t0 = Instant::now();
+        lab.exec_in_node(&["nft", "-f", "-"], Some(ruleset.as_bytes()))
+            .context("loading kube-proxy's nftables rules with nft -f")?;
+        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let e = measure(vip);
+        lab.exec_in_node(&["nft", "delete", "table", "ip", "kube-proxy"], None)
+            .context("deleting kube-proxy's nftables table")?;
+        let e = e?;
+        let lines = ruleset.lines().count();
+        println!(
+            "    kube-proxy nft    {:>9.0} conn/s ({lines} nft commands, loaded in {load_ms:.0} ms)",
+            e.per_sec
+        );
+        rows.push(Row {
+            services: n,
+            path: "ClusterIP via kube-proxy nftables",
+            result: e,
+            program_ms: Some(load_ms),
+            note: format!("{lines} nft commands; nft -f {load_ms:.0} ms"),
         });
     }
     drop(lab);
@@ -234,7 +299,7 @@ fn nodeport_rows(bins: &build::Bins, n: usize, duration: Duration) -> Result<Vec
     let measure = |target: SocketAddr| median_of_runs(&lab, &ext, target, duration);
     let dir = lab.work_dir().join("bench-nodeport");
     std::fs::create_dir_all(&dir)?;
-    let mut yaml = manifests(n.saturating_sub(1).max(1), &[]);
+    let mut yaml = fillers(n.saturating_sub(1));
     // The measured Service: a NodePort whose one endpoint is on this node.
     yaml += &format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: bench}}\n\
@@ -280,7 +345,7 @@ fn nodeport_rows(bins: &build::Bins, n: usize, duration: Duration) -> Result<Vec
         note: String::new(),
     });
 
-    let rules = render_iptables(&bins.kpr, &dir, &["--node", "node1"])?;
+    let rules = render(&bins.kpr, "render-iptables", &dir, &["--node", "node1"])?;
     lab.exec_in_node(&["iptables-restore"], Some(rules.as_bytes()))?;
     let c = measure(nodeport);
     lab.exec_in_node(&["iptables-restore"], Some(EMPTY_TABLES.as_bytes()))?;
@@ -321,11 +386,11 @@ fn render_table(rows: &[Row]) -> String {
     t
 }
 
-/// N Services: N-1 fillers, each with one endpoint that no pod has (they exist only as rules
-/// and map entries), then the measured Service backed by the lab's backends.
-pub fn manifests(n: usize, backends: &[String]) -> String {
+/// `n` filler Services, each with one endpoint that no pod has (they exist only as rules and
+/// map entries).
+fn fillers(n: usize) -> String {
     let mut y = String::with_capacity(n * 700);
-    for i in 0..n.saturating_sub(1) {
+    for i in 0..n {
         let (hi, lo) = (i / 250, i % 250 + 1);
         let _ = write!(
             y,
@@ -335,6 +400,12 @@ pub fn manifests(n: usize, backends: &[String]) -> String {
              addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n  - addresses: [10.245.{hi}.{lo}]\n---\n"
         );
     }
+    y
+}
+
+/// The measured Service, backed by `backends`.
+fn target(backends: &[String]) -> String {
+    let mut y = String::new();
     let (vip_ip, vip_port) = VIP.split_once(':').unwrap_or(("10.96.0.10", "80"));
     let (ns, name) = TARGET_SERVICE
         .split_once('/')
@@ -352,20 +423,77 @@ pub fn manifests(n: usize, backends: &[String]) -> String {
     y
 }
 
-/// kube-proxy's iptables rules for the Services in `dir` (`kpr render-iptables`), with the lab's
-/// cluster CIDR and `extra` options.
-fn render_iptables(kpr: &Path, dir: &Path, extra: &[&str]) -> Result<String> {
+/// How one endpoint change was applied.
+#[derive(Default)]
+struct Change {
+    /// The sync that applied it (kpr's own figure: the model built for every Service, the
+    /// dataplane updated).
+    sync_ms: f64,
+    full: bool,
+    /// From the manifest rewrite to kpr's status showing it: includes the manifest source's
+    /// poll interval and its re-reading of all N Services.
+    observed_ms: f64,
+}
+
+impl Change {
+    fn summary(&self) -> String {
+        format!(
+            "{} sync {:.1} ms (seen {:.0} ms after the write)",
+            if self.full { "full" } else { "partial" },
+            self.sync_ms,
+            self.observed_ms
+        )
+    }
+}
+
+/// Removes the measured Service's last endpoint and waits until kpr has applied it.
+fn one_endpoint_change(kpr: &mut Kpr, dir: &Path, backends: &[String]) -> Result<Change> {
+    let fewer = &backends[..backends.len().saturating_sub(1)];
+    let want: Vec<String> = fewer.iter().map(|b| format!("{b}:8080")).collect();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    let t0 = Instant::now();
+    std::fs::write(dir.join("target.yaml"), target(fewer))?;
+    let s: KprStatus = kpr
+        .wait_for_backends(FRONTEND, &want)
+        .context("the endpoint change")?;
+    Ok(Change {
+        sync_ms: s.last_sync_duration_ms,
+        full: s.last_sync_full,
+        observed_ms: t0.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// The netfilter mode's object counts, for the notes.
+fn mode_objects(s: &KprStatus) -> String {
+    let list = |v: &[(String, u64)]| {
+        v.iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !s.mode.iptables_rules.is_empty() {
+        format!("rules: {}; ", list(&s.mode.iptables_rules))
+    } else if !s.mode.nftables_objects.is_empty() {
+        format!("{}; ", list(&s.mode.nftables_objects))
+    } else {
+        String::new()
+    }
+}
+
+/// kube-proxy's rules for the Services in `dir` (`kpr render-iptables` or `render-nftables`),
+/// with the lab's cluster CIDR and `extra` options.
+fn render(kpr: &Path, command: &str, dir: &Path, extra: &[&str]) -> Result<String> {
     let out = Command::new(kpr)
-        .arg("render-iptables")
+        .arg(command)
         .arg("--manifests")
         .arg(dir)
-        .args(["--cluster-cidr", "10.244.0.0/16"])
+        .args(["--cluster-cidr", CLUSTER_CIDR])
         .args(extra)
         .output()
-        .context("running kpr render-iptables")?;
+        .with_context(|| format!("running kpr {command}"))?;
     if !out.status.success() {
         bail!(
-            "kpr render-iptables failed: {}",
+            "kpr {command} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

@@ -39,28 +39,37 @@ pub struct Cli {
 pub enum CliCommand {
     /// Print the iptables-restore input kube-proxy (iptables mode) would load for the Services
     /// in a manifest directory. The benchmark's baseline.
-    RenderIptables {
-        #[arg(long)]
-        manifests: PathBuf,
-        #[arg(long)]
-        cluster_cidr: Option<String>,
-        /// Place this Service's ("namespace/name") rules last in KUBE-SERVICES (worst case).
-        #[arg(long)]
-        last: Option<String>,
-        /// Render NodePorts for this node, whose v1/Node object is in the manifest directory.
-        #[arg(long)]
-        node: Option<String>,
-    },
-    /// Remove what kpr created on this node: its nftables table (`table ip kpr`, in this
-    /// network namespace) and its pinned maps (the `KPR_*` pins under --bpf-pin-dir, then the
-    /// directory if it is left empty). Run it after the agent stopped: kpr's programs are
-    /// attached with links the agent owns, so they detach when it exits. Exits 0 when there is
-    /// nothing to remove.
+    RenderIptables(RenderArgs),
+    /// Print the `nft -f` input kube-proxy (nftables mode) would load for the Services in a
+    /// manifest directory. The benchmark's baseline for the nftables mode.
+    RenderNftables(RenderArgs),
+    /// Remove what any proxy mode left on this node, in this network namespace: the eBPF
+    /// mode's nftables table (`table ip kpr`) and pinned maps (the `KPR_*` pins under
+    /// --bpf-pin-dir, then the directory if it is left empty), and the netfilter modes' (and
+    /// kube-proxy's) iptables chains and nftables tables. Run it after the agent stopped:
+    /// kpr's programs are attached with links the agent owns, so they detach when it exits.
+    /// Exits 0 when there is nothing to remove.
     Cleanup {
         /// bpffs directory where kpr pinned its maps [default: /sys/fs/bpf/kpr].
         #[arg(long, value_name = "DIR")]
         bpf_pin_dir: Option<PathBuf>,
     },
+}
+
+/// The render commands' inputs: which Services, and the node-wide settings that shape rules.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RenderArgs {
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[arg(long)]
+    pub cluster_cidr: Option<String>,
+    /// Place this Service's ("namespace/name") rules last in the services chain or map
+    /// (iptables: the worst case for the linear lookup).
+    #[arg(long)]
+    pub last: Option<String>,
+    /// Render NodePorts for this node, whose v1/Node object is in the manifest directory.
+    #[arg(long)]
+    pub node: Option<String>,
 }
 
 /// The agent's flags as given. `None`: not on the command line (defaults are applied when the

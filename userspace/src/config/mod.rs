@@ -328,6 +328,13 @@ fn default_metrics(bind: IpAddr) -> SocketAddr {
     }
 }
 
+/// Which netfilter writer a render command prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenderWriter {
+    Iptables,
+    Nftables,
+}
+
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Action {
@@ -335,12 +342,10 @@ pub enum Action {
     Run(Box<Settings>),
     /// `--init-only`: the configuration is valid; exit 0.
     InitOnly(Box<Settings>),
-    /// `kpr render-iptables`.
-    RenderIptables {
-        manifests: PathBuf,
-        cluster_cidr: Option<String>,
-        last: Option<String>,
-        node: Option<String>,
+    /// `kpr render-iptables`, `kpr render-nftables`.
+    Render {
+        writer: RenderWriter,
+        args: flags::RenderArgs,
     },
     /// `kpr cleanup`: remove kpr's nftables table and the `KPR_*` pins under `bpf_pin_dir`.
     Cleanup { bpf_pin_dir: PathBuf },
@@ -389,18 +394,21 @@ where
         }
     }
     match cli.command {
-        Some(CliCommand::RenderIptables {
-            manifests,
-            cluster_cidr,
-            last,
-            node,
-        }) => {
+        Some(CliCommand::RenderIptables(args)) => {
             return Ok(Resolved {
-                action: Action::RenderIptables {
-                    manifests,
-                    cluster_cidr,
-                    last,
-                    node,
+                action: Action::Render {
+                    writer: RenderWriter::Iptables,
+                    args,
+                },
+                warnings,
+                verbosity: cli.run.verbosity.unwrap_or(0),
+            });
+        }
+        Some(CliCommand::RenderNftables(args)) => {
+            return Ok(Resolved {
+                action: Action::Render {
+                    writer: RenderWriter::Nftables,
+                    args,
                 },
                 warnings,
                 verbosity: cli.run.verbosity.unwrap_or(0),

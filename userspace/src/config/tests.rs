@@ -278,30 +278,37 @@ fn action_flags() {
 }
 
 #[test]
-fn render_iptables_subcommand() {
-    let r = from_args(args(&[
-        "render-iptables",
-        "--manifests",
-        "/m",
-        "--cluster-cidr",
-        "10.0.0.0/8",
-        "--last",
-        "default/x",
-    ]))
-    .unwrap();
-    match r.action {
-        Action::RenderIptables {
-            manifests,
-            cluster_cidr,
-            last,
-            node,
-        } => {
-            assert_eq!(node, None);
-            assert_eq!(manifests, PathBuf::from("/m"));
-            assert_eq!(cluster_cidr.as_deref(), Some("10.0.0.0/8"));
-            assert_eq!(last.as_deref(), Some("default/x"));
+fn render_subcommands() {
+    for (cmd, want) in [
+        ("render-iptables", super::RenderWriter::Iptables),
+        ("render-nftables", super::RenderWriter::Nftables),
+    ] {
+        let r = from_args(args(&[
+            cmd,
+            "--manifests",
+            "/m",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--last",
+            "default/x",
+        ]))
+        .unwrap();
+        match r.action {
+            Action::Render { writer, args } => {
+                assert_eq!(writer, want, "{cmd}");
+                assert_eq!(
+                    args,
+                    flags::RenderArgs {
+                        manifests: PathBuf::from("/m"),
+                        cluster_cidr: Some("10.0.0.0/8".into()),
+                        last: Some("default/x".into()),
+                        node: None,
+                    },
+                    "{cmd}"
+                );
+            }
+            other => panic!("{cmd}: {other:?}"),
         }
-        other => panic!("{other:?}"),
     }
 }
 

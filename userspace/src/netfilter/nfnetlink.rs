@@ -237,8 +237,13 @@ impl Transaction {
         self.ops.push(what());
     }
 
-    /// Sends the batch and waits for every acknowledgement; the first error is returned (the
+    /// Sends the batch and waits for its acknowledgement; the first error is returned (the
     /// kernel then applies nothing of the batch).
+    ///
+    /// Only the last message asks for an acknowledgement: the kernel reports a failing message
+    /// whether asked or not, and delivers every answer only once the whole batch is processed,
+    /// so one acknowledgement per message (libnftnl's default) overflows the socket's receive
+    /// queue (ENOBUFS) from about a thousand Services on.
     pub fn commit(self) -> Result<(), NetlinkError> {
         let n_msgs = self.ops.len() as u32;
         let batch = self.batch.finalize();
@@ -256,13 +261,17 @@ impl Transaction {
 
         let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NetlinkError::Socket)?;
         let fd = socket.as_raw_fd();
-        let buffers: Vec<&[u8]> = batch.iter().collect();
-        let total: usize = buffers.iter().map(|b| b.len()).sum();
-        prepare_socket(fd, total);
-        send_all(fd, &buffers).map_err(NetlinkError::Send)?;
+        let mut bytes: Vec<u8> = batch.iter().flatten().copied().collect();
+        let last_acked = ack_only_last(&mut bytes)?;
+        prepare_socket(fd, bytes.len());
+        send_all(fd, &[&bytes]).map_err(NetlinkError::Send)?;
 
         let portid = socket.portid();
-        let mut pending: BTreeSet<u32> = seqs.collect();
+        let mut pending: BTreeSet<u32> = last_acked.into_iter().collect();
+        if acked_ends {
+            pending.insert(seqs.start);
+            pending.insert(seqs.end - 1);
+        }
         let mut buf = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
         while !pending.is_empty() {
             let n = socket.recv(&mut buf).map_err(|e| {
@@ -307,6 +316,38 @@ impl Transaction {
         }
         Ok(())
     }
+}
+
+const NLM_F_ACK: u16 = 4;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+
+/// Clears NLM_F_ACK on every message of the batch but the last one between the batch
+/// delimiters, and returns that message's sequence number (`None`: an empty batch).
+fn ack_only_last(bytes: &mut [u8]) -> Result<Option<u32>, NetlinkError> {
+    let mut last = None;
+    let mut at = 0;
+    while at + NLMSG_HDRLEN <= bytes.len() {
+        let len = u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if len < NLMSG_HDRLEN || at + len > bytes.len() {
+            return Err(NetlinkError::Protocol(format!(
+                "malformed batch: a {len}-byte message at offset {at} of {}",
+                bytes.len()
+            )));
+        }
+        let kind = u16::from_ne_bytes(bytes[at + 4..at + 6].try_into().unwrap());
+        if kind != NFNL_MSG_BATCH_BEGIN && kind != NFNL_MSG_BATCH_END {
+            let flags = u16::from_ne_bytes(bytes[at + 6..at + 8].try_into().unwrap());
+            bytes[at + 6..at + 8].copy_from_slice(&(flags & !NLM_F_ACK).to_ne_bytes());
+            last = Some(at);
+        }
+        at += (len + 3) & !3;
+    }
+    Ok(last.map(|at| {
+        let flags = u16::from_ne_bytes(bytes[at + 6..at + 8].try_into().unwrap());
+        bytes[at + 6..at + 8].copy_from_slice(&(flags | NLM_F_ACK).to_ne_bytes());
+        u32::from_ne_bytes(bytes[at + 8..at + 12].try_into().unwrap())
+    }))
 }
 
 /// Acks capped to their header; a send buffer that holds the batch (as nft does); a receive

@@ -158,7 +158,9 @@ pub fn plan<'a>(state: &'a DesiredState, cfg: &PlanConfig) -> Plan<'a> {
     }
 }
 
-fn plan_port<'a>(info: &'a ServicePortInfo, cfg: &PlanConfig) -> PortPlan<'a> {
+/// Plans one service port: a port's plan depends on nothing but the port and `cfg`, which is
+/// what lets the nftables mode rewrite only the ports that changed.
+pub fn plan_port<'a>(info: &'a ServicePortInfo, cfg: &PlanConfig) -> PortPlan<'a> {
     let name = info.name.to_string();
     let cluster_endpoints = by_string(&info.cluster_endpoints);
     let local_endpoints = by_string(&info.local_endpoints);

@@ -545,3 +545,11 @@ pub fn write(plan: &Plan, cfg: &PlanConfig, nft: &NftablesConfig) -> Ruleset {
     }
     r
 }
+
+/// What one service port puts in the table: its own chains and sets, and its elements of the
+/// shared sets and maps (written into an otherwise empty ruleset).
+pub fn port_fragment(p: &PortPlan, cfg: &PlanConfig) -> Ruleset {
+    let mut r = Ruleset::new(cfg.family);
+    write_port(&mut r, p, cfg);
+    r
+}
