@@ -1,5 +1,5 @@
 //! Builds kpr's kernel programs (dataplane-ebpf) for bpfel-unknown-none with the nightly
-//! toolchain and bpf-linker, so the agent can embed the object (see TOOLCHAIN.md).
+//! toolchain and bpf-linker, so the agent can embed the object (see docs/TOOLCHAIN.md).
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 

@@ -28,6 +28,8 @@ pub struct KprStatus {
     pub last_sync_duration_ms: f64,
     #[serde(default)]
     pub last_sync_full: bool,
+    #[serde(default)]
+    pub last_sync_dataplane_ms: f64,
     pub first_sync_after_start_ms: Option<f64>,
     pub model_errors: usize,
     #[serde(default)]

@@ -1,7 +1,7 @@
 //! The kpr lab: a Kubernetes-shaped cluster built from network namespaces on one machine,
 //! plus the traffic tool (`kpr-labtool`) that runs inside its pods.
 //!
-//! Topology of the default lab (one node, see `shared/design/ARCHITECTURE.md`, "The lab"):
+//! Topology of the default lab (one node; docs/DESIGN.md, "The lab", says why it is built so):
 //!
 //! ```text
 //!   <prefix>-node   lo: 127.0.0.1, 169.254.1.1/32; ip_forward=1, rp_filter=0;

@@ -126,14 +126,16 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
         ProxyMode::Iptables => {
             let backend = kpr::netfilter::iptables::Backend::detect();
             tracing::info!(?backend, "proxy mode iptables");
-            Ok(Box::new(kpr::netfilter::iptables::IptablesDataplane::new(
+            let mut dataplane = kpr::netfilter::iptables::IptablesDataplane::new(
                 backend,
                 kpr::netfilter::iptables::RuleSyncer::new(
                     plan_config(settings)?,
                     !settings.nodeport_addresses.is_empty(),
                     kpr::netfilter::iptables::IptablesConfig::for_mark_bit(settings.masquerade_bit),
                 ),
-            )))
+            );
+            dataplane.stale_cleanup_period = settings.sync_period;
+            Ok(Box::new(dataplane))
         }
         ProxyMode::Nftables => {
             tracing::info!("proxy mode nftables");

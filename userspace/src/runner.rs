@@ -72,6 +72,9 @@ pub struct Status {
     pub last_sync_duration_ms: f64,
     /// Whether the last successful sync was a full one (kube-proxy's full vs partial sync).
     pub last_sync_full: bool,
+    /// The part of the last sync spent in the dataplane (the rest built the desired state from
+    /// every object of the snapshot).
+    pub last_sync_dataplane_ms: f64,
     /// Time from agent start to the end of the first successful sync.
     pub first_sync_after_start_ms: Option<f64>,
     pub last_report: SyncReport,
@@ -259,8 +262,10 @@ pub async fn run<D: Dataplane + ?Sized>(
             tracing::warn!("skipped: {e}");
         }
         status.model_errors = errors.len();
+        let t_dataplane = Instant::now();
         let result = dataplane.sync(&desired, full);
         let took = t0.elapsed();
+        let took_dataplane = t_dataplane.elapsed();
         match result {
             Ok(report) => {
                 tracing::info!(
@@ -276,6 +281,7 @@ pub async fn run<D: Dataplane + ?Sized>(
                 status.last_report = report;
                 status.last_sync_duration_ms = took.as_secs_f64() * 1e3;
                 status.last_sync_full = full;
+                status.last_sync_dataplane_ms = took_dataplane.as_secs_f64() * 1e3;
                 status
                     .first_sync_after_start_ms
                     .get_or_insert(started.elapsed().as_secs_f64() * 1e3);

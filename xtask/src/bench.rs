@@ -427,8 +427,9 @@ fn target(backends: &[String]) -> String {
 #[derive(Default)]
 struct Change {
     /// The sync that applied it (kpr's own figure: the model built for every Service, the
-    /// dataplane updated).
+    /// dataplane updated), and the dataplane's part of it.
     sync_ms: f64,
+    dataplane_ms: f64,
     full: bool,
     /// From the manifest rewrite to kpr's status showing it: includes the manifest source's
     /// poll interval and its re-reading of all N Services.
@@ -438,9 +439,10 @@ struct Change {
 impl Change {
     fn summary(&self) -> String {
         format!(
-            "{} sync {:.1} ms (seen {:.0} ms after the write)",
+            "{} sync {:.1} ms (dataplane {:.1} ms; seen {:.0} ms after the write)",
             if self.full { "full" } else { "partial" },
             self.sync_ms,
+            self.dataplane_ms,
             self.observed_ms
         )
     }
@@ -458,6 +460,7 @@ fn one_endpoint_change(kpr: &mut Kpr, dir: &Path, backends: &[String]) -> Result
         .context("the endpoint change")?;
     Ok(Change {
         sync_ms: s.last_sync_duration_ms,
+        dataplane_ms: s.last_sync_dataplane_ms,
         full: s.last_sync_full,
         observed_ms: t0.elapsed().as_secs_f64() * 1e3,
     })

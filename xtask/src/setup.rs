@@ -4,7 +4,7 @@
 //! takes a few tens of milliseconds. One line is printed per step:
 //! `setup: <step> ... ok (already installed)`. A failing step names itself and says what to do.
 //!
-//! The bpf-linker recipe is the one verified in `/work/shared/design/TOOLCHAIN.md`: bpf-linker
+//! The bpf-linker recipe is the one in `docs/TOOLCHAIN.md`: bpf-linker
 //! 0.13.0 (feature `llvm-22`) linked dynamically against the nightly sysroot's
 //! `lib/libLLVM.so.22.1-rust-*`, through symlinks under `$HOME/.cache/kpr/llvm/lib` (the
 //! binary's RUNPATH).
@@ -436,7 +436,7 @@ fn install_bpf_linker(opts: &SetupOptions, prefix: &Path, root: Option<&Path>) -
         opts,
         &mut cmd,
         &format!(
-            "see cargo's output; the recipe is in /work/shared/design/TOOLCHAIN.md (LLVM_PREFIX={} \
+            "see cargo's output; the recipe is in docs/TOOLCHAIN.md (LLVM_PREFIX={} \
              must contain lib/libLLVM.so pointing to the nightly's libLLVM.so.22.1-rust-*)",
             prefix.display()
         ),

@@ -92,7 +92,7 @@ pub const CAPABILITIES: &[(&str, &str)] = &[
     ),
     (
         "NET_ADMIN",
-        "attach the programs to the cgroup (cgroup sock_addr attach needs it), and the planned \
+        "attach the programs to the cgroup (cgroup sock_addr attach needs it), and the \
          nftables/iptables modes",
     ),
     (
@@ -364,9 +364,9 @@ fn mount(name: &str, path: &str, read_only: bool, propagation: Option<&str>) -> 
 /// The volumes and where the container mounts them. Why each:
 /// - `kpr-config`: the ConfigMap, read by `--config`.
 /// - `xtables-lock`: the host's `/run/xtables.lock`, shared with every other iptables user on
-///   the node (kube-proxy's volume; for the planned iptables mode).
-/// - `lib-modules`: the host's kernel modules, read-only (kube-proxy's volume; the planned
-///   iptables/nftables modes check for modules; the eBPF mode does not use it).
+///   the node (kube-proxy's volume; the iptables mode takes it).
+/// - `lib-modules`: the host's kernel modules, read-only (kube-proxy's volume; lets the
+///   iptables/nftables modes load netfilter modules; the eBPF mode does not use it).
 /// - `bpf-maps`: the host's bpffs, where kpr pins its maps so that they outlive the container
 ///   (a restarted kpr reuses them and live sockets keep working). `HostToContainer`, so a bpffs
 ///   the host mounts later is seen: `Bidirectional` is refused by the API server for a

@@ -4,10 +4,13 @@
 //! As kube-proxy (since 1.26) does: a full sync rewrites every chain and ensures the jump rules
 //! from the built-in chains; a partial sync rewrites the shared chains (KUBE-SERVICES,
 //! KUBE-NODEPORTS, the filter table) and only the per-service-port chains of ports that changed.
-//! Chains no longer used are flushed and deleted. A failed restore fails the sync, and the
-//! runner's full resync follows.
+//! Chains no longer used are flushed and deleted (in large clusters only once per sync period,
+//! as kube-proxy: listing the table takes long there). A failed restore fails the sync, and
+//! the runner's full resync follows. What is loaded leaves out, on partial syncs, the shared
+//! chains that did not change ([`unchanged`]).
 
 pub mod render;
+pub mod unchanged;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -191,6 +194,11 @@ impl RuleSyncer {
         self.large.is_none()
     }
 
+    /// Whether the last sync was in kube-proxy's large-cluster mode.
+    pub fn was_large(&self) -> bool {
+        self.large == Some(true)
+    }
+
     /// Whether the next sync, for `desired`, will rewrite every chain: asked for, or forced
     /// ([`Self::needs_full`], or a change of the large-cluster mode).
     pub fn will_be_full(&self, desired: &DesiredState, full: bool) -> bool {
@@ -273,6 +281,12 @@ pub struct IptablesDataplane {
     last_counters: std::sync::Mutex<Vec<(&'static str, u64)>>,
     /// Other modes' leftovers were removed (at the first sync).
     cleaned: bool,
+    /// The chains' rules as last loaded, so that partial syncs leave out unchanged ones.
+    loaded: unchanged::LoadedChains,
+    /// When stale chains were last looked for (`iptables-save`), and how often to in large
+    /// clusters (kube-proxy: every `--sync-period`).
+    last_stale_cleanup: Option<std::time::Instant>,
+    pub stale_cleanup_period: std::time::Duration,
 }
 
 impl IptablesDataplane {
@@ -287,6 +301,9 @@ impl IptablesDataplane {
             conntrack: Default::default(),
             last_counters: std::sync::Mutex::new(refusal_counters("")),
             cleaned: false,
+            loaded: Default::default(),
+            last_stale_cleanup: None,
+            stale_cleanup_period: std::time::Duration::from_secs(30),
         }
     }
 
@@ -342,7 +359,7 @@ impl Dataplane for IptablesDataplane {
         let full = self
             .syncer
             .will_be_full(desired, full || self.syncer.needs_full());
-        let result = (|| -> Result<PreparedSync, IptablesError> {
+        let result = (|| -> Result<(PreparedSync, unchanged::Reduced), IptablesError> {
             if full {
                 if self.syncer.plan_cfg.localhost_nodeports
                     && self.syncer.plan_cfg.family == crate::model::Family::V4
@@ -351,19 +368,39 @@ impl Dataplane for IptablesDataplane {
                 }
                 self.ensure_jumps()?;
             }
-            let existing = chains_in(&self.save(Table::Nat)?);
-            let prepared = self.syncer.prepare(desired, full, Some(&existing));
-            self.restore(&prepared.rules.text)?;
-            Ok(prepared)
+            // kube-proxy: "iptables-save" can take several seconds on hosts with lots of
+            // rules, so large clusters look for stale chains once per sync period only (they
+            // are harmless: nothing jumps to them).
+            let cleanup = full
+                || !self.syncer.was_large()
+                || self
+                    .last_stale_cleanup
+                    .is_none_or(|t| t.elapsed() >= self.stale_cleanup_period);
+            let existing = if cleanup {
+                Some(chains_in(&self.save(Table::Nat)?))
+            } else {
+                None
+            };
+            let prepared = self.syncer.prepare(desired, full, existing.as_ref());
+            let reduced = self.loaded.reduce(&prepared.rules.text, prepared.full);
+            self.restore(&reduced.text)?;
+            if cleanup {
+                self.last_stale_cleanup = Some(std::time::Instant::now());
+            }
+            Ok((prepared, reduced))
         })();
         let prepared = match result {
-            Ok(p) => p,
+            Ok((p, reduced)) => {
+                self.loaded.loaded(reduced);
+                p
+            }
             Err(e) => {
                 self.metrics.restore_failures += 1;
                 if !full {
                     self.metrics.partial_restore_failures += 1;
                 }
                 self.syncer.reset();
+                self.loaded.forget();
                 return Err(e.into());
             }
         };
