@@ -381,9 +381,20 @@ impl Dataplane for IptablesDataplane {
             } else {
                 None
             };
+            let t0 = std::time::Instant::now();
             let prepared = self.syncer.prepare(desired, full, existing.as_ref());
+            let t1 = std::time::Instant::now();
             let reduced = self.loaded.reduce(&prepared.rules.text, prepared.full);
+            let t2 = std::time::Instant::now();
             self.restore(&reduced.text)?;
+            tracing::debug!(
+                rules_ms = (t1 - t0).as_secs_f64() * 1e3,
+                reduce_ms = (t2 - t1).as_secs_f64() * 1e3,
+                restore_ms = t2.elapsed().as_secs_f64() * 1e3,
+                bytes = reduced.text.len(),
+                omitted_chains = reduced.omitted,
+                "iptables sync"
+            );
             if cleanup {
                 self.last_stale_cleanup = Some(std::time::Instant::now());
             }
