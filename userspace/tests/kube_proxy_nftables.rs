@@ -336,3 +336,68 @@ fn incremental_syncs_reach_the_table_a_whole_rewrite_writes() {
         );
     }
 }
+
+/// The desired state of a manifest text.
+fn state_of(manifests: &str) -> kpr::model::DesiredState {
+    let (snapshot, errors) =
+        kpr::source::manifest::load_text(std::path::Path::new("steps.yaml"), manifests, None);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (state, errors) = kpr::model::build(&snapshot.services, &snapshot.slices);
+    assert!(errors.is_empty(), "{errors:?}");
+    state
+}
+
+fn two_port_service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
+         spec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: ns\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]\n\
+         endpoints:\n  - addresses: [10.244.1.11]\n---\n"
+    )
+}
+
+#[test]
+fn elements_shared_by_the_ports_of_a_service_go_with_the_last_of_them() {
+    // Both ports of `web` put 10.96.0.10 in cluster-ips. Removing the Service must remove it
+    // (a ClusterIP left there is rejected instead of being unrouted); removing one port must
+    // keep it.
+    let web = two_port_service("web", "10.96.0.10");
+    let other = two_port_service("other", "10.96.0.11");
+    let one_port = web.replace(", {name: dns, port: 53, protocol: UDP}]\n---", "]\n---");
+    let steps = [
+        format!("{web}{other}"),
+        format!("{one_port}{other}"),
+        format!("{web}{other}"),
+        other.clone(),
+        format!("{web}{other}"),
+    ];
+    let cfg = kpr::netfilter::plan::PlanConfig::default();
+    let mut syncer = NftSyncer::new(cfg.clone(), true, NftablesConfig::default());
+    let mut now = Instant::now();
+    for (i, manifests) in steps.iter().enumerate() {
+        let state = state_of(manifests);
+        now += Duration::from_secs(2);
+        let full = syncer.needs_full();
+        let p = syncer.prepare(&state, full, now);
+        assert_eq!(p.full, i == 0, "step {i}");
+        let got = syncer.commit(p).clone();
+        let mut fresh = NftSyncer::new(cfg.clone(), true, NftablesConfig::default());
+        let want = fresh.prepare(&state, true, now).target;
+        let cluster_ips = |r: &kpr::netfilter::nftables::ruleset::Ruleset| {
+            let mut v: Vec<String> = r.elements["cluster-ips"]
+                .iter()
+                .map(|e| format!("{:?}", e.key))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        assert_eq!(cluster_ips(&got), cluster_ips(&want), "step {i}");
+        assert_eq!(
+            got.elements.get("service-ips").map(Vec::len),
+            want.elements.get("service-ips").map(Vec::len),
+            "step {i}"
+        );
+    }
+}

@@ -254,8 +254,10 @@ impl NftSyncer {
 
         // Elements: the changed ports' removed and added ones, shared ones counted.
         let mut touched: BTreeSet<(String, ElementKey)> = BTreeSet::new();
+        // Every contribution counts, duplicates included: `before` and `after` merge several
+        // ports, and two ports of one Service each put its ClusterIP in `cluster-ips`.
         for (set, elements) in &before.elements {
-            for e in dedup(elements) {
+            for e in elements {
                 let k = (set.clone(), e.key);
                 if let Some(n) = index.refs.get_mut(&k) {
                     *n = n.saturating_sub(1);
@@ -265,7 +267,7 @@ impl NftSyncer {
         }
         let mut wanted: HashMap<(String, ElementKey), Element> = HashMap::new();
         for (set, elements) in &after.elements {
-            for e in dedup(elements) {
+            for e in elements {
                 let k = (set.clone(), e.key);
                 *index.refs.entry(k.clone()).or_default() += 1;
                 touched.insert(k.clone());
