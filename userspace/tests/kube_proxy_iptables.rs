@@ -412,3 +412,85 @@ fn packets_flow_through_kprs_rules_as_kube_proxys_tests_expect() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!("{traced} kube-proxy packet flows hold in kpr's iptables rules");
 }
+
+/// The rules kept for unchanged ports between syncs must be the rules a fresh write gives: one
+/// syncer walks through the objects of every kube-proxy case in turn (forwards, then back),
+/// and at each step its full restore input must equal a fresh syncer's.
+#[test]
+fn kept_port_rules_equal_a_fresh_write() {
+    let all = cases("iptables", "expected.iptables");
+    let ipt = IptablesConfig {
+        mark: "0x4000".into(),
+        random_fully: false,
+        conntrack_tcp_liberal: false,
+        nfacct: false,
+    };
+    let mut steps = Vec::new();
+    for case in &all {
+        if let Ok((state, cfg)) = case.desired_state_and_config() {
+            if cfg.family == kpr::model::Family::V4 {
+                steps.push((case.name.clone(), state, cfg));
+            }
+        }
+    }
+    assert!(steps.len() >= 20, "{} cases", steps.len());
+    let cfg = steps[0].2.clone();
+    let mut syncer = RuleSyncer::new(cfg.clone(), cfg.nodeport_ips.is_some(), ipt.clone());
+    let order: Vec<usize> = (0..steps.len()).chain((0..steps.len()).rev()).collect();
+    let mut kept = 0;
+    for i in order {
+        let (name, state, _) = &steps[i];
+        let mut state = state.clone();
+        state.node_ip = steps[0].1.node_ip;
+        state.node_ips = steps[0].1.node_ips.clone();
+        let partial = syncer.prepare(&state, false, None);
+        kept += usize::from(!partial.full && partial.rewritten < state.service_ports.len());
+        let got = syncer.prepare(&state, true, None).rules.text;
+        let fresh = RuleSyncer::new(cfg.clone(), cfg.nodeport_ips.is_some(), ipt.clone());
+        let want = fresh.prepare(&state, true, None).rules.text;
+        assert_eq!(got, want, "{name}");
+        syncer.commit(partial);
+    }
+    assert!(kept >= 10, "only {kept} steps kept any port's rules");
+}
+
+/// Crossing kube-proxy's large-cluster threshold (1,000 endpoints) changes every port's rules
+/// (endpoint chains lose their comments): no kept rule survives it.
+#[test]
+fn kept_port_rules_follow_the_large_cluster_mode() {
+    use std::fmt::Write as _;
+    let services = |n: usize| {
+        let mut y = String::new();
+        for i in 0..n {
+            let (hi, lo) = (i / 250, i % 250 + 1);
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\n\
+                 spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: p, port: 80, protocol: TCP}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  namespace: ns\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
+                 addressType: IPv4\nports: [{{name: p, port: 80, protocol: TCP}}]\nendpoints:\n  - addresses: [10.244.{hi}.{lo}]\n---\n"
+            );
+        }
+        let (snapshot, errors) =
+            kpr::source::manifest::load_text(std::path::Path::new("s.yaml"), &y, None);
+        assert!(errors.is_empty(), "{errors:?}");
+        kpr::model::build(&snapshot.services, &snapshot.slices).0
+    };
+    let ipt = IptablesConfig {
+        mark: "0x4000".into(),
+        random_fully: false,
+        conntrack_tcp_liberal: false,
+        nfacct: false,
+    };
+    let cfg = kpr::netfilter::plan::PlanConfig::default();
+    let mut syncer = RuleSyncer::new(cfg.clone(), false, ipt.clone());
+    for n in [10, 1_001, 10, 1_001] {
+        let state = services(n);
+        let p = syncer.prepare(&state, false, None);
+        let got = p.rules.text.clone();
+        syncer.commit(p);
+        let fresh = RuleSyncer::new(cfg.clone(), false, ipt.clone());
+        let want = fresh.prepare(&state, true, None).rules.text;
+        assert_eq!(got, want, "{n} Services");
+    }
+}

@@ -12,15 +12,16 @@
 pub mod render;
 pub mod unchanged;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use crate::dataplane::{Dataplane, DataplaneError, ModeMetrics, SyncReport};
 use crate::model::{DesiredState, Protocol, ServicePortInfo};
-use crate::netfilter::plan::{plan, PlanConfig};
+use crate::netfilter::plan::{plan_port, PlanConfig, LARGE_CLUSTER_ENDPOINTS_THRESHOLD};
 
-pub use render::{IptablesConfig, IptablesRules, Table, WriteScope, JUMP_RULES};
+pub use render::{IptablesConfig, IptablesRules, PortRules, Table, WriteScope, JUMP_RULES};
 
 /// Errors of the iptables mode.
 #[derive(Debug, thiserror::Error)]
@@ -162,11 +163,17 @@ pub struct RuleSyncer {
     /// `--nodeport-addresses` was given: NodePorts only on the node's matching addresses.
     pub nodeport_addresses_given: bool,
     pub ipt: IptablesConfig,
-    /// The service ports as last programmed, to tell which changed (partial syncs).
-    programmed: BTreeMap<(String, Protocol), ServicePortInfo>,
+    /// The service ports as last programmed, to tell which changed (partial syncs), with the
+    /// rules written for them: a port's rules depend only on it and the settings, so unchanged
+    /// ports' rules are kept rather than planned and written again at every sync.
+    programmed: HashMap<PortKey, (ServicePortInfo, Arc<PortRules>)>,
+    /// The settings the kept rules were written with.
+    written_with: Option<(PlanConfig, IptablesConfig)>,
     /// The large-cluster mode of the last sync (a change rewrites every chain's comments).
     large: Option<bool>,
 }
+
+type PortKey = (String, Protocol);
 
 /// One sync's restore input and what committing it changes.
 pub struct PreparedSync {
@@ -174,7 +181,8 @@ pub struct PreparedSync {
     pub full: bool,
     /// Service ports whose chains this input rewrites.
     pub rewritten: usize,
-    programmed: BTreeMap<(String, Protocol), ServicePortInfo>,
+    programmed: HashMap<PortKey, (ServicePortInfo, Arc<PortRules>)>,
+    written_with: (PlanConfig, IptablesConfig),
     large: bool,
 }
 
@@ -184,7 +192,8 @@ impl RuleSyncer {
             plan_cfg,
             nodeport_addresses_given,
             ipt,
-            programmed: BTreeMap::new(),
+            programmed: HashMap::new(),
+            written_with: None,
             large: None,
         }
     }
@@ -202,7 +211,8 @@ impl RuleSyncer {
     /// Whether the next sync, for `desired`, will rewrite every chain: asked for, or forced
     /// ([`Self::needs_full`], or a change of the large-cluster mode).
     pub fn will_be_full(&self, desired: &DesiredState, full: bool) -> bool {
-        full || self.large != Some(self.plan(desired).large_cluster())
+        let cfg = self.plan_cfg_for(desired);
+        full || self.large != Some(self.large_cluster(desired, &cfg))
     }
 
     fn plan_cfg_for(&self, desired: &DesiredState) -> PlanConfig {
@@ -214,8 +224,33 @@ impl RuleSyncer {
         cfg
     }
 
-    fn plan<'a>(&self, desired: &'a DesiredState) -> crate::netfilter::plan::Plan<'a> {
-        plan(desired, &self.plan_cfg_for(desired))
+    /// The rules kept for `info`, if it is unchanged and they were written with `cfg`.
+    fn kept<'a>(&'a self, info: &ServicePortInfo, reusable: bool) -> Option<&'a Arc<PortRules>> {
+        if !reusable {
+            return None;
+        }
+        self.programmed
+            .get(&key(info))
+            .filter(|(i, _)| i == info)
+            .map(|(_, r)| r)
+    }
+
+    fn reusable(&self, cfg: &PlanConfig) -> bool {
+        self.written_with
+            .as_ref()
+            .is_some_and(|(c, i)| c == cfg && *i == self.ipt)
+    }
+
+    /// kube-proxy's large-cluster mode for `desired`: endpoints summed over every service port.
+    fn large_cluster(&self, desired: &DesiredState, cfg: &PlanConfig) -> bool {
+        let reusable = self.reusable(cfg);
+        let total: usize = ports_of(desired, cfg)
+            .map(|info| match self.kept(info, reusable) {
+                Some(r) => r.endpoints,
+                None => plan_port(info, cfg).endpoints.len(),
+            })
+            .sum();
+        total > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
     }
 
     /// The restore input that brings the kernel from what was last committed to `desired`.
@@ -229,37 +264,44 @@ impl RuleSyncer {
         existing_nat_chains: Option<&BTreeSet<String>>,
     ) -> PreparedSync {
         let cfg = self.plan_cfg_for(desired);
-        let plan = plan(desired, &cfg);
-        let full = full || self.large != Some(plan.large_cluster());
-        let programmed = &self.programmed;
-        let changed =
-            |p: &crate::netfilter::plan::PortPlan| programmed.get(&key(p.info)) != Some(p.info);
-        let rewritten = plan.ports.iter().filter(|p| full || changed(p)).count();
-        let rules = render::write(
-            &plan,
-            &cfg,
-            &self.ipt,
-            WriteScope {
-                changed: if full { None } else { Some(&changed) },
-                existing_nat_chains,
-            },
-        );
+        let large = self.large_cluster(desired, &cfg);
+        let full = full || self.large != Some(large);
+        // A change of the large-cluster mode changes every port's rules (their comments).
+        let reusable = self.reusable(&cfg) && self.large == Some(large);
+        let mut programmed = HashMap::new();
+        let mut ports = Vec::new();
+        let mut rewritten = 0;
+        for info in ports_of(desired, &cfg) {
+            let rules = match self.kept(info, reusable) {
+                Some(r) => r.clone(),
+                None => Arc::new(render::port_rules(
+                    &plan_port(info, &cfg),
+                    &cfg,
+                    &self.ipt,
+                    large,
+                )),
+            };
+            let changed = full || self.programmed.get(&key(info)).map(|(i, _)| i) != Some(info);
+            rewritten += usize::from(changed);
+            ports.push((rules.clone(), changed));
+            programmed.insert(key(info), (info.clone(), rules));
+        }
+        let refs: Vec<(&PortRules, bool)> = ports.iter().map(|(r, c)| (&**r, *c)).collect();
+        let rules = render::assemble(&refs, &cfg, &self.ipt, existing_nat_chains);
         PreparedSync {
             rules,
             full,
             rewritten,
-            programmed: plan
-                .ports
-                .iter()
-                .map(|p| (key(p.info), p.info.clone()))
-                .collect(),
-            large: plan.large_cluster(),
+            programmed,
+            written_with: (cfg, self.ipt.clone()),
+            large,
         }
     }
 
     /// The prepared input was loaded.
     pub fn commit(&mut self, prepared: PreparedSync) -> IptablesRules {
         self.programmed = prepared.programmed;
+        self.written_with = Some(prepared.written_with);
         self.large = Some(prepared.large);
         prepared.rules
     }
@@ -267,8 +309,21 @@ impl RuleSyncer {
     /// Loading failed: what the kernel holds is unknown, so the next sync rewrites everything.
     pub fn reset(&mut self) {
         self.programmed.clear();
+        self.written_with = None;
         self.large = None;
     }
+}
+
+/// `desired`'s service ports of `cfg`'s family, in the plan's order.
+fn ports_of<'a>(
+    desired: &'a DesiredState,
+    cfg: &PlanConfig,
+) -> impl Iterator<Item = &'a ServicePortInfo> {
+    let family = cfg.family;
+    desired
+        .service_ports
+        .iter()
+        .filter(move |p| p.family == family)
 }
 
 /// The iptables mode.

@@ -277,7 +277,7 @@ impl Lines {
         self.line(format!(":{chain} - [0:0]"));
     }
 
-    fn append(&mut self, other: Lines) {
+    fn append_from(&mut self, other: &Lines) {
         self.text.push_str(&other.text);
         self.lines += other.lines;
     }
@@ -299,6 +299,56 @@ pub fn write(
     cfg: &PlanConfig,
     ipt: &IptablesConfig,
     scope: WriteScope<'_>,
+) -> IptablesRules {
+    let large = plan.large_cluster();
+    let ports: Vec<(PortRules, bool)> = plan
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                port_rules(p, cfg, ipt, large),
+                scope.changed.is_none_or(|f| f(p)),
+            )
+        })
+        .collect();
+    let ports: Vec<(&PortRules, bool)> = ports.iter().map(|(r, c)| (r, *c)).collect();
+    assemble(&ports, cfg, ipt, scope.existing_nat_chains)
+}
+
+/// Everything one service port writes: its rules in the shared chains and its own chains. A
+/// function of the port's plan, the node-wide settings and the large-cluster mode only, so a
+/// sync can keep the ports' rules that did not change instead of writing them again.
+#[derive(Default)]
+pub struct PortRules {
+    /// Its rules in the filter table's shared chains.
+    filter: Lines,
+    /// Its rules in the nat table's shared chains (KUBE-SERVICES, KUBE-NODEPORTS).
+    nat: Lines,
+    own: PortChains,
+    /// Its own chains' names.
+    active: Vec<String>,
+    /// Its endpoints (kube-proxy's large-cluster measure).
+    pub endpoints: usize,
+}
+
+/// The rules of service port `p`.
+pub fn port_rules(p: &PortPlan, cfg: &PlanConfig, ipt: &IptablesConfig, large: bool) -> PortRules {
+    let mut r = PortRules::default();
+    let mut active = BTreeSet::new();
+    r.own = write_port(p, cfg, ipt, large, &mut r.filter, &mut r.nat, &mut active);
+    r.active = active.into_iter().collect();
+    r.endpoints = p.endpoints.len();
+    r
+}
+
+/// The restore input from every service port's rules, in order; a port marked `false` keeps
+/// its own chains as they are in the kernel (a partial sync: its lines are counted, for the
+/// metrics, and dropped). `existing_nat_chains`: see [`WriteScope`].
+pub fn assemble(
+    ports: &[(&PortRules, bool)],
+    cfg: &PlanConfig,
+    ipt: &IptablesConfig,
+    existing_nat_chains: Option<&BTreeSet<String>>,
 ) -> IptablesRules {
     let mark = &ipt.mark;
     let mut filter_chains = Lines::default();
@@ -344,31 +394,22 @@ pub fn write(
         ));
     }
 
-    let large = plan.large_cluster();
     let mut active = BTreeSet::new();
-    for p in &plan.ports {
-        let own = write_port(
-            p,
-            cfg,
-            ipt,
-            large,
-            &mut filter_rules,
-            &mut nat_rules,
-            &mut active,
-        );
-        // A partial sync leaves the chains of unchanged ports as they are in the kernel: their
-        // lines are computed (for the metrics) and dropped.
-        if scope.changed.is_none_or(|f| f(p)) {
-            nat_chains.append(own.chains);
-            nat_rules.append(own.rules);
+    for (rules, write_own) in ports {
+        filter_rules.append_from(&rules.filter);
+        nat_rules.append_from(&rules.nat);
+        active.extend(rules.active.iter().cloned());
+        if *write_own {
+            nat_chains.append_from(&rules.own.chains);
+            nat_rules.append_from(&rules.own.rules);
         } else {
-            skipped_chains.append(own.chains);
-            skipped_rules.append(own.rules);
+            skipped_chains.append_from(&rules.own.chains);
+            skipped_rules.append_from(&rules.own.rules);
         }
     }
 
     let mut deleted = 0;
-    if let Some(existing) = scope.existing_nat_chains {
+    if let Some(existing) = existing_nat_chains {
         for chain in existing.difference(&active) {
             if !IPTABLES_SERVICE_CHAIN_PREFIXES
                 .iter()
@@ -446,6 +487,7 @@ pub fn write(
 }
 
 /// One service port's chains and the rules in them.
+#[derive(Default)]
 struct PortChains {
     chains: Lines,
     rules: Lines,
