@@ -461,8 +461,10 @@ per_mode! {
     }
 }
 
-#[test]
-fn bad_manifests_are_skipped_and_named_while_valid_services_keep_working() {
+per_mode! {
+    /// In every mode: the model skips bad objects before any writer sees them, and what it
+    /// keeps must load (a writer choking on a kept object would fail every Service's sync).
+    fn bad_manifests_are_skipped_and_named_while_valid_services_keep_working(mode) {
     let bad = [
         // 0: a valid Service on another ClusterIP, with its slice in good.yaml.
         "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n",
@@ -475,7 +477,7 @@ fn bad_manifests_are_skipped_and_named_while_valid_services_keep_working() {
     ]
     .join("---\n");
     let other_slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: other-1\n  namespace: demo\n  labels: {kubernetes.io/service-name: other}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n  - addresses: [10.244.1.12]\n";
-    let mut s = Setup::new("bad", &web_and_dns(&ALL));
+    let mut s = Setup::in_mode("bad", &web_and_dns(&ALL), mode);
     let client = s.client();
     write(&s.dir.join("bad.yaml"), &bad);
     write(&s.dir.join("good.yaml"), other_slice);
@@ -511,6 +513,7 @@ fn bad_manifests_are_skipped_and_named_while_valid_services_keep_working() {
     }
     assert!(log.contains("10.96.0.999"), "{log}");
     assert!(log.contains("FQDN"), "{log}");
+}
 }
 
 #[test]
