@@ -12,13 +12,13 @@
 pub mod render;
 pub mod unchanged;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use crate::dataplane::{Dataplane, DataplaneError, ModeMetrics, SyncReport};
-use crate::model::{DesiredState, Protocol, ServicePortInfo};
+use crate::model::{DesiredState, Protocol, ServicePortInfo, ServicePortName};
 use crate::netfilter::plan::{plan_port, PlanConfig, LARGE_CLUSTER_ENDPOINTS_THRESHOLD};
 
 pub use render::{IptablesConfig, IptablesRules, PortRules, Table, WriteScope, JUMP_RULES};
@@ -165,15 +165,20 @@ pub struct RuleSyncer {
     pub ipt: IptablesConfig,
     /// The service ports as last programmed, to tell which changed (partial syncs), with the
     /// rules written for them: a port's rules depend only on it and the settings, so unchanged
-    /// ports' rules are kept rather than planned and written again at every sync.
-    programmed: HashMap<PortKey, (ServicePortInfo, Arc<PortRules>)>,
+    /// ports' rules are kept rather than planned and written again at every sync. Sorted by
+    /// name and protocol: looked up without building keys.
+    programmed: Vec<Programmed>,
     /// The settings the kept rules were written with.
     written_with: Option<(PlanConfig, IptablesConfig)>,
     /// The large-cluster mode of the last sync (a change rewrites every chain's comments).
     large: Option<bool>,
 }
 
-type PortKey = (String, Protocol);
+type Programmed = (Arc<ServicePortInfo>, Arc<PortRules>);
+
+fn by_port(info: &ServicePortInfo) -> (&ServicePortName, Protocol) {
+    (&info.name, info.protocol)
+}
 
 /// One sync's restore input and what committing it changes.
 pub struct PreparedSync {
@@ -181,7 +186,7 @@ pub struct PreparedSync {
     pub full: bool,
     /// Service ports whose chains this input rewrites.
     pub rewritten: usize,
-    programmed: HashMap<PortKey, (ServicePortInfo, Arc<PortRules>)>,
+    programmed: Vec<Programmed>,
     written_with: (PlanConfig, IptablesConfig),
     large: bool,
 }
@@ -192,7 +197,7 @@ impl RuleSyncer {
             plan_cfg,
             nodeport_addresses_given,
             ipt,
-            programmed: HashMap::new(),
+            programmed: Vec::new(),
             written_with: None,
             large: None,
         }
@@ -224,15 +229,20 @@ impl RuleSyncer {
         cfg
     }
 
+    /// What was last programmed for `info`'s port, whatever its state then.
+    fn last(&self, info: &ServicePortInfo) -> Option<&Programmed> {
+        self.programmed
+            .binary_search_by(|(i, _)| by_port(i).cmp(&by_port(info)))
+            .ok()
+            .map(|at| &self.programmed[at])
+    }
+
     /// The rules kept for `info`, if it is unchanged and they were written with `cfg`.
-    fn kept<'a>(&'a self, info: &ServicePortInfo, reusable: bool) -> Option<&'a Arc<PortRules>> {
+    fn kept(&self, info: &ServicePortInfo, reusable: bool) -> Option<&Programmed> {
         if !reusable {
             return None;
         }
-        self.programmed
-            .get(&key(info))
-            .filter(|(i, _)| i == info)
-            .map(|(_, r)| r)
+        self.last(info).filter(|(i, _)| **i == *info)
     }
 
     fn reusable(&self, cfg: &PlanConfig) -> bool {
@@ -246,7 +256,7 @@ impl RuleSyncer {
         let reusable = self.reusable(cfg);
         let total: usize = ports_of(desired, cfg)
             .map(|info| match self.kept(info, reusable) {
-                Some(r) => r.endpoints,
+                Some((_, r)) => r.endpoints,
                 None => plan_port(info, cfg).endpoints.len(),
             })
             .sum();
@@ -268,26 +278,33 @@ impl RuleSyncer {
         let full = full || self.large != Some(large);
         // A change of the large-cluster mode changes every port's rules (their comments).
         let reusable = self.reusable(&cfg) && self.large == Some(large);
-        let mut programmed = HashMap::new();
-        let mut ports = Vec::new();
-        let mut rewritten = 0;
+        let mut programmed: Vec<Programmed> = Vec::new();
+        let mut changed = Vec::new();
         for info in ports_of(desired, &cfg) {
-            let rules = match self.kept(info, reusable) {
-                Some(r) => r.clone(),
-                None => Arc::new(render::port_rules(
-                    &plan_port(info, &cfg),
-                    &cfg,
-                    &self.ipt,
-                    large,
-                )),
+            let entry = match self.kept(info, reusable) {
+                Some((i, r)) => (i.clone(), r.clone()),
+                None => (
+                    Arc::new(info.clone()),
+                    Arc::new(render::port_rules(
+                        &plan_port(info, &cfg),
+                        &cfg,
+                        &self.ipt,
+                        large,
+                    )),
+                ),
             };
-            let changed = full || self.programmed.get(&key(info)).map(|(i, _)| i) != Some(info);
-            rewritten += usize::from(changed);
-            ports.push((rules.clone(), changed));
-            programmed.insert(key(info), (info.clone(), rules));
+            changed.push(full || self.last(info).is_none_or(|(i, _)| **i != *info));
+            programmed.push(entry);
         }
-        let refs: Vec<(&PortRules, bool)> = ports.iter().map(|(r, c)| (&**r, *c)).collect();
+        let rewritten = changed.iter().filter(|c| **c).count();
+        let refs: Vec<(&PortRules, bool)> = programmed
+            .iter()
+            .zip(&changed)
+            .map(|((_, r), c)| (&**r, *c))
+            .collect();
         let rules = render::assemble(&refs, &cfg, &self.ipt, existing_nat_chains);
+        drop(refs);
+        programmed.sort_by(|(a, _), (b, _)| by_port(a).cmp(&by_port(b)));
         PreparedSync {
             rules,
             full,
@@ -400,10 +417,6 @@ impl IptablesDataplane {
         cmd.args(["-w", "5", "-W", "100000", "--noflush", "--counters"]);
         run(cmd, Some(input.as_bytes())).map(|_| ())
     }
-}
-
-fn key(p: &ServicePortInfo) -> (String, Protocol) {
-    (p.name.to_string(), p.protocol)
 }
 
 impl Dataplane for IptablesDataplane {

@@ -6,7 +6,7 @@
 //! kube-proxy iterates a Go map of service ports; kpr writes them in the plan's order (sorted),
 //! which is one of the orders kube-proxy may produce.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -252,8 +252,6 @@ pub struct IptablesRules {
     /// left in place (their chains unchanged).
     pub nat_rules: usize,
     pub nat_rules_skipped: usize,
-    /// Service chains of the nat table in use after this input is loaded.
-    pub active_nat_chains: BTreeSet<String>,
     /// Stale chains this input deletes.
     pub deleted_chains: usize,
 }
@@ -394,11 +392,9 @@ pub fn assemble(
         ));
     }
 
-    let mut active = BTreeSet::new();
     for (rules, write_own) in ports {
         filter_rules.append_from(&rules.filter);
         nat_rules.append_from(&rules.nat);
-        active.extend(rules.active.iter().cloned());
         if *write_own {
             nat_chains.append_from(&rules.own.chains);
             nat_rules.append_from(&rules.own.rules);
@@ -410,7 +406,12 @@ pub fn assemble(
 
     let mut deleted = 0;
     if let Some(existing) = existing_nat_chains {
-        for chain in existing.difference(&active) {
+        // Service chains of the nat table in use after this input is loaded.
+        let active: HashSet<&str> = ports
+            .iter()
+            .flat_map(|(r, _)| r.active.iter().map(String::as_str))
+            .collect();
+        for chain in existing.iter().filter(|c| !active.contains(c.as_str())) {
             if !IPTABLES_SERVICE_CHAIN_PREFIXES
                 .iter()
                 .any(|p| chain.starts_with(p))
@@ -481,7 +482,6 @@ pub fn assemble(
         filter_rules: filter_rules.lines,
         nat_rules: nat_rules.lines - deleted,
         nat_rules_skipped: skipped_rules.lines,
-        active_nat_chains: active,
         deleted_chains: deleted,
     }
 }
