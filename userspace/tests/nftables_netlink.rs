@@ -278,3 +278,52 @@ fn thousands_of_services_commit_in_one_transaction() {
         .count();
     assert_eq!(elements, SERVICES, "the refused batch changed the table");
 }
+
+/// A ClientIP Service with `timeout` seconds of affinity and two endpoints.
+fn affinity_service(timeout: u32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: aff, namespace: ns}}\n\
+         spec:\n  clusterIP: 10.96.0.30\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n  ports: [{{name: p, port: 80, protocol: TCP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: aff-1\n  namespace: ns\n  labels: {{kubernetes.io/service-name: aff}}\n\
+         addressType: IPv4\nports: [{{name: p, port: 80, protocol: TCP}}]\n\
+         endpoints:\n  - addresses: [10.244.1.11]\n  - addresses: [10.244.1.12]\n"
+    )
+}
+
+#[test]
+fn an_affinity_timeout_change_applies_incrementally() {
+    require();
+    // The affinity sets keep their names when the timeout changes, and rules in the endpoint
+    // chains refer to them: replacing them must not be refused as "in use".
+    let state = |timeout| {
+        let (snapshot, errors) = kpr::source::manifest::load_text(
+            std::path::Path::new("aff.yaml"),
+            &affinity_service(timeout),
+            None,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        kpr::model::build(&snapshot.services, &snapshot.slices).0
+    };
+    let ns = TestNetns::new("kpr-nftaff");
+    let mut syncer = NftSyncer::new(
+        kpr::netfilter::plan::PlanConfig::default(),
+        false,
+        NftablesConfig::default(),
+    );
+    for (i, timeout) in [10, 20, 10].into_iter().enumerate() {
+        let full = syncer.needs_full();
+        let p = syncer.prepare(&state(timeout), full, Instant::now());
+        assert_eq!(p.full, i == 0);
+        let txn = Encoder::new(&p.target).encode(&p.ops);
+        ns.run(|| txn.commit())
+            .unwrap_or_else(|e| panic!("timeout {timeout} s: {e}"));
+        syncer.commit(p);
+        let out = ns.exec(&["nft", "list", "table", "ip", "kube-proxy"], None);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.matches(&format!("timeout {timeout}s")).count(),
+            2,
+            "two affinity sets with {timeout} s:\n{text}"
+        );
+    }
+}

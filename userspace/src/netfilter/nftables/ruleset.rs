@@ -155,6 +155,17 @@ pub enum Stmt {
     Verdict(Verdict),
 }
 
+impl Rule {
+    /// Whether the rule refers to the named set or map.
+    pub fn uses_set(&self, name: &str) -> bool {
+        self.stmts.iter().any(|s| match s {
+            Stmt::InSet { set, .. } | Stmt::UpdateSaddr(set) => set == name,
+            Stmt::Vmap { map, .. } => map == name,
+            _ => false,
+        })
+    }
+}
+
 /// A set (no data) or a verdict map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Set {

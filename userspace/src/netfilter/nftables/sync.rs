@@ -331,13 +331,7 @@ impl NftSyncer {
                 ops.push(Op::DeleteSet(name.clone()));
             }
         }
-        for name in &replaced_sets {
-            ops.push(Op::DeleteSet(name.clone()));
-            ops.push(Op::AddSet(name.clone()));
-            for e in r.elements.get(name).into_iter().flatten() {
-                ops.push(Op::AddElement(name.clone(), e.clone()));
-            }
-        }
+        replace_sets(&mut ops, &r, &replaced_sets);
         Prepared {
             target: r,
             ops,
@@ -488,12 +482,38 @@ fn diff(old: &Ruleset, new: &Ruleset) -> Vec<Op> {
     for name in old.sets.keys().filter(|s| !new.sets.contains_key(*s)) {
         ops.push(Op::DeleteSet(name.clone()));
     }
-    for name in &replaced_sets {
+    let replaced_sets: Vec<String> = replaced_sets.into_iter().collect();
+    replace_sets(&mut ops, new, &replaced_sets);
+    ops
+}
+
+/// Sets whose definition changed (an affinity timeout) are deleted and added again, with
+/// their elements. The kernel refuses to delete a set a rule still refers to (EBUSY), so the
+/// chains whose rules refer to one are flushed first and refilled after it is back.
+fn replace_sets(ops: &mut Vec<Op>, target: &Ruleset, replaced: &[String]) {
+    if replaced.is_empty() {
+        return;
+    }
+    let users: Vec<(&String, &Chain)> = target
+        .chains
+        .iter()
+        .filter(|(_, c)| {
+            c.rules
+                .iter()
+                .any(|r| replaced.iter().any(|s| r.uses_set(s)))
+        })
+        .collect();
+    for (name, _) in &users {
+        ops.push(Op::FlushChain((*name).clone()));
+    }
+    for name in replaced {
         ops.push(Op::DeleteSet(name.clone()));
         ops.push(Op::AddSet(name.clone()));
-        for e in new.elements.get(name).into_iter().flatten() {
+        for e in target.elements.get(name).into_iter().flatten() {
             ops.push(Op::AddElement(name.clone(), e.clone()));
         }
     }
-    ops
+    for (name, c) in users {
+        ops.extend(c.rules.iter().map(|x| Op::AddRule(name.clone(), x.clone())));
+    }
 }
