@@ -74,7 +74,12 @@ use nftnl::nftnl_sys as sys;
 use nftnl::set::{Set, SetKey};
 use nftnl::{Chain, ChainType, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule, Table};
 
-use crate::netfilter::nfnetlink::{NetlinkError, RawExpr, Transaction};
+use crate::netfilter::nfnetlink::{
+    NetlinkError, RawExpr, Transaction, ICMP_PORT_UNREACH, NFT_META_L4PROTO, NFT_META_MARK,
+    NFT_MSG_DELSETELEM, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
+    NFT_REJECT_ICMP_UNREACH, NF_NAT_RANGE_PROTO_RANDOM_FULLY, TYPE_BITS, TYPE_INET_PROTOCOL,
+    TYPE_INET_SERVICE, TYPE_IPADDR,
+};
 
 /// kpr's table (family ip).
 pub const TABLE: &str = "kpr";
@@ -107,24 +112,9 @@ const NFT_REG_2: u32 = 2;
 pub const MASQUERADE_PORTS: (u16, u16) = (32768, 65535);
 const NFT_REG32_01: u32 = 9;
 const NFT_REG32_02: u32 = 10;
-const NFT_META_MARK: u32 = 3;
-const NFT_META_L4PROTO: u32 = 16;
-const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
-const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
-const NFT_REJECT_ICMP_UNREACH: u32 = 0;
 const NFT_REJECT_TCP_RST: u32 = 1;
-/// ICMP destination-unreachable code "port unreachable".
-const ICMP_PORT_UNREACH: u8 = 3;
-/// linux/netfilter/nf_nat.h: `fully-random`.
-const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 1 << 4;
-const NFT_MSG_DELSETELEM: u16 = 14;
 
-/// nft's datatype numbers (nftables' `enum datatypes`) and how it composes a concatenation's
-/// type (`concat_subtype_add`: 6 bits per field).
-const TYPE_IPADDR: u32 = 7;
-const TYPE_INET_PROTOCOL: u32 = 12;
-const TYPE_INET_SERVICE: u32 = 13;
-const TYPE_BITS: u32 = 6;
+/// The no-endpoints set's key type as nft composes it (address . protocol . port).
 const NO_ENDPOINTS_KEY_TYPE: u32 =
     (((TYPE_IPADDR << TYPE_BITS) | TYPE_INET_PROTOCOL) << TYPE_BITS) | TYPE_INET_SERVICE;
 

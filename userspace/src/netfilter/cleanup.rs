@@ -37,17 +37,6 @@ fn is_kube_proxy_chain(chain: &str) -> bool {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Removed(pub Vec<String>);
 
-fn quiet(cmd: &mut Command) -> Option<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Removes kube-proxy's iptables chains and jumps, for both backends and both families, in the
 /// calling process's network namespace.
 pub fn iptables() -> Removed {
@@ -57,7 +46,7 @@ pub fn iptables() -> Removed {
             let tool = |t: &str| backend.command(t).replacen("iptables", family, 1);
             for table in [Table::Nat, Table::Filter] {
                 let Some(save) =
-                    quiet(Command::new(tool("iptables-save")).args(["-t", table.name()]))
+                    super::quiet(Command::new(tool("iptables-save")).args(["-t", table.name()]))
                 else {
                     continue;
                 };
@@ -78,7 +67,7 @@ pub fn iptables() -> Removed {
                         let mut cmd = Command::new(tool("iptables"));
                         cmd.args(["-w", "5", "-t", table.name(), "-D", j.from])
                             .args(&args);
-                        if quiet(&mut cmd).is_none() {
+                        if super::quiet(&mut cmd).is_none() {
                             break;
                         }
                     }

@@ -17,3 +17,35 @@ pub mod iptables;
 pub mod nfnetlink;
 pub mod nftables;
 pub mod plan;
+
+use std::process::{Command, Stdio};
+
+use crate::dataplane::SyncReport;
+use crate::model::DesiredState;
+
+/// A netfilter mode's sync report: `writes` and `deletes` as the mode counts them.
+fn sync_report(desired: &DesiredState, writes: usize, deletes: usize) -> SyncReport {
+    SyncReport {
+        frontends: desired.services.len(),
+        backends: desired
+            .service_ports
+            .iter()
+            .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
+            .sum(),
+        writes,
+        deletes,
+    }
+}
+
+/// `cmd`'s standard output if it succeeds; its errors are not the caller's business (a probe
+/// of what the node has).
+fn quiet(cmd: &mut Command) -> Option<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -14,7 +14,26 @@ use nftnl::{Batch, MsgType, NlMsg, Rule};
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_HDRLEN: usize = 16;
 const NETLINK_CAP_ACK: libc::c_int = 10;
-const NFT_CMP_EQ: u32 = 0;
+
+// Kernel constants (linux/netfilter/nf_tables.h, nf_nat.h, icmp.h), shared by both nftables
+// writers.
+pub(crate) const NFT_CMP_EQ: u32 = 0;
+pub(crate) const NFT_META_L4PROTO: u32 = 16;
+pub(crate) const NFT_META_MARK: u32 = 3;
+pub(crate) const NFT_MSG_DELSETELEM: u16 = 14;
+pub(crate) const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+pub(crate) const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+pub(crate) const NFT_REJECT_ICMP_UNREACH: u32 = 0;
+/// ICMP destination-unreachable code "port unreachable".
+pub(crate) const ICMP_PORT_UNREACH: u8 = 3;
+/// linux/netfilter/nf_nat.h: `fully-random`.
+pub(crate) const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 1 << 4;
+// nft's datatype numbers (nftables' `enum datatypes`) and how it composes a concatenation's
+// type (`concat_subtype_add`: 6 bits per field): sets and maps carry them in their user data.
+pub(crate) const TYPE_IPADDR: u32 = 7;
+pub(crate) const TYPE_INET_PROTOCOL: u32 = 12;
+pub(crate) const TYPE_INET_SERVICE: u32 = 13;
+pub(crate) const TYPE_BITS: u32 = 6;
 
 /// Errors of a transaction.
 #[derive(Debug, thiserror::Error)]
@@ -318,7 +337,7 @@ impl Transaction {
     }
 }
 
-const NLM_F_ACK: u16 = 4;
+pub(crate) const NLM_F_ACK: u16 = 4;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 

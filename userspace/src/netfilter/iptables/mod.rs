@@ -63,15 +63,8 @@ impl Backend {
     /// Detects the backend as kube-proxy's image does (iptables-wrapper): the one where kubelet
     /// left its canary chains, else the one holding more rules, else nft.
     pub fn detect() -> Backend {
-        let save = |b: Backend| -> Option<String> {
-            let out = Command::new(b.command("iptables-save"))
-                .stderr(Stdio::null())
-                .output()
-                .ok()?;
-            out.status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-        };
+        let save =
+            |b: Backend| crate::netfilter::quiet(&mut Command::new(b.command("iptables-save")));
         let (nft, legacy) = (save(Backend::Nft), save(Backend::Legacy));
         let hint = |s: &Option<String>| {
             s.as_deref().is_some_and(|s| {
@@ -211,13 +204,6 @@ impl RuleSyncer {
     /// Whether the last sync was in kube-proxy's large-cluster mode.
     pub fn was_large(&self) -> bool {
         self.large == Some(true)
-    }
-
-    /// Whether the next sync, for `desired`, will rewrite every chain: asked for, or forced
-    /// ([`Self::needs_full`], or a change of the large-cluster mode).
-    pub fn will_be_full(&self, desired: &DesiredState, full: bool) -> bool {
-        let cfg = self.plan_cfg_for(desired);
-        full || self.large != Some(self.large_cluster(desired, &cfg))
     }
 
     fn plan_cfg_for(&self, desired: &DesiredState) -> PlanConfig {
@@ -424,18 +410,11 @@ impl Dataplane for IptablesDataplane {
         if !std::mem::replace(&mut self.cleaned, true) {
             crate::netfilter::cleanup::other_modes(crate::netfilter::cleanup::Leftovers::Iptables);
         }
-        let full = self
-            .syncer
-            .will_be_full(desired, full || self.syncer.needs_full());
+        let full = full || self.syncer.needs_full();
+        // Whether the sync turned out full (the syncer also forces one when the large-cluster
+        // mode changes), for the failure counters.
+        let mut was_full = full;
         let result = (|| -> Result<(PreparedSync, unchanged::Reduced), IptablesError> {
-            if full {
-                if self.syncer.plan_cfg.localhost_nodeports
-                    && self.syncer.plan_cfg.family == crate::model::Family::V4
-                {
-                    set_route_localnet();
-                }
-                self.ensure_jumps()?;
-            }
             // kube-proxy: "iptables-save" can take several seconds on hosts with lots of
             // rules, so large clusters look for stale chains once per sync period only (they
             // are harmless: nothing jumps to them).
@@ -451,7 +430,16 @@ impl Dataplane for IptablesDataplane {
             };
             let t0 = std::time::Instant::now();
             let prepared = self.syncer.prepare(desired, full, existing.as_ref());
+            was_full = prepared.full;
             let t1 = std::time::Instant::now();
+            if prepared.full {
+                if self.syncer.plan_cfg.localhost_nodeports
+                    && self.syncer.plan_cfg.family == crate::model::Family::V4
+                {
+                    set_route_localnet();
+                }
+                self.ensure_jumps()?;
+            }
             let reduced = self.loaded.reduce(&prepared.rules.text, prepared.full);
             let t2 = std::time::Instant::now();
             self.restore(&reduced.text)?;
@@ -475,7 +463,7 @@ impl Dataplane for IptablesDataplane {
             }
             Err(e) => {
                 self.metrics.restore_failures += 1;
-                if !full {
+                if !was_full {
                     self.metrics.partial_restore_failures += 1;
                 }
                 self.syncer.reset();
@@ -483,24 +471,18 @@ impl Dataplane for IptablesDataplane {
                 return Err(e.into());
             }
         };
-        let (writes, full) = (prepared.rewritten, prepared.full);
+        let writes = prepared.rewritten;
         let rules = self.syncer.commit(prepared);
         self.metrics.iptables_rules = vec![
             ("filter", rules.filter_rules as u64),
             ("nat", (rules.nat_rules + rules.nat_rules_skipped) as u64),
         ];
         self.conntrack.cleanup(desired);
-        let _ = full;
-        Ok(SyncReport {
-            frontends: desired.services.len(),
-            backends: desired
-                .service_ports
-                .iter()
-                .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
-                .sum(),
+        Ok(crate::netfilter::sync_report(
+            desired,
             writes,
-            deletes: rules.deleted_chains,
-        })
+            rules.deleted_chains,
+        ))
     }
 
     fn mode_metrics(&self) -> ModeMetrics {

@@ -83,16 +83,7 @@ impl Dataplane for NftablesDataplane {
             ),
         ];
         self.conntrack.cleanup(desired);
-        Ok(SyncReport {
-            frontends: desired.services.len(),
-            backends: desired
-                .service_ports
-                .iter()
-                .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
-                .sum(),
-            writes,
-            deletes,
-        })
+        Ok(crate::netfilter::sync_report(desired, writes, deletes))
     }
 
     fn mode_metrics(&self) -> ModeMetrics {

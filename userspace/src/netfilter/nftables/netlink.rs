@@ -17,7 +17,12 @@ use super::ruleset::{
 };
 use super::sync::Op;
 use crate::model::Family;
-use crate::netfilter::nfnetlink::{Attr, RawExpr, Transaction};
+use crate::netfilter::nfnetlink::{
+    Attr, RawExpr, Transaction, ICMP_PORT_UNREACH, NFT_CMP_EQ, NFT_META_L4PROTO, NFT_META_MARK,
+    NFT_MSG_DELSETELEM, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
+    NFT_REJECT_ICMP_UNREACH, NF_NAT_RANGE_PROTO_RANDOM_FULLY, NLM_F_ACK, TYPE_BITS,
+    TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_IPADDR,
+};
 
 // linux/netfilter/nf_tables.h
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -29,20 +34,13 @@ const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 
 const NFT_REG_VERDICT: u32 = 0;
 /// The first 32-bit register; a concatenation takes consecutive ones.
 const NFT_REG32_00: u32 = 8;
-const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
-const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
-const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
-const NFT_META_MARK: u32 = 3;
-const NFT_META_L4PROTO: u32 = 16;
 const NFT_CT_STATE: u32 = 0;
 /// `NF_CT_STATE_BIT(IP_CT_NEW)`.
 const CT_STATE_NEW: u32 = 1 << 3;
@@ -53,9 +51,6 @@ const NFT_NG_RANDOM: u32 = 1;
 const NFT_DYNSET_OP_UPDATE: u32 = 1;
 const NFT_LOOKUP_F_INV: u32 = 1;
 const NFT_NAT_DNAT: u32 = 1;
-const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 1 << 4;
-const NFT_REJECT_ICMP_UNREACH: u32 = 0;
-const ICMP_PORT_UNREACH: u8 = 3;
 const ICMPV6_PORT_UNREACH: u8 = 4;
 const NF_DROP: i32 = 0;
 const NF_ACCEPT: i32 = 1;
@@ -76,11 +71,7 @@ const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
 /// nft's datatypes and its composition of a concatenation's type (6 bits per field).
 const TYPE_INTEGER: u32 = 4;
-const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
-const TYPE_INET_PROTOCOL: u32 = 12;
-const TYPE_INET_SERVICE: u32 = 13;
-const TYPE_BITS: u32 = 6;
 
 // libnftnl's userdata types: the comment of each kind of object.
 const UDATA_TABLE_COMMENT: u8 = 0;
