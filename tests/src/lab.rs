@@ -865,6 +865,13 @@ impl Lab {
     pub fn work_dir(&self) -> &Path {
         &self.state.work_dir
     }
+    /// `<work dir>/manifests`, created: where a test puts the manifests kpr reads.
+    pub fn manifest_dir(&self) -> Result<PathBuf> {
+        let dir = self.state.work_dir.join("manifests");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| LabError::Other(format!("creating {}: {e}", dir.display())))?;
+        Ok(dir)
+    }
     /// The `kpr-labtool` binary the lab uses.
     pub fn labtool(&self) -> &Path {
         &self.state.labtool

@@ -63,8 +63,7 @@ impl Setup {
             ..LabSpec::default()
         })
         .expect("lab up");
-        let dir = lab.work_dir().join("manifests");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = lab.manifest_dir().unwrap();
         let file = dir.join("svc.yaml");
         write(&file, manifest);
         let kpr = Kpr::start(

@@ -14,8 +14,7 @@ fn cleanup_removes_the_table_programs_and_pins() {
         ..LabSpec::default()
     })
     .expect("lab up");
-    let dir = lab.work_dir().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.manifest_dir().unwrap();
     std::fs::write(dir.join("svc.yaml"), MANIFEST).unwrap();
     let kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &[]).expect("kpr start");
     let pins = lab.bpffs_dir().join("kpr");

@@ -42,8 +42,7 @@ impl Setup {
             ..LabSpec::default()
         })
         .expect("lab up");
-        let dir = lab.work_dir().join("manifests");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = lab.manifest_dir().unwrap();
         write(&dir.join("svc.yaml"), manifest);
         let bin = kpr_path();
         assert!(

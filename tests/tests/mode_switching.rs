@@ -31,8 +31,7 @@ fn a_node_switches_from_kube_proxy_through_every_mode_one_restart_each() {
         ..LabSpec::default()
     })
     .expect("lab up");
-    let dir = lab.work_dir().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.manifest_dir().unwrap();
     std::fs::write(dir.join("svc.yaml"), MANIFEST).unwrap();
     let client = lab.clients()[0].clone();
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();

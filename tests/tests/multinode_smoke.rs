@@ -396,8 +396,7 @@ fn one_kpr_per_node() {
         bin.display()
     );
     let lab = Lab::up(two_node_spec("kpr2")).expect("lab up");
-    let dir = lab.work_dir().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.manifest_dir().unwrap();
     let endpoints: String = lab
         .backends()
         .iter()

@@ -124,8 +124,7 @@ fn two_nodes(tag: &str, mode: ProxyMode) -> TwoNodes {
         ..LabSpec::default()
     })
     .expect("lab up");
-    let dir = lab.work_dir().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.manifest_dir().unwrap();
     std::fs::write(dir.join("all.yaml"), manifests()).unwrap();
     // The external client reaches LoadBalancer and external IPs through node1.
     let ext_ns = lab.external_client().expect("external client").ns.clone();

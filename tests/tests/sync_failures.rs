@@ -33,8 +33,7 @@ fn setup(tag: &str, mode: ProxyMode) -> Setup {
         ..LabSpec::default()
     })
     .expect("lab up");
-    let dir = lab.work_dir().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = lab.manifest_dir().unwrap();
     write(
         &dir,
         &(service("keep", "10.96.0.10", "10.244.1.11")

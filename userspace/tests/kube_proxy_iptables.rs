@@ -156,16 +156,13 @@ fn run(steps: &[&Case]) -> Result<Vec<String>, String> {
                 .is_some_and(|s| !s.is_empty())
         };
         let ipt = IptablesConfig {
-            // kube-proxy's fake proxier spells the mark short; its fake iptables has no
-            // --random-fully unless the test says so.
-            mark: "0x4000".into(),
             random_fully: case
                 .proxier
                 .get("iptablesHasRandomFully")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
-            conntrack_tcp_liberal: false,
             nfacct: list("nfacctCounters"),
+            ..fake_proxier_config()
         };
         let s = syncer.get_or_insert_with(|| {
             RuleSyncer::new(cfg.clone(), cfg.nodeport_ips.is_some(), ipt.clone())
@@ -185,6 +182,17 @@ fn run(steps: &[&Case]) -> Result<Vec<String>, String> {
         out.push(s.commit(prepared).text);
     }
     Ok(out)
+}
+
+/// The settings of kube-proxy's fake proxier: the mark spelt short, no `--random-fully` (its
+/// fake iptables lacks it unless a test says so), no nfacct counters.
+fn fake_proxier_config() -> IptablesConfig {
+    IptablesConfig {
+        mark: "0x4000".into(),
+        random_fully: false,
+        conntrack_tcp_liberal: false,
+        nfacct: false,
+    }
 }
 
 /// The steps of a multi-step test up to `case` (its `stepN` siblings), or `case` alone.
@@ -373,12 +381,7 @@ fn packets_flow_through_kprs_rules_as_kube_proxys_tests_expect() {
         // A full sync of this step's state: the whole ruleset, as the kernel holds it.
         let text = match case.desired_state_and_config() {
             Ok((state, cfg)) => {
-                let ipt = IptablesConfig {
-                    mark: "0x4000".into(),
-                    random_fully: false,
-                    conntrack_tcp_liberal: false,
-                    nfacct: false,
-                };
+                let ipt = fake_proxier_config();
                 let s = RuleSyncer::new(cfg.clone(), cfg.nodeport_ips.is_some(), ipt);
                 render::standalone(&s.prepare(&state, true, None).rules.text)
             }
@@ -419,12 +422,7 @@ fn packets_flow_through_kprs_rules_as_kube_proxys_tests_expect() {
 #[test]
 fn kept_port_rules_equal_a_fresh_write() {
     let all = cases("iptables", "expected.iptables");
-    let ipt = IptablesConfig {
-        mark: "0x4000".into(),
-        random_fully: false,
-        conntrack_tcp_liberal: false,
-        nfacct: false,
-    };
+    let ipt = fake_proxier_config();
     let mut steps = Vec::new();
     for case in &all {
         if let Ok((state, cfg)) = case.desired_state_and_config() {
@@ -458,30 +456,8 @@ fn kept_port_rules_equal_a_fresh_write() {
 /// (endpoint chains lose their comments): no kept rule survives it.
 #[test]
 fn kept_port_rules_follow_the_large_cluster_mode() {
-    use std::fmt::Write as _;
-    let services = |n: usize| {
-        let mut y = String::new();
-        for i in 0..n {
-            let (hi, lo) = (i / 250, i % 250 + 1);
-            let _ = write!(
-                y,
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\n\
-                 spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: p, port: 80, protocol: TCP}}]\n---\n\
-                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  namespace: ns\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
-                 addressType: IPv4\nports: [{{name: p, port: 80, protocol: TCP}}]\nendpoints:\n  - addresses: [10.244.{hi}.{lo}]\n---\n"
-            );
-        }
-        let (snapshot, errors) =
-            kpr::source::manifest::load_text(std::path::Path::new("s.yaml"), &y, None);
-        assert!(errors.is_empty(), "{errors:?}");
-        kpr::model::build(&snapshot.services, &snapshot.slices).0
-    };
-    let ipt = IptablesConfig {
-        mark: "0x4000".into(),
-        random_fully: false,
-        conntrack_tcp_liberal: false,
-        nfacct: false,
-    };
+    let services = |n: usize| kube_proxy_cases::state_of(&kube_proxy_cases::many_services(n, 1));
+    let ipt = fake_proxier_config();
     let cfg = kpr::netfilter::plan::PlanConfig::default();
     let mut syncer = RuleSyncer::new(cfg.clone(), false, ipt.clone());
     for n in [10, 1_001, 10, 1_001] {

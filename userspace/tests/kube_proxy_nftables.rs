@@ -337,16 +337,6 @@ fn incremental_syncs_reach_the_table_a_whole_rewrite_writes() {
     }
 }
 
-/// The desired state of a manifest text.
-fn state_of(manifests: &str) -> kpr::model::DesiredState {
-    let (snapshot, errors) =
-        kpr::source::manifest::load_text(std::path::Path::new("steps.yaml"), manifests, None);
-    assert!(errors.is_empty(), "{errors:?}");
-    let (state, errors) = kpr::model::build(&snapshot.services, &snapshot.slices);
-    assert!(errors.is_empty(), "{errors:?}");
-    state
-}
-
 fn two_port_service(name: &str, ip: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
@@ -376,7 +366,7 @@ fn elements_shared_by_the_ports_of_a_service_go_with_the_last_of_them() {
     let mut syncer = NftSyncer::new(cfg.clone(), true, NftablesConfig::default());
     let mut now = Instant::now();
     for (i, manifests) in steps.iter().enumerate() {
-        let state = state_of(manifests);
+        let state = kube_proxy_cases::state_of(manifests);
         now += Duration::from_secs(2);
         let full = syncer.needs_full();
         let p = syncer.prepare(&state, full, now);

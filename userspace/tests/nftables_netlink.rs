@@ -189,24 +189,6 @@ fn incremental_transactions_reach_the_same_state_as_full_ones() {
     }
 }
 
-/// `n` ClusterIP Services with two endpoints each, as manifests.
-fn many_services(n: usize) -> String {
-    use std::fmt::Write as _;
-    let mut y = String::new();
-    for i in 0..n {
-        let (hi, lo) = (i / 250, i % 250 + 1);
-        let _ = write!(
-            y,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: big}}\n\
-             spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: p, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  namespace: big\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
-             addressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\n\
-             endpoints:\n  - addresses: [10.244.{hi}.{lo}]\n  - addresses: [10.245.{hi}.{lo}]\n---\n"
-        );
-    }
-    y
-}
-
 #[test]
 fn thousands_of_services_commit_in_one_transaction() {
     require();
@@ -214,15 +196,7 @@ fn thousands_of_services_commit_in_one_transaction() {
     // once all of it is processed; with one acknowledgement per message (libnftnl's default)
     // they overflowed the socket's receive queue (ENOBUFS) from about 1,000 Services on.
     const SERVICES: usize = 5_000;
-    let (snapshot, errors) = kpr::source::manifest::load_text(
-        std::path::Path::new("many.yaml"),
-        &many_services(SERVICES),
-        None,
-    );
-    assert!(errors.is_empty(), "{errors:?}");
-    let node = kpr::model::NodeContext::default();
-    let (state, errors) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &node);
-    assert!(errors.is_empty(), "{errors:?}");
+    let state = kube_proxy_cases::state_of(&kube_proxy_cases::many_services(SERVICES, 2));
     let cfg = kpr::netfilter::plan::PlanConfig::default();
     let mut syncer = NftSyncer::new(cfg, false, NftablesConfig::default());
     let ns = TestNetns::new("kpr-nftbig");
@@ -249,12 +223,7 @@ fn thousands_of_services_commit_in_one_transaction() {
     // A refused message deep in a large batch is still reported, naming it, and nothing of the
     // batch is applied: half the Services, with the deletion of a chain that does not exist
     // in the middle.
-    let (half, _) = kpr::source::manifest::load_text(
-        std::path::Path::new("half.yaml"),
-        &many_services(SERVICES / 2),
-        None,
-    );
-    let (half, _) = kpr::model::build_for_node(&half.services, &half.slices, &node);
+    let half = kube_proxy_cases::state_of(&kube_proxy_cases::many_services(SERVICES / 2, 2));
     let mut p = syncer.prepare(&half, true, Instant::now());
     let middle = p.ops.len() / 2;
     p.ops.insert(
@@ -295,15 +264,7 @@ fn an_affinity_timeout_change_applies_incrementally() {
     require();
     // The affinity sets keep their names when the timeout changes, and rules in the endpoint
     // chains refer to them: replacing them must not be refused as "in use".
-    let state = |timeout| {
-        let (snapshot, errors) = kpr::source::manifest::load_text(
-            std::path::Path::new("aff.yaml"),
-            &affinity_service(timeout),
-            None,
-        );
-        assert!(errors.is_empty(), "{errors:?}");
-        kpr::model::build(&snapshot.services, &snapshot.slices).0
-    };
+    let state = |timeout| kube_proxy_cases::state_of(&affinity_service(timeout));
     let ns = TestNetns::new("kpr-nftaff");
     let mut syncer = NftSyncer::new(
         kpr::netfilter::plan::PlanConfig::default(),

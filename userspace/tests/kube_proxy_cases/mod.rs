@@ -234,3 +234,35 @@ pub fn diff(want: &str, got: &str) -> String {
     }
     out
 }
+
+/// The desired state of a manifest text, which must be free of errors.
+pub fn state_of(manifests: &str) -> DesiredState {
+    let (snapshot, errors) =
+        kpr::source::manifest::load_text(Path::new("manifests.yaml"), manifests, None);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (state, errors) = kpr::model::build(&snapshot.services, &snapshot.slices);
+    assert!(errors.is_empty(), "{errors:?}");
+    state
+}
+
+/// `n` ClusterIP Services (10.100.0.0/16), each with `endpoints` endpoints (1 or 2), as
+/// manifests: what scale tests program.
+pub fn many_services(n: usize, endpoints: usize) -> String {
+    use std::fmt::Write as _;
+    let mut y = String::new();
+    for i in 0..n {
+        let (hi, lo) = (i / 250, i % 250 + 1);
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: big}}\n\
+             spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: p, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  namespace: big\n  labels: {{kubernetes.io/service-name: s{i}}}\n\
+             addressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n"
+        );
+        for subnet in [244, 245].iter().take(endpoints) {
+            let _ = writeln!(y, "  - addresses: [10.{subnet}.{hi}.{lo}]");
+        }
+        y.push_str("---\n");
+    }
+    y
+}
