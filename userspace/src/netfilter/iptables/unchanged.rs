@@ -19,13 +19,17 @@ pub struct LoadedChains {
     digests: HashMap<(String, String), u64>,
 }
 
-/// A restore input with the unchanged chains left out, and the digests to keep once it is
+/// A restore input with the unchanged chains left out, and how the digests change once it is
 /// loaded.
 pub struct Reduced {
     pub text: String,
     /// Chains left out.
     pub omitted: usize,
-    digests: HashMap<(String, String), u64>,
+    /// The digests start afresh (a full sync).
+    full: bool,
+    /// Chains written (with their new digests) and chains deleted.
+    written: Vec<((String, String), u64)>,
+    deleted: Vec<(String, String)>,
 }
 
 impl LoadedChains {
@@ -33,22 +37,17 @@ impl LoadedChains {
     /// `full`: nothing is left out (and the digests start afresh).
     pub fn reduce(&self, input: &str, full: bool) -> Reduced {
         let chains = rules_by_chain(input);
-        let mut digests = if full {
-            HashMap::new()
-        } else {
-            self.digests.clone()
-        };
         let mut omit: HashSet<(&str, &str)> = HashSet::new();
+        let (mut written, mut deleted) = (Vec::new(), Vec::new());
         for ((table, chain), c) in &chains {
             let k = (table.to_string(), chain.to_string());
             if c.deleted {
-                digests.remove(&k);
-                continue;
-            }
-            if !full && self.digests.get(&k) == Some(&c.digest) {
+                deleted.push(k);
+            } else if !full && self.digests.get(&k) == Some(&c.digest) {
                 omit.insert((table, chain));
+            } else {
+                written.push((k, c.digest));
             }
-            digests.insert(k, c.digest);
         }
         let mut text = String::with_capacity(input.len());
         let mut table = "";
@@ -68,13 +67,21 @@ impl LoadedChains {
         Reduced {
             text,
             omitted: omit.len(),
-            digests,
+            full,
+            written,
+            deleted,
         }
     }
 
     /// `reduced` was loaded.
     pub fn loaded(&mut self, reduced: Reduced) {
-        self.digests = reduced.digests;
+        if reduced.full {
+            self.digests.clear();
+        }
+        for k in reduced.deleted {
+            self.digests.remove(&k);
+        }
+        self.digests.extend(reduced.written);
     }
 
     /// What the kernel holds is unknown (a restore failed).
