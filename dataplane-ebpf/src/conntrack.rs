@@ -1,26 +1,47 @@
 //! Connection tracking for north-south flows (the tc programs).
 //!
-//! Each translated flow has two entries in `KPR_CT4_V1` (an LRU hash, so flows that end are
-//! never deleted explicitly: the LRU evicts them, and the agent purges the entries of backends
-//! that left the service):
+//! Each translated flow has two entries (see `Ct4Key`):
 //! - forward, keyed by the packet as the client sends it (client → frontend): which backend
 //!   the flow goes to. Looked up by every ingress packet to an external frontend, so a flow
 //!   stays on its backend even when the service's backend set changes;
 //! - reverse, keyed by the reply as the backend sends it (backend → client): which frontend
 //!   to show the client again. Looked up by every egress packet.
 //!
-//! There is no TCP state machine and no timeout: an entry lives until the LRU evicts it or the
-//! agent purges it. A TCP flow starts only at a SYN (see the tc module), so a stale entry can
-//! only be reused by a new connection from the same client port to the same frontend, which
-//! then goes to the backend the previous one used, if that backend is still in the service.
+//! Entries have a state (`CT_FLAG_*`: reply seen, FIN from either side, RST) and a lifetime
+//! that follows it (`CtTimeouts`, netfilter's defaults with kube-proxy's settings). An expired
+//! entry is ignored and removed by the packet that finds it; the agent's garbage collector
+//! removes the rest.
+//!
+//! Two maps, so that a flood of new flows cannot evict established ones (netfilter's early
+//! drop of unassured entries does the same):
+//! - `KPR_CT4NEW_V1` (LRU) holds flows that are not established yet: a TCP flow until the
+//!   client's first segment after the backend answered, a UDP flow until the first reply;
+//! - `KPR_CT4_V2` (hash, not evicted) holds established flows. A flow moves there when it
+//!   becomes established; if that map is full it stays among the new ones (counted).
+//!
+//! A reply tuple is shared between a translated flow and a direct connection from the same
+//! client port to the backend's own address (a pod IP routed to the node): replies of both
+//! look alike on egress. A new connection kpr does not translate (a TCP SYN, or a UDP packet,
+//! to an address that is not a frontend) therefore removes the translated flow whose reply
+//! tuple it has ([`replace_untranslated`]): the newer connection wins, as it would win a
+//! client port in the client's own stack.
 
-use kpr_common::{Counter, Ct4Key, Ct4Value, Service4Key, CT_DIR_FORWARD, CT_DIR_REVERSE};
+use kpr_common::{
+    ct_tcp_closed, Counter, Ct4Key, Ct4Value, CtTimeouts, Service4Key, CT_DIR_FORWARD,
+    CT_DIR_REVERSE, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_MASQ, CT_FLAG_RST,
+    CT_FLAG_SEEN_REPLY, IPPROTO_TCP, IPPROTO_UDP,
+};
 
-use crate::{backend_slot, packet::Packet, CONNTRACK};
+use crate::{backend_slot, count, packet::Packet, CONNTRACK, CONNTRACK_NEW};
 
-/// How often (at most) a flow's `last_seen_ns` is refreshed: writing the entry on every packet
-/// would cost a map update per packet for information the agent only needs coarsely.
+/// How often (at most) a flow's `last_seen_ns` is refreshed: writing the entries on every
+/// packet would cost two map updates per packet for a lifetime that only needs seconds.
 const REFRESH_NS: u64 = 1_000_000_000;
+
+/// Lifetimes by state, set by the agent at load time (a read-only global: the verifier sees
+/// the agent's values).
+#[no_mangle]
+static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
 
 /// The backend a flow goes to.
 #[derive(Clone, Copy)]
@@ -31,6 +52,146 @@ pub struct Choice {
     pub port_be: u16,
     /// Masquerade the flow (externalTrafficPolicy: Cluster).
     pub masq: bool,
+}
+
+/// Which conntrack map an entry is in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Established,
+    New,
+}
+
+impl Table {
+    #[inline(always)]
+    fn get_ptr_mut(self, key: &Ct4Key) -> Option<*mut Ct4Value> {
+        match self {
+            Table::Established => CONNTRACK.get_ptr_mut(key),
+            Table::New => CONNTRACK_NEW.get_ptr_mut(key),
+        }
+    }
+
+    #[inline(always)]
+    fn insert(self, key: &Ct4Key, value: &Ct4Value) -> Result<(), i32> {
+        match self {
+            Table::Established => CONNTRACK.insert(key, value, 0).map(|_| ()),
+            Table::New => CONNTRACK_NEW.insert(key, value, 0).map(|_| ()),
+        }
+    }
+
+    #[inline(always)]
+    fn remove(self, key: &Ct4Key) {
+        // A missing key is fine: another CPU removed it, or the LRU evicted it.
+        let _ = match self {
+            Table::Established => CONNTRACK.remove(key),
+            Table::New => CONNTRACK_NEW.remove(key),
+        };
+    }
+}
+
+/// An entry found by [`find`]: a copy, and where it lives.
+struct Found {
+    ptr: *mut Ct4Value,
+    value: Ct4Value,
+    table: Table,
+}
+
+/// The entry of `key`, established flows first (the common case for a packet that has one).
+#[inline(always)]
+fn find(key: &Ct4Key) -> Option<Found> {
+    let (ptr, table) = match Table::Established.get_ptr_mut(key) {
+        Some(p) => (p, Table::Established),
+        None => (Table::New.get_ptr_mut(key)?, Table::New),
+    };
+    // SAFETY: a pointer to a map value, valid for this program run; copied once.
+    let value = unsafe { *ptr };
+    Some(Found { ptr, value, table })
+}
+
+#[inline(always)]
+fn timeouts() -> CtTimeouts {
+    // SAFETY: a plain static; read_volatile keeps the compiler from folding in the default the
+    // agent replaces at load time.
+    unsafe { core::ptr::read_volatile(&CT_TIMEOUTS) }
+}
+
+/// The entry is still within its lifetime. A `last_seen_ns` a little ahead of `now` (written
+/// by another CPU meanwhile) counts as just seen.
+#[inline(always)]
+fn alive(key: &Ct4Key, v: &Ct4Value, now: u64) -> bool {
+    let lifetime_ns = u64::from(timeouts().lifetime_s(key.proto, v.flags)) * 1_000_000_000;
+    now.saturating_sub(v.last_seen_ns) <= lifetime_ns
+}
+
+/// The other entry of the flow `key` belongs to.
+#[inline(always)]
+fn sibling(key: &Ct4Key, v: &Ct4Value) -> Ct4Key {
+    if key.dir == CT_DIR_FORWARD {
+        // client → frontend; the reply is backend → client.
+        Ct4Key {
+            saddr_be: v.address_be,
+            daddr_be: key.saddr_be,
+            sport_be: v.port_be,
+            dport_be: key.sport_be,
+            proto: key.proto,
+            dir: CT_DIR_REVERSE,
+            pad: [0; 2],
+        }
+    } else {
+        // backend → client; the request was client → frontend.
+        Ct4Key {
+            saddr_be: key.daddr_be,
+            daddr_be: v.address_be,
+            sport_be: key.dport_be,
+            dport_be: v.port_be,
+            proto: key.proto,
+            dir: CT_DIR_FORWARD,
+            pad: [0; 2],
+        }
+    }
+}
+
+/// Removes the flow `key` belongs to (both entries).
+#[inline(always)]
+fn remove_flow(found: &Found, key: &Ct4Key) {
+    found.table.remove(&sibling(key, &found.value));
+    found.table.remove(key);
+}
+
+/// Writes `flags` and `now` into the entry and its sibling (same map).
+#[inline(always)]
+fn touch(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
+    // SAFETY: pointers to map values, valid for this program run. Another CPU may write the
+    // same entries at the same time; both store the same backend and a similar time, and flags
+    // only ever gain bits, so a lost update costs at most one more refresh.
+    unsafe {
+        (*found.ptr).flags = flags;
+        (*found.ptr).last_seen_ns = now;
+        (*found.ptr).slot = slot;
+    }
+    if let Some(other) = found.table.get_ptr_mut(&sibling(key, &found.value)) {
+        // SAFETY: as above.
+        unsafe {
+            (*other).flags = flags;
+            (*other).last_seen_ns = now;
+            (*other).slot = slot;
+        }
+    }
+}
+
+/// The state bits a TCP packet adds: `fin` (the sender's FIN bit) and RST.
+#[inline(always)]
+fn tcp_flags_of(pkt: &Packet, fin: u8) -> u8 {
+    if pkt.proto != IPPROTO_TCP {
+        return 0;
+    }
+    let mut f = 0;
+    if pkt.is_tcp_fin() {
+        f |= fin;
+    }
+    if pkt.is_tcp_rst() {
+        f |= CT_FLAG_RST;
+    }
+    f
 }
 
 #[inline(always)]
@@ -50,54 +211,107 @@ pub fn forward_key(pkt: &Packet) -> Ct4Key {
 #[inline(always)]
 pub fn reply_key(pkt: &Packet) -> Ct4Key {
     Ct4Key {
-        saddr_be: pkt.saddr,
-        daddr_be: pkt.daddr,
-        sport_be: pkt.sport,
-        dport_be: pkt.dport,
-        proto: pkt.proto,
         dir: CT_DIR_REVERSE,
-        pad: [0; 2],
+        ..forward_key(pkt)
     }
 }
 
-/// The backend of a known flow, if the flow is known and its backend is still one of the
-/// frontend's (`count` slots of `frontend`). A flow whose backend left the service gets None:
-/// the caller treats it as a new flow (re-balanced if it may start one, i.e. UDP or a TCP SYN;
-/// a TCP segment of it goes to the stack, which resets the connection, as the backend is gone).
+/// The backend of a known flow of `pkt` (client → `frontend`, which has `count` slots), if
+/// the flow is alive and its backend still one of the frontend's. Otherwise the flow's
+/// entries go and the caller treats the packet as one of no known flow (re-balanced if it may
+/// start one, i.e. UDP or a TCP SYN; a TCP segment goes to the stack, which resets the
+/// connection, as the backend is gone). A SYN from the client port of a TCP flow that closed
+/// starts a new connection.
 #[inline(always)]
-pub fn lookup(key: &Ct4Key, frontend: &Service4Key, count: u16, now: u64) -> Option<Choice> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a pointer to the map value, valid for this program run; read once.
-    let ct: Ct4Value = unsafe { *entry };
-    let slot = backend_slot(frontend, count, ct.slot, ct.backend_id)?;
-    if slot != ct.slot || now.wrapping_sub(ct.last_seen_ns) > REFRESH_NS {
-        // SAFETY: as above. Another CPU may write the same entry at the same time; both
-        // writers store the same backend and a similar time, so either result is fine.
-        unsafe {
-            (*entry).slot = slot;
-            (*entry).last_seen_ns = now;
-        }
+pub fn lookup(pkt: &Packet, frontend: &Service4Key, count_: u16, now: u64) -> Option<Choice> {
+    let key = forward_key(pkt);
+    let found = find(&key)?;
+    let ct = found.value;
+    if !alive(&key, &ct, now) {
+        count(Counter::TcCtExpired);
+        remove_flow(&found, &key);
+        return None;
+    }
+    if pkt.is_tcp_syn() && ct_tcp_closed(ct.flags) {
+        remove_flow(&found, &key);
+        return None;
+    }
+    let Some(slot) = backend_slot(frontend, count_, ct.slot, ct.backend_id) else {
+        remove_flow(&found, &key);
+        return None;
+    };
+    let flags = ct.flags | tcp_flags_of(pkt, CT_FLAG_FIN_CLIENT);
+    if found.table == Table::New
+        && pkt.proto == IPPROTO_TCP
+        && ct.flags & CT_FLAG_SEEN_REPLY != 0
+        && !pkt.is_tcp_syn()
+    {
+        // The client answered the backend's SYN-ACK: the connection is established.
+        establish(&found, &key, flags, slot, now);
+    } else if flags != ct.flags
+        || slot != ct.slot
+        || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS
+    {
+        touch(&found, &key, flags, slot, now);
     }
     Some(Choice {
         backend_id: ct.backend_id,
         slot,
         address_be: ct.address_be,
         port_be: ct.port_be,
-        masq: ct.flags & kpr_common::CT_FLAG_MASQ != 0,
+        masq: ct.flags & CT_FLAG_MASQ != 0,
     })
 }
 
-/// Records a new flow of `pkt` (client → frontend) to `choice`. The reverse entry is written
-/// first: a forward entry without its reverse would translate requests whose replies are then
-/// not translated back. A reverse entry without a forward one (the second write failed) is
-/// harmless and evicted by the LRU.
+/// Moves the flow of `found` (a new flow) to the established map with `flags`. When that map
+/// is full the flow stays where it is, updated.
+#[inline(always)]
+fn establish(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
+    let value = Ct4Value {
+        flags,
+        last_seen_ns: now,
+        slot,
+        ..found.value
+    };
+    let other_key = sibling(key, &found.value);
+    // The sibling's value from this one's: the address and port are the other end's.
+    let other = Ct4Value {
+        address_be: if key.dir == CT_DIR_FORWARD {
+            key.daddr_be
+        } else {
+            key.saddr_be
+        },
+        port_be: if key.dir == CT_DIR_FORWARD {
+            key.dport_be
+        } else {
+            key.sport_be
+        },
+        ..value
+    };
+    if Table::Established.insert(&other_key, &other).is_err() {
+        count(Counter::CtEstablishedFull);
+        touch(found, key, flags, slot, now);
+        return;
+    }
+    if Table::Established.insert(key, &value).is_err() {
+        Table::Established.remove(&other_key);
+        count(Counter::CtEstablishedFull);
+        touch(found, key, flags, slot, now);
+        return;
+    }
+    Table::New.remove(&other_key);
+    Table::New.remove(key);
+}
+
+/// Records a new flow of `pkt` (client → frontend) to `choice`, among the new flows. The
+/// reverse entry is written first: a forward entry without its reverse would translate
+/// requests whose replies are then not translated back. A reverse entry without a forward one
+/// (the second write failed) is harmless and evicted by the LRU. An older flow with the same
+/// reply tuple (the same client port, earlier, to another frontend of the same backend) is
+/// removed first, or its reverse entry would still answer for the replies.
 #[inline(always)]
 pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Result<(), Counter> {
-    let flags = if choice.masq {
-        kpr_common::CT_FLAG_MASQ
-    } else {
-        0
-    };
+    let flags = if choice.masq { CT_FLAG_MASQ } else { 0 };
     let reverse_key = Ct4Key {
         saddr_be: choice.address_be,
         daddr_be: pkt.saddr,
@@ -107,6 +321,9 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
         dir: CT_DIR_REVERSE,
         pad: [0; 2],
     };
+    if let Some(old) = find(&reverse_key) {
+        remove_flow(&old, &reverse_key);
+    }
     let reverse = Ct4Value {
         last_seen_ns: now,
         backend_id: choice.backend_id,
@@ -117,7 +334,7 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
         flags,
         pad: [0; 7],
     };
-    if CONNTRACK.insert(reverse_key, reverse, 0).is_err() {
+    if Table::New.insert(&reverse_key, &reverse).is_err() {
         return Err(Counter::CtCreateFailed);
     }
     let forward = Ct4Value {
@@ -125,17 +342,54 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
         port_be: choice.port_be,
         ..reverse
     };
-    if CONNTRACK.insert(forward_key(pkt), forward, 0).is_err() {
+    if Table::New.insert(&forward_key(pkt), &forward).is_err() {
         return Err(Counter::CtCreateFailed);
     }
     Ok(())
 }
 
-/// The frontend to show for a reply, if `key` (a reply as the backend sends it) belongs to a
-/// tracked flow: (frontend address, frontend port).
+/// The frontend to show for a reply `pkt` (backend → client), if it belongs to a live
+/// translated flow: (frontend address, frontend port). The reply updates the flow's state; a
+/// UDP flow's first reply establishes it.
 #[inline(always)]
-pub fn reverse(key: &Ct4Key) -> Option<(u32, u16)> {
-    // SAFETY: plain data, copied out at once.
-    let v = unsafe { CONNTRACK.get(key) }?;
-    Some((v.address_be, v.port_be))
+pub fn reverse(pkt: &Packet, now: u64) -> Option<(u32, u16)> {
+    let key = reply_key(pkt);
+    let found = find(&key)?;
+    let ct = found.value;
+    if !alive(&key, &ct, now) {
+        count(Counter::TcCtExpired);
+        remove_flow(&found, &key);
+        return None;
+    }
+    let flags = ct.flags | CT_FLAG_SEEN_REPLY | tcp_flags_of(pkt, CT_FLAG_FIN_BACKEND);
+    if found.table == Table::New && pkt.proto == IPPROTO_UDP {
+        establish(&found, &key, flags, ct.slot, now);
+    } else if flags != ct.flags || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
+        touch(&found, &key, flags, ct.slot, now);
+    }
+    Some((ct.address_be, ct.port_be))
+}
+
+/// `pkt` reached the node for an address that is not a frontend: kpr does not translate it.
+/// If it opens a connection (a TCP SYN; any UDP packet, as UDP has no opening) whose reply
+/// tuple is a translated flow's, that flow goes (see the module doc).
+#[inline(always)]
+pub fn replace_untranslated(pkt: &Packet) {
+    if !(pkt.proto == IPPROTO_UDP || pkt.is_tcp_syn()) {
+        return;
+    }
+    // The replies of `pkt`'s connection: from its destination back to its source.
+    let key = Ct4Key {
+        saddr_be: pkt.daddr,
+        daddr_be: pkt.saddr,
+        sport_be: pkt.dport,
+        dport_be: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REVERSE,
+        pad: [0; 2],
+    };
+    if let Some(found) = find(&key) {
+        remove_flow(&found, &key);
+        count(Counter::TcCtReplaced);
+    }
 }

@@ -19,7 +19,7 @@ mod packet;
 mod tc;
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
@@ -33,8 +33,8 @@ use kpr_common::{
     Affinity4Key, Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Ct4Key, Ct4Value,
     Service4Key, Service4Value, SockFwd4Key, SockFwd4Value, SockRevNat4Key, SockRevNat4Value,
     SrcRange4Key, AFFINITY_MAP_MAX, AFFINITY_SCAN_MAX, BACKENDS_MAP_MAX, COUNTER_MAX, CT_MAP_MAX,
-    IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX, SRC_RANGE_MAP_MAX,
-    SVC_FLAG_AFFINITY,
+    CT_NEW_MAP_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX,
+    SRC_RANGE_MAP_MAX, SVC_FLAG_AFFINITY,
 };
 
 // Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
@@ -61,10 +61,15 @@ static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(A
 #[map(name = "KPR_CNT_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
 
-// North-south conntrack (tc programs), two entries per flow. LRU: ended flows are evicted, not
-// deleted; the agent purges the entries of backends that left. The agent sizes it at load time.
-#[map(name = "KPR_CT4_V1")]
-static CONNTRACK: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(CT_MAP_MAX, 0);
+// North-south conntrack (tc programs), two entries per flow (see the conntrack module).
+// Established flows: never evicted, so allocated as they come (no preallocation); entries go
+// when they expire or are replaced. The agent sizes both maps at load time.
+#[map(name = "KPR_CT4_V2")]
+static CONNTRACK: HashMap<Ct4Key, Ct4Value> = HashMap::pinned(CT_MAP_MAX, BPF_F_NO_PREALLOC);
+
+// Flows not established yet: LRU, so a flood of them evicts only each other.
+#[map(name = "KPR_CT4NEW_V1")]
+static CONNTRACK_NEW: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(CT_NEW_MAP_MAX, 0);
 
 // Session affinity of clients outside the node, keyed by client address (tc programs). LRU as
 // AFFINITY.

@@ -29,7 +29,9 @@ const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 const IP_OFFSET: u16 = 0x1fff;
 
 /// TCP header flags (byte 13).
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// The fixed IPv4 header, as on the wire.
@@ -90,6 +92,16 @@ impl Packet {
     #[inline(always)]
     pub fn is_tcp_syn(&self) -> bool {
         self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+
+    #[inline(always)]
+    pub fn is_tcp_fin(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & TCP_FLAG_FIN != 0
+    }
+
+    #[inline(always)]
+    pub fn is_tcp_rst(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & TCP_FLAG_RST != 0
     }
 
     /// Offset of the L4 checksum field.

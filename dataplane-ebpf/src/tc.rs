@@ -6,7 +6,7 @@
 //!
 //! - `kpr_tc_ingress` looks up the destination in the services map's external scope
 //!   (`SCOPE_EXTERNAL`, whose slots follow externalTrafficPolicy), keeps each flow on one
-//!   backend through conntrack (`KPR_CT4_V1`), rewrites the destination (DNAT) and lets the
+//!   backend through conntrack (`KPR_CT4NEW_V1`, `KPR_CT4_V2`: see the conntrack module), rewrites the destination (DNAT) and lets the
 //!   stack route the packet to the local pod or to the node of a remote one.
 //! - `kpr_tc_egress` rewrites the source of replies (backend → client) back to the frontend.
 //!
@@ -100,7 +100,11 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
     // SAFETY: values are plain data, copied out at once.
     let frontend: Service4Value = match unsafe { SERVICES.get(frontend_key) } {
         Some(v) => *v,
-        None => return Ok(Verdict::Pass),
+        None => {
+            // Not translated, but its replies may look like a translated flow's.
+            conntrack::replace_untranslated(&pkt);
+            return Ok(Verdict::Pass);
+        }
     };
 
     // loadBalancerSourceRanges come first: a client outside them learns nothing about the
@@ -127,8 +131,7 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
 
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let fwd_key = conntrack::forward_key(&pkt);
-    let choice = match conntrack::lookup(&fwd_key, &frontend_key, frontend.count, now) {
+    let choice = match conntrack::lookup(&pkt, &frontend_key, frontend.count, now) {
         Some(c) => {
             count(Counter::TcCtReused);
             c
@@ -241,7 +244,9 @@ fn egress(ctx: &TcContext) -> Result<Verdict, Counter> {
     };
     // netfilter undid the masquerade when the reply entered the node (nat prerouting), so a
     // reply reads backend → client here.
-    let Some((address_be, port_be)) = conntrack::reverse(&conntrack::reply_key(&pkt)) else {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some((address_be, port_be)) = conntrack::reverse(&pkt, now) else {
         return Ok(Verdict::Pass);
     };
     packet::rewrite(ctx, &pkt, End::Src, address_be, port_be).map_err(|_| Counter::DropRewrite)?;

@@ -199,7 +199,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
         },
         &kpr::ebpf::TcConfig {
             devices,
-            ct_max: kpr_common::CT_MAP_MAX,
+            conntrack: kpr::ebpf::conntrack::ConntrackConfig::default(),
         },
     )?;
     tracing::info!(attached = ?dataplane.tc_attachments(), "tc programs");

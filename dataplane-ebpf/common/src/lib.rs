@@ -28,11 +28,23 @@ pub const AFFINITY_MAP: &str = "KPR_AFF4_V1";
 pub const AFFINITY_MAP_MAX: u32 = 262_144;
 /// Per-CPU datapath counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "KPR_CNT_V1";
-/// North-south connection tracking (tc programs): [`Ct4Key`] → [`Ct4Value`], LRU.
-pub const CT_MAP: &str = "KPR_CT4_V1";
-/// Default size of [`CT_MAP`]; the agent overrides it at load time (`map_max_entries`). Each
-/// connection takes two entries (forward and reverse).
+/// North-south connection tracking (tc programs) of flows that are established (TCP: the
+/// handshake completed; UDP: a reply came): [`Ct4Key`] → [`Ct4Value`], a hash without
+/// preallocation, so memory follows the number of flows. Never evicted: an entry goes when it
+/// expires (the agent's garbage collector) or when a new connection replaces it.
+pub const CT_MAP: &str = "KPR_CT4_V2";
+/// Flows that are not established yet (a TCP SYN, UDP without a reply), LRU: a flood of new
+/// flows evicts only other new flows, never an established one (netfilter's "early drop" of
+/// unassured entries).
+pub const CT_NEW_MAP: &str = "KPR_CT4NEW_V1";
+/// The single LRU conntrack map of older agents (no states, same key and value layout). The
+/// agent moves its entries into [`CT_MAP`] at start and removes it.
+pub const CT_MAP_V1: &str = "KPR_CT4_V1";
+/// Default capacity of [`CT_MAP`]: kube-proxy's default `--conntrack-min` (131072 connections),
+/// two entries per connection. The agent sizes it from the conntrack settings at load time.
 pub const CT_MAP_MAX: u32 = 262_144;
+/// Default capacity of [`CT_NEW_MAP`] (half of [`CT_MAP`]'s connections). Preallocated (LRU).
+pub const CT_NEW_MAP_MAX: u32 = 131_072;
 /// Session affinity for traffic from outside the node (tc programs): [`AffinityExt4Key`] →
 /// [`Affinity4Value`], LRU.
 pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V1";
@@ -296,6 +308,16 @@ pub enum Counter {
     TcCtMissNotSyn = 17,
     /// tc ingress/egress: rewriting the packet (store or checksum helper) failed; dropped.
     DropRewrite = 18,
+    /// tc: a conntrack entry had outlived its lifetime when a packet looked it up; removed, and
+    /// the packet treated as one of no known flow.
+    TcCtExpired = 19,
+    /// tc ingress: a new connection kpr does not translate (a TCP SYN or a UDP packet to an
+    /// address that is not a frontend) has the reply tuple of a translated flow; the flow's
+    /// entries were removed, so the new connection's replies are not rewritten.
+    TcCtReplaced = 20,
+    /// tc: a flow could not be moved to the established map (full); it stays among the new
+    /// flows, where a flood of new flows may evict it.
+    CtEstablishedFull = 21,
 }
 
 /// Number of counters; size of [`COUNTERS_MAP`]. (Was 16 before the tc counters: a pin left by
@@ -303,7 +325,7 @@ pub enum Counter {
 pub const COUNTER_MAX: u32 = 32;
 
 impl Counter {
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 22] = [
         Counter::Translated,
         Counter::DropNoBackend,
         Counter::DropBackendMissing,
@@ -323,6 +345,9 @@ impl Counter {
         Counter::TcNoBackendPassed,
         Counter::TcCtMissNotSyn,
         Counter::DropRewrite,
+        Counter::TcCtExpired,
+        Counter::TcCtReplaced,
+        Counter::CtEstablishedFull,
     ];
 
     /// Name used in logs and metrics.
@@ -347,11 +372,14 @@ impl Counter {
             Counter::TcNoBackendPassed => "tc_no_backend_passed",
             Counter::TcCtMissNotSyn => "tc_ct_miss_not_syn",
             Counter::DropRewrite => "drop_rewrite",
+            Counter::TcCtExpired => "tc_ct_expired",
+            Counter::TcCtReplaced => "tc_ct_replaced",
+            Counter::CtEstablishedFull => "ct_established_full",
         }
     }
 }
 
-/// Key of the conntrack map ([`CT_MAP`]): one direction of a north-south flow.
+/// Key of the conntrack maps ([`CT_MAP`], [`CT_NEW_MAP`]): one direction of a north-south flow.
 ///
 /// Forward entries ([`CT_DIR_FORWARD`]) are keyed by the packet as the client sends it
 /// (client → frontend); reverse entries ([`CT_DIR_REVERSE`]) by the reply as the backend sends
@@ -372,16 +400,19 @@ pub struct Ct4Key {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REVERSE: u8 = 1;
 
-/// Value of the conntrack map.
+/// Value of the conntrack maps.
 ///
 /// Forward entry: `address_be`/`port_be` are the backend's (the DNAT target); reverse entry:
 /// the frontend's (the SNAT source of replies). Both carry the backend id so the agent can
-/// purge the entries of a backend that left (`purge_conntrack`).
+/// purge the entries of a backend that left (`purge_conntrack`). The two entries of a flow
+/// are kept alike (same `flags`, `last_seen_ns` within the refresh interval): a packet in
+/// either direction refreshes both, as one netfilter conntrack entry covers both directions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Ct4Value {
     /// bpf_ktime_get_ns() when the flow was created or last refreshed (refreshed at most about
-    /// once a second, to keep writes off the per-packet path).
+    /// once a second, to keep writes off the per-packet path). The entry expires
+    /// [`CtTimeouts::lifetime_s`] after it.
     pub last_seen_ns: u64,
     pub backend_id: u32,
     pub rev_nat_id: u32,
@@ -396,6 +427,81 @@ pub struct Ct4Value {
 
 /// The flow is masqueraded (externalTrafficPolicy: Cluster): its packets get [`KPR_MASQ_MARK`].
 pub const CT_FLAG_MASQ: u8 = 1 << 0;
+/// A reply (backend → client) was seen.
+pub const CT_FLAG_SEEN_REPLY: u8 = 1 << 1;
+/// TCP: the client sent a FIN.
+pub const CT_FLAG_FIN_CLIENT: u8 = 1 << 2;
+/// TCP: the backend sent a FIN.
+pub const CT_FLAG_FIN_BACKEND: u8 = 1 << 3;
+/// TCP: either side sent a RST.
+pub const CT_FLAG_RST: u8 = 1 << 4;
+
+/// A TCP flow that is over: reset, or closed from both sides. A SYN from its client port
+/// starts a new connection instead of reusing it.
+pub const fn ct_tcp_closed(flags: u8) -> bool {
+    flags & CT_FLAG_RST != 0
+        || flags & (CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND)
+            == CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND
+}
+
+/// Lifetimes of conntrack entries, in seconds, by protocol and state: netfilter's defaults
+/// with kube-proxy's settings (`--conntrack-tcp-timeout-established`,
+/// `--conntrack-tcp-timeout-close-wait`, `--conntrack-udp-timeout`,
+/// `--conntrack-udp-timeout-stream`). A read-only global of the tc programs, set by the agent
+/// at load time (`CT_TIMEOUTS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    /// TCP before the handshake completed (netfilter's SYN_SENT is 120 s; Cilium's 60 s).
+    pub tcp_syn_s: u32,
+    /// TCP established (kube-proxy's default 24 h).
+    pub tcp_established_s: u32,
+    /// TCP closed from one side only (kube-proxy's CLOSE_WAIT default, 1 h).
+    pub tcp_half_closed_s: u32,
+    /// TCP reset or closed from both sides (netfilter's CLOSE, 10 s): long enough for the last
+    /// ACK and retransmitted FINs, short enough that a reused client port meets no old flow.
+    pub tcp_closed_s: u32,
+    /// UDP without a reply yet (netfilter's default 30 s).
+    pub udp_s: u32,
+    /// UDP with replies (netfilter's stream default 120 s).
+    pub udp_stream_s: u32,
+}
+
+impl CtTimeouts {
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_syn_s: 60,
+        tcp_established_s: 24 * 3600,
+        tcp_half_closed_s: 3600,
+        tcp_closed_s: 10,
+        udp_s: 30,
+        udp_stream_s: 120,
+    };
+
+    /// How long an entry of protocol `proto` with `flags` lives after its last packet.
+    pub const fn lifetime_s(&self, proto: u8, flags: u8) -> u32 {
+        if proto == IPPROTO_TCP {
+            if ct_tcp_closed(flags) {
+                self.tcp_closed_s
+            } else if flags & (CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND) != 0 {
+                self.tcp_half_closed_s
+            } else if flags & CT_FLAG_SEEN_REPLY != 0 {
+                self.tcp_established_s
+            } else {
+                self.tcp_syn_s
+            }
+        } else if flags & CT_FLAG_SEEN_REPLY != 0 {
+            self.udp_stream_s
+        } else {
+            self.udp_s
+        }
+    }
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
 
 /// Key of the external session-affinity map ([`AFFINITY_EXT_MAP`]): a client address and a
 /// frontend. Traffic from outside the node has a real client address (unlike the socket path,
@@ -441,6 +547,7 @@ const _: () = assert!(core::mem::size_of::<Affinity4Value>() == 16);
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
 const _: () = assert!(core::mem::size_of::<AffinityExt4Key>() == 8);
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 24);
 const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 8);
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
 // Every counter's index is its position in ALL: the agent reads them in that order.
@@ -468,6 +575,7 @@ mod user {
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for Ct4Value {}
+    unsafe impl aya::Pod for CtTimeouts {}
     unsafe impl aya::Pod for AffinityExt4Key {}
     unsafe impl aya::Pod for SrcRange4Key {}
 }

@@ -2,6 +2,7 @@
 //! programs to a cgroup v2 directory and the north-south programs to the node's external
 //! devices (see [`tc`]), and keeps the maps in sync with the model.
 
+pub mod conntrack;
 pub mod maps;
 pub mod sync;
 pub mod tc;
@@ -16,10 +17,11 @@ use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
-    Counter, Ct4Key, Ct4Value, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_MAP_MAX,
-    SERVICES_MAP, SRC_RANGE_MAP,
+    Counter, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_NEW_MAP, SERVICES_MAP,
+    SRC_RANGE_MAP,
 };
 
+use self::conntrack::{ConntrackConfig, ConntrackError, ConntrackMaps, SweepStats};
 use self::maps::{AyaLbMaps, LbMaps, MapOpError, SrcRangeMap};
 use self::sync::{LbSyncer, SyncError, SyncStats};
 use self::tc::TcLinks;
@@ -55,6 +57,8 @@ pub enum EbpfError {
     Device(String, String),
     #[error(transparent)]
     Sync(#[from] SyncError),
+    #[error(transparent)]
+    Conntrack(#[from] ConntrackError),
 }
 
 /// Where the dataplane pins its maps and which cgroup it serves.
@@ -80,16 +84,16 @@ pub struct TcConfig {
     /// network namespace. Empty: none (the programs are still loaded and verified). The agent
     /// passes `--devices`, or [`tc::default_devices`] when that is empty.
     pub devices: Vec<String>,
-    /// Capacity of the conntrack map (two entries per flow). A map already pinned keeps its
-    /// size (and its flows); remove the pin to resize.
-    pub ct_max: u32,
+    /// Sizes and lifetimes of the conntrack maps. Maps already pinned keep their size (and
+    /// their flows); remove the pins to resize.
+    pub conntrack: ConntrackConfig,
 }
 
 impl Default for TcConfig {
     fn default() -> Self {
         Self {
             devices: Vec::new(),
-            ct_max: CT_MAP_MAX,
+            conntrack: ConntrackConfig::default(),
         }
     }
 }
@@ -103,8 +107,9 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     syncer: LbSyncer<AyaLbMaps>,
     counters: PerCpuArray<MapData, u64>,
-    conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
-    ct_max: u32,
+    conntrack: ConntrackMaps,
+    /// The last garbage collection's figures (for the occupancy report).
+    last_sweep: SweepStats,
     /// A second handle on the source-range trie (the syncer's maps hold the other).
     src_ranges: SrcRangeMap,
     /// kpr's nftables table, when this dataplane programs it ([`EbpfConfig::nftables_mark`]).
@@ -143,11 +148,18 @@ impl EbpfDataplane {
         let cgroup = File::open(&cfg.cgroup)
             .map_err(|e| EbpfError::Cgroup(cfg.cgroup.clone(), e.to_string()))?;
 
-        prepare_pins(&cfg.pin_dir, tc.ct_max)?;
+        let ct = &tc.conntrack;
+        prepare_pins(&cfg.pin_dir, ct)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
-            .map_max_entries(CT_MAP, tc.ct_max)
+            .map_max_entries(CT_MAP, ct.established_entries())
+            .map_max_entries(CT_NEW_MAP, ct.new_entries())
+            .override_global("CT_TIMEOUTS", &ct.timeouts, true)
             .load(KERNEL_OBJECT)?;
+        let moved = conntrack::adopt_v1(&cfg.pin_dir, &cfg.pin_dir.join(CT_MAP))?;
+        if moved > 0 {
+            tracing::info!(entries = moved, "moved an older agent's conntrack entries");
+        }
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -172,11 +184,18 @@ impl EbpfDataplane {
             .map_err(|e| EbpfError::Map(BACKENDS_MAP, e.to_string()))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
             .map_err(|e| EbpfError::Map(COUNTERS_MAP, e.to_string()))?;
-        let conntrack = HashMap::try_from(take_map(&mut ebpf, CT_MAP)?)
-            .map_err(|e| EbpfError::Map(CT_MAP, e.to_string()))?;
-        let ct_max = MapInfo::from_pin(cfg.pin_dir.join(CT_MAP))
-            .map(|i| i.max_entries())
-            .unwrap_or(tc.ct_max);
+        let pinned_size = |name: &str, wanted: u32| {
+            MapInfo::from_pin(cfg.pin_dir.join(name))
+                .map(|i| i.max_entries())
+                .unwrap_or(wanted)
+        };
+        let conntrack = ConntrackMaps::new(
+            take_map(&mut ebpf, CT_MAP)?,
+            take_map(&mut ebpf, CT_NEW_MAP)?,
+            pinned_size(CT_MAP, ct.established_entries()),
+            pinned_size(CT_NEW_MAP, ct.new_entries()),
+            ct.timeouts,
+        )?;
         let src_ranges = SrcRangeMap {
             map: LpmTrie::try_from(take_map(&mut ebpf, SRC_RANGE_MAP)?)
                 .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))?,
@@ -202,7 +221,7 @@ impl EbpfDataplane {
             syncer,
             counters,
             conntrack,
-            ct_max,
+            last_sweep: SweepStats::default(),
             src_ranges: src_ranges_again,
             table: cfg.nftables_mark.map(crate::nft::NftTable::new),
             cleaned: false,
@@ -249,39 +268,20 @@ impl EbpfDataplane {
     }
 
     /// Deletes the conntrack entries (both directions) of flows whose backend id is not in
-    /// `live_backend_ids`; returns how many entries went. The kernel re-balances such a flow on
-    /// its next packet anyway; this frees the entries (and stops replies from a removed
-    /// backend being shown as the frontend). It walks the whole map: call it after syncs that
-    /// removed backends, or on the full-sync period, not on every sync.
+    /// `live_backend_ids`, and every expired entry; returns how many entries went. The kernel
+    /// re-balances such a flow on its next packet anyway; this frees the entries (and stops
+    /// replies from a removed backend being shown as the frontend). It walks both maps: call it
+    /// after syncs that removed backends, or on the full-sync period, not on every sync.
     pub fn purge_conntrack(&mut self, live_backend_ids: &HashSet<u32>) -> usize {
-        let mut stale = Vec::new();
-        // An LRU map may evict the key an iteration stands on, which restarts the walk from
-        // the first key: bound it.
-        let bound = 2 * self.ct_max as usize + 16;
-        for entry in self.conntrack.iter().take(bound) {
-            match entry {
-                Ok((k, v)) if !live_backend_ids.contains(&v.backend_id) => stale.push(k),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "walking the conntrack map");
-                    break;
-                }
-            }
-        }
-        stale.sort_by_key(|k| {
-            (
-                k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto, k.dir,
-            )
-        });
-        stale.dedup();
-        stale
-            .iter()
-            .filter(|k| self.conntrack.remove(k).is_ok())
-            .count()
+        let s = self
+            .conntrack
+            .sweep(Some(live_backend_ids), conntrack::monotonic_ns());
+        self.last_sweep = s;
+        (s.stale + s.expired) as usize
     }
 
     /// [`EbpfDataplane::purge_conntrack`] with the backend ids currently in the backends map.
-    pub fn purge_stale_conntrack(&mut self) -> Result<usize, MapOpError> {
+    pub fn purge_stale_conntrack(&mut self) -> Result<SweepStats, MapOpError> {
         let live: HashSet<u32> = self
             .syncer
             .maps()
@@ -289,17 +289,27 @@ impl EbpfDataplane {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        Ok(self.purge_conntrack(&live))
+        let s = self.conntrack.sweep(Some(&live), conntrack::monotonic_ns());
+        self.last_sweep = s;
+        Ok(s)
     }
 
-    /// Number of conntrack entries (a walk of the map: for tests and diagnostics).
+    /// Removes the conntrack entries that are expired at `now_ns` (CLOCK_MONOTONIC), as the
+    /// periodic garbage collection does.
+    pub fn expire_conntrack(&mut self, now_ns: u64) -> SweepStats {
+        let s = self.conntrack.sweep(None, now_ns);
+        self.last_sweep = s;
+        s
+    }
+
+    /// Number of conntrack entries in both maps (a walk: for tests and diagnostics).
     pub fn conntrack_entries(&self) -> usize {
-        let bound = 2 * self.ct_max as usize + 16;
-        self.conntrack
-            .keys()
-            .take(bound)
-            .filter(|k| k.is_ok())
-            .count()
+        self.conntrack.entries().len()
+    }
+
+    /// The conntrack maps (for tests and diagnostics).
+    pub fn conntrack(&self) -> &ConntrackMaps {
+        &self.conntrack
     }
 
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats, SyncError> {
@@ -331,7 +341,7 @@ impl EbpfDataplane {
 }
 
 /// Pins left by an older agent that this one cannot reuse as they are.
-fn prepare_pins(pin_dir: &Path, ct_max: u32) -> Result<(), EbpfError> {
+fn prepare_pins(pin_dir: &Path, ct: &ConntrackConfig) -> Result<(), EbpfError> {
     // The counters array grew when the tc counters were added. Its contents are only
     // statistics, so a smaller pin is replaced rather than leaving new counters uncounted.
     let counters = pin_dir.join(COUNTERS_MAP);
@@ -347,14 +357,20 @@ fn prepare_pins(pin_dir: &Path, ct_max: u32) -> Result<(), EbpfError> {
                 .map_err(|e| EbpfError::PinDir(counters.clone(), e.to_string()))?;
         }
     }
-    // The conntrack map keeps its size: re-creating it would drop every live flow.
-    if let Ok(info) = MapInfo::from_pin(pin_dir.join(CT_MAP)) {
-        if info.max_entries() != ct_max {
-            tracing::warn!(
-                pinned = info.max_entries(),
-                wanted = ct_max,
-                "the pinned conntrack map keeps its size; remove the pin to resize it"
-            );
+    // The conntrack maps keep their size: re-creating them would drop every live flow.
+    for (name, wanted) in [
+        (CT_MAP, ct.established_entries()),
+        (CT_NEW_MAP, ct.new_entries()),
+    ] {
+        if let Ok(info) = MapInfo::from_pin(pin_dir.join(name)) {
+            if info.max_entries() != wanted {
+                tracing::warn!(
+                    map = name,
+                    pinned = info.max_entries(),
+                    wanted,
+                    "the pinned conntrack map keeps its size; remove the pin to resize it"
+                );
+            }
         }
     }
     Ok(())
@@ -400,8 +416,14 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         // (every sync period) only; until then the datapath re-balances such flows itself.
         if full || stats.deletes > 0 {
             match self.purge_stale_conntrack() {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(entries = n, "purged stale conntrack entries"),
+                Ok(s) if s.stale + s.expired == 0 => {}
+                Ok(s) => tracing::info!(
+                    stale = s.stale,
+                    expired = s.expired,
+                    established = s.established,
+                    new = s.new,
+                    "conntrack garbage collected"
+                ),
                 Err(e) => tracing::warn!("purging stale conntrack entries: {e}"),
             }
         }
@@ -447,6 +469,17 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
                 map: BACKENDS_MAP,
                 entries: backends as u64,
                 capacity: u64::from(kpr_common::BACKENDS_MAP_MAX),
+            },
+            // As of the last garbage collection (every full sync).
+            crate::dataplane::MapOccupancy {
+                map: CT_MAP,
+                entries: self.last_sweep.established,
+                capacity: u64::from(self.conntrack.capacities().0),
+            },
+            crate::dataplane::MapOccupancy {
+                map: CT_NEW_MAP,
+                entries: self.last_sweep.new,
+                capacity: u64::from(self.conntrack.capacities().1),
             },
         ]
     }
