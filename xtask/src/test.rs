@@ -37,8 +37,8 @@ const GROUPS: [Group; 3] = [
     Group {
         name: "datapath",
         filter: Some(
-            "package(kpr) & (binary(tc_datapath) | binary(nft) | binary(cleanup) \
-             | binary(iptables_restore) | binary(nftables_netlink))",
+            "package(kpr) & (binary(tc_datapath) | binary(tc_conntrack) | binary(nft) \
+             | binary(cleanup) | binary(iptables_restore) | binary(nftables_netlink))",
         ),
         threads: 2,
     },

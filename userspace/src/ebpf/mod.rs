@@ -78,7 +78,7 @@ pub struct EbpfConfig {
 }
 
 /// The north-south (tc) part of the dataplane.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TcConfig {
     /// Devices to attach the tc programs to (ingress and egress), in the calling thread's
     /// network namespace. Empty: none (the programs are still loaded and verified). The agent
@@ -87,15 +87,6 @@ pub struct TcConfig {
     /// Sizes and lifetimes of the conntrack maps. Maps already pinned keep their size (and
     /// their flows); remove the pins to resize.
     pub conntrack: ConntrackConfig,
-}
-
-impl Default for TcConfig {
-    fn default() -> Self {
-        Self {
-            devices: Vec::new(),
-            conntrack: ConntrackConfig::default(),
-        }
-    }
 }
 
 /// Loaded programs and the syncer for their maps. Dropping it detaches the programs; the
