@@ -199,7 +199,10 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
         },
         &kpr::ebpf::TcConfig {
             devices,
-            conntrack: kpr::ebpf::conntrack::ConntrackConfig::default(),
+            conntrack: kpr::ebpf::conntrack::ConntrackConfig::from_settings(
+                &settings.conntrack,
+                std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            ),
         },
     )?;
     tracing::info!(attached = ?dataplane.tc_attachments(), "tc programs");

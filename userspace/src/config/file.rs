@@ -544,23 +544,9 @@ impl KubeProxyConfiguration {
         l.ptr("", "oomScoreAdj", &self.oom_score_adj, &[-999]);
         if let Some(c) = &self.conntrack {
             let p = "conntrack";
-            l.ptr(p, "maxPerCore", &c.max_per_core, &[32 * 1024]);
-            l.ptr(p, "min", &c.min, &[128 * 1024]);
-            l.ptr_dur(
-                p,
-                "tcpEstablishedTimeout",
-                &c.tcp_established_timeout,
-                &[Duration::from_secs(24 * 3600)],
-            );
-            l.ptr_dur(
-                p,
-                "tcpCloseWaitTimeout",
-                &c.tcp_close_wait_timeout,
-                &[Duration::from_secs(3600)],
-            );
+            // maxPerCore, min and the timeouts are used (Settings::conntrack). kpr's
+            // conntrack tracks no TCP windows, so it is always "liberal".
             l.val(p, "tcpBeLiberal", &c.tcp_be_liberal, &[false]);
-            l.dur(p, "udpTimeout", &c.udp_timeout, &[]);
-            l.dur(p, "udpStreamTimeout", &c.udp_stream_timeout, &[]);
             l.ptr(p, "max", &c.max, &[0]);
         }
         l.dur(
@@ -614,12 +600,6 @@ impl Lint {
     /// For Go pointer fields (`*int32`): set unless null or one of `defaults` (0 is a value).
     fn ptr<T: PartialEq>(&mut self, p: &str, f: &str, v: &Option<T>, defaults: &[T]) {
         let set = v.as_ref().is_some_and(|v| !defaults.contains(v));
-        self.unsupported(&join(p, f), set);
-    }
-
-    /// For `*metav1.Duration` fields.
-    fn ptr_dur(&mut self, p: &str, f: &str, v: &Option<GoDuration>, defaults: &[Duration]) {
-        let set = v.is_some_and(|d| !defaults.contains(&d.0));
         self.unsupported(&join(p, f), set);
     }
 

@@ -159,6 +159,25 @@ pub struct RunArgs {
     /// kube-proxy's name for --min-sync-period (honoured: kpr replaces the iptables proxier).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
     pub iptables_min_sync_period: Option<Duration>,
+    /// Maximum number of NAT connections to track per CPU core (0 to leave the limit as-is
+    /// and ignore conntrack-min). Sizes the eBPF mode's conntrack maps.
+    #[arg(long, value_name = "INT", help_heading = USED)]
+    pub conntrack_max_per_core: Option<i32>,
+    /// Minimum number of conntrack entries to allocate, regardless of conntrack-max-per-core.
+    #[arg(long, value_name = "INT", help_heading = USED)]
+    pub conntrack_min: Option<i32>,
+    /// Idle timeout for established TCP connections (0 to leave as-is: netfilter's 5 days).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub conntrack_tcp_timeout_established: Option<Duration>,
+    /// NAT timeout for TCP connections in the CLOSE_WAIT state (0 to leave as-is: 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// Idle timeout for UNREPLIED UDP connections (0 to leave as-is: 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub conntrack_udp_timeout: Option<Duration>,
+    /// Idle timeout for ASSURED UDP connections (0 to leave as-is: 120s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub conntrack_udp_timeout_stream: Option<Duration>,
     /// Log level verbosity (0-3 info, 4-5 debug, 6+ trace; RUST_LOG, if set, wins).
     #[arg(short = 'v', long = "v", value_name = "LEVEL", help_heading = USED)]
     pub verbosity: Option<u32>,
@@ -300,13 +319,7 @@ pub const OTHER_FLAGS: &[OtherFlag] = &[
     ignore("pod-bridge-interface", false, "bridge for --detect-local-mode=BridgeInterface"),
     ignore("pod-interface-name-prefix", false, "prefix for --detect-local-mode=InterfaceNamePrefix"),
     ignore("oom-score-adj", false, "oom-score-adj of the process"),
-    ignore("conntrack-max-per-core", false, "conntrack entries per core"),
-    ignore("conntrack-min", false, "minimum conntrack entries"),
-    ignore("conntrack-tcp-timeout-established", false, "conntrack TCP established timeout"),
-    ignore("conntrack-tcp-timeout-close-wait", false, "conntrack TCP CLOSE_WAIT timeout"),
     ignore("conntrack-tcp-be-liberal", true, "conntrack TCP liberal mode"),
-    ignore("conntrack-udp-timeout", false, "conntrack UDP unreplied timeout"),
-    ignore("conntrack-udp-timeout-stream", false, "conntrack UDP assured timeout"),
     ignore("config-sync-period", false, "how often configuration from the apiserver is refreshed"),
     ignore("vmodule", false, "per-file log verbosity"),
     ignore("log-flush-frequency", false, "log flush interval"),

@@ -271,6 +271,46 @@ pub struct Settings {
     /// configuration reads as before for the default.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// kube-proxy's conntrack settings. Not serialized when default (as `devices`).
+    #[serde(skip_serializing_if = "ConntrackSettings::is_default")]
+    pub conntrack: ConntrackSettings,
+}
+
+/// kube-proxy's conntrack settings (`--conntrack-*`, the file's `conntrack`). The eBPF mode
+/// sizes its north-south conntrack maps and sets its entries' lifetimes from them; a zero
+/// duration means netfilter's default, as kube-proxy then leaves the sysctl alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ConntrackSettings {
+    pub max_per_core: u32,
+    pub min: u32,
+    #[serde(serialize_with = "duration::serialize")]
+    pub tcp_established_timeout: Duration,
+    #[serde(serialize_with = "duration::serialize")]
+    pub tcp_close_wait_timeout: Duration,
+    #[serde(serialize_with = "duration::serialize")]
+    pub udp_timeout: Duration,
+    #[serde(serialize_with = "duration::serialize")]
+    pub udp_stream_timeout: Duration,
+}
+
+impl Default for ConntrackSettings {
+    /// kube-proxy's defaults.
+    fn default() -> Self {
+        Self {
+            max_per_core: 32 * 1024,
+            min: 128 * 1024,
+            tcp_established_timeout: Duration::from_secs(24 * 3600),
+            tcp_close_wait_timeout: Duration::from_secs(3600),
+            udp_timeout: Duration::ZERO,
+            udp_stream_timeout: Duration::ZERO,
+        }
+    }
+}
+
+impl ConntrackSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for Settings {
@@ -300,6 +340,7 @@ impl Default for Settings {
             manifest_poll: DEFAULT_MANIFEST_POLL,
             status_file: None,
             devices: Vec::new(),
+            conntrack: ConntrackSettings::default(),
         }
     }
 }
@@ -505,7 +546,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
 
 /// kube-proxy's flags that the config file replaces, in the order they are declared.
 fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
-    let given: [(&'static str, bool); 14] = [
+    let given: [(&'static str, bool); 20] = [
         ("proxy-mode", a.proxy_mode.is_some()),
         (
             "iptables-masquerade-bit",
@@ -528,6 +569,21 @@ fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
         (
             "iptables-min-sync-period",
             a.iptables_min_sync_period.is_some(),
+        ),
+        ("conntrack-max-per-core", a.conntrack_max_per_core.is_some()),
+        ("conntrack-min", a.conntrack_min.is_some()),
+        (
+            "conntrack-tcp-timeout-established",
+            a.conntrack_tcp_timeout_established.is_some(),
+        ),
+        (
+            "conntrack-tcp-timeout-close-wait",
+            a.conntrack_tcp_timeout_close_wait.is_some(),
+        ),
+        ("conntrack-udp-timeout", a.conntrack_udp_timeout.is_some()),
+        (
+            "conntrack-udp-timeout-stream",
+            a.conntrack_udp_timeout_stream.is_some(),
         ),
     ];
     given
@@ -619,6 +675,33 @@ fn from_flags(s: &mut Settings, a: &RunArgs) -> Result<(), ConfigError> {
     if let Some(d) = a.iptables_min_sync_period {
         s.min_sync_period = d;
     }
+    let count = |flag: &'static str, v: Option<i32>, default: u32| match v {
+        None => Ok(default),
+        Some(n) => u32::try_from(n).map_err(|_| flag_error(flag, &n.to_string(), "must be >= 0")),
+    };
+    let c = &mut s.conntrack;
+    c.max_per_core = count(
+        "conntrack-max-per-core",
+        a.conntrack_max_per_core,
+        c.max_per_core,
+    )?;
+    c.min = count("conntrack-min", a.conntrack_min, c.min)?;
+    for (given, field) in [
+        (
+            a.conntrack_tcp_timeout_established,
+            &mut c.tcp_established_timeout,
+        ),
+        (
+            a.conntrack_tcp_timeout_close_wait,
+            &mut c.tcp_close_wait_timeout,
+        ),
+        (a.conntrack_udp_timeout, &mut c.udp_timeout),
+        (a.conntrack_udp_timeout_stream, &mut c.udp_stream_timeout),
+    ] {
+        if let Some(d) = given {
+            *field = d;
+        }
+    }
     Ok(())
 }
 
@@ -689,6 +772,26 @@ fn from_file(
     s.sync_period = v.sync_period.unwrap_or(DEFAULT_SYNC_PERIOD);
     s.min_sync_period = v.min_sync_period.unwrap_or(DEFAULT_MIN_SYNC_PERIOD);
     s.verbosity = cfg.logging.as_ref().and_then(|l| l.verbosity).unwrap_or(0);
+    if let Some(c) = &cfg.conntrack {
+        let count = |name: &str, v: Option<i32>, default: u32| match v {
+            None => Ok(default),
+            Some(n) => u32::try_from(n)
+                .map_err(|_| field(&format!("conntrack.{name}"), format!("{n} must be >= 0"))),
+        };
+        let t = &mut s.conntrack;
+        t.max_per_core = count("maxPerCore", c.max_per_core, t.max_per_core)?;
+        t.min = count("min", c.min, t.min)?;
+        for (given, to) in [
+            (&c.tcp_established_timeout, &mut t.tcp_established_timeout),
+            (&c.tcp_close_wait_timeout, &mut t.tcp_close_wait_timeout),
+            (&c.udp_timeout, &mut t.udp_timeout),
+            (&c.udp_stream_timeout, &mut t.udp_stream_timeout),
+        ] {
+            if let Some(d) = given {
+                *to = d.0;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -226,7 +226,7 @@ fn iptables_sync_period_flags_are_kube_proxys_names() {
 #[test]
 fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
     let (s, w) = run(&[
-        "--conntrack-max-per-core=0",
+        "--conntrack-tcp-be-liberal",
         "--ipvs-scheduler=rr",
         "--oom-score-adj=-999",
         "--feature-gates=A=true",
@@ -240,7 +240,7 @@ fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
     assert_eq!(
         w,
         [
-            "ignored: kpr does not use --conntrack-max-per-core",
+            "ignored: kpr does not use --conntrack-tcp-be-liberal",
             "ignored: kpr does not use --ipvs-scheduler",
             "ignored: kpr does not use --oom-score-adj",
             "ignored: kpr does not use --feature-gates",
@@ -616,4 +616,52 @@ fn masquerade_bit_and_localhost_nodeports_from_flags_and_file() {
     let f = config_file("mode: nftables\nnftables:\n  masqueradeBit: 12\niptables:\n  masqueradeBit: 13\n  localhostNodePorts: false\n");
     let (s, _) = run(&["--config", f.path().to_str().unwrap()]);
     assert_eq!((s.masquerade_bit, s.localhost_nodeports), (12, false));
+}
+
+#[test]
+fn conntrack_settings_from_flags_and_file() {
+    let (s, w) = run(&[
+        "--conntrack-max-per-core=1024",
+        "--conntrack-min",
+        "2048",
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-tcp-timeout-close-wait=30s",
+        "--conntrack-udp-timeout=5s",
+        "--conntrack-udp-timeout-stream=1m",
+    ]);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(
+        s.conntrack,
+        ConntrackSettings {
+            max_per_core: 1024,
+            min: 2048,
+            tcp_established_timeout: Duration::from_secs(7200),
+            tcp_close_wait_timeout: Duration::from_secs(30),
+            udp_timeout: Duration::from_secs(5),
+            udp_stream_timeout: Duration::from_secs(60),
+        }
+    );
+    assert!(matches!(
+        err(&["--conntrack-min=-1"]),
+        ConfigError::Flag {
+            flag: "conntrack-min",
+            ..
+        }
+    ));
+
+    let f = config_file("conntrack:\n  maxPerCore: 0\n  min: 4096\n  udpTimeout: 10s\n");
+    let (s, w) = run(&["--config", f.path().to_str().unwrap()]);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(
+        s.conntrack,
+        ConntrackSettings {
+            max_per_core: 0,
+            min: 4096,
+            udp_timeout: Duration::from_secs(10),
+            ..ConntrackSettings::default()
+        }
+    );
+    let f = config_file("conntrack:\n  maxPerCore: -5\n");
+    let e = err(&["--config", f.path().to_str().unwrap()]);
+    assert!(e.to_string().contains("conntrack.maxPerCore"), "{e}");
 }

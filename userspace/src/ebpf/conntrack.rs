@@ -51,6 +51,27 @@ impl ConntrackConfig {
         }
     }
 
+    /// From kube-proxy's settings on a node with `cpus` CPUs. A zero timeout means
+    /// netfilter's default, as for kube-proxy (which then leaves the sysctl alone).
+    pub fn from_settings(c: &crate::config::ConntrackSettings, cpus: u32) -> Self {
+        let secs = |d: std::time::Duration, netfilter_default: u32| {
+            if d.is_zero() {
+                netfilter_default
+            } else {
+                // At least a second: the datapath counts whole seconds.
+                u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
+            }
+        };
+        let timeouts = CtTimeouts {
+            tcp_established_s: secs(c.tcp_established_timeout, 5 * 24 * 3600),
+            tcp_half_closed_s: secs(c.tcp_close_wait_timeout, 60),
+            udp_s: secs(c.udp_timeout, 30),
+            udp_stream_s: secs(c.udp_stream_timeout, 120),
+            ..CtTimeouts::DEFAULT
+        };
+        Self::from_kube_proxy(c.max_per_core, c.min, cpus, timeouts)
+    }
+
     /// Entries of the established map (two per connection).
     pub fn established_entries(&self) -> u32 {
         self.max_connections * 2
@@ -270,6 +291,40 @@ mod tests {
         let small = ConntrackConfig::from_kube_proxy(100, 0, 2, t);
         assert_eq!(small.max_connections, 512, "floor");
         assert_eq!(small.established_entries(), 1024);
+    }
+
+    #[test]
+    fn kube_proxy_settings_map_to_sizes_and_lifetimes() {
+        use crate::config::ConntrackSettings;
+        use std::time::Duration;
+        let c = ConntrackConfig::from_settings(&ConntrackSettings::default(), 2);
+        assert_eq!(
+            c,
+            ConntrackConfig::default(),
+            "kube-proxy's defaults are kpr's"
+        );
+        let c = ConntrackConfig::from_settings(
+            &ConntrackSettings {
+                max_per_core: 1024,
+                min: 2048,
+                tcp_established_timeout: Duration::ZERO,
+                tcp_close_wait_timeout: Duration::from_secs(30),
+                udp_timeout: Duration::from_millis(1500),
+                udp_stream_timeout: Duration::from_millis(100),
+            },
+            4,
+        );
+        assert_eq!(c.max_connections, 4096);
+        assert_eq!(
+            c.timeouts,
+            CtTimeouts {
+                tcp_established_s: 432_000,
+                tcp_half_closed_s: 30,
+                udp_s: 1,
+                udp_stream_s: 1,
+                ..CtTimeouts::DEFAULT
+            }
+        );
     }
 
     #[test]
