@@ -245,8 +245,10 @@ pub fn lookup(pkt: &Packet, frontend: &Service4Key, count_: u16, now: u64) -> Op
         && pkt.proto == IPPROTO_TCP
         && ct.flags & CT_FLAG_SEEN_REPLY != 0
         && !pkt.is_tcp_syn()
+        && !pkt.is_tcp_rst()
     {
-        // The client answered the backend's SYN-ACK: the connection is established.
+        // The client answered the backend's SYN-ACK: the connection is established. (A RST
+        // instead, as a SYN flood's spoofed or vanished clients send, ends it where it is.)
         establish(&found, &key, flags, slot, now);
     } else if flags != ct.flags
         || slot != ct.slot

@@ -76,6 +76,31 @@ pub struct BenchConnect {
     pub p99_us: f64,
 }
 
+/// Output of `kpr-labtool tcp-hold`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TcpHold {
+    pub target: String,
+    /// Request/response exchanges completed on the one connection.
+    pub exchanges: u64,
+    /// 0, or 1: the exchange that failed ended the run (the connection is broken).
+    pub errors: u64,
+    pub error: Option<String>,
+    /// Answers by backend name (one key while the connection keeps its backend).
+    pub backends: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+}
+
+/// Output of `kpr-labtool syn-burst`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SynBurst {
+    pub target: String,
+    pub source: String,
+    /// SYNs sent (each from its own source port).
+    pub sent: u64,
+    pub errors: u64,
+    pub elapsed_s: f64,
+}
+
 /// Output of `kpr-labtool connect-once`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ConnectOnce {
@@ -144,15 +169,30 @@ fn handle_tcp(mut s: TcpStream, reply: &[u8]) {
     let mut buf = [0u8; 64];
     // Answer after the first read: with >= 1 byte of request, or on half-close (0 bytes).
     // n == 0 (the client half-closed without a request) is answered too.
-    if let Ok(_n) = s.read(&mut buf) {
+    if let Ok(n) = s.read(&mut buf) {
         let peer = s
             .peer_addr()
             .map(|p| p.ip().to_string())
             .unwrap_or_default();
         let _ = s.write_all(&answer(reply, &peer));
+        if n > 0 && buf[0] == HOLD_REQUEST {
+            // A long-lived connection (`tcp-hold`): answer every request until it closes.
+            let _ = s.set_read_timeout(Some(HOLD_READ_TIMEOUT));
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&answer(reply, &peer)).is_err() {
+                    break;
+                }
+            }
+            return;
+        }
         let _ = s.shutdown(Shutdown::Write);
     }
 }
+
+/// The request byte of `tcp-hold`: the server keeps the connection and answers every one.
+const HOLD_REQUEST: u8 = b'~';
+/// How long a held connection may stay silent before the server closes it.
+const HOLD_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `NAME PORT CLIENT\n`: the backend, the port it answered on, and the client address it saw
 /// (which tells a test whether the client's source address survived the service path).
@@ -427,6 +467,135 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     }
     let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[idx.min(sorted.len() - 1)] as f64
+}
+
+/// One TCP connection kept open, exchanging a request and its answer every `interval` until
+/// the stop file appears or `max` has passed. Stops at the first failed exchange. With a
+/// progress file, rewrites `<exchanges so far>` after each one.
+pub fn tcp_hold(
+    target: SocketAddr,
+    interval: Duration,
+    max: Duration,
+    timeout: Duration,
+    control: FlowControl<'_>,
+) -> TcpHold {
+    let start = Instant::now();
+    let mut r = TcpHold {
+        target: target.to_string(),
+        ..Default::default()
+    };
+    let result = (|| -> io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&target, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        while start.elapsed() < max && !control.stop_file.is_some_and(|f| f.exists()) {
+            s.write_all(&[HOLD_REQUEST])?;
+            let answer = read_answer(&mut s)?;
+            let (name, _) = split_answer(&answer);
+            bump(&mut r.backends, name.to_string());
+            r.exchanges += 1;
+            if let Some(p) = control.progress_file {
+                let tmp = p.with_extension("tmp");
+                if std::fs::write(&tmp, format!("{}\n", r.exchanges)).is_ok() {
+                    let _ = std::fs::rename(&tmp, p);
+                }
+            }
+            std::thread::sleep(interval);
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        r.errors = 1;
+        r.error = Some(error_kind(&e));
+    }
+    r.elapsed_s = start.elapsed().as_secs_f64();
+    r
+}
+
+/// Sends `count` TCP SYNs to `target` from a raw socket, source ports `first_port..`
+/// (wrapping within 1024..=65535), as fast as the socket takes them. Nothing answers them on
+/// this side: the client's kernel resets the half-open connections when the SYN-ACKs come.
+/// Bounded by `count`; only to lab addresses.
+pub fn syn_burst(target: SocketAddrV4, count: u64, first_port: u16) -> SynBurst {
+    let start = Instant::now();
+    let mut r = SynBurst {
+        target: target.to_string(),
+        ..Default::default()
+    };
+    // The source address the kernel will use towards the target (for the TCP checksum).
+    let source = match UdpSocket::bind("0.0.0.0:0")
+        .and_then(|u| u.connect(target).map(|_| u))
+        .and_then(|u| u.local_addr())
+    {
+        Ok(SocketAddr::V4(a)) => *a.ip(),
+        _ => {
+            r.errors = count;
+            return r;
+        }
+    };
+    r.source = source.to_string();
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    if fd < 0 {
+        r.errors = count;
+        return r;
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    for i in 0..count {
+        let sport = 1024 + ((u64::from(first_port.max(1024)) - 1024 + i) % (65536 - 1024)) as u16;
+        let seg = syn_segment(source, *target.ip(), sport, target.port(), i as u32);
+        // SAFETY: valid buffer and address of the given lengths.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                seg.as_ptr().cast(),
+                seg.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n == seg.len() as isize {
+            r.sent += 1;
+        } else {
+            r.errors += 1;
+        }
+    }
+    r.elapsed_s = start.elapsed().as_secs_f64();
+    r
+}
+
+/// A 20-byte TCP SYN with its checksum (the kernel adds the IPv4 header).
+fn syn_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32) -> [u8; 20] {
+    let mut t = [0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.wrapping_mul(2_654_435_761).to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02; // SYN
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut sum: u32 = 0;
+    for pair in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    sum += u32::from(libc::IPPROTO_TCP as u16) + 20;
+    for pair in t.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    t[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    t
 }
 
 /// Connection-rate benchmark: `concurrency` threads loop connect, send 1 byte, read the

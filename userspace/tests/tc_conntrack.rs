@@ -302,6 +302,36 @@ fn a_flood_of_new_flows_does_not_evict_an_established_one() {
         );
         assert_eq!(rc, PASS, "SYN {i} dropped");
     }
+    // The same again, answered by the backend and reset by the client (what a flood from
+    // addresses that do not exist, or from a client kernel without the sockets, looks like):
+    // the resets end them among the new flows.
+    for i in 0..2048u32 {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 65, 0, 0)) + i / 1024);
+        let sport = 1024 + (i % 1024) as u16;
+        let (rc, out, _) = env.run(
+            INGRESS,
+            &build(&tcp(src, sport, NODE, NODE_PORT, TCP_SYN)),
+            0,
+        );
+        assert_eq!(rc, PASS);
+        let b = backend_of(&view(&out));
+        env.run(
+            EGRESS,
+            &build(&tcp(b.0, b.1, src, sport, TCP_SYN | TCP_ACK)),
+            0,
+        );
+        env.run(
+            INGRESS,
+            &build(&tcp(src, sport, NODE, NODE_PORT, TCP_RST)),
+            0,
+        );
+    }
+    assert_eq!(env.counter("ct_established_full"), 0);
+    assert_eq!(
+        env.ct_entries(CT_MAP).len(),
+        2,
+        "no reset flow was established"
+    );
     let new = env.ct_entries(CT_NEW_MAP).len();
     assert!(
         new <= 512,

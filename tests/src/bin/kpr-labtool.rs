@@ -76,6 +76,33 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// One TCP connection kept open, a request/answer exchange every --interval-ms, until
+    /// --stop-file appears or --max-ms passed; stops at the first failed exchange.
+    TcpHold {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 60_000)]
+        max_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+        /// Rewritten after each exchange: `<exchanges so far>`.
+        #[arg(long)]
+        progress_file: Option<std::path::PathBuf>,
+    },
+    /// COUNT TCP SYNs from a raw socket, each from its own source port (half-open
+    /// connections, as in a SYN flood); bounded by --count.
+    SynBurst {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 20000)]
+        first_port: u16,
+    },
     /// One connection attempt.
     ConnectOnce {
         #[arg(long)]
@@ -159,6 +186,28 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             ms(timeout_ms),
         )),
+        Cmd::TcpHold {
+            target,
+            interval_ms,
+            max_ms,
+            timeout_ms,
+            stop_file,
+            progress_file,
+        } => print(&tool::tcp_hold(
+            target,
+            ms(interval_ms),
+            ms(max_ms),
+            ms(timeout_ms),
+            tool::FlowControl {
+                stop_file: stop_file.as_deref(),
+                progress_file: progress_file.as_deref(),
+            },
+        )),
+        Cmd::SynBurst {
+            target,
+            count,
+            first_port,
+        } => print(&tool::syn_burst(target, count, first_port)),
         Cmd::ConnectOnce { target, timeout_ms } => {
             print(&tool::connect_once(target, ms(timeout_ms)))
         }
