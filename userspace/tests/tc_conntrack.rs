@@ -368,6 +368,9 @@ fn the_garbage_collector_removes_expired_entries_only() {
         .dp()
         .expire_conntrack(monotonic_ns() + 86_401_000_000_000);
     assert_eq!((s.expired, s.established), (2, 0));
+    // Counted for the metrics (kpr_datapath_events_total{event="ct_gc_expired"}).
+    assert_eq!(env.counter("ct_gc_expired"), 6);
+    assert_eq!(env.counter("ct_gc_stale"), 0);
 }
 
 /// Writes a `KPR_CT4_V1` map (an older agent's: LRU, same key and value) with one flow.

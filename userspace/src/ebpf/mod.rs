@@ -101,6 +101,8 @@ pub struct EbpfDataplane {
     conntrack: ConntrackMaps,
     /// The last garbage collection's figures (for the occupancy report).
     last_sweep: SweepStats,
+    /// Entries the garbage collection removed since start: (expired, of backends that left).
+    swept_total: (u64, u64),
     /// A second handle on the source-range trie (the syncer's maps hold the other).
     src_ranges: SrcRangeMap,
     /// kpr's nftables table, when this dataplane programs it ([`EbpfConfig::nftables_mark`]).
@@ -213,6 +215,7 @@ impl EbpfDataplane {
             counters,
             conntrack,
             last_sweep: SweepStats::default(),
+            swept_total: (0, 0),
             src_ranges: src_ranges_again,
             table: cfg.nftables_mark.map(crate::nft::NftTable::new),
             cleaned: false,
@@ -267,7 +270,7 @@ impl EbpfDataplane {
         let s = self
             .conntrack
             .sweep(Some(live_backend_ids), conntrack::monotonic_ns());
-        self.last_sweep = s;
+        self.record_sweep(s);
         (s.stale + s.expired) as usize
     }
 
@@ -281,7 +284,7 @@ impl EbpfDataplane {
             .map(|(id, _)| id)
             .collect();
         let s = self.conntrack.sweep(Some(&live), conntrack::monotonic_ns());
-        self.last_sweep = s;
+        self.record_sweep(s);
         Ok(s)
     }
 
@@ -289,8 +292,14 @@ impl EbpfDataplane {
     /// periodic garbage collection does.
     pub fn expire_conntrack(&mut self, now_ns: u64) -> SweepStats {
         let s = self.conntrack.sweep(None, now_ns);
-        self.last_sweep = s;
+        self.record_sweep(s);
         s
+    }
+
+    fn record_sweep(&mut self, s: SweepStats) {
+        self.last_sweep = s;
+        self.swept_total.0 += s.expired;
+        self.swept_total.1 += s.stale;
     }
 
     /// Number of conntrack entries in both maps (a walk: for tests and diagnostics).
@@ -311,7 +320,8 @@ impl EbpfDataplane {
         self.syncer.full_sync(desired)
     }
 
-    /// Datapath counters summed over CPUs, by name.
+    /// Datapath counters summed over CPUs, by name, and the conntrack garbage collection's
+    /// removals (`ct_gc_expired`, `ct_gc_stale`).
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         Counter::ALL
             .iter()
@@ -323,6 +333,10 @@ impl EbpfDataplane {
                     .unwrap_or(0);
                 (c.name(), total)
             })
+            .chain([
+                ("ct_gc_expired", self.swept_total.0),
+                ("ct_gc_stale", self.swept_total.1),
+            ])
             .collect()
     }
 
