@@ -308,9 +308,9 @@ fn establish(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
 /// Records a new flow of `pkt` (client → frontend) to `choice`, among the new flows. The
 /// reverse entry is written first: a forward entry without its reverse would translate
 /// requests whose replies are then not translated back. A reverse entry without a forward one
-/// (the second write failed) is harmless and evicted by the LRU. An older flow with the same
-/// reply tuple (the same client port, earlier, to another frontend of the same backend) is
-/// removed first, or its reverse entry would still answer for the replies.
+/// (the second write failed) is harmless and evicted by the LRU. An established flow with the
+/// same reply tuple (the same client port, earlier, to another frontend of the same backend)
+/// is removed first, or its reverse entry (looked up first) would answer for the replies.
 #[inline(always)]
 pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Result<(), Counter> {
     let flags = if choice.masq { CT_FLAG_MASQ } else { 0 };
@@ -323,8 +323,19 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
         dir: CT_DIR_REVERSE,
         pad: [0; 2],
     };
-    if let Some(old) = find(&reverse_key) {
-        remove_flow(&old, &reverse_key);
+    // Only established flows need it: a new flow's reverse entry is overwritten below (its
+    // forward entry, left without a reverse, ages out of the LRU).
+    if let Some(ptr) = Table::Established.get_ptr_mut(&reverse_key) {
+        // SAFETY: a pointer to a map value, valid for this program run; copied once.
+        let value = unsafe { *ptr };
+        remove_flow(
+            &Found {
+                ptr,
+                value,
+                table: Table::Established,
+            },
+            &reverse_key,
+        );
     }
     let reverse = Ct4Value {
         last_seen_ns: now,
