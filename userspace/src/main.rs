@@ -121,6 +121,21 @@ fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> any
 
 /// The dataplane of the configured proxy mode: the one place that knows which modes exist.
 fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    if settings.proxy_mode != ProxyMode::Ebpf {
+        // The eBPF mode's programs stay attached after it exits (pinned links): a netfilter
+        // mode would translate every connection twice. Its maps stay for `kpr cleanup`.
+        match kpr::ebpf::links::unpin_all(&settings.bpf_pin_dir) {
+            Ok(removed) => {
+                for pin in removed {
+                    tracing::info!(pin = %pin.display(), "detached the eBPF mode's programs");
+                }
+            }
+            Err(e) => bail!(
+                "detaching the eBPF mode's programs (pins in {}): {e}",
+                settings.bpf_pin_dir.display()
+            ),
+        }
+    }
     match settings.proxy_mode {
         ProxyMode::Ebpf => Ok(Box::new(ebpf_dataplane(settings)?)),
         ProxyMode::Iptables => {
@@ -335,10 +350,9 @@ fn ensure_cgroup2_mounted(path: &std::path::Path) -> anyhow::Result<()> {
 /// untouched. Nothing to remove is success (exit 0); errors are reported after both parts were
 /// attempted (exit 1).
 ///
-/// It is meant for after the agent stopped: kpr's cgroup and tc programs are attached with
-/// bpf_links owned by the agent process, so they detach when it exits and there is nothing
-/// left of them to remove; a running agent would keep working on its (unpinned) maps, but lose
-/// its nftables rules and the pins a restart resumes from.
+/// It is meant for after the agent stopped: kpr's cgroup and tc programs stay attached through
+/// their pinned links (`KPR_LINK_*`) while it is down, and removing those pins detaches them
+/// (tc programs attached through netlink, on kernels without TCX, left with the agent).
 fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     use std::os::unix::fs::MetadataExt as _;

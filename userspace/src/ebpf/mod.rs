@@ -3,17 +3,20 @@
 //! devices (see [`tc`]), and keeps the maps in sync with the model.
 
 pub mod conntrack;
+pub mod links;
 pub mod maps;
 pub mod sync;
 pub mod tc;
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::os::fd::AsFd as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
@@ -55,6 +58,8 @@ pub enum EbpfError {
     Map(&'static str, String),
     #[error("device {0}: {1}")]
     Device(String, String),
+    #[error("pinned link {0}: {1}")]
+    Link(PathBuf, String),
     #[error(transparent)]
     Sync(#[from] SyncError),
     #[error(transparent)]
@@ -89,8 +94,10 @@ pub struct TcConfig {
     pub conntrack: ConntrackConfig,
 }
 
-/// Loaded programs and the syncer for their maps. Dropping it detaches the programs; the
-/// pinned maps stay, so a restarted agent resumes with the same ids (and flows).
+/// Loaded programs and the syncer for their maps. Dropping it leaves the programs attached
+/// (their links are pinned, see [`links`]) and the maps pinned, so traffic keeps flowing while
+/// the agent is away, and a restarted agent resumes with the same ids and flows. Only tc
+/// programs attached through netlink (kernels without TCX, before 6.6) detach on drop.
 pub struct EbpfDataplane {
     // Detach before the programs go (field order is drop order).
     tc_links: TcLinks,
@@ -140,6 +147,8 @@ impl EbpfDataplane {
         }
         let cgroup = File::open(&cfg.cgroup)
             .map_err(|e| EbpfError::Cgroup(cfg.cgroup.clone(), e.to_string()))?;
+        let cgroup_id = links::cgroup_id(&cfg.cgroup)
+            .map_err(|e| EbpfError::Cgroup(cfg.cgroup.clone(), e.to_string()))?;
 
         let ct = &tc.conntrack;
         prepare_pins(&cfg.pin_dir, ct)?;
@@ -160,16 +169,38 @@ impl EbpfDataplane {
                 .try_into()
                 .map_err(|e| EbpfError::Program(name, e))?;
             prog.load().map_err(|e| EbpfError::Program(name, e))?;
+            // A link a previous agent pinned keeps serving until its program is replaced here.
+            let pin = links::pin_path(&cfg.pin_dir, name);
+            let fd = prog.fd().map_err(|e| EbpfError::Program(name, e))?;
+            match links::adopt(&pin, links::Target::Cgroup(cgroup_id), fd.as_fd())
+                .map_err(|e| EbpfError::Link(pin.clone(), e.to_string()))?
+            {
+                links::Adoption::Updated => continue,
+                links::Adoption::Removed(info) => tracing::info!(
+                    pin = %pin.display(),
+                    ?info,
+                    "removed a pinned link attached elsewhere"
+                ),
+                links::Adoption::None => {}
+            }
             // aya attaches with a bpf_link (kernel >= 5.7). Links always coexist with other
             // programs on the cgroup (the kernel attaches them as BPF_F_ALLOW_MULTI) and the
             // kernel rejects that flag in link_create, so the mode passed is Single (flags 0).
-            prog.attach(&cgroup, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| EbpfError::Program(name, e))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| EbpfError::Program(name, e))?;
+            FdLink::try_from(link)
+                .map_err(|e| EbpfError::Link(pin.clone(), e.to_string()))?
+                .pin(&pin)
+                .map_err(|e| EbpfError::Link(pin.clone(), e.to_string()))?;
         }
 
         // Loaded (verified) even without devices, so a verifier rejection shows at start.
         tc::load_programs(&mut ebpf)?;
-        let tc_links = tc::attach(&mut ebpf, &tc.devices)?;
+        let tc_links = tc::attach(&mut ebpf, &tc.devices, &cfg.pin_dir)?;
 
         let services = HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?)
             .map_err(|e| EbpfError::Map(SERVICES_MAP, e.to_string()))?;

@@ -1,44 +1,57 @@
 //! The north-south programs (`kpr_tc_ingress`, `kpr_tc_egress`) on the node's external devices.
 //!
-//! Attachment goes through aya: on kernels >= 6.6 a TCX bpf_link (appended after any other
-//! program on the device, detached when the link's fd closes), on older ones a clsact filter
-//! added through netlink (detached by the link's drop, in the network namespace it was added
-//! in). A clsact qdisc is added first when missing; TCX does not need it, but the fallback does
-//! and it is harmless.
+//! On kernels with TCX (>= 6.6) each attachment is a TCX bpf_link, appended after any other
+//! program on the device and pinned (`KPR_LINK_tc_<device>_<ingress|egress>`, see [`links`]),
+//! so it stays while the agent is away and the next agent replaces its program atomically. On
+//! older kernels a clsact filter is added through netlink; it is detached when the agent
+//! drops it (in the network namespace it was added in), so there a restart still pauses
+//! north-south traffic. A clsact qdisc is added first when missing; TCX does not need it,
+//! but the fallback does and it is harmless.
 //!
 //! Device names, like all of this, resolve in the calling thread's network namespace.
 
 use std::collections::BTreeSet;
 use std::ffi::CStr;
+use std::os::fd::AsFd as _;
+use std::path::Path;
 
-use aya::programs::tc::{qdisc_add_clsact, SchedClassifierLink, TcAttachType, TcError};
+use aya::programs::links::{FdLink, LinkOrder};
+use aya::programs::tc::{
+    qdisc_add_clsact, SchedClassifierLink, TcAttachOptions, TcAttachType, TcError,
+};
 use aya::programs::SchedClassifier;
+use aya::util::KernelVersion;
 use aya::Ebpf;
 
-use super::EbpfError;
+use super::{links, EbpfError};
 
 /// The tc programs, by function name in dataplane-ebpf.
 pub const TC_INGRESS: &str = "kpr_tc_ingress";
 pub const TC_EGRESS: &str = "kpr_tc_egress";
 
-/// The programs' attachments. Dropping this detaches them.
+/// Prefix of the tc link pins' names (after [`links::LINK_PIN_PREFIX`]).
+const TC_PIN: &str = "tc_";
+
+/// The programs' attachments: pinned TCX links, or netlink filters that dropping this detaches.
 #[derive(Default)]
 pub struct TcLinks {
-    links: Vec<(String, TcAttachType, SchedClassifierLink)>,
+    attached: Vec<(String, TcAttachType)>,
+    netlink: Vec<SchedClassifierLink>,
+}
+
+fn dir_name(ty: TcAttachType) -> &'static str {
+    match ty {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
 }
 
 impl TcLinks {
     /// (device, "ingress"/"egress") of every attachment.
     pub fn attached(&self) -> Vec<(String, &'static str)> {
-        self.links
+        self.attached
             .iter()
-            .map(|(dev, ty, _)| {
-                let dir = match ty {
-                    TcAttachType::Egress => "egress",
-                    _ => "ingress",
-                };
-                (dev.clone(), dir)
-            })
+            .map(|(dev, ty)| (dev.clone(), dir_name(*ty)))
             .collect()
     }
 }
@@ -61,9 +74,16 @@ pub(super) fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
 }
 
 /// Attaches ingress and egress programs to every device in `devices` (already loaded with
-/// [`load_programs`]). On error, whatever was attached is detached again.
-pub(super) fn attach(ebpf: &mut Ebpf, devices: &[String]) -> Result<TcLinks, EbpfError> {
+/// [`load_programs`]), adopting the links pinned in `pin_dir` where they are, and removes the
+/// pinned links of devices no longer in `devices`.
+pub(super) fn attach(
+    ebpf: &mut Ebpf,
+    devices: &[String],
+    pin_dir: &Path,
+) -> Result<TcLinks, EbpfError> {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     let mut out = TcLinks::default();
+    let mut wanted = BTreeSet::new();
     for dev in devices {
         match qdisc_add_clsact(dev) {
             Ok(()) => {}
@@ -84,13 +104,57 @@ pub(super) fn attach(ebpf: &mut Ebpf, devices: &[String]) -> Result<TcLinks, Ebp
             (TC_INGRESS, TcAttachType::Ingress),
         ] {
             let prog = classifier(ebpf, name)?;
+            let device_error = |e: String| EbpfError::Device(dev.clone(), e);
+            if !tcx {
+                let id = prog
+                    .attach_with_options(dev, ty, TcAttachOptions::Netlink(Default::default()))
+                    .map_err(|e| device_error(format!("attaching {name}: {e}")))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| EbpfError::Program(name, e))?;
+                out.netlink.push(link);
+                out.attached.push((dev.clone(), ty));
+                continue;
+            }
+            let pin_name = format!("{TC_PIN}{dev}_{}", dir_name(ty));
+            let pin = links::pin_path(pin_dir, &pin_name);
+            wanted.insert(pin_name);
+            let ifindex = links::ifindex(dev).map_err(|e| device_error(e.to_string()))?;
+            let fd = prog.fd().map_err(|e| EbpfError::Program(name, e))?;
+            let link_error = |e: String| EbpfError::Link(pin.clone(), e);
+            match links::adopt(&pin, links::Target::Tcx(ifindex), fd.as_fd())
+                .map_err(|e| link_error(e.to_string()))?
+            {
+                links::Adoption::Updated => {
+                    out.attached.push((dev.clone(), ty));
+                    continue;
+                }
+                links::Adoption::Removed(info) => tracing::info!(
+                    pin = %pin.display(),
+                    ?info,
+                    "removed a pinned tc link attached elsewhere"
+                ),
+                links::Adoption::None => {}
+            }
             let id = prog
-                .attach(dev, ty)
-                .map_err(|e| EbpfError::Device(dev.clone(), format!("attaching {name}: {e}")))?;
+                .attach_with_options(dev, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| device_error(format!("attaching {name}: {e}")))?;
             let link = prog
                 .take_link(id)
                 .map_err(|e| EbpfError::Program(name, e))?;
-            out.links.push((dev.clone(), ty, link));
+            FdLink::try_from(link)
+                .map_err(|e| link_error(e.to_string()))?
+                .pin(&pin)
+                .map_err(|e| link_error(e.to_string()))?;
+            out.attached.push((dev.clone(), ty));
+        }
+    }
+    // Devices a previous agent served and this one does not (`--devices` changed).
+    for name in links::pinned_names(pin_dir) {
+        if name.starts_with(TC_PIN) && !wanted.contains(&name) {
+            let pin = links::pin_path(pin_dir, &name);
+            std::fs::remove_file(&pin).map_err(|e| EbpfError::Link(pin.clone(), e.to_string()))?;
+            tracing::info!(pin = %pin.display(), "detached tc programs from a device no longer served");
         }
     }
     Ok(out)
