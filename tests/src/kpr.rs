@@ -179,6 +179,16 @@ impl Kpr {
         Ok(kpr)
     }
 
+    /// Kills kpr with SIGKILL, as a crash or the OOM killer would: nothing of it runs on the
+    /// way out. Waits until it is gone.
+    pub fn kill(mut self) -> Result<()> {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL)?;
+        match self.process.wait_timeout(Duration::from_secs(10))? {
+            Some(_) => Ok(()),
+            None => Err(LabError::Other("kpr did not exit after SIGKILL".into())),
+        }
+    }
+
     /// The last status kpr wrote, if any.
     pub fn status(&self) -> Option<KprStatus> {
         let bytes = std::fs::read(&self.status_file).ok()?;

@@ -331,6 +331,16 @@ pub fn tcp_transaction(
 
 /// `count` sequential TCP transactions.
 pub fn tcp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSpread {
+    tcp_spread_until(target, count, timeout, None)
+}
+
+/// [`tcp_spread`], ending early once `stop_file` exists.
+pub fn tcp_spread_until(
+    target: SocketAddr,
+    count: u64,
+    timeout: Duration,
+    stop_file: Option<&std::path::Path>,
+) -> TcpSpread {
     let mut r = TcpSpread {
         target: target.to_string(),
         count,
@@ -338,6 +348,9 @@ pub fn tcp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSprea
         ..Default::default()
     };
     for _ in 0..count {
+        if stop_file.is_some_and(|f| f.exists()) {
+            break;
+        }
         match tcp_transaction(target, timeout, false) {
             Ok((answer, peer)) => {
                 let (name, port, client) = answer_parts(&answer);
@@ -608,6 +621,19 @@ pub fn bench_connect(
     concurrency: usize,
     timeout: Duration,
 ) -> BenchConnect {
+    bench_connect_until(target, duration, max, concurrency, timeout, None)
+}
+
+/// [`bench_connect`], ending early once `stop_file` exists (checked before each transaction).
+pub fn bench_connect_until(
+    target: SocketAddr,
+    duration: Duration,
+    max: u64,
+    concurrency: usize,
+    timeout: Duration,
+    stop_file: Option<&std::path::Path>,
+) -> BenchConnect {
+    let stop_file = stop_file.map(std::path::Path::to_path_buf);
     let concurrency = concurrency.max(1);
     let remaining = Arc::new(AtomicU64::new(max));
     let start = Instant::now();
@@ -615,11 +641,13 @@ pub fn bench_connect(
     let handles: Vec<_> = (0..concurrency)
         .map(|_| {
             let remaining = remaining.clone();
+            let stop_file = stop_file.clone();
             std::thread::spawn(move || {
                 let mut lat: Vec<u32> = Vec::with_capacity(65536);
                 let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
                 let mut errors = 0u64;
-                while Instant::now() < deadline {
+                while Instant::now() < deadline && !stop_file.as_ref().is_some_and(|f| f.exists())
+                {
                     if remaining
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
                         .is_err()

@@ -38,6 +38,9 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Stop early (before `count`) once this file exists.
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
     },
     /// N UDP requests: each from a new unconnected socket (its own flow, sendto/recvfrom); with
     /// --one-socket all from one unconnected socket; with --connected over one connected socket.
@@ -75,6 +78,9 @@ enum Cmd {
         /// Per-operation timeout (connect, write, read).
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Stop early once this file exists.
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
     },
     /// One TCP connection kept open, a request/answer exchange every --interval-ms, until
     /// --stop-file appears or --max-ms passed; stops at the first failed exchange.
@@ -143,7 +149,13 @@ fn main() -> anyhow::Result<()> {
             target,
             count,
             timeout_ms,
-        } => print(&tool::tcp_spread(target, count, ms(timeout_ms))),
+            stop_file,
+        } => print(&tool::tcp_spread_until(
+            target,
+            count,
+            ms(timeout_ms),
+            stop_file.as_deref(),
+        )),
         Cmd::UdpSpread {
             target,
             count,
@@ -179,12 +191,14 @@ fn main() -> anyhow::Result<()> {
             max,
             concurrency,
             timeout_ms,
-        } => print(&tool::bench_connect(
+            stop_file,
+        } => print(&tool::bench_connect_until(
             target,
             ms(duration_ms),
             max,
             concurrency,
             ms(timeout_ms),
+            stop_file.as_deref(),
         )),
         Cmd::TcpHold {
             target,
