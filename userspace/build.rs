@@ -19,10 +19,12 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("kpr-ebpf manifest has no parent directory"))?
         .as_str()
         .to_owned();
+    let variant = std::env::var_os("CARGO_FEATURE_PROGRAM_VARIANT").is_some();
     aya_build::build_ebpf(
         [Package {
             name: "kpr-ebpf",
             root_dir: &root_dir,
+            features: if variant { &["variant"] } else { &[] },
             ..Default::default()
         }],
         Toolchain::default(),

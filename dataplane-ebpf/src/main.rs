@@ -351,7 +351,18 @@ fn count(counter: Counter) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *p += 1 };
     }
+    // The `variant` build: every program differs from the default build's (its instructions,
+    // so its tag) and behaves the same. The upgrade test runs it to replace programs under load.
+    #[cfg(feature = "variant")]
+    // SAFETY: a plain static, read once.
+    unsafe {
+        core::ptr::read_volatile(&VARIANT_MARK)
+    };
 }
+
+#[cfg(feature = "variant")]
+#[unsafe(no_mangle)]
+static VARIANT_MARK: u32 = 1;
 
 #[cfg(not(test))]
 #[panic_handler]

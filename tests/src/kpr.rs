@@ -84,6 +84,21 @@ pub struct Kpr {
     log_file: PathBuf,
 }
 
+/// The agent built with the `variant` kernel programs (`cargo xtask test` builds it):
+/// `$KPR_VARIANT_BIN`, else `kpr-variant` beside [`kpr_path`]. Fails naming how to get it.
+pub fn kpr_variant_path() -> PathBuf {
+    let p = std::env::var_os("KPR_VARIANT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| kpr_path().with_file_name("kpr-variant"));
+    assert!(
+        p.is_file(),
+        "{} is missing: `cargo xtask test` builds it (cargo build -p kpr --features \
+         program-variant, copied to kpr-variant), or set KPR_VARIANT_BIN",
+        p.display()
+    );
+    p
+}
+
 /// Locates the `kpr` binary: `$KPR_BIN`, else `target/<profile>/kpr` next to (or above) the
 /// current executable.
 pub fn kpr_path() -> PathBuf {

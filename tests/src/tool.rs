@@ -646,8 +646,7 @@ pub fn bench_connect_until(
                 let mut lat: Vec<u32> = Vec::with_capacity(65536);
                 let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
                 let mut errors = 0u64;
-                while Instant::now() < deadline && !stop_file.as_ref().is_some_and(|f| f.exists())
-                {
+                while Instant::now() < deadline && !stop_file.as_ref().is_some_and(|f| f.exists()) {
                     if remaining
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
                         .is_err()

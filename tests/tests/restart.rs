@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kpr_lab::kpr::{kpr_path, Kpr};
+use kpr_lab::kpr::{kpr_path, kpr_variant_path, Kpr};
 use kpr_lab::tool::{BenchConnect, TcpSpread, UdpSpread};
 use kpr_lab::{Lab, LabSpec, Pod};
 
@@ -24,7 +24,9 @@ const RESTARTS: usize = 20;
 fn manifests() -> String {
     let endpoints: String = ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
         .iter()
-        .map(|ip| format!("  - {{addresses: [{ip}], conditions: {{ready: true}}, nodeName: node1}}\n"))
+        .map(|ip| {
+            format!("  - {{addresses: [{ip}], conditions: {{ready: true}}, nodeName: node1}}\n")
+        })
         .collect();
     let slice = |svc: &str, ports: &str| {
         format!(
@@ -70,7 +72,17 @@ fn pinned_links(lab: &Lab) -> Vec<(String, u64, u64)> {
     for name in names {
         let path = pins.join(&name);
         let o = lab
-            .exec_in_node(&["bpftool", "-j", "link", "show", "pinned", path.to_str().unwrap()], None)
+            .exec_in_node(
+                &[
+                    "bpftool",
+                    "-j",
+                    "link",
+                    "show",
+                    "pinned",
+                    path.to_str().unwrap(),
+                ],
+                None,
+            )
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         out.push((
@@ -97,7 +109,11 @@ fn wait_for_load(file: &Path, from: u64, more: u64) -> u64 {
         if n >= from + more {
             return n;
         }
-        assert!(Instant::now() < deadline, "load stalled at {n} (wanted {})", from + more);
+        assert!(
+            Instant::now() < deadline,
+            "load stalled at {n} (wanted {})",
+            from + more
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -129,8 +145,13 @@ fn under_load(lab: &Lab, during: impl FnOnce(&Path)) -> Loads {
                 lab.labtool_json::<BenchConnect>(
                     &pod,
                     &[
-                        "bench-connect", "--target", target, "--duration-ms", "280000",
-                        "--stop-file", &st,
+                        "bench-connect",
+                        "--target",
+                        target,
+                        "--duration-ms",
+                        "280000",
+                        "--stop-file",
+                        &st,
                     ],
                     limit,
                 )
@@ -141,8 +162,16 @@ fn under_load(lab: &Lab, during: impl FnOnce(&Path)) -> Loads {
             let (st, cl) = (st.clone(), cl.clone());
             s.spawn(move || {
                 let mut args = vec![
-                    "udp-spread", "--target", DNS, "--count", "10000000", mode,
-                    "--interval-ms", "2", "--stop-file", &st,
+                    "udp-spread",
+                    "--target",
+                    DNS,
+                    "--count",
+                    "10000000",
+                    mode,
+                    "--interval-ms",
+                    "2",
+                    "--stop-file",
+                    &st,
                 ];
                 let p = progress.map(|p| p.to_string_lossy().to_string());
                 if let Some(p) = &p {
@@ -160,7 +189,15 @@ fn under_load(lab: &Lab, during: impl FnOnce(&Path)) -> Loads {
             s.spawn(move || {
                 lab.labtool_json::<TcpSpread>(
                     &cl,
-                    &["tcp-spread", "--target", STICKY, "--count", "10000000", "--stop-file", &st],
+                    &[
+                        "tcp-spread",
+                        "--target",
+                        STICKY,
+                        "--count",
+                        "10000000",
+                        "--stop-file",
+                        &st,
+                    ],
                     limit,
                 )
                 .unwrap()
@@ -180,7 +217,10 @@ fn under_load(lab: &Lab, during: impl FnOnce(&Path)) -> Loads {
 }
 
 fn assert_nothing_lost(loads: &Loads, log: &str) {
-    for (what, b) in [("ClusterIP TCP", &loads.clusterip), ("NodePort TCP", &loads.nodeport)] {
+    for (what, b) in [
+        ("ClusterIP TCP", &loads.clusterip),
+        ("NodePort TCP", &loads.nodeport),
+    ] {
         println!("{what}: {} connections, {} failed", b.connections, b.errors);
         assert!(b.connections > 0, "{what}: {b:?}");
         assert_eq!(b.errors, 0, "{what}: {b:?}\n{log}");
@@ -196,7 +236,12 @@ fn assert_nothing_lost(loads: &Loads, log: &str) {
         assert_eq!(u.counts.len(), 1, "{what}: the flow moved: {:?}", u.counts);
     }
     let a = &loads.affinity;
-    println!("affinity: {} connections, {} failed, backends {:?}", a.counts.values().sum::<u64>(), a.errors, a.counts);
+    println!(
+        "affinity: {} connections, {} failed, backends {:?}",
+        a.counts.values().sum::<u64>(),
+        a.errors,
+        a.counts
+    );
     assert_eq!(a.errors, 0, "affinity: {a:?}\n{log}");
     assert_eq!(a.counts.len(), 1, "affinity broke: {:?}", a.counts);
 }
@@ -252,7 +297,75 @@ fn kill_9_and_restart_20_times_under_load_without_a_failed_connection() {
     let after = pinned_links(&lab);
     assert_eq!(after.len(), before.len(), "{after:?}");
     for ((name, id, prog), (name2, id2, prog2)) in before.iter().zip(&after) {
-        assert_eq!((name, id), (name2, id2), "a link was replaced instead of adopted");
+        assert_eq!(
+            (name, id),
+            (name2, id2),
+            "a link was replaced instead of adopted"
+        );
         assert_ne!(prog, prog2, "{name}: its program was not replaced");
     }
+}
+
+/// The tag (a hash of the instructions) of the program each pinned link runs, by pin name.
+fn program_tags(lab: &Lab) -> Vec<(String, String)> {
+    pinned_links(lab)
+        .into_iter()
+        .map(|(name, _, prog)| {
+            let o = lab
+                .exec_in_node(
+                    &["bpftool", "-j", "prog", "show", "id", &prog.to_string()],
+                    None,
+                )
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            (name, v["tag"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn upgrade_to_changed_programs_and_back_under_load_without_a_failed_connection() {
+    kpr_lab::require_lab("upgrade");
+    let (lab, dir) = lab("upg");
+    let (bin, variant) = (kpr_path(), kpr_variant_path());
+    let mut kpr = Some(start(&lab, &dir, &bin));
+    let links = pinned_links(&lab);
+    let tags = program_tags(&lab);
+    let mut seen = Vec::new();
+    let loads = under_load(&lab, |udp_progress| {
+        // A rolling update stops the old agent (SIGTERM) and starts the new one; twice each
+        // way.
+        for next in [&variant, &bin, &variant, &bin] {
+            drop(kpr.take().unwrap().stop());
+            let k = start(&lab, &dir, next);
+            seen.push(program_tags(&lab));
+            let n = progress(udp_progress);
+            wait_for_load(udp_progress, n, 20);
+            kpr = Some(k);
+        }
+    });
+    let log = kpr.as_ref().unwrap().log();
+    assert_nothing_lost(&loads, &log);
+    for (i, now) in seen.iter().enumerate() {
+        for ((name, before), (_, after)) in tags.iter().zip(now) {
+            if i % 2 == 0 {
+                assert_ne!(
+                    before, after,
+                    "{name}: the variant's program did not replace it"
+                );
+            } else {
+                assert_eq!(
+                    before, after,
+                    "{name}: not back to the first build's program"
+                );
+            }
+        }
+    }
+    let ids =
+        |l: Vec<(String, u64, u64)>| l.into_iter().map(|(n, id, _)| (n, id)).collect::<Vec<_>>();
+    assert_eq!(
+        ids(pinned_links(&lab)),
+        ids(links),
+        "links were replaced instead of adopted"
+    );
 }

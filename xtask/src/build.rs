@@ -31,6 +31,28 @@ pub struct Bins {
     pub labtool: PathBuf,
 }
 
+/// Builds (debug) the agent with the `variant` kernel programs, which differ from the default
+/// build's and behave the same, as `target/debug/kpr-variant`: the upgrade test replaces the
+/// programs of a running node with it and back. Build it before [`binaries`], which writes
+/// `target/debug/kpr` again.
+pub fn variant_binary() -> Result<PathBuf> {
+    run(Command::new("cargo").args([
+        "build",
+        "--quiet",
+        "-p",
+        "kpr",
+        "--bin",
+        "kpr",
+        "--features",
+        "program-variant",
+    ]))?;
+    let dir = root().join("target/debug");
+    let out = dir.join("kpr-variant");
+    std::fs::copy(dir.join("kpr"), &out)
+        .with_context(|| format!("copying the variant build to {}", out.display()))?;
+    Ok(out)
+}
+
 /// Builds the agent and the lab's traffic tool; `release` for the demo and benchmark.
 pub fn binaries(release: bool) -> Result<Bins> {
     let mut cmd = Command::new("cargo");

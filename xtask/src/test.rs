@@ -83,6 +83,7 @@ pub fn run() -> Result<()> {
     step("cargo clippy");
     build::run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("build the agent and the lab tool");
+    let variant = build::variant_binary()?;
     let bins = build::binaries(false)?;
 
     let mut results = Vec::new();
@@ -106,6 +107,7 @@ pub fn run() -> Result<()> {
             ])
             .env("KPR_BIN", &bins.kpr)
             .env("KPR_LABTOOL", &bins.labtool)
+            .env("KPR_VARIANT_BIN", &variant)
             .status()
             .context("starting cargo nextest")?;
         let junit = build::root().join("target/nextest/ci/junit.xml");

@@ -10,8 +10,8 @@ pub mod tc;
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::fd::AsFd as _;
 use std::net::Ipv4Addr;
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::LpmTrie;
