@@ -6,7 +6,6 @@
 //! Lab: node1 192.168.100.11 (be1 10.244.1.11, be2 .12, be3 .13, cl1 10.244.1.21), external
 //! client 192.168.100.100.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
