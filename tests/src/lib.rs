@@ -41,6 +41,7 @@
 //! process (for `cargo xtask lab up`); [`down`]/[`down_all`] tear such labs down from their
 //! state file, and [`cleanup_stale`] removes what crashed test processes left behind.
 
+pub mod container;
 mod error;
 pub mod kpr;
 mod lab;

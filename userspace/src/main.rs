@@ -331,13 +331,26 @@ fn ensure_cgroup2_mounted(path: &std::path::Path) -> anyhow::Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(path)?;
-    let status = std::process::Command::new("mount")
-        .args(["-t", "cgroup2", "none"])
-        .arg(path)
-        .status()
-        .context("running mount")?;
-    if !status.success() {
-        bail!("mounting cgroup2 at {} failed", path.display());
+    // mount(2) itself: the image has no `mount` binary.
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .context("cgroup path contains a NUL byte")?;
+    let fstype = c"cgroup2";
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting cgroup2 at {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

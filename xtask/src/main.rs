@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod image;
 mod lab;
 mod setup;
 mod test;
@@ -30,6 +31,8 @@ enum Task {
     Demo,
     /// Every check: fmt, clippy, unit tests, integration tests in namespaces (needs root).
     Test,
+    /// kpr's container image from scratch (OCI layout and archive under target/image).
+    Image,
     /// Connection rate and latency: direct pod IP vs kpr vs kube-proxy's iptables rules.
     Bench(bench::Args),
     /// Regenerate deploy/*.yaml from deploy/gen
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Task::Test => test::run(),
         Task::Goldens => test::goldens(),
         Task::Bench(args) => bench::run(args),
+        Task::Image => image::run(),
         Task::GenDeploy => build::run(
             std::process::Command::new("cargo")
                 .args(["run", "-q", "-p", "kpr-deploy", "--", "--out"])

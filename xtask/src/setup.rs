@@ -33,6 +33,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "libnftnl-dev",
     "libmnl-dev",
     "pkg-config",
+    // The container image: building it (umoci, skopeo, strip) and running it (crun).
+    "umoci",
+    "skopeo",
+    "crun",
+    "binutils",
 ];
 
 /// The bpf-linker release that works with the pinned aya crates.

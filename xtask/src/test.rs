@@ -85,6 +85,8 @@ pub fn run() -> Result<()> {
     step("build the agent and the lab tool");
     let variant = build::variant_binary()?;
     let bins = build::binaries(false)?;
+    step("build the container image");
+    let image = crate::image::build_image()?;
 
     let mut results = Vec::new();
     for group in &GROUPS {
@@ -108,6 +110,7 @@ pub fn run() -> Result<()> {
             .env("KPR_BIN", &bins.kpr)
             .env("KPR_LABTOOL", &bins.labtool)
             .env("KPR_VARIANT_BIN", &variant)
+            .env("KPR_IMAGE_OCI", &image.layout)
             .status()
             .context("starting cargo nextest")?;
         let junit = build::root().join("target/nextest/ci/junit.xml");
