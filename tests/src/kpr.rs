@@ -167,6 +167,7 @@ impl Kpr {
         let pin_dir = n.bpffs_dir.join(name);
         let status_file = lab.work_dir().join(format!("{stem}-status.json"));
         let log_file = lab.work_dir().join(format!("{stem}.log"));
+        let admin_socket = lab.work_dir().join(format!("{stem}-admin.sock"));
         let _ = std::fs::remove_file(&status_file);
         let log = std::fs::File::create(&log_file)
             .map_err(|e| LabError::Other(format!("creating {}: {e}", log_file.display())))?;
@@ -180,6 +181,8 @@ impl Kpr {
             .arg(&n.cgroup_dir)
             .arg("--status-file")
             .arg(&status_file)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log)

@@ -1,5 +1,6 @@
 //! kpr: a kube-proxy replacement. The agent's library: the pure model, the sources that feed
 //! it, the dataplane backends that program the node, and the runner that ties them together.
+pub mod admin;
 pub mod changes;
 pub mod config;
 pub mod dataplane;
@@ -8,6 +9,7 @@ pub mod ebpf;
 mod golden;
 pub mod health;
 mod http_server;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod netfilter;

@@ -32,6 +32,17 @@ fn main() -> ExitCode {
     let result = match resolved.action {
         Action::Render { writer, args } => render(writer, &args),
         Action::Cleanup { bpf_pin_dir } => cleanup(&bpf_pin_dir),
+        Action::Status {
+            bpf_pin_dir,
+            admin_socket,
+            json,
+        } => status(&bpf_pin_dir, &admin_socket, json),
+        Action::Trace {
+            flow,
+            scope,
+            bpf_pin_dir,
+            json,
+        } => trace(flow, scope, &bpf_pin_dir, json),
         Action::InitOnly(_) => {
             tracing::info!("--init-only: configuration is valid; kpr has no separate init step");
             Ok(())
@@ -45,6 +56,44 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `kpr status`: the live maps (and the agent's names for them).
+fn status(
+    pin_dir: &std::path::Path,
+    admin_socket: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let view = kpr::inspect::node_view(pin_dir, admin_socket)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", kpr::inspect::render::status(&view));
+    }
+    Ok(())
+}
+
+/// `kpr trace`: one flow through the live maps.
+fn trace(
+    flow: kpr::inspect::trace::Flow,
+    scope: kpr::inspect::trace::Scope,
+    pin_dir: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let pinned = kpr::inspect::Pinned::open(pin_dir)?;
+    let t = kpr::inspect::trace::trace(
+        &pinned,
+        flow,
+        scope,
+        &kpr::inspect::local_ipv4_addresses(),
+        kpr::ebpf::conntrack::monotonic_ns(),
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&t)?);
+    } else {
+        print!("{}", kpr::inspect::render::trace(&t));
+    }
+    Ok(())
 }
 
 /// Logs to stderr; RUST_LOG, if set, wins over the verbosity (`-v`, `logging.verbosity`).
@@ -254,6 +303,7 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
             status_file: settings.status_file.clone(),
+            admin: admin_socket(&settings.admin_socket),
             observers: vec![
                 Arc::new(metrics),
                 Arc::new(ServiceHealthServers::new(
@@ -306,6 +356,24 @@ fn node_name(settings: &Settings) -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("reading the host name (or pass --hostname-override)")?;
     Ok(name.trim().to_lowercase())
+}
+
+/// The admin socket at `path` (none if empty). Failing to serve it is logged, not fatal: the
+/// dataplane matters more than the diagnostics.
+fn admin_socket(path: &std::path::Path) -> Option<kpr::admin::AdminSocket> {
+    if path.as_os_str().is_empty() {
+        return None;
+    }
+    match kpr::admin::AdminSocket::serve(path) {
+        Ok(a) => {
+            tracing::info!(path = %path.display(), "serving the admin socket");
+            Some(a)
+        }
+        Err(e) => {
+            tracing::error!("{e}; `kpr status` will show no Service names");
+            None
+        }
+    }
 }
 
 /// Binds `addr` and serves on it in the background. A port that cannot be bound is logged and

@@ -56,6 +56,8 @@ pub struct RunnerConfig {
     pub sync_period: Duration,
     /// Where to write a JSON status after each sync (tests and benchmarks read it).
     pub status_file: Option<PathBuf>,
+    /// The admin socket, which serves the same status (`kpr status`, `kpr trace`).
+    pub admin: Option<crate::admin::AdminSocket>,
     pub observers: Vec<Arc<dyn SyncObserver>>,
     /// This node's name: which endpoints are local (traffic policies).
     pub node_name: Option<String>,
@@ -95,6 +97,10 @@ pub struct Status {
 /// One programmed frontend in the status file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FrontendStatus {
+    /// The Service port it belongs to (`namespace/name:port`).
+    pub service: String,
+    /// `ClusterIP`, `NodePort`, `ExternalIP` or `LoadBalancer`.
+    pub kind: &'static str,
     /// Backends for clients on this node (`ip:port`, sorted); empty: refused.
     pub backends: Vec<String>,
     /// Backends for traffic from outside the node, where they differ from `backends`
@@ -113,6 +119,13 @@ impl FrontendStatus {
     fn of(state: &model::ServicePortState) -> FrontendStatus {
         let names = |bs: &[model::Backend]| bs.iter().map(ToString::to_string).collect();
         FrontendStatus {
+            service: state.name.to_string(),
+            kind: match state.kind {
+                model::FrontendKind::ClusterIp => "ClusterIP",
+                model::FrontendKind::NodePort => "NodePort",
+                model::FrontendKind::ExternalIp => "ExternalIP",
+                model::FrontendKind::LoadBalancer => "LoadBalancer",
+            },
             backends: names(&state.backends),
             external_backends: (state.external_backends != state.backends)
                 .then(|| names(&state.external_backends)),
@@ -288,7 +301,7 @@ pub async fn run<D: Dataplane + ?Sized>(
                 if full {
                     next_full = Instant::now() + cfg.sync_period;
                 }
-                if cfg.status_file.is_some() {
+                if cfg.status_file.is_some() || cfg.admin.is_some() {
                     status.frontends = desired
                         .services
                         .iter()
@@ -334,21 +347,30 @@ fn write_status<D: Dataplane + ?Sized>(dataplane: &D, status: &mut Status, cfg: 
         o.datapath(&counters, &status.occupancy, status.model_errors);
         o.mode_metrics(&status.mode);
     }
-    let Some(path) = &cfg.status_file else {
+    if cfg.status_file.is_none() && cfg.admin.is_none() {
         return;
-    };
+    }
     status.counters = counters
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-    // Write then rename, so a reader never sees half a file.
-    let tmp = path.with_extension("tmp");
-    let result = serde_json::to_vec(status)
-        .map_err(std::io::Error::from)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        tracing::warn!("writing status file {}: {e}", path.display());
+    let bytes = match serde_json::to_vec(status) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("serializing the status: {e}");
+            return;
+        }
+    };
+    if let Some(path) = &cfg.status_file {
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        let result = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            tracing::warn!("writing status file {}: {e}", path.display());
+        }
+    }
+    if let Some(admin) = &cfg.admin {
+        admin.publish(bytes);
     }
 }
 
@@ -385,6 +407,7 @@ mod tests {
             min_sync_period: Duration::from_millis(500),
             sync_period: Duration::from_secs(30),
             status_file: None,
+            admin: None,
             observers: Vec::new(),
             node_name: None,
             nodeport_addresses: Vec::new(),

@@ -44,16 +44,53 @@ pub enum CliCommand {
     /// manifest directory. The benchmark's baseline for the nftables mode.
     RenderNftables(RenderArgs),
     /// Remove what any proxy mode left on this node, in this network namespace: the eBPF
-    /// mode's nftables table (`table ip kpr`) and pinned maps (the `KPR_*` pins under
-    /// --bpf-pin-dir, then the directory if it is left empty), and the netfilter modes' (and
-    /// kube-proxy's) iptables chains and nftables tables. Run it after the agent stopped:
-    /// kpr's programs are attached with links the agent owns, so they detach when it exits.
-    /// Exits 0 when there is nothing to remove.
+    /// mode's nftables table (`table ip kpr`), pinned maps and program attachments (the
+    /// `KPR_*` pins under --bpf-pin-dir, then the directory if it is left empty; removing the
+    /// `KPR_LINK_*` pins detaches the programs), and the netfilter modes' (and kube-proxy's)
+    /// iptables chains and nftables tables. Run it after the agent stopped. Exits 0 when there
+    /// is nothing to remove.
     Cleanup {
         /// bpffs directory where kpr pinned its maps [default: /sys/fs/bpf/kpr].
         #[arg(long, value_name = "DIR")]
         bpf_pin_dir: Option<PathBuf>,
     },
+    /// What this node's kpr (eBPF mode) programmed, read from the live pinned maps: every
+    /// frontend with its backends, affinity and policies, then the datapath counters and the
+    /// maps' occupancy. Works while the agent is down; the Service names come from the agent's
+    /// admin socket when it runs.
+    Status(InspectArgs),
+    /// Which backend a flow from SRC to DST:PORT would reach, and why, from the live maps:
+    /// frontend, scope, source ranges, endpoints, a known flow's conntrack entry, the client's
+    /// affinity entry, and the slots a new flow is chosen from.
+    Trace {
+        /// The client address, optionally with its port (`ADDR` or `ADDR:PORT`; the port
+        /// finds a known flow's conntrack entry).
+        src: String,
+        /// The destination, `ADDR:PORT`.
+        dst: std::net::SocketAddrV4,
+        /// `tcp` or `udp`.
+        #[arg(default_value = "tcp")]
+        proto: String,
+        /// Which path: the socket programs (internal), the tc programs (external), or auto.
+        #[arg(long, value_enum, default_value = "auto")]
+        scope: crate::inspect::trace::Scope,
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
+}
+
+/// Where `kpr status` and `kpr trace` read from, and how they print.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct InspectArgs {
+    /// bpffs directory where kpr pinned its maps [default: /sys/fs/bpf/kpr].
+    #[arg(long, value_name = "DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// The agent's admin socket.
+    #[arg(long, value_name = "PATH", default_value = crate::admin::DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// `table` or `json`.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
 }
 
 /// The render commands' inputs: which Services, and the node-wide settings that shape rules.
@@ -218,6 +255,10 @@ pub struct RunArgs {
     /// and every programmed frontend with its backends (for tests, benchmarks and debugging).
     #[arg(long, value_name = "FILE", help_heading = OWN)]
     pub status_file: Option<PathBuf>,
+    /// Unix socket where the agent serves its status to `kpr status` and `kpr trace` (the
+    /// Service names of what it programmed); empty: none.
+    #[arg(long, value_name = "PATH", default_value = crate::admin::DEFAULT_ADMIN_SOCKET, help_heading = OWN)]
+    pub admin_socket: PathBuf,
     /// Comma-separated devices that receive traffic from outside the node (NodePort,
     /// externalIPs, LoadBalancer IPs); kpr attaches its tc programs to them. Default: every
     /// up, non-loopback Ethernet device with an IPv4 address (the node's addresses).

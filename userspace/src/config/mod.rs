@@ -266,6 +266,9 @@ pub struct Settings {
     #[serde(serialize_with = "duration::serialize")]
     pub manifest_poll: Duration,
     pub status_file: Option<PathBuf>,
+    /// `--admin-socket` (empty: none). Not serialized when default.
+    #[serde(skip_serializing_if = "is_default_admin_socket")]
+    pub admin_socket: PathBuf,
     /// `--devices`: where the tc (north-south) programs attach. Empty: the default devices
     /// (`ebpf::tc::default_devices`). Not serialized when empty, so the effective
     /// configuration reads as before for the default.
@@ -307,6 +310,10 @@ impl Default for ConntrackSettings {
     }
 }
 
+fn is_default_admin_socket(p: &std::path::Path) -> bool {
+    p == std::path::Path::new(crate::admin::DEFAULT_ADMIN_SOCKET)
+}
+
 impl ConntrackSettings {
     fn is_default(&self) -> bool {
         *self == Self::default()
@@ -339,6 +346,7 @@ impl Default for Settings {
             allow_cgroup_root: false,
             manifest_poll: DEFAULT_MANIFEST_POLL,
             status_file: None,
+            admin_socket: crate::admin::DEFAULT_ADMIN_SOCKET.into(),
             devices: Vec::new(),
             conntrack: ConntrackSettings::default(),
         }
@@ -390,6 +398,19 @@ pub enum Action {
     },
     /// `kpr cleanup`: remove kpr's nftables table and the `KPR_*` pins under `bpf_pin_dir`.
     Cleanup { bpf_pin_dir: PathBuf },
+    /// `kpr status`.
+    Status {
+        bpf_pin_dir: PathBuf,
+        admin_socket: PathBuf,
+        json: bool,
+    },
+    /// `kpr trace`.
+    Trace {
+        flow: crate::inspect::trace::Flow,
+        scope: crate::inspect::trace::Scope,
+        bpf_pin_dir: PathBuf,
+        json: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -466,6 +487,55 @@ where
                 verbosity: cli.run.verbosity.unwrap_or(0),
             });
         }
+        Some(CliCommand::Status(a)) => {
+            return Ok(Resolved {
+                action: Action::Status {
+                    bpf_pin_dir: a.bpf_pin_dir.unwrap_or(cli.run.bpf_pin_dir),
+                    admin_socket: a.admin_socket,
+                    json: a.output == "json",
+                },
+                warnings,
+                verbosity: cli.run.verbosity.unwrap_or(0),
+            });
+        }
+        Some(CliCommand::Trace {
+            src,
+            dst,
+            proto,
+            scope,
+            inspect,
+        }) => {
+            let (src_ip, sport) = match src.parse::<std::net::SocketAddrV4>() {
+                Ok(a) => (*a.ip(), Some(a.port())),
+                Err(_) => (
+                    src.parse().map_err(|_| {
+                        flag_error("trace SRC", &src, "not ADDR or ADDR:PORT (IPv4)")
+                    })?,
+                    None,
+                ),
+            };
+            let proto = match proto.to_ascii_lowercase().as_str() {
+                "tcp" => kpr_common::IPPROTO_TCP,
+                "udp" => kpr_common::IPPROTO_UDP,
+                "sctp" => kpr_common::IPPROTO_SCTP,
+                _ => return Err(flag_error("trace PROTO", &proto, "tcp, udp or sctp")),
+            };
+            return Ok(Resolved {
+                action: Action::Trace {
+                    flow: crate::inspect::trace::Flow {
+                        src: src_ip,
+                        sport,
+                        dst,
+                        proto,
+                    },
+                    scope,
+                    bpf_pin_dir: inspect.bpf_pin_dir.unwrap_or(cli.run.bpf_pin_dir),
+                    json: inspect.output == "json",
+                },
+                warnings,
+                verbosity: cli.run.verbosity.unwrap_or(0),
+            });
+        }
         None => {}
     }
     let (settings, more) = resolve(&cli.run)?;
@@ -498,6 +568,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         allow_cgroup_root: args.allow_cgroup_root,
         manifest_poll: args.manifest_poll,
         status_file: args.status_file.clone(),
+        admin_socket: args.admin_socket.clone(),
         devices: parse_devices(&args.devices)?,
         ..Settings::default()
     };

@@ -1,0 +1,272 @@
+//! `kpr status` and `kpr trace` against a running lab (issue 11, part 4): what they show is
+//! read from the live pinned maps, with the Service names from the agent's admin socket, and
+//! keeps working when the agent is gone.
+//!
+//! Lab: node1 192.168.100.11 (be1 10.244.1.11, be2 .12, be3 .13, cl1 10.244.1.21), external
+//! client 192.168.100.100.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kpr_lab::kpr::{kpr_path, Kpr};
+use kpr_lab::{Lab, LabSpec};
+use serde_json::Value;
+
+const NODE1: &str = "192.168.100.11";
+
+fn manifests() -> String {
+    let eps: String = ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
+        .iter()
+        .map(|ip| {
+            format!("  - {{addresses: [{ip}], conditions: {{ready: true}}, nodeName: node1}}\n")
+        })
+        .collect();
+    let svc = |name: &str, spec: &str, endpoints: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n{spec}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: ns\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: 8080}}]\nendpoints:{endpoints}---\n"
+        )
+    };
+    let mut y = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE1}}}]\n---\n"
+    );
+    y += &svc(
+        "web",
+        "  clusterIP: 10.96.0.10\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n",
+        &format!("\n{eps}"),
+    );
+    y += &svc(
+        "sticky",
+        "  type: NodePort\n  clusterIP: 10.96.0.20\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}]\n",
+        &format!("\n{eps}"),
+    );
+    y += &svc(
+        "empty",
+        "  clusterIP: 10.96.0.30\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n",
+        " []\n",
+    );
+    let lb = svc(
+        "guarded",
+        "  type: LoadBalancer\n  clusterIP: 10.96.0.40\n  loadBalancerSourceRanges: [10.0.0.0/8]\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}]\n",
+        &format!("\n{eps}"),
+    );
+    // The status belongs to the Service document.
+    y += &lb.replacen(
+        "nodePort: 30090}]\n---\n",
+        "nodePort: 30090}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.60}]\n---\n",
+        1,
+    );
+    y
+}
+
+struct Setup {
+    lab: Lab,
+    kpr: Option<Kpr>,
+}
+
+impl Setup {
+    fn kpr_cli(&self, args: &[&str]) -> String {
+        let pins = self.lab.bpffs_dir().join("kpr");
+        let sock = self.lab.work_dir().join("kpr-admin.sock");
+        let bin = kpr_path();
+        let mut all = vec![
+            bin.to_str().unwrap(),
+            args[0],
+            "--bpf-pin-dir",
+            pins.to_str().unwrap(),
+        ];
+        if args[0] == "status" {
+            all.extend(["--admin-socket", sock.to_str().unwrap()]);
+        }
+        all.extend(&args[1..]);
+        let out = self.lab.exec_in_node(&all, None).unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let text = self.kpr_cli(&a);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+}
+
+fn setup() -> Setup {
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix("st"),
+        nodes: 1,
+        backends_per_node: vec![3],
+        clients_per_node: vec![1],
+        external_client: true,
+        ..LabSpec::default()
+    })
+    .expect("lab up");
+    let dir = lab.manifest_dir().unwrap();
+    std::fs::write(dir.join("all.yaml"), manifests()).unwrap();
+    let args = [
+        "--hostname-override",
+        "node1",
+        "--devices",
+        "eth0",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+    ];
+    let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
+    kpr.wait_for_frontend("203.0.113.60:80/tcp", "the LB IP", |_| true)
+        .unwrap();
+    Setup {
+        lab,
+        kpr: Some(kpr),
+    }
+}
+
+fn frontend<'a>(v: &'a Value, name: &str, scope: &str) -> &'a Value {
+    v["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == name && f["scope"] == scope)
+        .unwrap_or_else(|| panic!("no {scope} frontend {name} in {v:#}"))
+}
+
+fn backends(f: &Value) -> Vec<String> {
+    let mut b: Vec<String> = f["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap().to_string())
+        .collect();
+    b.sort();
+    b
+}
+
+const ALL: [&str; 3] = ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"];
+
+#[test]
+fn status_shows_the_live_maps_with_service_names_and_without_the_agent() {
+    kpr_lab::require_lab("status");
+    let mut t = setup();
+    let v = t.json(&["status"]);
+    assert_eq!(v["agent"], "reachable", "{v:#}");
+    let web = frontend(&v, "10.96.0.10:80/tcp", "internal");
+    assert_eq!(web["service"], "ns/web:http");
+    assert_eq!(web["kind"], "ClusterIP");
+    assert_eq!(backends(web), ALL);
+    let np = frontend(&v, "192.168.100.11:30080/tcp", "external");
+    assert_eq!(np["kind"], "NodePort");
+    assert_eq!(np["affinity_timeout_s"], 600);
+    let lb = frontend(&v, "203.0.113.60:80/tcp", "external");
+    assert_eq!(lb["source_ranges"], serde_json::json!(["10.0.0.0/8"]));
+    assert_eq!(
+        backends(frontend(&v, "10.96.0.30:80/tcp", "internal")),
+        Vec::<String>::new()
+    );
+    assert!(v["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["map"] == "KPR_SVC4_V1"));
+
+    // Traffic shows in the counters.
+    let client = t.lab.clients()[0].clone();
+    let r = t
+        .lab
+        .tcp_spread(&client, "10.96.0.10:80".parse().unwrap(), 10)
+        .unwrap();
+    assert_eq!(r.errors, 0);
+    let v = t.json(&["status"]);
+    assert!(v["counters"]["translated"].as_u64().unwrap() >= 10, "{v:#}");
+
+    let table = t.kpr_cli(&["status"]);
+    for want in [
+        "FRONTEND",
+        "ns/web:http",
+        "10.244.1.12:8080",
+        "ClientIP 600s",
+        "sourceRanges=10.0.0.0/8",
+        "translated",
+    ] {
+        assert!(table.contains(want), "{want} missing:\n{table}");
+    }
+
+    // Without the agent: the same frontends and backends, no names.
+    t.kpr.take().unwrap().kill().unwrap();
+    let v = t.json(&["status"]);
+    assert!(
+        v["agent"].as_str().unwrap().starts_with("not reachable"),
+        "{v:#}"
+    );
+    let web = frontend(&v, "10.96.0.10:80/tcp", "internal");
+    assert_eq!(web["service"], Value::Null);
+    assert_eq!(backends(web), ALL);
+}
+
+#[test]
+fn trace_explains_where_a_flow_goes() {
+    kpr_lab::require_lab("trace");
+    let t = setup();
+    let ext = t.lab.external_client().unwrap().clone();
+
+    // A pod to the ClusterIP: the socket path, three candidates.
+    let v = t.json(&["trace", "10.244.1.21", "10.96.0.10:80", "tcp"]);
+    assert!(
+        v["scope"].as_str().unwrap().starts_with("internal"),
+        "{v:#}"
+    );
+    let mut c: Vec<String> = serde_json::from_value(v["candidates"].clone()).unwrap();
+    c.sort();
+    assert_eq!(c, ALL);
+
+    // No endpoints: refused.
+    let v = t.json(&["trace", "10.244.1.21", "10.96.0.30:80"]);
+    assert!(
+        v["verdict"].as_str().unwrap().contains("ECONNREFUSED"),
+        "{v:#}"
+    );
+
+    // Outside the LB's source ranges: dropped, and the reason named.
+    let v = t.json(&["trace", "192.168.100.100", "203.0.113.60:80"]);
+    assert!(
+        v["scope"].as_str().unwrap().starts_with("external"),
+        "{v:#}"
+    );
+    assert!(
+        v["verdict"].as_str().unwrap().contains("drop_source_range"),
+        "{v:#}"
+    );
+
+    // Affinity from outside: no entry before the first connection; afterwards the backend
+    // that connection reached.
+    let v = t.json(&["trace", "192.168.100.100", "192.168.100.11:30080"]);
+    assert_eq!(v["backend"], Value::Null, "{v:#}");
+    let once = t
+        .lab
+        .connect_once(
+            &ext,
+            "192.168.100.11:30080".parse::<SocketAddr>().unwrap(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    assert!(once.ok, "{once:?}");
+    let reached = once.backend.unwrap();
+    let v = t.json(&["trace", "192.168.100.100", "192.168.100.11:30080"]);
+    let backend = v["backend"].as_str().unwrap_or_else(|| panic!("{v:#}"));
+    let want = match reached.as_str() {
+        "be1" => "10.244.1.11:8080",
+        "be2" => "10.244.1.12:8080",
+        _ => "10.244.1.13:8080",
+    };
+    assert_eq!(backend, want, "{v:#}");
+    assert!(v["verdict"].as_str().unwrap().contains("affinity"), "{v:#}");
+    let text = t.kpr_cli(&["trace", "192.168.100.100", "192.168.100.11:30080"]);
+    assert!(
+        text.contains("affinity: entry for 192.168.100.100"),
+        "{text}"
+    );
+
+    // Not a frontend.
+    let v = t.json(&["trace", "192.168.100.100", "10.244.1.11:8080"]);
+    assert!(
+        v["verdict"].as_str().unwrap().starts_with("not translated"),
+        "{v:#}"
+    );
+}
