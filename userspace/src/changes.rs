@@ -121,6 +121,7 @@ mod tests {
                 slice("b-1", "10.0.0.2", None),
             ],
             node: None,
+            rejected: Vec::new(),
         };
         let new = ClusterSnapshot {
             // a unchanged, b changed, c added.
@@ -132,6 +133,7 @@ mod tests {
             // a-1 changed (with a trigger time), b-1 removed.
             slices: vec![slice("a-1", "10.0.0.7", Some("2026-11-23T10:00:00Z"))],
             node: None,
+            rejected: Vec::new(),
         };
         let c = between(Some(&old), &new);
         assert_eq!((c.services, c.endpoint_slices), (2, 2));
@@ -147,6 +149,7 @@ mod tests {
             services: vec![svc("a", "10.96.0.1")],
             slices: vec![slice("a-1", "10.0.0.1", Some("not a time"))],
             node: None,
+            rejected: Vec::new(),
         };
         let c = between(None, &new);
         assert_eq!((c.services, c.endpoint_slices), (1, 1));

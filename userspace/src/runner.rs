@@ -7,6 +7,7 @@
 //! - Every `sync_period`, and after a failed sync (with backoff), a full sync re-reads what the
 //!   dataplane holds and repairs it.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -218,6 +219,8 @@ pub async fn run<D: Dataplane + ?Sized>(
     let mut source_open = true;
     // The snapshot last programmed successfully, to tell what changed since.
     let mut programmed: Option<Arc<ClusterSnapshot>> = None;
+    // The model errors logged so far (see below).
+    let mut logged_errors: HashSet<String> = HashSet::new();
     let notify = |f: &dyn Fn(&dyn SyncObserver)| {
         for o in &cfg.observers {
             f(o.as_ref());
@@ -271,10 +274,14 @@ pub async fn run<D: Dataplane + ?Sized>(
             node_ip: crate::nodeaddr::primary_ip(snapshot.node.as_ref()),
         };
         let (desired, errors) = model::build_for_node(&snapshot.services, &snapshot.slices, &node);
-        for e in &errors {
+        // Each skipped object (or part) once, when it first shows up, not at every sync.
+        let now_errors: HashSet<String> = errors.iter().map(ToString::to_string).collect();
+        for e in now_errors.difference(&logged_errors) {
             tracing::warn!("skipped: {e}");
         }
-        status.model_errors = errors.len();
+        logged_errors = now_errors;
+        // Objects the source could not decode count as skipped too (logged by the source).
+        status.model_errors = errors.len() + snapshot.rejected.len();
         let t_dataplane = Instant::now();
         let result = dataplane.sync(&desired, full);
         let took = t0.elapsed();

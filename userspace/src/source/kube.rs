@@ -30,6 +30,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::lenient::Lenient;
 use super::ClusterSnapshot;
 
 /// One kind of access the agent needs to the API server. The deployment's RBAC must grant
@@ -329,16 +330,42 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn sorted<K: Resource + Clone>(store: &Store<K>) -> Vec<K>
+/// The objects of `store` that decoded, sorted by namespace and name; the others go to
+/// `rejected` as (a key naming the object's version, `Kind namespace/name: reason`).
+fn decoded<K>(store: &Store<Lenient<K>>, rejected: &mut Vec<(String, String)>) -> Vec<K>
 where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    K: Resource<DynamicType = ()> + Clone,
 {
-    let mut objects: Vec<K> = store.state().iter().map(|o| K::clone(o)).collect();
-    objects.sort_by(|a, b| {
+    let mut objects = Vec::new();
+    for o in store.state() {
+        match &o.decoded {
+            Ok(k) => objects.push(k.clone()),
+            Err(reason) => {
+                let kind = K::kind(&());
+                let rv = o.meta().resource_version.clone().unwrap_or_default();
+                rejected.push((
+                    format!("{kind} {} {rv}", o.name()),
+                    format!("{kind} {}: {reason}", o.name()),
+                ));
+            }
+        }
+    }
+    objects.sort_by(|a: &K, b: &K| {
         (a.meta().namespace.as_deref(), a.meta().name.as_deref())
             .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
     });
+    rejected.sort();
     objects
+}
+
+fn trim_lenient<K: Resource>(obj: &mut Lenient<K>)
+where
+    Lenient<K>: Resource,
+{
+    trim_meta(obj);
+    if let Ok(k) = obj.decoded.as_mut() {
+        trim_meta(k);
+    }
 }
 
 /// Follows the API server and publishes snapshots of what kpr proxies.
@@ -361,25 +388,25 @@ impl KubeSource {
     /// stores hold changed. Publishes nothing before Services and EndpointSlices are both
     /// listed; while the API server is unreachable the last snapshot stays.
     pub async fn run(self, tx: watch::Sender<Option<Arc<ClusterSnapshot>>>) {
-        let (services, services_writer) = reflector::store::<Service>();
-        let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+        let (services, services_writer) = reflector::store::<Lenient<Service>>();
+        let (slices, slices_writer) = reflector::store::<Lenient<EndpointSlice>>();
         let (nodes, nodes_writer) = reflector::store::<Node>();
 
         let mut streams: Vec<BoxStream<'static, Update>> = vec![
             watcher(
-                Api::<Service>::all(self.client.clone()),
+                Api::<Lenient<Service>>::all(self.client.clone()),
                 watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
             )
-            .modify(trim_meta)
+            .modify(trim_lenient)
             .default_backoff()
             .reflect(services_writer)
             .map(|r| (Watched::Services, r.map(|e| Step::from(&e))))
             .boxed(),
             watcher(
-                Api::<EndpointSlice>::all(self.client.clone()),
+                Api::<Lenient<EndpointSlice>>::all(self.client.clone()),
                 watcher::Config::default().labels(ENDPOINTSLICE_LABEL_SELECTOR),
             )
-            .modify(trim_meta)
+            .modify(trim_lenient)
             .default_backoff()
             .reflect(slices_writer)
             .map(|r| (Watched::EndpointSlices, r.map(|e| Step::from(&e))))
@@ -410,6 +437,9 @@ impl KubeSource {
         let mut node_gate_open = !watch_node;
         let mut node_deadline: Option<Instant> = None;
         let mut health = [Health::default(), Health::default(), Health::default()];
+        // Objects that did not decode and were logged, by kind, name and resourceVersion: each
+        // is logged once, not at every publication.
+        let mut logged_rejects = std::collections::HashSet::new();
         let mut dirty = false;
 
         loop {
@@ -475,15 +505,23 @@ impl KubeSource {
                 continue;
             }
             dirty = false;
+            let mut rejected = Vec::new();
             let snapshot = ClusterSnapshot {
-                services: sorted(&services),
-                slices: sorted(&slices),
+                services: decoded(&services, &mut rejected),
+                slices: decoded(&slices, &mut rejected),
                 node: nodes
                     .state()
                     .iter()
                     .find(|n| n.name_any() == self.node_name)
                     .map(|n| Node::clone(n)),
+                rejected: rejected.iter().map(|(_, text)| text.clone()).collect(),
             };
+            for (key, text) in &rejected {
+                if !logged_rejects.contains(key) {
+                    tracing::warn!("skipped {text}; every other object is used");
+                }
+            }
+            logged_rejects = rejected.into_iter().map(|(key, _)| key).collect();
             if !publish(&tx, snapshot) {
                 return;
             }
@@ -504,6 +542,7 @@ fn publish(tx: &watch::Sender<Option<Arc<ClusterSnapshot>>>, snapshot: ClusterSn
         old.services == snapshot.services
             && old.slices == snapshot.slices
             && old.node == snapshot.node
+            && old.rejected == snapshot.rejected
     });
     if unchanged {
         return !tx.is_closed();
