@@ -263,3 +263,77 @@ fn api_server_outage_of_60_s_under_load() {
     );
     assert_eq!(healthz(&lab), 200);
 }
+
+fn clusterip_services(range: std::ops::Range<usize>) -> String {
+    let mut y = String::new();
+    for i in range {
+        y += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc{i:02}, namespace: ns}}\nspec:\n  clusterIP: 10.96.3.{}\n  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc{i:02}-1\n  namespace: ns\n  labels: {{kubernetes.io/service-name: svc{i:02}}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: 8080}}]\nendpoints:\n  - {{addresses: [10.244.1.11], conditions: {{ready: true}}}}\n  - {{addresses: [10.244.1.12], conditions: {{ready: true}}}}\n  - {{addresses: [10.244.1.13], conditions: {{ready: true}}}}\n---\n",
+            i + 1
+        );
+    }
+    y
+}
+
+#[test]
+fn full_maps_refuse_what_does_not_fit_by_name_and_serve_the_rest() {
+    kpr_lab::require_lab("chaos_maps_full");
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix("full"),
+        ..LabSpec::default()
+    })
+    .expect("lab up");
+    let dir = lab.manifest_dir().unwrap();
+    // Ten Services of 4 entries each (the frontend and 3 backends) in a map of 16.
+    std::fs::write(dir.join("all.yaml"), clusterip_services(0..10)).unwrap();
+    let mut kpr = Kpr::start(
+        &lab,
+        &kpr_path(),
+        &dir,
+        "kpr",
+        &[
+            "--bpf-services-map-max",
+            "16",
+            "--bpf-backends-map-max",
+            "64",
+        ],
+    )
+    .expect("kpr start");
+    kpr.wait_for_frontend("10.96.3.4:80/tcp", "svc03", |_| true)
+        .unwrap();
+    let status = kpr.status().unwrap();
+    let served: Vec<&String> = status.frontends.keys().collect();
+    assert_eq!(
+        served,
+        [
+            "10.96.3.1:80/tcp",
+            "10.96.3.2:80/tcp",
+            "10.96.3.3:80/tcp",
+            "10.96.3.4:80/tcp"
+        ],
+        "the first four by name fit"
+    );
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(kpr.status_path()).unwrap()).unwrap();
+    assert_eq!(raw["last_report"]["refused"], 6, "{raw:#}");
+    let log = kpr.log();
+    for i in 4..10 {
+        let n = log
+            .lines()
+            .filter(|l| l.contains(&format!("refused Service ns/svc{i:02}:http")))
+            .count();
+        assert_eq!(n, 1, "svc{i:02}:\n{log}");
+    }
+    let client = lab.clients()[0].clone();
+    let r = lab
+        .tcp_spread(&client, "10.96.3.1:80".parse().unwrap(), 30)
+        .unwrap();
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    // Room freed: the first refused one gets in.
+    std::fs::write(dir.join("all.yaml"), clusterip_services(1..10)).unwrap();
+    kpr.wait_for_frontend("10.96.3.5:80/tcp", "svc04 once svc00 left", |_| true)
+        .unwrap();
+    kpr.wait_for_no_frontend("10.96.3.1:80/tcp").unwrap();
+}

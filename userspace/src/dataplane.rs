@@ -16,6 +16,8 @@ pub struct SyncReport {
     /// Objects written (map entries, rules, chains, set elements: each mode counts its own).
     pub writes: usize,
     pub deletes: usize,
+    /// Service ports the dataplane refused because its tables are full (eBPF mode).
+    pub refused: usize,
 }
 
 /// Entries in one of the dataplane's tables, and its capacity.
@@ -47,6 +49,12 @@ pub trait Dataplane {
 
     /// Datapath counters (typed drop reasons and the like), by name.
     fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
+    /// The Service ports (`namespace/name:port`) the last sync refused because the tables are
+    /// full: not programmed, whatever the desired state says.
+    fn refused(&self) -> Vec<String> {
         Vec::new()
     }
 

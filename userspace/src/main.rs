@@ -258,6 +258,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
         &EbpfConfig {
             pin_dir: settings.bpf_pin_dir.clone(),
             cgroup: settings.cgroup_path.clone(),
+            lb_capacity: settings.lb_capacity,
             allow_cgroup_root: allow_root,
             nftables_mark: Some(kpr::nft::DEFAULT_MASQ_MARK),
         },

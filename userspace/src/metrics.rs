@@ -138,6 +138,7 @@ struct State {
     datapath_events: Mutex<BTreeMap<String, u64>>,
     sync_failures: Counter,
     model_errors: Gauge,
+    refused: Gauge,
     /// The netfilter modes' figures, as last reported.
     mode: Mutex<crate::dataplane::ModeMetrics>,
 }
@@ -268,6 +269,12 @@ impl Collector for State {
             "Services or endpoints the last model build could not use",
             &self.model_errors,
         )?;
+        describe(
+            e,
+            "kpr_services_refused",
+            "Service ports the last sync refused because the dataplane's maps are full",
+            &self.refused,
+        )?;
         let mode = self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let counter = |e: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
             describe(e, name, help, &ConstCounter::new(v))
@@ -380,6 +387,7 @@ impl Metrics {
             datapath_events: Mutex::new(BTreeMap::new()),
             sync_failures: Counter::default(),
             model_errors: Gauge::default(),
+            refused: Gauge::default(),
             mode: Mutex::new(Default::default()),
         });
         let mut registry = Registry::default();
@@ -470,6 +478,11 @@ impl Metrics {
     }
 
     /// Services or endpoints the last model build rejected.
+    /// Service ports refused for lack of map space at the last sync (`kpr_services_refused`).
+    pub fn set_refused(&self, n: usize) {
+        self.state.refused.set(as_i64(n));
+    }
+
     pub fn set_model_errors(&self, n: usize) {
         self.state.model_errors.set(as_i64(n));
     }

@@ -13,8 +13,9 @@ impl SyncObserver for Metrics {
         self.set_last_queued(at);
     }
 
-    fn sync_succeeded(&self, _report: &SyncReport, took: Duration, full: bool, at: SystemTime) {
+    fn sync_succeeded(&self, report: &SyncReport, took: Duration, full: bool, at: SystemTime) {
         self.observe_sync(took, full);
+        self.set_refused(report.refused);
         self.set_last_sync(at);
         // Everything seen so far is programmed.
         self.set_pending(0, 0);

@@ -309,9 +309,12 @@ pub async fn run<D: Dataplane + ?Sized>(
                     next_full = Instant::now() + cfg.sync_period;
                 }
                 if cfg.status_file.is_some() || cfg.admin.is_some() {
+                    // What is programmed: the desired state less what the dataplane refused.
+                    let refused: HashSet<String> = dataplane.refused().into_iter().collect();
                     status.frontends = desired
                         .services
                         .iter()
+                        .filter(|(_, st)| !refused.contains(&st.name.to_string()))
                         .map(|(fe, st)| (fe.to_string(), FrontendStatus::of(st)))
                         .collect();
                 }

@@ -255,6 +255,13 @@ pub struct RunArgs {
     /// and every programmed frontend with its backends (for tests, benchmarks and debugging).
     #[arg(long, value_name = "FILE", help_heading = OWN)]
     pub status_file: Option<PathBuf>,
+    /// Entries of the eBPF mode's services map (each Service port takes one per frontend plus
+    /// one per backend). Service ports that do not fit are refused, each with a log line.
+    #[arg(long, value_name = "N", default_value_t = kpr_common::SERVICES_MAP_MAX as usize, help_heading = OWN)]
+    pub bpf_services_map_max: usize,
+    /// Entries of the eBPF mode's backends map (one per distinct backend address and port).
+    #[arg(long, value_name = "N", default_value_t = kpr_common::BACKENDS_MAP_MAX as usize, help_heading = OWN)]
+    pub bpf_backends_map_max: usize,
     /// Unix socket where the agent serves its status to `kpr status` and `kpr trace` (the
     /// Service names of what it programmed); empty: none.
     #[arg(long, value_name = "PATH", default_value = crate::admin::DEFAULT_ADMIN_SOCKET, help_heading = OWN)]

@@ -266,6 +266,9 @@ pub struct Settings {
     #[serde(serialize_with = "duration::serialize")]
     pub manifest_poll: Duration,
     pub status_file: Option<PathBuf>,
+    /// `--bpf-services-map-max`, `--bpf-backends-map-max`. Not serialized when default.
+    #[serde(skip_serializing_if = "is_default_lb_capacity")]
+    pub lb_capacity: crate::ebpf::sync::Capacity,
     /// `--admin-socket` (empty: none). Not serialized when default.
     #[serde(skip_serializing_if = "is_default_admin_socket")]
     pub admin_socket: PathBuf,
@@ -310,6 +313,10 @@ impl Default for ConntrackSettings {
     }
 }
 
+fn is_default_lb_capacity(c: &crate::ebpf::sync::Capacity) -> bool {
+    *c == crate::ebpf::sync::Capacity::default()
+}
+
 fn is_default_admin_socket(p: &std::path::Path) -> bool {
     p == std::path::Path::new(crate::admin::DEFAULT_ADMIN_SOCKET)
 }
@@ -347,6 +354,7 @@ impl Default for Settings {
             manifest_poll: DEFAULT_MANIFEST_POLL,
             status_file: None,
             admin_socket: crate::admin::DEFAULT_ADMIN_SOCKET.into(),
+            lb_capacity: Default::default(),
             devices: Vec::new(),
             conntrack: ConntrackSettings::default(),
         }
@@ -569,6 +577,10 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         manifest_poll: args.manifest_poll,
         status_file: args.status_file.clone(),
         admin_socket: args.admin_socket.clone(),
+        lb_capacity: crate::ebpf::sync::Capacity {
+            services: args.bpf_services_map_max,
+            backends: args.bpf_backends_map_max,
+        },
         devices: parse_devices(&args.devices)?,
         ..Settings::default()
     };

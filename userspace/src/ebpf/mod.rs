@@ -73,6 +73,9 @@ pub struct EbpfConfig {
     pub pin_dir: PathBuf,
     /// The cgroup v2 directory whose processes get socket-level load balancing.
     pub cgroup: PathBuf,
+    /// Sizes of the services and backends maps (entries). Maps already pinned keep theirs;
+    /// what does not fit is refused by Service port (see [`sync::Capacity`]).
+    pub lb_capacity: sync::Capacity,
     /// Attaching to the root of a cgroup v2 hierarchy affects every process on the host: a
     /// production DaemonSet wants that, a test must never do it. Off unless asked for.
     pub allow_cgroup_root: bool,
@@ -154,6 +157,8 @@ impl EbpfDataplane {
         prepare_pins(&cfg.pin_dir, ct)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
+            .map_max_entries(SERVICES_MAP, map_size(cfg.lb_capacity.services))
+            .map_max_entries(BACKENDS_MAP, map_size(cfg.lb_capacity.backends))
             .map_max_entries(CT_MAP, ct.established_entries())
             .map_max_entries(CT_NEW_MAP, ct.new_entries())
             .override_global("CT_TIMEOUTS", &ct.timeouts, true)
@@ -234,11 +239,24 @@ impl EbpfDataplane {
                         .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))
                 })?,
         };
-        let syncer = LbSyncer::restore(AyaLbMaps {
+        let mut syncer = LbSyncer::restore(AyaLbMaps {
             services,
             backends,
             src_ranges,
         })?;
+        // The sizes the maps really have (a pinned map keeps the size it was made with).
+        let capacity = sync::Capacity {
+            services: pinned_size(SERVICES_MAP, map_size(cfg.lb_capacity.services)) as usize,
+            backends: pinned_size(BACKENDS_MAP, map_size(cfg.lb_capacity.backends)) as usize,
+        };
+        if capacity != cfg.lb_capacity {
+            tracing::warn!(
+                ?capacity,
+                wanted = ?cfg.lb_capacity,
+                "the pinned services/backends maps keep their size; remove the pins to resize"
+            );
+        }
+        syncer.set_capacity(capacity);
         Ok(Self {
             tc_links,
             ebpf,
@@ -412,6 +430,11 @@ fn prepare_pins(pin_dir: &Path, ct: &ConntrackConfig) -> Result<(), EbpfError> {
     Ok(())
 }
 
+/// A map size as the kernel takes it (at least 1).
+fn map_size(entries: usize) -> u32 {
+    u32::try_from(entries).unwrap_or(u32::MAX).max(1)
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
     ebpf.take_map(name)
         .ok_or(EbpfError::Map(name, "missing from object".into()))
@@ -486,11 +509,16 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
             backends: stats.backends,
             writes: stats.writes,
             deletes: stats.deletes,
+            refused: stats.refused,
         })
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         EbpfDataplane::counters(self)
+    }
+
+    fn refused(&self) -> Vec<String> {
+        self.syncer.refused().keys().cloned().collect()
     }
 
     fn occupancy(&self) -> Vec<crate::dataplane::MapOccupancy> {
@@ -499,12 +527,12 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
             crate::dataplane::MapOccupancy {
                 map: SERVICES_MAP,
                 entries: services as u64,
-                capacity: u64::from(kpr_common::SERVICES_MAP_MAX),
+                capacity: self.syncer.capacity().map_or(0, |c| c.services as u64),
             },
             crate::dataplane::MapOccupancy {
                 map: BACKENDS_MAP,
                 entries: backends as u64,
-                capacity: u64::from(kpr_common::BACKENDS_MAP_MAX),
+                capacity: self.syncer.capacity().map_or(0, |c| c.backends as u64),
             },
             // As of the last garbage collection (every full sync).
             crate::dataplane::MapOccupancy {

@@ -4,8 +4,10 @@
 //! 1. new backends first, so no slot can name an id the backends map lacks;
 //! 2. per frontend: backend slots, then the frontend slot (its count), then slots beyond the
 //!    new count — a reader sees either the old or the new backend set, never a dangling slot;
-//! 3. removed frontends (slot 0 first, so no new lookups start), then their slots;
-//! 4. backends no frontend uses any more, last.
+//! 3. backends no frontend uses any more, last.
+//!
+//! Removed frontends (slot 0 first, so no new lookups start, then their slots) go before all
+//! of this: they serve nobody any more, and full maps need their room for the new ones.
 //!
 //! Ids (backend ids, reverse-NAT ids) are restored from the pinned maps at start, so a restart
 //! of the agent neither re-shuffles nor invalidates what live sockets recorded.
@@ -39,6 +41,27 @@ pub struct SyncStats {
     pub deletes: usize,
     /// Frontends the eBPF dataplane cannot serve (IPv6 for now), skipped.
     pub skipped: usize,
+    /// Service ports refused because the maps cannot hold them (see [`Capacity`]).
+    pub refused: usize,
+}
+
+/// How many entries the services and backends maps hold. Service ports are admitted in name
+/// order while they fit; the rest are refused, each with a log line, and everything admitted
+/// keeps working (a map insert failing midway would instead fail every sync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+}
+
+impl Default for Capacity {
+    /// The maps' compiled-in sizes.
+    fn default() -> Self {
+        Self {
+            services: kpr_common::SERVICES_MAP_MAX as usize,
+            backends: kpr_common::BACKENDS_MAP_MAX as usize,
+        }
+    }
 }
 
 /// A frontend as the maps key it, without the slot.
@@ -115,6 +138,10 @@ pub struct LbSyncer<M> {
     /// Set when a sync failed midway: our view may differ from the maps, so the next sync
     /// re-reads them first.
     dirty: bool,
+    /// The maps' sizes; None: unbounded (test fakes).
+    capacity: Option<Capacity>,
+    /// Service ports refused at the last sync, with why (logged when they first are).
+    refused: BTreeMap<String, String>,
 }
 
 impl<M: LbMaps> LbSyncer<M> {
@@ -131,6 +158,8 @@ impl<M: LbMaps> LbSyncer<M> {
             next_backend_id: 1,
             next_rev_nat_id: 1,
             dirty: false,
+            capacity: None,
+            refused: BTreeMap::new(),
         };
         s.reload()?;
         Ok(s)
@@ -232,14 +261,99 @@ impl<M: LbMaps> LbSyncer<M> {
         self.sync(desired)
     }
 
+    /// Bounds what is programmed by the maps' sizes (see [`Capacity`]).
+    pub fn set_capacity(&mut self, capacity: Capacity) {
+        self.capacity = Some(capacity);
+    }
+
+    pub fn capacity(&self) -> Option<Capacity> {
+        self.capacity
+    }
+
+    /// Service ports refused at the last sync for lack of map space, with the reason.
+    pub fn refused(&self) -> &BTreeMap<String, String> {
+        &self.refused
+    }
+
+    /// Removes from `want` the Service ports (all their frontends) that do not fit, admitting
+    /// them in name order; returns (name, reason) of those refused. A frontend programmed now
+    /// is counted at the larger of its old and new size: removed frontends go first (step 0
+    /// below), but a kept one is rewritten in place, so both sizes exist for a moment.
+    fn admit(
+        &self,
+        want: &mut BTreeMap<FrontendKey, WantFrontend>,
+        owners: &BTreeMap<String, Vec<FrontendKey>>,
+    ) -> BTreeMap<String, String> {
+        let mut refused = BTreeMap::new();
+        let Some(cap) = self.capacity else {
+            return refused;
+        };
+        let mut entries = 0usize;
+        let mut backends: HashSet<BackendKey> = HashSet::new();
+        for (name, fks) in owners {
+            let need: usize = fks
+                .iter()
+                .map(|fk| {
+                    let old = self.frontends.get(fk).map_or(0, |f| f.slots.len());
+                    1 + want[fk].backends.len().max(old)
+                })
+                .sum();
+            let new_backends: HashSet<BackendKey> = fks
+                .iter()
+                .flat_map(|fk| want[fk].backends.iter().copied())
+                .filter(|b| !backends.contains(b))
+                .collect();
+            let reason = if entries + need > cap.services {
+                Some(format!(
+                    "{} frontend(s) need {need} services-map entries and {} of {} are left                      (--bpf-services-map-max)",
+                    fks.len(),
+                    cap.services - entries,
+                    cap.services
+                ))
+            } else if backends.len() + new_backends.len() > cap.backends {
+                Some(format!(
+                    "{} new backend(s) and {} of {} backends-map entries are left                      (--bpf-backends-map-max)",
+                    new_backends.len(),
+                    cap.backends - backends.len(),
+                    cap.backends
+                ))
+            } else {
+                None
+            };
+            match reason {
+                Some(r) => {
+                    for fk in fks {
+                        want.remove(fk);
+                    }
+                    refused.insert(name.clone(), r);
+                }
+                None => {
+                    entries += need;
+                    backends.extend(new_backends);
+                }
+            }
+        }
+        refused
+    }
+
     fn apply(&mut self, desired: &DesiredState) -> Result<SyncStats, SyncError> {
         let mut stats = SyncStats::default();
         let mut want: BTreeMap<FrontendKey, WantFrontend> = BTreeMap::new();
+        // Service port → its frontends (both scopes), for admission by name.
+        let mut owners: BTreeMap<String, Vec<FrontendKey>> = BTreeMap::new();
         for (frontend, state) in &desired.services {
             let Some(fk) = frontend_key(frontend, SCOPE_INTERNAL) else {
                 stats.skipped += 1;
                 continue;
             };
+            let owned = owners.entry(state.name.to_string()).or_default();
+            owned.push(fk);
+            if state.kind.is_external() {
+                owned.push(FrontendKey {
+                    scope: SCOPE_EXTERNAL,
+                    ..fk
+                });
+            }
             let (flags, affinity_timeout_s) = match state.session_affinity {
                 // The model bounds the timeout to 1..=86400 s, so it fits.
                 Some(t) => (
@@ -292,6 +406,41 @@ impl<M: LbMaps> LbSyncer<M> {
                     },
                 );
             }
+        }
+
+        let refused = self.admit(&mut want, &owners);
+        for (name, reason) in &refused {
+            if !self.refused.contains_key(name) {
+                tracing::warn!("refused Service {name}: the maps are full: {reason}");
+            }
+        }
+        stats.refused = refused.len();
+        self.refused = refused;
+
+        // 0. Frontends that are gone: slot 0 first. Before the new ones are written, so that
+        // full maps have room; nobody is served by them any more.
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|fk| !want.contains_key(fk))
+            .copied()
+            .collect();
+        for fk in gone {
+            let old = &self.frontends[&fk];
+            if let Some(rev) = old.rev_nat_id {
+                self.maps.delete_service(&fk.slot(0))?;
+                stats.deletes += 1;
+                self.rev_nat_ids.remove(&rev);
+                if !old.source_ranges.is_empty() {
+                    self.maps.put_source_ranges(rev, &[])?;
+                }
+            }
+            let slots: Vec<u16> = old.slots.keys().copied().collect();
+            for slot in slots {
+                self.maps.delete_service(&fk.slot(slot))?;
+                stats.deletes += 1;
+            }
+            self.frontends.remove(&fk);
         }
 
         // 1. Backends first.
@@ -376,32 +525,7 @@ impl<M: LbMaps> LbSyncer<M> {
             );
         }
 
-        // 3. Frontends that are gone: slot 0 first.
-        let gone: Vec<FrontendKey> = self
-            .frontends
-            .keys()
-            .filter(|fk| !want.contains_key(fk))
-            .copied()
-            .collect();
-        for fk in gone {
-            let old = &self.frontends[&fk];
-            if let Some(rev) = old.rev_nat_id {
-                self.maps.delete_service(&fk.slot(0))?;
-                stats.deletes += 1;
-                self.rev_nat_ids.remove(&rev);
-                if !old.source_ranges.is_empty() {
-                    self.maps.put_source_ranges(rev, &[])?;
-                }
-            }
-            let slots: Vec<u16> = old.slots.keys().copied().collect();
-            for slot in slots {
-                self.maps.delete_service(&fk.slot(slot))?;
-                stats.deletes += 1;
-            }
-            self.frontends.remove(&fk);
-        }
-
-        // 4. Backends nothing refers to any more.
+        // 3. Backends nothing refers to any more.
         let used: BTreeSet<u32> = self
             .frontends
             .values()
@@ -511,6 +635,16 @@ mod tests {
         backends: BTreeMap<u32, Backend4Value>,
         ops: usize,
         fail_at: Option<usize>,
+        /// A full map refuses new keys, as the kernel's does (E2BIG).
+        max: Option<Capacity>,
+    }
+
+    fn full(map: &'static str) -> MapOpError {
+        MapOpError {
+            op: "update",
+            map,
+            detail: "map full (E2BIG)".into(),
+        }
     }
 
     impl FakeMaps {
@@ -577,6 +711,11 @@ mod tests {
         }
         fn put_backend(&mut self, id: u32, value: &Backend4Value) -> Result<(), MapOpError> {
             self.op()?;
+            if self.max.is_some_and(|m| {
+                !self.backends.contains_key(&id) && self.backends.len() >= m.backends
+            }) {
+                return Err(full("backends"));
+            }
             self.backends.insert(id, *value);
             self.check_invariant();
             Ok(())
@@ -593,6 +732,11 @@ mod tests {
             value: &Service4Value,
         ) -> Result<(), MapOpError> {
             self.op()?;
+            if self.max.is_some_and(|m| {
+                !self.services.contains_key(key) && self.services.len() >= m.services
+            }) {
+                return Err(full("services"));
+            }
             self.services.insert(*key, *value);
             self.check_invariant();
             Ok(())
@@ -698,6 +842,47 @@ mod tests {
             s.maps().backends.is_empty(),
             "unused backends must be deleted"
         );
+    }
+
+    #[test]
+    fn what_does_not_fit_is_refused_by_name_and_the_rest_is_served() {
+        let cap = Capacity {
+            services: 10,
+            backends: 5,
+        };
+        let maps = FakeMaps {
+            max: Some(cap),
+            ..Default::default()
+        };
+        let mut s = LbSyncer::restore(maps).unwrap();
+        s.set_capacity(cap);
+        // svc80 and svc81 need 4 entries each, svc82 4 more: only two fit in 10.
+        let d = state(&[
+            (fe(1, 80), &[11, 12, 13]),
+            (fe(2, 81), &[11, 12, 13]),
+            (fe(3, 82), &[14, 15, 16]),
+        ]);
+        let stats = s.sync(&d).unwrap();
+        assert_eq!(stats.refused, 1);
+        assert_eq!(
+            s.refused().keys().collect::<Vec<_>>(),
+            vec!["default/svc82"]
+        );
+        let mut served = d.clone();
+        served.services.remove(&fe(3, 82));
+        assert_eq!(s.maps().resolve(), expected(&served));
+
+        // Replacing every Service at full maps works: the old ones leave first.
+        let d2 = state(&[(fe(4, 90), &[11, 12, 13]), (fe(5, 91), &[11, 12])]);
+        let stats = s.sync(&d2).unwrap();
+        assert_eq!(stats.refused, 0);
+        assert_eq!(s.maps().resolve(), expected(&d2));
+
+        // Too many backends: refused for that reason, named in it.
+        let d3 = state(&[(fe(4, 90), &[11, 12, 13]), (fe(6, 92), &[21, 22, 23])]);
+        s.sync(&d3).unwrap();
+        let why = &s.refused()["default/svc92"];
+        assert!(why.contains("--bpf-backends-map-max"), "{why}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn sync_report(desired: &DesiredState, writes: usize, deletes: usize) -> SyncRep
             .sum(),
         writes,
         deletes,
+        refused: 0,
     }
 }
 

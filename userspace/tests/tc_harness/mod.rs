@@ -136,6 +136,7 @@ impl Env {
             &EbpfConfig {
                 pin_dir: env.bpf.clone(),
                 cgroup: cg,
+                lb_capacity: Default::default(),
                 allow_cgroup_root: false,
                 // These tests run in the host's namespace: kpr's table is never written here.
                 nftables_mark: None,
