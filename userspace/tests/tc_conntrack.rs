@@ -373,20 +373,21 @@ fn the_garbage_collector_removes_expired_entries_only() {
     assert_eq!(env.counter("ct_gc_stale"), 0);
 }
 
+fn bpftool(args: &[&str]) {
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Writes a `KPR_CT4_V1` map (an older agent's: LRU, same key and value) with one flow.
 fn pin_v1_map(pin_dir: &std::path::Path, key: &Ct4Key, value: &Ct4Value) {
     let path = pin_dir.join(CT_MAP_V1);
-    let bpftool = |args: &[&str]| {
-        let out = Command::new("bpftool")
-            .args(args)
-            .output()
-            .expect("bpftool");
-        assert!(
-            out.status.success(),
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let p = path.to_str().unwrap();
     bpftool(&[
         "map", "create", p, "type", "lru_hash", "key", "16", "value", "32", "entries", "1024",
@@ -443,4 +444,36 @@ fn an_older_agents_flows_are_adopted_as_established() {
     assert!(shown_as_frontend(
         &out_ns(&mut env, &backend(PORT, TCP_ACK)).1
     ));
+}
+
+#[test]
+fn a_map_of_another_layout_version_is_refused_with_a_message_naming_it() {
+    require();
+    kpr_lab::preconditions::require("foreign map pins", &["bpftool"]);
+    // A future (or past) layout of the affinity map, pinned by another kpr version.
+    let r = Env::try_with(Vec::new(), ConntrackConfig::default(), |pins| {
+        let p = pins.join("KPR_AFF4_V7");
+        bpftool(&[
+            "map",
+            "create",
+            p.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "16",
+            "value",
+            "16",
+            "entries",
+            "16",
+            "name",
+            "KPR_AFF4_V7",
+        ]);
+    });
+    let Err((_env, e)) = r else {
+        panic!("loaded beside a map of another layout version");
+    };
+    assert!(
+        e.contains("KPR_AFF4_V7") && e.contains("kpr cleanup"),
+        "{e}"
+    );
 }

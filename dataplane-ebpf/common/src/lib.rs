@@ -48,6 +48,21 @@ pub const CT_NEW_MAP_MAX: u32 = 131_072;
 /// Session affinity for traffic from outside the node (tc programs): [`AffinityExt4Key`] →
 /// [`Affinity4Value`], LRU.
 pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V1";
+/// Every map this build pins, by name (the agent checks a pin directory against it: a pin of
+/// another layout version is migrated or refused, never silently shadowed).
+pub const ALL_MAPS: [&str; 10] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    SOCK_REVNAT_MAP,
+    SOCK_FWD_MAP,
+    AFFINITY_MAP,
+    COUNTERS_MAP,
+    CT_MAP,
+    CT_NEW_MAP,
+    AFFINITY_EXT_MAP,
+    SRC_RANGE_MAP,
+];
+
 /// loadBalancerSourceRanges: LPM trie keyed by `bpf_lpm_trie_key` { prefixlen, [`SrcRange4Key`] }
 /// → `u8` (unused, 1).
 pub const SRC_RANGE_MAP: &str = "KPR_LBSRC4_V1";

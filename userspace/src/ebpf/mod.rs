@@ -394,8 +394,49 @@ impl EbpfDataplane {
     }
 }
 
+/// Map pins of another layout version than this build's (`KPR_<NAME>_V<n>` where this build
+/// pins `KPR_<NAME>_V<m>`, m ≠ n), except those this build migrates (`KPR_CT4_V1`, see
+/// [`conntrack::adopt_v1`]). Starting beside them would leave their live state (sockets'
+/// reverse NAT, affinity, flows) unused while the old programs may still read them.
+pub fn foreign_layout_pins(pin_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    let base = |name: &str| {
+        name.rsplit_once("_V")
+            .map(|(b, v)| (b.to_string(), v.to_string()))
+    };
+    let ours: Vec<(String, String)> = kpr_common::ALL_MAPS
+        .iter()
+        .filter_map(|m| base(m))
+        .collect();
+    let mut out: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("KPR_") && !n.starts_with(links::LINK_PIN_PREFIX))
+        .filter(|n| n != kpr_common::CT_MAP_V1)
+        .filter(|n| {
+            base(n).is_some_and(|(b, v)| {
+                v.chars().all(|c| c.is_ascii_digit())
+                    && ours.iter().any(|(ob, ov)| *ob == b && *ov != v)
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Pins left by an older agent that this one cannot reuse as they are.
 fn prepare_pins(pin_dir: &Path, ct: &ConntrackConfig) -> Result<(), EbpfError> {
+    let foreign = foreign_layout_pins(pin_dir);
+    if !foreign.is_empty() {
+        return Err(EbpfError::PinDir(
+            pin_dir.to_path_buf(),
+            format!(
+                "holds maps of another kpr version's layout ({}) that this version cannot                  migrate; start the kpr version that made them, or run `kpr cleanup` first                  (live flows, affinity and UDP reverse translations on this node are lost)",
+                foreign.join(", ")
+            ),
+        ));
+    }
     // The counters array grew when the tc counters were added. Its contents are only
     // statistics, so a smaller pin is replaced rather than leaving new counters uncounted.
     let counters = pin_dir.join(COUNTERS_MAP);

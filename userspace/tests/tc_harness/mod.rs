@@ -114,6 +114,17 @@ impl Env {
         conntrack: ConntrackConfig,
         before_load: impl FnOnce(&Path),
     ) -> Env {
+        Self::try_with(devices, conntrack, before_load)
+            .unwrap_or_else(|(_, e)| panic!("loading the dataplane: {e}"))
+    }
+
+    /// [`Env::with`], returning a load error (with the environment, to clean up) instead of
+    /// panicking.
+    pub fn try_with(
+        devices: Vec<String>,
+        conntrack: ConntrackConfig,
+        before_load: impl FnOnce(&Path),
+    ) -> Result<Env, (Env, String)> {
         let dir = tempfile::tempdir().unwrap();
         let bpf = dir.path().join("bpf");
         let cg_mount = dir.path().join("cgroup2");
@@ -142,10 +153,14 @@ impl Env {
                 nftables_mark: None,
             },
             &TcConfig { devices, conntrack },
-        )
-        .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
-        env.dp = Some(dp);
-        env
+        );
+        match dp {
+            Ok(dp) => {
+                env.dp = Some(dp);
+                Ok(env)
+            }
+            Err(e) => Err((env, e.to_string())),
+        }
     }
 
     pub fn dp(&mut self) -> &mut EbpfDataplane {
