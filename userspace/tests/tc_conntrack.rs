@@ -469,9 +469,10 @@ fn a_map_of_another_layout_version_is_refused_with_a_message_naming_it() {
             "KPR_AFF4_V7",
         ]);
     });
-    let Err((_env, e)) = r else {
+    let Err(failed) = r else {
         panic!("loaded beside a map of another layout version");
     };
+    let e = &failed.1;
     assert!(
         e.contains("KPR_AFF4_V7") && e.contains("kpr cleanup"),
         "{e}"

@@ -115,7 +115,7 @@ impl Env {
         before_load: impl FnOnce(&Path),
     ) -> Env {
         Self::try_with(devices, conntrack, before_load)
-            .unwrap_or_else(|(_, e)| panic!("loading the dataplane: {e}"))
+            .unwrap_or_else(|e| panic!("loading the dataplane: {}", e.1))
     }
 
     /// [`Env::with`], returning a load error (with the environment, to clean up) instead of
@@ -124,7 +124,7 @@ impl Env {
         devices: Vec<String>,
         conntrack: ConntrackConfig,
         before_load: impl FnOnce(&Path),
-    ) -> Result<Env, (Env, String)> {
+    ) -> Result<Env, Box<(Env, String)>> {
         let dir = tempfile::tempdir().unwrap();
         let bpf = dir.path().join("bpf");
         let cg_mount = dir.path().join("cgroup2");
@@ -159,7 +159,7 @@ impl Env {
                 env.dp = Some(dp);
                 Ok(env)
             }
-            Err(e) => Err((env, e.to_string())),
+            Err(e) => Err(Box::new((env, e.to_string()))),
         }
     }
 
