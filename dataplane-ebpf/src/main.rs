@@ -55,7 +55,8 @@ static SOCK_FWD: LruHashMap<SockFwd4Key, SockFwd4Value> =
     LruHashMap::pinned(SOCK_REVNAT_MAP_MAX, 0);
 
 // LRU: a client that went away is forgotten; the timeout is checked on use, not by expiry.
-#[map(name = "KPR_AFF4_V1")]
+#[cfg_attr(not(feature = "variant"), map(name = "KPR_AFF4_V1"))]
+#[cfg_attr(feature = "variant", map(name = "KPR_AFF4_V2"))]
 static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> = LruHashMap::pinned(AFFINITY_MAP_MAX, 0);
 
 #[map(name = "KPR_CNT_V1")]
@@ -73,7 +74,8 @@ static CONNTRACK_NEW: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(CT_NEW_M
 
 // Session affinity of clients outside the node, keyed by client address (tc programs). LRU as
 // AFFINITY.
-#[map(name = "KPR_AFFX4_V1")]
+#[cfg_attr(not(feature = "variant"), map(name = "KPR_AFFX4_V1"))]
+#[cfg_attr(feature = "variant", map(name = "KPR_AFFX4_V2"))]
 static AFFINITY_EXT: LruHashMap<AffinityExt4Key, Affinity4Value> =
     LruHashMap::pinned(AFFINITY_MAP_MAX, 0);
 

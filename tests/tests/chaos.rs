@@ -243,10 +243,20 @@ fn api_server_outage_of_60_s_under_load() {
             "kpr changed state without the API server"
         );
         api.set_refusing(false);
-        // Back: kpr lists again and applies the change made meanwhile.
+        // Back: kpr lists again and applies the change made meanwhile, at its next retry:
+        // kube-rs's backoff (as client-go's) has grown to at most 30 s during the outage.
         let t = Instant::now();
-        kpr.wait_for_backends(FRONTEND, &refs(&at_8080(&["10.244.1.11", "10.244.1.12"])))
-            .unwrap();
+        let want = at_8080(&["10.244.1.11", "10.244.1.12"]);
+        kpr.wait_for_status(
+            "the change made during the outage",
+            Duration::from_secs(45),
+            |s| {
+                s.frontends
+                    .get(FRONTEND)
+                    .is_some_and(|f| f.backends == want)
+            },
+        )
+        .unwrap();
         println!(
             "the change made during the outage was applied {:.1} s after it ended",
             t.elapsed().as_secs_f64()

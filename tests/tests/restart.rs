@@ -1,6 +1,7 @@
 //! Restarting the agent under load (issue 11, part 2): its programs stay attached through
 //! pinned links while it is away, and the next agent adopts them, replacing each program
-//! atomically. Load: ClusterIP TCP connect/request/close, connected and unconnected UDP
+//! atomically. The upgrade goes to a build whose programs differ and whose affinity maps have
+//! another layout, and back: affinity survives the conversions. Load: ClusterIP TCP connect/request/close, connected and unconnected UDP
 //! request/response and ClientIP affinity from a pod, NodePort from the external client.
 //!
 //! Lab: node1 192.168.100.11 (be1 10.244.1.11, be2 .12, be3 .13, cl1 10.244.1.21), external
@@ -338,6 +339,25 @@ fn upgrade_to_changed_programs_and_back_under_load_without_a_failed_connection()
             drop(kpr.take().unwrap().stop());
             let k = start(&lab, &dir, next);
             seen.push(program_tags(&lab));
+            // The variant build keeps affinity in another layout (`_V2`): each start converted
+            // the other build's map and removed its pin.
+            let (ours, theirs) = if *next == variant {
+                ("KPR_AFF4_V2", "KPR_AFF4_V1")
+            } else {
+                ("KPR_AFF4_V1", "KPR_AFF4_V2")
+            };
+            let pins = lab.bpffs_dir().join("kpr");
+            assert!(
+                pins.join(ours).exists() && !pins.join(theirs).exists(),
+                "{}",
+                k.log()
+            );
+            assert!(
+                k.log()
+                    .contains("converted another kpr version's map layout"),
+                "{}",
+                k.log()
+            );
             let n = progress(udp_progress);
             wait_for_load(udp_progress, n, 20);
             kpr = Some(k);

@@ -23,8 +23,12 @@ pub const BACKENDS_MAP: &str = "KPR_BE4_V1";
 pub const SOCK_REVNAT_MAP: &str = "KPR_SKNAT4_V1";
 /// Socket forward map: [`SockFwd4Key`] → [`SockFwd4Value`].
 pub const SOCK_FWD_MAP: &str = "KPR_SKFWD4_V1";
-/// Session-affinity map: [`Affinity4Key`] → [`Affinity4Value`].
+/// Session-affinity map: [`Affinity4Key`] → [`Affinity4Value`]. `_V2` in the `variant`
+/// build, whose [`Affinity4Value`] has another layout (the upgrade test converts between them).
+#[cfg(not(feature = "variant"))]
 pub const AFFINITY_MAP: &str = "KPR_AFF4_V1";
+#[cfg(feature = "variant")]
+pub const AFFINITY_MAP: &str = "KPR_AFF4_V2";
 pub const AFFINITY_MAP_MAX: u32 = 262_144;
 /// Per-CPU datapath counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "KPR_CNT_V1";
@@ -47,7 +51,10 @@ pub const CT_MAP_MAX: u32 = 262_144;
 pub const CT_NEW_MAP_MAX: u32 = 131_072;
 /// Session affinity for traffic from outside the node (tc programs): [`AffinityExt4Key`] →
 /// [`Affinity4Value`], LRU.
+#[cfg(not(feature = "variant"))]
 pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V1";
+#[cfg(feature = "variant")]
+pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V2";
 /// Every map this build pins, by name (the agent checks a pin directory against it: a pin of
 /// another layout version is migrated or refused, never silently shadowed).
 pub const ALL_MAPS: [&str; 10] = [
@@ -261,6 +268,7 @@ pub struct Affinity4Key {
 }
 
 /// Value of the session-affinity map.
+#[cfg(not(feature = "variant"))]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Affinity4Value {
@@ -270,6 +278,19 @@ pub struct Affinity4Value {
     /// Slot the backend was in; checked first, then up to [`AFFINITY_SCAN_MAX`] slots.
     pub slot: u16,
     pub pad: u16,
+}
+
+/// The `variant` build's layout of the session-affinity value (`KPR_AFF4_V2`): the same
+/// fields in another order, so that an upgrade between the two builds has a real layout
+/// change to convert.
+#[cfg(feature = "variant")]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Affinity4Value {
+    pub backend_id: u32,
+    pub slot: u16,
+    pub pad: u16,
+    pub last_used_ns: u64,
 }
 
 /// Datapath counters: translations done and typed drop/failure reasons.

@@ -3,6 +3,7 @@
 //! devices (see [`tc`]), and keeps the maps in sync with the model.
 
 pub mod conntrack;
+pub mod layouts;
 pub mod links;
 pub mod maps;
 pub mod sync;
@@ -163,9 +164,15 @@ impl EbpfDataplane {
             .map_max_entries(CT_NEW_MAP, ct.new_entries())
             .override_global("CT_TIMEOUTS", &ct.timeouts, true)
             .load(KERNEL_OBJECT)?;
+        // Other versions' layouts, converted before this build's programs replace theirs.
         let moved = conntrack::adopt_v1(&cfg.pin_dir, &cfg.pin_dir.join(CT_MAP))?;
         if moved > 0 {
             tracing::info!(entries = moved, "moved an older agent's conntrack entries");
+        }
+        for (from, entries) in layouts::convert(&cfg.pin_dir)
+            .map_err(|e| EbpfError::PinDir(cfg.pin_dir.clone(), e.to_string()))?
+        {
+            tracing::info!(%from, entries, "converted another kpr version's map layout");
         }
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -395,8 +402,8 @@ impl EbpfDataplane {
 }
 
 /// Map pins of another layout version than this build's (`KPR_<NAME>_V<n>` where this build
-/// pins `KPR_<NAME>_V<m>`, m ≠ n), except those this build migrates (`KPR_CT4_V1`, see
-/// [`conntrack::adopt_v1`]). Starting beside them would leave their live state (sockets'
+/// pins `KPR_<NAME>_V<m>`, m ≠ n), except those this build converts (`KPR_CT4_V1`, see
+/// [`conntrack::adopt_v1`]; the affinity maps' other layout, see [`layouts`]). Starting beside them would leave their live state (sockets'
 /// reverse NAT, affinity, flows) unused while the old programs may still read them.
 pub fn foreign_layout_pins(pin_dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(pin_dir) else {
@@ -410,10 +417,11 @@ pub fn foreign_layout_pins(pin_dir: &Path) -> Vec<String> {
         .iter()
         .filter_map(|m| base(m))
         .collect();
+    let convertible = layouts::convertible_pins();
     let mut out: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("KPR_") && !n.starts_with(links::LINK_PIN_PREFIX))
-        .filter(|n| n != kpr_common::CT_MAP_V1)
+        .filter(|n| n != kpr_common::CT_MAP_V1 && !convertible.contains(n))
         .filter(|n| {
             base(n).is_some_and(|(b, v)| {
                 v.chars().all(|c| c.is_ascii_digit())
