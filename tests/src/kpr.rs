@@ -153,6 +153,18 @@ impl Kpr {
         name: &str,
         args: &[&OsStr],
     ) -> Result<Kpr> {
+        Self::start_on_env(lab, node, bin, name, args, &[])
+    }
+
+    /// [`Kpr::start_on`] with extra environment variables.
+    pub fn start_on_env(
+        lab: &Lab,
+        node: usize,
+        bin: &Path,
+        name: &str,
+        args: &[&OsStr],
+        env: &[(&str, &str)],
+    ) -> Result<Kpr> {
         let n = lab.node(node).ok_or_else(|| {
             LabError::Other(format!(
                 "Kpr::start_on: the lab has no node {node} (it has {})",
@@ -184,6 +196,7 @@ impl Kpr {
             .arg("--admin-socket")
             .arg(&admin_socket)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

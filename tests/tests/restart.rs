@@ -47,7 +47,13 @@ fn manifests() -> String {
 }
 
 fn start(lab: &Lab, dir: &Path, bin: &Path) -> Kpr {
+    start_env(lab, dir, bin, &[])
+}
+
+fn start_env(lab: &Lab, dir: &Path, bin: &Path, env: &[(&str, &str)]) -> Kpr {
     let args = [
+        "--manifests",
+        dir.to_str().unwrap(),
         "--hostname-override",
         "node1",
         "--devices",
@@ -55,7 +61,8 @@ fn start(lab: &Lab, dir: &Path, bin: &Path) -> Kpr {
         "--healthz-bind-address",
         "127.0.0.1:10256",
     ];
-    Kpr::start(lab, bin, dir, "kpr", &args).expect("kpr start")
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    Kpr::start_on_env(lab, 1, bin, "kpr", &args, env).expect("kpr start")
 }
 
 /// `(link id, program id)` of every link kpr pinned, by pin name.
@@ -387,4 +394,60 @@ fn upgrade_to_changed_programs_and_back_under_load_without_a_failed_connection()
         ids(links),
         "links were replaced instead of adopted"
     );
+}
+
+/// kpr's tc filters on the node's eth0 (netlink attachments), as `tc filter show` lists them.
+fn kpr_filters(lab: &Lab) -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in ["ingress", "egress"] {
+        let o = lab
+            .exec_in_node(&["tc", "filter", "show", "dev", "eth0", dir], None)
+            .unwrap();
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains("kpr_tc_"))
+                .map(|l| format!("{dir}: {}", l.trim())),
+        );
+    }
+    out
+}
+
+#[test]
+fn restarts_with_netlink_tc_filters_kernels_without_tcx_drop_nothing() {
+    kpr_lab::require_lab("restart_netlink");
+    kpr_lab::preconditions::require("restart_netlink", &["tc"]);
+    let (lab, dir) = lab("rstnl");
+    let bin = kpr_path();
+    // The path of kernels before 6.6, forced on this one.
+    let env = [("KPR_TC_ATTACH", "netlink")];
+    let mut kpr = Some(start_env(&lab, &dir, &bin, &env));
+    let filters = kpr_filters(&lab);
+    assert_eq!(filters.len(), 2, "one filter per direction: {filters:?}");
+    assert!(
+        filters.iter().all(|f| f.contains("pref 19280")),
+        "{filters:?}"
+    );
+    assert!(pinned_links(&lab)
+        .iter()
+        .all(|(n, _, _)| !n.contains("_tc_")));
+    let loads = under_load(&lab, |udp_progress| {
+        for i in 0..10 {
+            // A crash leaves the filters by itself; a clean exit must leave them too.
+            let old = kpr.take().unwrap();
+            if i % 2 == 0 {
+                old.kill().unwrap();
+            } else {
+                drop(old.stop());
+            }
+            let k = start_env(&lab, &dir, &bin, &env);
+            let n = progress(udp_progress);
+            wait_for_load(udp_progress, n, 20);
+            kpr = Some(k);
+        }
+    });
+    assert_nothing_lost(&loads, &kpr.as_ref().unwrap().log());
+    // Replaced in place: still one filter per direction.
+    let after = kpr_filters(&lab);
+    assert_eq!(after.len(), 2, "{after:?}");
 }

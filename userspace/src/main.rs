@@ -173,6 +173,9 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
     if settings.proxy_mode != ProxyMode::Ebpf {
         // The eBPF mode's programs stay attached after it exits (pinned links): a netfilter
         // mode would translate every connection twice. Its maps stay for `kpr cleanup`.
+        for filter in kpr::ebpf::tc::detach_netlink_filters() {
+            tracing::info!(%filter, "detached the eBPF mode's tc filter");
+        }
         match kpr::ebpf::links::unpin_all(&settings.bpf_pin_dir) {
             Ok(removed) => {
                 for pin in removed {
@@ -445,6 +448,10 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let mut removed: Vec<String> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
 
+    // tc filters of kernels without TCX (TCX links go with their pins, below).
+    for filter in kpr::ebpf::tc::detach_netlink_filters() {
+        removed.push(format!("tc filter {filter}"));
+    }
     match kpr::nft::delete_table() {
         Ok(true) => removed.push(format!("nftables table ip {}", kpr::nft::TABLE)),
         Ok(false) => {}

@@ -2,11 +2,16 @@
 //!
 //! On kernels with TCX (>= 6.6) each attachment is a TCX bpf_link, appended after any other
 //! program on the device and pinned (`KPR_LINK_tc_<device>_<ingress|egress>`, see [`links`]),
-//! so it stays while the agent is away and the next agent replaces its program atomically. On
-//! older kernels a clsact filter is added through netlink; it is detached when the agent
-//! drops it (in the network namespace it was added in), so there a restart still pauses
-//! north-south traffic. A clsact qdisc is added first when missing; TCX does not need it,
-//! but the fallback does and it is harmless.
+//! so it stays while the agent is away and the next agent replaces its program atomically.
+//!
+//! On older kernels a clsact filter is added through netlink, at kpr's own priority and handle
+//! ([`NETLINK_PRIORITY`], [`NETLINK_HANDLE`]); the agent leaves it attached when it exits, and
+//! the next agent replaces the filter's program in place (a netlink replace of that filter,
+//! atomic for packets), so there too a restart does not pause north-south traffic. Netlink
+//! filters have no pins: `kpr cleanup` and the netfilter modes remove them by name on every
+//! device ([`detach_netlink_filters`]). `KPR_TC_ATTACH=netlink` forces this path on a kernel
+//! with TCX (tests). A clsact qdisc is added first when missing; TCX does not need it, but
+//! the fallback does and it is harmless.
 //!
 //! Device names, like all of this, resolve in the calling thread's network namespace.
 
@@ -17,7 +22,8 @@ use std::path::Path;
 
 use aya::programs::links::{FdLink, LinkOrder};
 use aya::programs::tc::{
-    qdisc_add_clsact, SchedClassifierLink, TcAttachOptions, TcAttachType, TcError,
+    qdisc_add_clsact, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcError,
+    TcHandle,
 };
 use aya::programs::SchedClassifier;
 use aya::util::KernelVersion;
@@ -32,11 +38,77 @@ pub const TC_EGRESS: &str = "kpr_tc_egress";
 /// Prefix of the tc link pins' names (after [`links::LINK_PIN_PREFIX`]).
 const TC_PIN: &str = "tc_";
 
-/// The programs' attachments: pinned TCX links, or netlink filters that dropping this detaches.
+/// kpr's netlink filters' priority and handle: fixed, so that the next agent finds and
+/// replaces them ("KP").
+pub const NETLINK_PRIORITY: u16 = 0x4b50;
+pub const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x4b50);
+
+/// The programs' attachments: pinned TCX links, or netlink filters, which stay attached when
+/// this is dropped (the next agent replaces them).
 #[derive(Default)]
 pub struct TcLinks {
     attached: Vec<(String, TcAttachType)>,
     netlink: Vec<SchedClassifierLink>,
+}
+
+impl Drop for TcLinks {
+    fn drop(&mut self) {
+        // Dropping aya's link would detach the filter.
+        for link in self.netlink.drain(..) {
+            std::mem::forget(link);
+        }
+    }
+}
+
+/// Removes kpr's netlink tc filters (both programs, both directions) from every device of
+/// this network namespace; returns "device direction" of each removed.
+pub fn detach_netlink_filters() -> Vec<String> {
+    let mut removed = Vec::new();
+    for dev in interface_names() {
+        for (name, ty) in [
+            (TC_INGRESS, TcAttachType::Ingress),
+            (TC_EGRESS, TcAttachType::Egress),
+        ] {
+            if aya::programs::tc::qdisc_detach_program(&dev, ty, name).is_ok() {
+                removed.push(format!("{dev} {}", dir_name(ty)));
+            }
+        }
+    }
+    removed
+}
+
+/// Every interface name in this network namespace (if_nameindex(3)).
+fn interface_names() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return out;
+    }
+    let mut cur = list;
+    // SAFETY: walking the array up to its terminating entry.
+    unsafe {
+        while (*cur).if_index != 0 {
+            if !(*cur).if_name.is_null() {
+                out.push(
+                    CStr::from_ptr((*cur).if_name)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Whether tc programs attach with TCX links (kernel >= 6.6, unless `KPR_TC_ATTACH=netlink`).
+fn use_tcx() -> bool {
+    if std::env::var("KPR_TC_ATTACH").is_ok_and(|v| v == "netlink") {
+        return false;
+    }
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
 fn dir_name(ty: TcAttachType) -> &'static str {
@@ -81,7 +153,7 @@ pub(super) fn attach(
     devices: &[String],
     pin_dir: &Path,
 ) -> Result<TcLinks, EbpfError> {
-    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let tcx = use_tcx();
     let mut out = TcLinks::default();
     let mut wanted = BTreeSet::new();
     for dev in devices {
@@ -106,9 +178,25 @@ pub(super) fn attach(
             let prog = classifier(ebpf, name)?;
             let device_error = |e: String| EbpfError::Device(dev.clone(), e);
             if !tcx {
-                let id = prog
-                    .attach_with_options(dev, ty, TcAttachOptions::Netlink(Default::default()))
-                    .map_err(|e| device_error(format!("attaching {name}: {e}")))?;
+                // The filter an earlier agent left: its program replaced in place. None (or
+                // one the kernel will not replace): a new filter at kpr's priority and handle.
+                let earlier =
+                    SchedClassifierLink::attached(dev, ty, NETLINK_PRIORITY, NETLINK_HANDLE, None)
+                        .map_err(|e| device_error(e.to_string()))?;
+                let id = match prog.attach_to_link(earlier) {
+                    Ok(id) => id,
+                    Err(_) => prog
+                        .attach_with_options(
+                            dev,
+                            ty,
+                            TcAttachOptions::Netlink(NlOptions {
+                                priority: NETLINK_PRIORITY,
+                                handle: NETLINK_HANDLE,
+                                ..Default::default()
+                            }),
+                        )
+                        .map_err(|e| device_error(format!("attaching {name}: {e}")))?,
+                };
                 let link = prog
                     .take_link(id)
                     .map_err(|e| EbpfError::Program(name, e))?;
