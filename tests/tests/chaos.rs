@@ -57,6 +57,9 @@ fn under_load(lab: &Lab, cl: &Pod, during: impl FnOnce()) -> (BenchConnect, UdpS
                         WEB,
                         "--duration-ms",
                         "280000",
+                        // Bounded by the stop file and the duration, not by a count.
+                        "--max",
+                        "1000000000",
                         "--stop-file",
                         &st,
                     ],

@@ -157,6 +157,9 @@ fn under_load(lab: &Lab, during: impl FnOnce(&Path)) -> Loads {
                         target,
                         "--duration-ms",
                         "280000",
+                        // Bounded by the stop file and the duration, not by a count.
+                        "--max",
+                        "1000000000",
                         "--stop-file",
                         &st,
                     ],
