@@ -11,16 +11,16 @@ use serde::Deserialize as _;
 const FIX: &str = "update API_ACCESS in deploy/gen/src/lib.rs to match \
                    kpr::source::kube::API_ACCESS, then run `cargo xtask gen-deploy`";
 
-fn rbac_documents() -> Vec<serde_yaml::Value> {
+fn rbac_documents() -> Vec<yaml_serde::Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; {FIX}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).expect("deploy/rbac.yaml is YAML"))
+    yaml_serde::Deserializer::from_str(&text)
+        .map(|d| yaml_serde::Value::deserialize(d).expect("deploy/rbac.yaml is YAML"))
         .collect()
 }
 
-fn of_kind(docs: &[serde_yaml::Value], kind: &str) -> Vec<serde_yaml::Value> {
+fn of_kind(docs: &[yaml_serde::Value], kind: &str) -> Vec<yaml_serde::Value> {
     docs.iter()
         .filter(|d| d.get("kind").and_then(|k| k.as_str()) == Some(kind))
         .cloned()
@@ -32,7 +32,7 @@ fn rbac_grants_exactly_the_agents_api_access() {
     let docs = rbac_documents();
     let roles = of_kind(&docs, "ClusterRole");
     assert_eq!(roles.len(), 1, "deploy/rbac.yaml: one ClusterRole");
-    let role: ClusterRole = serde_yaml::from_value(roles[0].clone()).expect("a ClusterRole");
+    let role: ClusterRole = yaml_serde::from_value(roles[0].clone()).expect("a ClusterRole");
     assert!(role.aggregation_rule.is_none(), "no aggregated rules");
 
     let mut granted = BTreeSet::new();
@@ -82,7 +82,7 @@ fn rbac_grants_exactly_the_agents_api_access() {
 fn rbac_binds_the_role_to_the_kpr_service_account() {
     let docs = rbac_documents();
     let roles = of_kind(&docs, "ClusterRole");
-    let role: ClusterRole = serde_yaml::from_value(roles[0].clone()).unwrap();
+    let role: ClusterRole = yaml_serde::from_value(roles[0].clone()).unwrap();
     let bindings = of_kind(&docs, "ClusterRoleBinding");
     assert_eq!(
         bindings.len(),
@@ -90,7 +90,7 @@ fn rbac_binds_the_role_to_the_kpr_service_account() {
         "deploy/rbac.yaml: one ClusterRoleBinding"
     );
     let binding: ClusterRoleBinding =
-        serde_yaml::from_value(bindings[0].clone()).expect("a ClusterRoleBinding");
+        yaml_serde::from_value(bindings[0].clone()).expect("a ClusterRoleBinding");
     assert_eq!(binding.role_ref.kind, "ClusterRole");
     assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
     let subjects = binding.subjects.unwrap_or_default();

@@ -317,7 +317,7 @@ struct Flow {
 
 fn flows(dir: &std::path::Path) -> Option<Vec<Flow>> {
     let text = std::fs::read_to_string(dir.join("flows.yaml")).ok()?;
-    Some(serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display())))
+    Some(yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display())))
 }
 
 /// The addresses kube-proxy's tracer counts as the node's.

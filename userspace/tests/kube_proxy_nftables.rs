@@ -209,7 +209,7 @@ fn packets_flow_through_kprs_nftables_rules_as_kube_proxys_tests_expect() {
         let Ok(text) = std::fs::read_to_string(case.dir.join("flows.yaml")) else {
             continue;
         };
-        let flows: Vec<Flow> = serde_yaml::from_str(&text).unwrap();
+        let flows: Vec<Flow> = yaml_serde::from_str(&text).unwrap();
         let (mut state, cfg) = match case.desired_state_and_config() {
             Ok(x) => x,
             Err(e) => {

@@ -183,7 +183,7 @@ pub fn write(dir: &Path, opts: &Options) -> Result<Vec<std::path::PathBuf>> {
 }
 
 fn to_yaml<T: Serialize>(value: &T) -> Result<String> {
-    Ok(serde_yaml::to_string(value)?)
+    Ok(yaml_serde::to_string(value)?)
 }
 
 /// The header, then the documents separated by `---`.

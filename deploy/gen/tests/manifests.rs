@@ -36,7 +36,7 @@ fn yaml_files_present() -> BTreeSet<String> {
 /// Every YAML document of a file, each parsed as T.
 fn docs<T: DeserializeOwned>(name: &str) -> Vec<T> {
     let text = read(name);
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .enumerate()
         .map(|(i, d)| {
             T::deserialize(d).unwrap_or_else(|e| {
@@ -80,7 +80,7 @@ fn kube_proxy_config() -> KubeProxyConfiguration {
         .as_ref()
         .and_then(|d| d.get(kpr_deploy::CONFIG_KEY))
         .unwrap_or_else(|| panic!("ConfigMap has no {}", kpr_deploy::CONFIG_KEY));
-    serde_yaml::from_str(text).expect("config.conf is a KubeProxyConfiguration")
+    yaml_serde::from_str(text).expect("config.conf is a KubeProxyConfiguration")
 }
 
 #[test]
@@ -129,16 +129,16 @@ fn every_manifest_parses_as_its_type() {
     assert_eq!(sa.metadata.name.as_deref(), Some("kpr"));
     assert_eq!(sa.metadata.namespace.as_deref(), Some("kube-system"));
 
-    let rbac = docs::<serde_yaml::Value>("rbac.yaml");
+    let rbac = docs::<yaml_serde::Value>("rbac.yaml");
     assert_eq!(
         rbac.len(),
         2,
         "rbac.yaml: a ClusterRole and a ClusterRoleBinding"
     );
-    let role: ClusterRole = serde_yaml::from_value(rbac[0].clone()).expect("a ClusterRole");
+    let role: ClusterRole = yaml_serde::from_value(rbac[0].clone()).expect("a ClusterRole");
     assert_eq!(role.metadata.name.as_deref(), Some("system:kpr"));
     let binding: ClusterRoleBinding =
-        serde_yaml::from_value(rbac[1].clone()).expect("a ClusterRoleBinding");
+        yaml_serde::from_value(rbac[1].clone()).expect("a ClusterRoleBinding");
     assert_eq!(binding.metadata.name.as_deref(), Some("system:kpr"));
     assert_eq!(binding.role_ref.kind, "ClusterRole");
     assert_eq!(binding.role_ref.name, "system:kpr");
@@ -171,10 +171,10 @@ fn kustomization_lists_exactly_the_files_present() {
 
 #[test]
 fn rbac_grants_the_generators_api_access_and_nothing_else() {
-    let role: ClusterRole = docs::<serde_yaml::Value>("rbac.yaml")
+    let role: ClusterRole = docs::<yaml_serde::Value>("rbac.yaml")
         .into_iter()
         .next()
-        .map(|v| serde_yaml::from_value(v).unwrap())
+        .map(|v| yaml_serde::from_value(v).unwrap())
         .unwrap();
     assert!(role.aggregation_rule.is_none());
     let mut granted = BTreeSet::new();

@@ -258,13 +258,13 @@ mod tests {
 
     #[test]
     fn config_durations_must_be_strings() {
-        let d: GoDuration = serde_yaml::from_str("\"1m30s\"").unwrap();
+        let d: GoDuration = yaml_serde::from_str("\"1m30s\"").unwrap();
         assert_eq!(d.0, ms(90_000));
-        let e = serde_yaml::from_str::<GoDuration>("5")
+        let e = yaml_serde::from_str::<GoDuration>("5")
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected a duration string"), "{e}");
-        let e = serde_yaml::from_str::<GoDuration>("5x")
+        let e = yaml_serde::from_str::<GoDuration>("5x")
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown unit"), "{e}");

@@ -248,13 +248,13 @@ pub fn parse(
     text: &str,
 ) -> Result<(KubeProxyConfiguration, Vec<String>), ConfigError> {
     let mut unknown = Vec::new();
-    let de = serde_yaml::Deserializer::from_str(text);
+    let de = yaml_serde::Deserializer::from_str(text);
     let mut on_ignored = |p: serde_ignored::Path| unknown.push(ignored_path(&p));
     let ignoring = serde_ignored::Deserializer::new(de, &mut on_ignored);
     let cfg: KubeProxyConfiguration = serde_path_to_error::deserialize(ignoring).map_err(|e| {
         let field = e.path().to_string();
         let message = e.into_inner().to_string();
-        // serde_yaml's messages carry the path too ("mode: invalid type: ..."): once is enough.
+        // yaml_serde's messages carry the path too ("mode: invalid type: ..."): once is enough.
         let message = match message.strip_prefix(&format!("{field}: ")) {
             Some(rest) => rest.to_string(),
             None => message,

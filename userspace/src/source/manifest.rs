@@ -153,7 +153,7 @@ impl Format {
 
     fn parse<T: DeserializeOwned>(self, doc: &Doc<'_>) -> Result<T, String> {
         match self {
-            Format::Yaml => serde_yaml::from_str(doc.text).map_err(|e| yaml_message(&e, doc.line)),
+            Format::Yaml => yaml_serde::from_str(doc.text).map_err(|e| yaml_message(&e, doc.line)),
             Format::Json => serde_json::from_str(doc.text).map_err(|e| e.to_string()),
         }
     }
@@ -263,7 +263,7 @@ struct Doc<'a> {
 /// a line starting with `---` or `...` plus a blank inside any scalar.
 fn split_yaml<'a>(text: &'a str) -> Vec<Doc<'a>> {
     let mut docs = Vec::new();
-    // A document opened by `---` counts even when empty (serde_yaml yields it as null); the
+    // A document opened by `---` counts even when empty (the parser yields it as null); the
     // implicit one at the start or after `...` only if it holds something.
     let mut push = |text: &'a str, line: usize, explicit: bool| {
         if explicit || has_content(text) {
@@ -301,8 +301,8 @@ fn has_content(text: &str) -> bool {
     })
 }
 
-/// serde_yaml reports positions within the document; make them positions within the file.
-fn yaml_message(e: &serde_yaml::Error, first_line: usize) -> String {
+/// The parser reports positions within the document; make them positions within the file.
+fn yaml_message(e: &yaml_serde::Error, first_line: usize) -> String {
     const AT: &str = "at line ";
     let message = e.to_string();
     if !message.contains(AT) {

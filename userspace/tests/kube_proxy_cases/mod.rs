@@ -14,7 +14,7 @@ pub struct Case {
     pub name: String,
     pub dir: PathBuf,
     pub manifests: String,
-    pub proxier: serde_yaml::Value,
+    pub proxier: yaml_serde::Value,
     /// `None`: a step of a multi-step test with nothing to compare (one whose sync kube-proxy's
     /// test makes fail, TestSyncProxyRulesRepeated's step 9).
     pub expected: Option<String>,
@@ -72,7 +72,7 @@ pub fn cases(mode: &str, expected: &str) -> Vec<Case> {
         out.push(Case {
             name,
             manifests: read(&dir.join("manifests.yaml")),
-            proxier: serde_yaml::from_str(&read(&proxier)).unwrap(),
+            proxier: yaml_serde::from_str(&read(&proxier)).unwrap(),
             expected: exp.is_file().then(|| read(&exp)),
             dir,
         });
