@@ -60,6 +60,10 @@ fn under_load(lab: &Lab, cl: &Pod, during: impl FnOnce()) -> (BenchConnect, UdpS
                         // Bounded by the stop file and the duration, not by a count.
                         "--max",
                         "1000000000",
+                        // A SYN the loaded machine drops is retransmitted after 1 s; a
+                        // connection fails here only when kpr leaves it unserved for longer.
+                        "--timeout-ms",
+                        "3000",
                         "--stop-file",
                         &st,
                     ],
