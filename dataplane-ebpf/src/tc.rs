@@ -19,8 +19,9 @@
 //! client's address, as with kube-proxy.
 //!
 //! A frontend without endpoints:
-//! - externalTrafficPolicy: Local (`SVC_FLAG_EXT_LOCAL`): dropped (kube-proxy drops too: the
-//!   client's load balancer health check steers traffic away from this node);
+//! - externalTrafficPolicy: Local (`SVC_FLAG_EXT_LOCAL`, set while the Service has endpoints
+//!   on other nodes): dropped (kube-proxy drops too: the client's load balancer health check
+//!   steers traffic away from this node);
 //! - otherwise passed to the stack untouched. For a NodePort on a node address no socket
 //!   listens, so the kernel answers a TCP RST or an ICMP port unreachable at once; for
 //!   externalIPs and LoadBalancer IPs kpr's nftables table holds reject rules.

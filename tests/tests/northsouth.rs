@@ -68,6 +68,13 @@ fn manifests() -> String {
         &[],
         HTTP,
     );
+    // externalTrafficPolicy: Local and no endpoint anywhere.
+    y += &svc(
+        "local-empty",
+        "  type: NodePort\n  clusterIP: 10.96.1.8\n  externalTrafficPolicy: Local\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30087}]\n",
+        &[],
+        HTTP,
+    );
     // Session affinity.
     y += &svc(
         "aff",
@@ -299,6 +306,18 @@ per_mode! {
         );
         let after = counter(&mut t, Refusal::NoEndpointsFromOutside);
         assert_refused(before, after, 1, "node1, NodePort without endpoints");
+        // externalTrafficPolicy: Local with no endpoint anywhere is refused too (kube-proxy's
+        // "has no endpoints" REJECT), not dropped as when endpoints exist on other nodes.
+        let once = t
+            .lab
+            .connect_once(&ext, addr(&format!("{NODE1}:30087")), Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(
+            once.error.as_deref(),
+            Some("ECONNREFUSED"),
+            "eTP=Local without any endpoint: {once:?}\n{}",
+            t.logs()
+        );
         // From a pod: kpr's connect hook, or the netfilter mode's REJECT rule, refuses it.
         let cl1 = t.lab.clients()[0].clone();
         let before = counter(&mut t, Refusal::NoEndpoints);

@@ -163,9 +163,10 @@ pub struct Service4Value {
 pub const SVC_FLAG_NONE: u8 = 0;
 /// `sessionAffinity: ClientIP`; slot 0's `backend_id` is the timeout in seconds.
 pub const SVC_FLAG_AFFINITY: u8 = 1 << 0;
-/// External scope only: `externalTrafficPolicy: Local`. The tc program keeps the client's source
-/// address (no masquerade mark) and drops traffic when the node has no local endpoint
-/// (`count == 0`), as kube-proxy does ("no local endpoints").
+/// External scope only: `externalTrafficPolicy: Local`, while the Service has endpoints (on
+/// some node). The tc program keeps the client's source address (no masquerade mark) and drops
+/// traffic when the node has no local endpoint (`count == 0`), as kube-proxy does ("has no
+/// local endpoints"). Without any endpoint the flag is not set and traffic is refused.
 pub const SVC_FLAG_EXT_LOCAL: u8 = 1 << 1;
 /// External scope only: `loadBalancerSourceRanges` apply to this frontend; clients not matched
 /// by [`SRC_RANGE_MAP`] under the frontend's `rev_nat_id` are dropped.

@@ -374,8 +374,15 @@ impl<M: LbMaps> LbSyncer<M> {
             if state.kind.is_external() {
                 // What only the tc path reads: eTP=Local and the source ranges.
                 let mut ext_flags = flags;
-                if state.external_policy_local {
+                // eTP=Local drops outside traffic on a node without a local endpoint, but only
+                // while the Service has endpoints somewhere: with none at all it is refused,
+                // as any Service without endpoints (kube-proxy's "has no endpoints" REJECT
+                // comes before its "has no local endpoints" DROP).
+                if state.external_policy_local && !state.backends.is_empty() {
                     ext_flags |= SVC_FLAG_EXT_LOCAL;
+                } else if state.external_policy_local {
+                    // No endpoint anywhere: nothing to masquerade either.
+                    ext_flags |= SVC_FLAG_NO_SNAT;
                 } else if !state.external_snat {
                     ext_flags |= SVC_FLAG_NO_SNAT;
                 }
@@ -1084,6 +1091,32 @@ mod tests {
         let only = state(&[(fe(1, 80), &[11, 12, 13])]);
         s.sync(&only).unwrap();
         assert_eq!(s.maps().resolve(), expected(&only));
+    }
+
+    #[test]
+    fn local_traffic_policy_drops_only_while_the_service_has_endpoints_elsewhere() {
+        use crate::model::FrontendKind;
+        let nodeport = Frontend {
+            ip: IpAddr::V4(Ipv4Addr::new(192, 168, 1, 10)),
+            port: 30080,
+            protocol: Protocol::Tcp,
+        };
+        let ext_flags = |backends: &[u8]| {
+            let mut d = state(&[(nodeport, backends)]);
+            let st = d.services.get_mut(&nodeport).unwrap();
+            st.kind = FrontendKind::NodePort;
+            st.external_policy_local = true;
+            // None of them on this node.
+            st.external_backends.clear();
+            let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
+            s.sync(&d).unwrap();
+            let k = frontend_key(&nodeport, SCOPE_EXTERNAL).unwrap();
+            s.maps().services[&k.slot(0)].flags
+        };
+        // Endpoints on other nodes: dropped here (SVC_FLAG_EXT_LOCAL).
+        assert_ne!(ext_flags(&[11, 12]) & SVC_FLAG_EXT_LOCAL, 0);
+        // No endpoint anywhere: refused like any Service without endpoints.
+        assert_eq!(ext_flags(&[]) & SVC_FLAG_EXT_LOCAL, 0);
     }
 
     #[test]
