@@ -95,16 +95,32 @@ struct Found {
     table: Table,
 }
 
-/// The entry of `key`, established flows first (the common case for a packet that has one).
+/// The entry of `key` in `table`.
 #[inline(always)]
-fn find(key: &Ct4Key) -> Option<Found> {
-    let (ptr, table) = match Table::Established.get_ptr_mut(key) {
-        Some(p) => (p, Table::Established),
-        None => (Table::New.get_ptr_mut(key)?, Table::New),
-    };
+fn find_in(table: Table, key: &Ct4Key) -> Option<Found> {
+    let ptr = table.get_ptr_mut(key)?;
     // SAFETY: a pointer to a map value, valid for this program run; copied once.
     let value = unsafe { *ptr };
     Some(Found { ptr, value, table })
+}
+
+/// The entry of `key`, established flows first (the common case for a packet that has one).
+#[inline(always)]
+fn find(key: &Ct4Key) -> Option<Found> {
+    find_in(Table::Established, key).or_else(|| find_in(Table::New, key))
+}
+
+/// The entry of `key` if it is still within its lifetime at `now`; an expired one is removed
+/// with its sibling (and counted), and the packet is one of no known flow.
+#[inline(always)]
+fn find_alive(key: &Ct4Key, now: u64) -> Option<Found> {
+    let found = find(key)?;
+    if !alive(key, &found.value, now) {
+        count(Counter::TcCtExpired);
+        remove_flow(&found, key);
+        return None;
+    }
+    Some(found)
 }
 
 #[inline(always)]
@@ -127,26 +143,24 @@ fn alive(key: &Ct4Key, v: &Ct4Value, now: u64) -> bool {
 fn sibling(key: &Ct4Key, v: &Ct4Value) -> Ct4Key {
     if key.dir == CT_DIR_FORWARD {
         // client → frontend; the reply is backend → client.
-        Ct4Key {
-            saddr_be: v.address_be,
-            daddr_be: key.saddr_be,
-            sport_be: v.port_be,
-            dport_be: key.sport_be,
-            proto: key.proto,
-            dir: CT_DIR_REVERSE,
-            pad: [0; 2],
-        }
+        Ct4Key::new(
+            v.address_be,
+            v.port_be,
+            key.saddr_be,
+            key.sport_be,
+            key.proto,
+            CT_DIR_REVERSE,
+        )
     } else {
         // backend → client; the request was client → frontend.
-        Ct4Key {
-            saddr_be: key.daddr_be,
-            daddr_be: v.address_be,
-            sport_be: key.dport_be,
-            dport_be: v.port_be,
-            proto: key.proto,
-            dir: CT_DIR_FORWARD,
-            pad: [0; 2],
-        }
+        Ct4Key::new(
+            key.daddr_be,
+            key.dport_be,
+            v.address_be,
+            v.port_be,
+            key.proto,
+            CT_DIR_FORWARD,
+        )
     }
 }
 
@@ -196,15 +210,14 @@ fn tcp_flags_of(pkt: &Packet, fin: u8) -> u8 {
 
 #[inline(always)]
 pub fn forward_key(pkt: &Packet) -> Ct4Key {
-    Ct4Key {
-        saddr_be: pkt.saddr,
-        daddr_be: pkt.daddr,
-        sport_be: pkt.sport,
-        dport_be: pkt.dport,
-        proto: pkt.proto,
-        dir: CT_DIR_FORWARD,
-        pad: [0; 2],
-    }
+    Ct4Key::new(
+        pkt.saddr,
+        pkt.sport,
+        pkt.daddr,
+        pkt.dport,
+        pkt.proto,
+        CT_DIR_FORWARD,
+    )
 }
 
 /// The reply as the backend sends it: the key of the reverse entry.
@@ -225,13 +238,8 @@ pub fn reply_key(pkt: &Packet) -> Ct4Key {
 #[inline(always)]
 pub fn lookup(pkt: &Packet, frontend: &Service4Key, count_: u16, now: u64) -> Option<Choice> {
     let key = forward_key(pkt);
-    let found = find(&key)?;
+    let found = find_alive(&key, now)?;
     let ct = found.value;
-    if !alive(&key, &ct, now) {
-        count(Counter::TcCtExpired);
-        remove_flow(&found, &key);
-        return None;
-    }
     if pkt.is_tcp_syn() && ct_tcp_closed(ct.flags) {
         remove_flow(&found, &key);
         return None;
@@ -314,28 +322,18 @@ fn establish(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
 #[inline(always)]
 pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Result<(), Counter> {
     let flags = if choice.masq { CT_FLAG_MASQ } else { 0 };
-    let reverse_key = Ct4Key {
-        saddr_be: choice.address_be,
-        daddr_be: pkt.saddr,
-        sport_be: choice.port_be,
-        dport_be: pkt.sport,
-        proto: pkt.proto,
-        dir: CT_DIR_REVERSE,
-        pad: [0; 2],
-    };
+    let reverse_key = Ct4Key::new(
+        choice.address_be,
+        choice.port_be,
+        pkt.saddr,
+        pkt.sport,
+        pkt.proto,
+        CT_DIR_REVERSE,
+    );
     // Only established flows need it: a new flow's reverse entry is overwritten below (its
     // forward entry, left without a reverse, ages out of the LRU).
-    if let Some(ptr) = Table::Established.get_ptr_mut(&reverse_key) {
-        // SAFETY: a pointer to a map value, valid for this program run; copied once.
-        let value = unsafe { *ptr };
-        remove_flow(
-            &Found {
-                ptr,
-                value,
-                table: Table::Established,
-            },
-            &reverse_key,
-        );
+    if let Some(old) = find_in(Table::Established, &reverse_key) {
+        remove_flow(&old, &reverse_key);
     }
     let reverse = Ct4Value {
         last_seen_ns: now,
@@ -367,13 +365,8 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
 #[inline(always)]
 pub fn reverse(pkt: &Packet, now: u64) -> Option<(u32, u16)> {
     let key = reply_key(pkt);
-    let found = find(&key)?;
+    let found = find_alive(&key, now)?;
     let ct = found.value;
-    if !alive(&key, &ct, now) {
-        count(Counter::TcCtExpired);
-        remove_flow(&found, &key);
-        return None;
-    }
     let flags = ct.flags | CT_FLAG_SEEN_REPLY | tcp_flags_of(pkt, CT_FLAG_FIN_BACKEND);
     if found.table == Table::New && pkt.proto == IPPROTO_UDP {
         establish(&found, &key, flags, ct.slot, now);
@@ -392,15 +385,14 @@ pub fn replace_untranslated(pkt: &Packet) {
         return;
     }
     // The replies of `pkt`'s connection: from its destination back to its source.
-    let key = Ct4Key {
-        saddr_be: pkt.daddr,
-        daddr_be: pkt.saddr,
-        sport_be: pkt.dport,
-        dport_be: pkt.sport,
-        proto: pkt.proto,
-        dir: CT_DIR_REVERSE,
-        pad: [0; 2],
-    };
+    let key = Ct4Key::new(
+        pkt.daddr,
+        pkt.dport,
+        pkt.saddr,
+        pkt.sport,
+        pkt.proto,
+        CT_DIR_REVERSE,
+    );
     if let Some(found) = find(&key) {
         remove_flow(&found, &key);
         count(Counter::TcCtReplaced);

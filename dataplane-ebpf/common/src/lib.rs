@@ -437,6 +437,29 @@ pub struct Ct4Key {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REVERSE: u8 = 1;
 
+impl Ct4Key {
+    /// The key of a packet from `saddr_be:sport_be` to `daddr_be:dport_be` in direction `dir`
+    /// ([`CT_DIR_FORWARD`] or [`CT_DIR_REVERSE`]); all in network byte order.
+    pub const fn new(
+        saddr_be: u32,
+        sport_be: u16,
+        daddr_be: u32,
+        dport_be: u16,
+        proto: u8,
+        dir: u8,
+    ) -> Self {
+        Self {
+            saddr_be,
+            daddr_be,
+            sport_be,
+            dport_be,
+            proto,
+            dir,
+            pad: [0; 2],
+        }
+    }
+}
+
 /// Value of the conntrack maps.
 ///
 /// Forward entry: `address_be`/`port_be` are the backend's (the DNAT target); reverse entry:

@@ -227,15 +227,8 @@ pub fn adopt_v1(pin_dir: &Path, established: &Path) -> Result<usize, ConntrackEr
         return Ok(0);
     }
     let open = |path: &Path, name: &'static str| {
-        MapData::from_pin(path)
-            .map_err(|e| ConntrackError::Map(name, e.to_string()))
-            .and_then(|m| {
-                Map::from_map_data(m).map_err(|e| ConntrackError::Map(name, e.to_string()))
-            })
-            .and_then(|m| {
-                HashMap::<MapData, Ct4Key, Ct4Value>::try_from(m)
-                    .map_err(|e| ConntrackError::Map(name, e.to_string()))
-            })
+        super::maps::open_pinned::<HashMap<MapData, Ct4Key, Ct4Value>>(path)
+            .map_err(|e| ConntrackError::Map(name, e))
     };
     let old = open(&old_pin, CT_MAP_V1)?;
     let mut new = open(established, CT_MAP)?;

@@ -12,8 +12,10 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use kpr_common::{Affinity4Value, AFFINITY_EXT_MAP, AFFINITY_MAP};
+
+use super::maps::open_pinned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -103,19 +105,13 @@ pub fn convert(pin_dir: &Path) -> Result<Vec<(String, usize)>, LayoutError> {
     Ok(done)
 }
 
-fn open<K: aya::Pod, V: aya::Pod>(pin: &Path) -> Result<HashMap<MapData, K, V>, String> {
-    let data = MapData::from_pin(pin).map_err(|e| e.to_string())?;
-    let map = Map::from_map_data(data).map_err(|e| e.to_string())?;
-    HashMap::try_from(map).map_err(|e| e.to_string())
-}
-
 fn move_entries<const K: usize>(
     old_pin: &Path,
     new_pin: &Path,
     decode: Decoder,
 ) -> Result<usize, String> {
-    let old: HashMap<MapData, [u8; K], [u8; 16]> = open(old_pin)?;
-    let mut new: HashMap<MapData, [u8; K], Affinity4Value> = open(new_pin)?;
+    let old: HashMap<MapData, [u8; K], [u8; 16]> = open_pinned(old_pin)?;
+    let mut new: HashMap<MapData, [u8; K], Affinity4Value> = open_pinned(new_pin)?;
     let entries: Vec<([u8; K], [u8; 16])> = old.iter().filter_map(Result::ok).collect();
     let mut moved = 0;
     for (k, v) in entries {

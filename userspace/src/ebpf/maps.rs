@@ -14,6 +14,31 @@ use kpr_common::{
     src_range_prefixlen, Backend4Value, Service4Key, Service4Value, SrcRange4Key, SRC_RANGE_MAP,
 };
 
+/// The map pinned at `pin`, opened as the typed handle `T` (`HashMap`, `LpmTrie`,
+/// `PerCpuArray`, ...); the error is the reason, for the caller to name the map in.
+pub fn open_pinned<T>(pin: &std::path::Path) -> Result<T, String>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let data = MapData::from_pin(pin).map_err(|e| e.to_string())?;
+    let map = aya::maps::Map::from_map_data(data).map_err(|e| e.to_string())?;
+    T::try_from(map).map_err(|e| e.to_string())
+}
+
+/// The datapath counters ([`kpr_common::Counter`]) summed over CPUs, by name.
+pub fn datapath_counters(map: &aya::maps::PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
+    kpr_common::Counter::ALL
+        .iter()
+        .map(|c| {
+            let total = map
+                .get(&(*c as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+            (c.name(), total)
+        })
+        .collect()
+}
+
 /// A failed map operation, naming what was being done.
 #[derive(Debug, thiserror::Error)]
 #[error("{op} on map {map}: {detail}")]

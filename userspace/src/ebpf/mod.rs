@@ -21,8 +21,7 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
-    Counter, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_NEW_MAP, SERVICES_MAP,
-    SRC_RANGE_MAP,
+    BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_NEW_MAP, SERVICES_MAP, SRC_RANGE_MAP,
 };
 
 use self::conntrack::{ConntrackConfig, ConntrackError, ConntrackMaps, SweepStats};
@@ -238,13 +237,8 @@ impl EbpfDataplane {
         };
         // The same trie again, for set_source_ranges (aya's map handles are not shareable).
         let src_ranges_again = SrcRangeMap {
-            map: MapData::from_pin(cfg.pin_dir.join(SRC_RANGE_MAP))
-                .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))
-                .and_then(|m| {
-                    aya::maps::Map::from_map_data(m)
-                        .and_then(LpmTrie::try_from)
-                        .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))
-                })?,
+            map: maps::open_pinned(&cfg.pin_dir.join(SRC_RANGE_MAP))
+                .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e))?,
         };
         let mut syncer = LbSyncer::restore(AyaLbMaps {
             services,
@@ -379,16 +373,8 @@ impl EbpfDataplane {
     /// Datapath counters summed over CPUs, by name, and the conntrack garbage collection's
     /// removals (`ct_gc_expired`, `ct_gc_stale`).
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let total = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (c.name(), total)
-            })
+        maps::datapath_counters(&self.counters)
+            .into_iter()
             .chain([
                 ("ct_gc_expired", self.swept_total.0),
                 ("ct_gc_stale", self.swept_total.1),

@@ -10,11 +10,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray};
+use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
 use kpr_common::{
-    Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Ct4Key, Ct4Value, Service4Key,
-    Service4Value, SrcRange4Key, AFFINITY_EXT_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP, CT_NEW_MAP,
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SERVICES_MAP, SRC_RANGE_MAP, SVC_FLAG_AFFINITY,
+    Affinity4Value, AffinityExt4Key, Backend4Value, Ct4Key, Ct4Value, Service4Key, Service4Value,
+    SrcRange4Key, AFFINITY_EXT_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP, CT_NEW_MAP, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_EXTERNAL, SERVICES_MAP, SRC_RANGE_MAP, SVC_FLAG_AFFINITY,
     SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -40,42 +40,30 @@ pub struct Pinned {
     ct_new: HashMap<MapData, Ct4Key, Ct4Value>,
 }
 
-fn open(pin_dir: &Path, name: &'static str) -> Result<Map, InspectError> {
+/// The map `name` pinned in `pin_dir`, as the typed handle `T`.
+fn typed<T>(pin_dir: &Path, name: &'static str) -> Result<T, InspectError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
     let pin = pin_dir.join(name);
-    let err = |detail: String| InspectError::Map {
+    crate::ebpf::maps::open_pinned(&pin).map_err(|detail| InspectError::Map {
         map: name,
-        pin: pin.clone(),
+        pin,
         detail,
-    };
-    let data = MapData::from_pin(&pin).map_err(|e| err(e.to_string()))?;
-    Map::from_map_data(data).map_err(|e| err(e.to_string()))
-}
-
-macro_rules! typed {
-    ($pin_dir:expr, $name:expr, $ty:ty) => {
-        <$ty>::try_from(open($pin_dir, $name)?).map_err(|e| InspectError::Map {
-            map: $name,
-            pin: $pin_dir.join($name),
-            detail: e.to_string(),
-        })?
-    };
+    })
 }
 
 impl Pinned {
     pub fn open(pin_dir: &Path) -> Result<Pinned, InspectError> {
         Ok(Pinned {
             pin_dir: pin_dir.to_path_buf(),
-            services: typed!(pin_dir, SERVICES_MAP, HashMap<MapData, Service4Key, Service4Value>),
-            backends: typed!(pin_dir, BACKENDS_MAP, HashMap<MapData, u32, Backend4Value>),
-            src_ranges: typed!(pin_dir, SRC_RANGE_MAP, LpmTrie<MapData, SrcRange4Key, u8>),
-            affinity_ext: typed!(
-                pin_dir,
-                AFFINITY_EXT_MAP,
-                HashMap<MapData, AffinityExt4Key, Affinity4Value>
-            ),
-            counters: typed!(pin_dir, COUNTERS_MAP, PerCpuArray<MapData, u64>),
-            ct: typed!(pin_dir, CT_MAP, HashMap<MapData, Ct4Key, Ct4Value>),
-            ct_new: typed!(pin_dir, CT_NEW_MAP, HashMap<MapData, Ct4Key, Ct4Value>),
+            services: typed(pin_dir, SERVICES_MAP)?,
+            backends: typed(pin_dir, BACKENDS_MAP)?,
+            src_ranges: typed(pin_dir, SRC_RANGE_MAP)?,
+            affinity_ext: typed(pin_dir, AFFINITY_EXT_MAP)?,
+            counters: typed(pin_dir, COUNTERS_MAP)?,
+            ct: typed(pin_dir, CT_MAP)?,
+            ct_new: typed(pin_dir, CT_NEW_MAP)?,
         })
     }
 
@@ -121,16 +109,9 @@ impl Pinned {
 
     /// Datapath counters summed over CPUs.
     pub fn counters(&self) -> BTreeMap<String, u64> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let total = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (c.name().to_string(), total)
-            })
+        crate::ebpf::maps::datapath_counters(&self.counters)
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), n))
             .collect()
     }
 

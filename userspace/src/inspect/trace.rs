@@ -162,15 +162,14 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
 
     if scope == SCOPE_EXTERNAL {
         if let Some(sport) = flow.sport {
-            let ck = Ct4Key {
-                saddr_be: u32::from_ne_bytes(flow.src.octets()),
-                daddr_be: fkey.address_be,
-                sport_be: sport.to_be(),
-                dport_be: fkey.port_be,
-                proto: flow.proto,
-                dir: CT_DIR_FORWARD,
-                pad: [0; 2],
-            };
+            let ck = Ct4Key::new(
+                u32::from_ne_bytes(flow.src.octets()),
+                sport.to_be(),
+                fkey.address_be,
+                fkey.port_be,
+                flow.proto,
+                CT_DIR_FORWARD,
+            );
             let found =
                 p.ct.get(&ck, 0)
                     .map(|v| (v, "established"))
