@@ -1048,6 +1048,72 @@ impl Lab {
         )
     }
 
+    /// A connection-rate load (`bench-connect`) from `pod` that runs until `stop` exists
+    /// (bounded: 280 s). A connection gets 3 s: a SYN that a loaded machine drops is
+    /// retransmitted after 1 s, so a connection fails only when nothing serves it for longer.
+    pub fn bench_connect_until(
+        &self,
+        pod: &Pod,
+        target: &str,
+        stop: &Path,
+    ) -> Result<BenchConnect> {
+        let st = stop.to_string_lossy();
+        self.labtool_json(
+            pod,
+            &[
+                "bench-connect",
+                "--target",
+                target,
+                "--duration-ms",
+                "280000",
+                // Bounded by the stop file and the duration, not by a count.
+                "--max",
+                "1000000000",
+                "--timeout-ms",
+                "3000",
+                "--stop-file",
+                &st,
+            ],
+            Duration::from_secs(300),
+        )
+    }
+
+    /// A UDP request/response load (`udp-spread` in `mode`, one request every `interval_ms`)
+    /// from `pod` that runs until `stop` exists (bounded: 10,000,000 requests, 300 s), writing
+    /// its progress to `progress` if given.
+    pub fn udp_until(
+        &self,
+        pod: &Pod,
+        target: &str,
+        mode: crate::tool::UdpMode,
+        interval_ms: u64,
+        stop: &Path,
+        progress: Option<&Path>,
+    ) -> Result<UdpSpread> {
+        let (st, interval) = (stop.to_string_lossy(), interval_ms.to_string());
+        let mut args = vec![
+            "udp-spread",
+            "--target",
+            target,
+            "--count",
+            "10000000",
+            "--interval-ms",
+            &interval,
+            "--stop-file",
+            &st,
+        ];
+        match mode {
+            crate::tool::UdpMode::SocketPerRequest => {}
+            crate::tool::UdpMode::OneSocket => args.push("--one-socket"),
+            crate::tool::UdpMode::Connected => args.push("--connected"),
+        }
+        let p = progress.map(|p| p.to_string_lossy().into_owned());
+        if let Some(p) = &p {
+            args.extend(["--progress-file", p]);
+        }
+        self.labtool_json(pod, &args, Duration::from_secs(300))
+    }
+
     /// `kpr-labtool http-get` from `pod`.
     pub fn http_get(
         &self,

@@ -611,6 +611,29 @@ fn syn_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32) -
     t
 }
 
+/// What a progress file (`--progress-file` of `udp-spread`, `tcp-hold`) says so far: its
+/// first number (0 before the first write).
+pub fn read_progress(file: &std::path::Path) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (up to 20 s) until the progress file says at least `n`; returns what it says. Panics
+/// naming `what` when the load does not get there.
+pub fn wait_for_progress(file: &std::path::Path, n: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = read_progress(file);
+        if got >= n {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{what}: {got} < {n} after 20 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Connection-rate benchmark: `concurrency` threads loop connect, send 1 byte, read the
 /// answer, close with RST (no TIME_WAIT), until `duration` has passed or `max`
 /// transactions were started.

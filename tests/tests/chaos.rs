@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kpr_fake_apiserver::FakeApiServer;
 use kpr_lab::kpr::{kpr_path, Kpr};
-use kpr_lab::tool::{BenchConnect, UdpSpread};
+use kpr_lab::tool::{BenchConnect, UdpMode, UdpSpread};
 use kpr_lab::{in_netns, Lab, LabSpec, Pod};
 use serde_json::json;
 
@@ -44,56 +44,12 @@ fn at_8080(ips: &[&str]) -> Vec<String> {
 fn under_load(lab: &Lab, cl: &Pod, during: impl FnOnce()) -> (BenchConnect, UdpSpread) {
     let stop = lab.work_dir().join("chaos-stop");
     let _ = std::fs::remove_file(&stop);
-    let st = stop.to_str().unwrap().to_string();
     std::thread::scope(|s| {
-        let tcp = {
-            let (st, cl) = (st.clone(), cl.clone());
-            s.spawn(move || {
-                lab.labtool_json::<BenchConnect>(
-                    &cl,
-                    &[
-                        "bench-connect",
-                        "--target",
-                        WEB,
-                        "--duration-ms",
-                        "280000",
-                        // Bounded by the stop file and the duration, not by a count.
-                        "--max",
-                        "1000000000",
-                        // A SYN the loaded machine drops is retransmitted after 1 s; a
-                        // connection fails here only when kpr leaves it unserved for longer.
-                        "--timeout-ms",
-                        "3000",
-                        "--stop-file",
-                        &st,
-                    ],
-                    Duration::from_secs(300),
-                )
+        let tcp = s.spawn(|| lab.bench_connect_until(cl, WEB, &stop).unwrap());
+        let udp = s.spawn(|| {
+            lab.udp_until(cl, DNS, UdpMode::OneSocket, 5, &stop, None)
                 .unwrap()
-            })
-        };
-        let udp = {
-            let (st, cl) = (st.clone(), cl.clone());
-            s.spawn(move || {
-                lab.labtool_json::<UdpSpread>(
-                    &cl,
-                    &[
-                        "udp-spread",
-                        "--target",
-                        DNS,
-                        "--count",
-                        "10000000",
-                        "--one-socket",
-                        "--interval-ms",
-                        "5",
-                        "--stop-file",
-                        &st,
-                    ],
-                    Duration::from_secs(300),
-                )
-                .unwrap()
-            })
-        };
+        });
         during();
         std::fs::write(&stop, "").unwrap();
         (tcp.join().unwrap(), udp.join().unwrap())

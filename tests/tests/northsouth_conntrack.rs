@@ -6,11 +6,10 @@
 //! as with BGP or cloud VPC CNIs).
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
-use kpr_lab::tool::{SynBurst, TcpHold, UdpSpread};
+use kpr_lab::tool::{wait_for_progress, SynBurst, TcpHold, UdpSpread};
 use kpr_lab::{per_mode, Lab, LabSpec, Pod};
 
 const NODE1: &str = "192.168.100.11";
@@ -73,22 +72,6 @@ impl OneNode {
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// Waits until `file` holds a number (the first word) of at least `n`.
-fn wait_for_progress(file: &Path, n: u64, what: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = std::fs::read_to_string(file)
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        if got >= n {
-            return got;
-        }
-        assert!(Instant::now() < deadline, "{what}: {got} < {n} after 20 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 per_mode! {

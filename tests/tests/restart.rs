@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kpr_lab::kpr::{kpr_path, kpr_variant_path, Kpr};
-use kpr_lab::tool::{BenchConnect, TcpSpread, UdpSpread};
+use kpr_lab::tool::{
+    read_progress, wait_for_progress, BenchConnect, TcpSpread, UdpMode, UdpSpread,
+};
 use kpr_lab::{Lab, LabSpec, Pod};
 
 const NODE1: &str = "192.168.100.11";
@@ -101,28 +103,9 @@ fn pinned_links(lab: &Lab) -> Vec<(String, u64, u64)> {
     out
 }
 
-fn progress(file: &Path) -> u64 {
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Waits until the load writing `file` has made `more` requests beyond `from`.
 fn wait_for_load(file: &Path, from: u64, more: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let n = progress(file);
-        if n >= from + more {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "load stalled at {n} (wanted {})",
-            from + more
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_progress(file, from + more, "the load")
 }
 
 struct Loads {
@@ -146,58 +129,16 @@ fn under_load(lab: &Lab, during: impl FnOnce(&Path)) -> Loads {
     let st = stop.to_str().unwrap().to_string();
     let limit = Duration::from_secs(300);
     std::thread::scope(|s| {
-        let bench = |pod: Pod, target: &'static str| {
-            let st = st.clone();
-            s.spawn(move || {
-                lab.labtool_json::<BenchConnect>(
-                    &pod,
-                    &[
-                        "bench-connect",
-                        "--target",
-                        target,
-                        "--duration-ms",
-                        "280000",
-                        // Bounded by the stop file and the duration, not by a count.
-                        "--max",
-                        "1000000000",
-                        // A SYN the loaded machine drops is retransmitted after 1 s; a
-                        // connection fails here only when kpr leaves it unserved for longer.
-                        "--timeout-ms",
-                        "3000",
-                        "--stop-file",
-                        &st,
-                    ],
-                    limit,
-                )
+        let clusterip = s.spawn(|| lab.bench_connect_until(&cl, WEB, &stop).unwrap());
+        let nodeport = s.spawn(|| lab.bench_connect_until(&ext, NODEPORT, &stop).unwrap());
+        let udp_connected = s.spawn(|| {
+            lab.udp_until(&cl, DNS, UdpMode::Connected, 2, &stop, Some(&udp_progress))
                 .unwrap()
-            })
-        };
-        let udp = |mode: &'static str, progress: Option<PathBuf>| {
-            let (st, cl) = (st.clone(), cl.clone());
-            s.spawn(move || {
-                let mut args = vec![
-                    "udp-spread",
-                    "--target",
-                    DNS,
-                    "--count",
-                    "10000000",
-                    mode,
-                    "--interval-ms",
-                    "2",
-                    "--stop-file",
-                    &st,
-                ];
-                let p = progress.map(|p| p.to_string_lossy().to_string());
-                if let Some(p) = &p {
-                    args.extend(["--progress-file", p]);
-                }
-                lab.labtool_json::<UdpSpread>(&cl, &args, limit).unwrap()
-            })
-        };
-        let clusterip = bench(cl.clone(), WEB);
-        let nodeport = bench(ext.clone(), NODEPORT);
-        let udp_connected = udp("--connected", Some(udp_progress.clone()));
-        let udp_unconnected = udp("--one-socket", None);
+        });
+        let udp_unconnected = s.spawn(|| {
+            lab.udp_until(&cl, DNS, UdpMode::OneSocket, 2, &stop, None)
+                .unwrap()
+        });
         let affinity = {
             let (st, cl) = (st.clone(), cl.clone());
             s.spawn(move || {
@@ -295,7 +236,7 @@ fn kill_9_and_restart_20_times_under_load_without_a_failed_connection() {
             let s = k.status().unwrap();
             first_sync_ms.extend(s.first_sync_after_start_ms);
             // Traffic flows with the new agent before it is killed again.
-            let n = progress(udp_progress);
+            let n = read_progress(udp_progress);
             wait_for_load(udp_progress, n, 20);
             let _ = k.wait_for_syncs(1, Duration::from_secs(5));
             kpr = Some(k);
@@ -372,7 +313,7 @@ fn upgrade_to_changed_programs_and_back_under_load_without_a_failed_connection()
                 "{}",
                 k.log()
             );
-            let n = progress(udp_progress);
+            let n = read_progress(udp_progress);
             wait_for_load(udp_progress, n, 20);
             kpr = Some(k);
         }
@@ -448,7 +389,7 @@ fn restarts_with_netlink_tc_filters_kernels_without_tcx_drop_nothing() {
                 drop(old.stop());
             }
             let k = start_env(&lab, &dir, &bin, &env);
-            let n = progress(udp_progress);
+            let n = read_progress(udp_progress);
             wait_for_load(udp_progress, n, 20);
             kpr = Some(k);
         }
