@@ -2,6 +2,7 @@
 //! it, the dataplane backends that program the node, and the runner that ties them together.
 pub mod admin;
 pub mod changes;
+pub mod cidr;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf;

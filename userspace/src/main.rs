@@ -128,8 +128,7 @@ fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> any
     let (state, _) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &context);
     let mut cluster_cidrs = Vec::new();
     for c in args.cluster_cidr.iter().flat_map(|c| c.split(',')) {
-        let c: kpr::config::Cidr = c.parse().map_err(anyhow::Error::msg)?;
-        cluster_cidrs.push((c.addr, c.prefix));
+        cluster_cidrs.push(kpr::cidr::parse(c.trim())?);
     }
     let cfg = plan::PlanConfig {
         cluster_cidrs,
@@ -232,8 +231,8 @@ fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::Plan
         cluster_cidrs: settings
             .cluster_cidrs
             .iter()
-            .filter(|c| c.addr.is_ipv4())
-            .map(|c| (c.addr, c.prefix))
+            .filter(|c| c.addr().is_ipv4())
+            .copied()
             .collect(),
         masquerade_mark: 1 << settings.masquerade_bit,
         localhost_nodeports: settings.localhost_nodeports,

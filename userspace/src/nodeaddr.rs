@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Node;
 
-use crate::config::{Cidr, NodePortAddress};
+use crate::config::NodePortAddress;
 
 /// The NodePort addresses for `node` under `filter` (empty: kube-proxy's default, `primary`).
 pub fn nodeport_ips(node: Option<&Node>, filter: &[NodePortAddress]) -> Vec<IpAddr> {
@@ -41,7 +41,7 @@ pub fn nodeport_ips(node: Option<&Node>, filter: &[NodePortAddress]) -> Vec<IpAd
                 addresses
                     .iter()
                     .map(|(_, ip)| *ip)
-                    .filter(|ip| cidr_contains(c, *ip)),
+                    .filter(|ip| c.contains(ip)),
             ),
         }
     }
@@ -60,24 +60,6 @@ pub fn primary_ip(node: Option<&Node>) -> Option<IpAddr> {
             .find_map(|a| a.address.parse().ok())
     };
     parse(Some("InternalIP")).or_else(|| parse(None))
-}
-
-fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
-    match (c.addr, ip) {
-        (IpAddr::V4(net), IpAddr::V4(ip)) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(c.prefix.min(32)))
-                .unwrap_or(0);
-            u32::from(net) & mask == u32::from(ip) & mask
-        }
-        (IpAddr::V6(net), IpAddr::V6(ip)) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(c.prefix.min(128)))
-                .unwrap_or(0);
-            u128::from(net) & mask == u128::from(ip) & mask
-        }
-        _ => false,
-    }
 }
 
 #[cfg(test)]

@@ -134,7 +134,7 @@ impl FrontendStatus {
             source_ranges: state
                 .load_balancer_source_ranges
                 .iter()
-                .map(|(ip, len)| format!("{ip}/{len}"))
+                .map(|net| net.to_string())
                 .collect(),
         }
     }

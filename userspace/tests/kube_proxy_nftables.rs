@@ -51,24 +51,6 @@ fn normalise(text: &str) -> String {
     lines.into_iter().map(|(_, _, _, l)| l + "\n").collect()
 }
 
-fn service_cidrs(case: &Case, family: Family) -> Vec<(IpAddr, u8)> {
-    case.proxier
-        .get("serviceCIDRs")
-        .and_then(|v| v.as_sequence())
-        .map(|s| {
-            s.iter()
-                .filter_map(|v| v.as_str())
-                .filter_map(|c| {
-                    let (ip, len) = c.split_once('/')?;
-                    let ip: IpAddr = ip.parse().ok()?;
-                    let len: u8 = len.parse().ok()?;
-                    ((family == Family::V6) == ip.is_ipv6()).then_some((ip, len))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Steps before which kube-proxy's test ages the stale-chain timestamps (by 2 s), so that the
 /// chains flushed earlier are deleted in that sync: (test, step).
 const AGED: &[(&str, usize)] = &[
@@ -96,7 +78,7 @@ fn run(steps: &[(usize, &Case)]) -> Result<Vec<String>, String> {
                 cfg.clone(),
                 true,
                 NftablesConfig {
-                    service_cidrs: service_cidrs(case, cfg.family),
+                    service_cidrs: case.service_cidrs(cfg.family),
                 },
             )
         });
@@ -222,7 +204,7 @@ fn packets_flow_through_kprs_nftables_rules_as_kube_proxys_tests_expect() {
             cfg.clone(),
             true,
             NftablesConfig {
-                service_cidrs: service_cidrs(case, cfg.family),
+                service_cidrs: case.service_cidrs(cfg.family),
             },
         );
         let r = syncer.prepare(&state, true, Instant::now()).target;

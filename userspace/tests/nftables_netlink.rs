@@ -87,21 +87,7 @@ fn kprs_transactions_load_what_nft_loads_from_kube_proxys_rulesets() {
             continue;
         };
         state.node_ips = cfg.nodeport_ips.clone().unwrap_or_default();
-        let service_cidrs = case
-            .proxier
-            .get("serviceCIDRs")
-            .and_then(|v| v.as_sequence())
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .filter_map(|c| {
-                let (ip, len) = c.split_once('/')?;
-                let ip: std::net::IpAddr = ip.parse().ok()?;
-                (ip.is_ipv6() == (cfg.family == kpr::model::Family::V6))
-                    .then(|| Some((ip, len.parse().ok()?)))
-                    .flatten()
-            })
-            .collect();
+        let service_cidrs = case.service_cidrs(cfg.family);
         let mut syncer = NftSyncer::new(cfg.clone(), true, NftablesConfig { service_cidrs });
         let prepared = syncer.prepare(&state, true, Instant::now());
         let family = prepared.target.family_name();

@@ -236,14 +236,14 @@ fn load_balancer_source_ranges_allow_and_deny() {
     env.program(&lb);
     // Ranges of another frontend must not let anyone in.
     env.dp()
-        .set_source_ranges(2001, &[(Ipv4Addr::UNSPECIFIED, 0)])
+        .set_source_ranges(2001, &["0.0.0.0/0".parse().unwrap()])
         .unwrap();
     let from = |ip: Ipv4Addr, port: u16| build(&tcp(ip, port, lb.ip, 443, TCP_SYN));
 
     let (rc, _, _) = env.run(INGRESS, &from(CLIENT, 1), 0);
     assert_eq!(rc, SHOT, "no ranges for the frontend: nobody is allowed");
     env.dp()
-        .set_source_ranges(2000, &[(Ipv4Addr::new(192, 0, 2, 77), 24)])
+        .set_source_ranges(2000, &["192.0.2.77/24".parse().unwrap()])
         .unwrap();
     let (rc, out, _) = env.run(INGRESS, &from(CLIENT, 2), 0);
     assert_eq!(rc, PASS);
@@ -254,7 +254,7 @@ fn load_balancer_source_ranges_allow_and_deny() {
 
     // Replace the ranges: now only 203.0.113.0/28.
     env.dp()
-        .set_source_ranges(2000, &[(Ipv4Addr::new(203, 0, 113, 0), 28)])
+        .set_source_ranges(2000, &["203.0.113.0/28".parse().unwrap()])
         .unwrap();
     let (rc, _, _) = env.run(INGRESS, &from(OTHER_CLIENT, 4), 0);
     assert_eq!(rc, PASS);

@@ -47,6 +47,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 
 use self::file::KubeProxyConfiguration;
@@ -148,40 +149,6 @@ impl fmt::Display for ProxyMode {
     }
 }
 
-/// An IP prefix, as written (host bits are kept, like Go's ParseCIDR keeps the IP).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("{s:?} is not a CIDR (such as 10.244.0.0/16)");
-        let (ip, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
-        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl Serialize for Cidr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
 /// One entry of `--nodeport-addresses` / `nodePortAddresses`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodePortAddress {
@@ -191,7 +158,7 @@ pub enum NodePortAddress {
     Localhost,
     /// 0.0.0.0/0 and ::/0.
     All,
-    Cidr(Cidr),
+    Cidr(IpNet),
 }
 
 impl FromStr for NodePortAddress {
@@ -201,8 +168,7 @@ impl FromStr for NodePortAddress {
             "primary" => Ok(NodePortAddress::Primary),
             "localhost" => Ok(NodePortAddress::Localhost),
             "all" => Ok(NodePortAddress::All),
-            cidr => cidr
-                .parse()
+            cidr => crate::cidr::parse(cidr)
                 .map(NodePortAddress::Cidr)
                 .map_err(|_| format!("{s:?} is neither a CIDR nor one of primary, localhost, all")),
         }
@@ -236,7 +202,7 @@ pub struct Settings {
     /// The Node's name; `None`: the hostname. Trimmed and lowercased, as kube-proxy does.
     pub hostname_override: Option<String>,
     /// `--cluster-cidr` / `clusterCIDR`, split at commas.
-    pub cluster_cidrs: Vec<Cidr>,
+    pub cluster_cidrs: Vec<IpNet>,
     /// Empty: all local IPs.
     pub nodeport_addresses: Vec<NodePortAddress>,
     pub masquerade_all: bool,
@@ -889,11 +855,12 @@ fn masquerade_bit(bit: i32) -> Result<u32, String> {
         .ok_or_else(|| format!("{bit} is not a bit of the 32-bit mark (0 to 31)"))
 }
 
-fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
+/// `--cluster-cidr`: one CIDR or a dual-stack pair, comma-separated (kube-proxy trims each).
+pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
     let cidrs = s
         .split(',')
-        .map(str::parse)
-        .collect::<Result<Vec<Cidr>, String>>()?;
+        .map(|c| crate::cidr::parse(c.trim()).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<IpNet>, String>>()?;
     if cidrs.len() > 2 {
         return Err(format!(
             "{s:?}: at most one IPv4 and one IPv6 CIDR (a dual-stack pair)"

@@ -4,6 +4,7 @@
 //! pinned maps; tests drive a fake that checks the datapath's invariant after every single
 //! write and can inject failures (see `sync.rs`). The same syncer code runs against both.
 
+use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::io;
 use std::net::Ipv4Addr;
@@ -66,17 +67,13 @@ pub trait LbMaps {
     /// `SVC_FLAG_SOURCE_RANGES`, so write them before setting that flag and delete them after
     /// clearing it (or after deleting slot 0); otherwise allowed clients are dropped meanwhile.
     /// The default does nothing (maps without the LPM trie, test fakes).
-    fn put_source_ranges(
-        &mut self,
-        rev_nat_id: u32,
-        ranges: &[(Ipv4Addr, u8)],
-    ) -> Result<(), MapOpError> {
+    fn put_source_ranges(&mut self, rev_nat_id: u32, ranges: &[Ipv4Net]) -> Result<(), MapOpError> {
         let _ = (rev_nat_id, ranges);
         Ok(())
     }
 
-    /// Every source-range entry: (rev_nat_id, network, prefix length), for restoring state.
-    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapOpError> {
+    /// Every source-range entry: (rev_nat_id, network), for restoring state.
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
         Ok(Vec::new())
     }
 }
@@ -94,70 +91,60 @@ pub struct SrcRangeMap {
 }
 
 impl SrcRangeMap {
-    /// (rev_nat_id, network, prefix length) of every entry.
-    pub fn dump(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapOpError> {
-        let mut out = Vec::new();
-        for key in self.map.keys() {
-            let key = key.map_err(|e| op_error("dump", SRC_RANGE_MAP, e))?;
-            let data = key.data();
-            let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
-            out.push((
-                data.rev_nat_id,
-                Ipv4Addr::from(u32::from_be(data.address_be)),
-                prefix,
-            ));
-        }
-        Ok(out)
+    /// (rev_nat_id, network) of every entry.
+    pub fn dump(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
+        self.map
+            .keys()
+            .map(|key| {
+                key.map(|k| src_range_of(&k))
+                    .map_err(|e| op_error("dump", SRC_RANGE_MAP, e))
+            })
+            .collect()
     }
 
     /// Makes the entries of `rev_nat_id` exactly `ranges` (host bits are cleared: a range is
     /// a network). Adds before it deletes, so a client allowed before and after never sees a
     /// gap.
-    pub fn set(&mut self, rev_nat_id: u32, ranges: &[(Ipv4Addr, u8)]) -> Result<(), MapOpError> {
-        let want: BTreeSet<(Ipv4Addr, u8)> = ranges
-            .iter()
-            .map(|(ip, prefix)| {
-                let prefix = (*prefix).min(32);
-                (mask(*ip, prefix), prefix)
-            })
-            .collect();
-        let have: BTreeSet<(Ipv4Addr, u8)> = self
+    pub fn set(&mut self, rev_nat_id: u32, ranges: &[Ipv4Net]) -> Result<(), MapOpError> {
+        let want: BTreeSet<Ipv4Net> = ranges.iter().map(Ipv4Net::trunc).collect();
+        let have: BTreeSet<Ipv4Net> = self
             .dump()?
             .into_iter()
-            .filter(|(id, _, _)| *id == rev_nat_id)
-            .map(|(_, ip, prefix)| (ip, prefix))
+            .filter(|(id, _)| *id == rev_nat_id)
+            .map(|(_, net)| net)
             .collect();
-        for (ip, prefix) in want.difference(&have) {
+        for net in want.difference(&have) {
             self.map
-                .insert(&lpm_key(rev_nat_id, *ip, *prefix), 1, 0)
+                .insert(&src_range_key(rev_nat_id, *net), 1, 0)
                 .map_err(|e| op_error("update", SRC_RANGE_MAP, e))?;
         }
-        for (ip, prefix) in have.difference(&want) {
-            absent_ok(self.map.remove(&lpm_key(rev_nat_id, *ip, *prefix)))
+        for net in have.difference(&want) {
+            absent_ok(self.map.remove(&src_range_key(rev_nat_id, *net)))
                 .map_err(|e| op_error("delete", SRC_RANGE_MAP, e))?;
         }
         Ok(())
     }
 }
 
-fn mask(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
-    let bits = u32::from(ip);
-    let m = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    };
-    Ipv4Addr::from(bits & m)
-}
-
-fn lpm_key(rev_nat_id: u32, ip: Ipv4Addr, prefix: u8) -> LpmKey<SrcRange4Key> {
+/// The trie key of `net` among frontend `rev_nat_id`'s ranges: the id is matched in full
+/// before the prefix, so one trie serves every frontend.
+fn src_range_key(rev_nat_id: u32, net: Ipv4Net) -> LpmKey<SrcRange4Key> {
     LpmKey::new(
-        src_range_prefixlen(prefix),
+        src_range_prefixlen(net.prefix_len()),
         SrcRange4Key {
             rev_nat_id,
-            address_be: u32::from_ne_bytes(ip.octets()),
+            address_be: u32::from_ne_bytes(net.network().octets()),
         },
     )
+}
+
+/// (rev_nat_id, network) of a key [`src_range_key`] wrote.
+pub(crate) fn src_range_of(key: &LpmKey<SrcRange4Key>) -> (u32, Ipv4Net) {
+    let data = key.data();
+    let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
+    let addr = Ipv4Addr::from(u32::from_be(data.address_be));
+    let net = Ipv4Net::new(addr, prefix).unwrap_or_else(|_| Ipv4Net::from(addr));
+    (data.rev_nat_id, net)
 }
 
 fn op_error(op: &'static str, map: &'static str, e: MapError) -> MapOpError {
@@ -214,15 +201,11 @@ impl LbMaps for AyaLbMaps {
             .map_err(|e| op_error("delete", kpr_common::SERVICES_MAP, e))
     }
 
-    fn put_source_ranges(
-        &mut self,
-        rev_nat_id: u32,
-        ranges: &[(Ipv4Addr, u8)],
-    ) -> Result<(), MapOpError> {
+    fn put_source_ranges(&mut self, rev_nat_id: u32, ranges: &[Ipv4Net]) -> Result<(), MapOpError> {
         self.src_ranges.set(rev_nat_id, ranges)
     }
 
-    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapOpError> {
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
         self.src_ranges.dump()
     }
 }
@@ -233,22 +216,15 @@ mod tests {
 
     #[test]
     fn source_range_keys_are_networks_matched_after_the_frontend() {
-        assert_eq!(
-            mask(Ipv4Addr::new(203, 0, 113, 77), 24),
-            Ipv4Addr::new(203, 0, 113, 0)
-        );
-        assert_eq!(
-            mask(Ipv4Addr::new(203, 0, 113, 77), 0),
-            Ipv4Addr::UNSPECIFIED
-        );
-        assert_eq!(
-            mask(Ipv4Addr::new(203, 0, 113, 77), 32),
-            Ipv4Addr::new(203, 0, 113, 77)
-        );
-        let k = lpm_key(7, Ipv4Addr::new(203, 0, 113, 0), 24);
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let k = src_range_key(7, net("203.0.113.77/24"));
         assert_eq!(k.prefix_len(), 56);
         // The address is in network byte order: its first octet is the first byte matched.
         assert_eq!(k.data().address_be.to_ne_bytes(), [203, 0, 113, 0]);
         assert_eq!(k.data().rev_nat_id, 7);
+        assert_eq!(src_range_of(&k), (7, net("203.0.113.0/24")));
+        for s in ["0.0.0.0/0", "203.0.113.77/32", "10.0.0.0/8"] {
+            assert_eq!(src_range_of(&src_range_key(1, net(s))), (1, net(s)));
+        }
     }
 }

@@ -288,7 +288,7 @@ impl EbpfDataplane {
     pub fn set_source_ranges(
         &mut self,
         rev_nat_id: u32,
-        ranges: &[(Ipv4Addr, u8)],
+        ranges: &[ipnet::Ipv4Net],
     ) -> Result<(), MapOpError> {
         self.src_ranges.set(rev_nat_id, ranges)
     }

@@ -15,6 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
+use ipnet::{IpNet, Ipv4Net};
+
 use kpr_common::{
     Backend4Value, Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
@@ -87,7 +89,7 @@ struct WantFrontend {
     flags: u8,
     affinity_timeout_s: u32,
     /// loadBalancerSourceRanges (external scope of LoadBalancer frontends only), sorted.
-    source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
+    source_ranges: Vec<Ipv4Net>,
 }
 
 /// A backend as the maps describe it.
@@ -117,7 +119,7 @@ struct ProgrammedFrontend {
     count: u16,
     flags: u8,
     affinity_timeout_s: u32,
-    source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
+    source_ranges: Vec<Ipv4Net>,
     /// Every slot > 0 present in the map → backend id (may include slots beyond `count` after
     /// a restore from maps left by an interrupted sync).
     slots: BTreeMap<u16, u32>,
@@ -227,9 +229,9 @@ impl<M: LbMaps> LbSyncer<M> {
                 f.slots.insert(k.backend_slot, v.backend_id);
             }
         }
-        let mut ranges: HashMap<u32, Vec<(std::net::Ipv4Addr, u8)>> = HashMap::new();
-        for (rev, ip, len) in self.maps.dump_source_ranges()? {
-            ranges.entry(rev).or_default().push((ip, len));
+        let mut ranges: HashMap<u32, Vec<Ipv4Net>> = HashMap::new();
+        for (rev, net) in self.maps.dump_source_ranges()? {
+            ranges.entry(rev).or_default().push(net);
         }
         for f in self.frontends.values_mut() {
             if let Some(r) = f.rev_nat_id.and_then(|rev| ranges.remove(&rev)) {
@@ -386,12 +388,12 @@ impl<M: LbMaps> LbSyncer<M> {
                 } else if !state.external_snat {
                     ext_flags |= SVC_FLAG_NO_SNAT;
                 }
-                let mut source_ranges: Vec<(std::net::Ipv4Addr, u8)> = state
+                let mut source_ranges: Vec<Ipv4Net> = state
                     .load_balancer_source_ranges
                     .iter()
-                    .filter_map(|(ip, len)| match ip {
-                        IpAddr::V4(v4) => Some((*v4, *len)),
-                        IpAddr::V6(_) => None,
+                    .filter_map(|net| match net {
+                        IpNet::V4(v4) => Some(v4.trunc()),
+                        IpNet::V6(_) => None,
                     })
                     .collect();
                 source_ranges.sort();

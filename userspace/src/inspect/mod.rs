@@ -81,14 +81,9 @@ impl Pinned {
             .src_ranges
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.data().rev_nat_id == rev_nat_id)
-            .map(|k| {
-                let prefix = k.prefix_len().saturating_sub(32).min(32);
-                format!(
-                    "{}/{prefix}",
-                    Ipv4Addr::from(u32::from_be(k.data().address_be))
-                )
-            })
+            .map(|k| crate::ebpf::maps::src_range_of(&k))
+            .filter(|(id, _)| *id == rev_nat_id)
+            .map(|(_, net)| net.to_string())
             .collect();
         out.sort();
         out

@@ -199,7 +199,7 @@ pub(super) fn service_ports(
                 load_balancer_source_ranges: if kind == FrontendKind::LoadBalancer {
                     view.load_balancer_source_ranges
                         .iter()
-                        .filter(|(net, _)| Family::of(*net) == family)
+                        .filter(|net| Family::of(net.addr()) == family)
                         .copied()
                         .collect()
                 } else {
@@ -260,7 +260,7 @@ pub(super) fn service_ports(
                 load_balancer_source_ranges: view
                     .load_balancer_source_ranges
                     .iter()
-                    .filter(|(net, _)| Family::of(*net) == family)
+                    .filter(|net| Family::of(net.addr()) == family)
                     .copied()
                     .collect(),
                 internal_policy_local: view.internal_local,

@@ -1,6 +1,8 @@
 //! Service parsing: a Service object reduced to what the model uses, checked once.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
@@ -24,7 +26,7 @@ pub(super) struct ServiceView<'a> {
     pub(super) external_ips: Vec<IpAddr>,
     /// VIP-mode load-balancer ingress IPs (type LoadBalancer only).
     pub(super) load_balancer_ips: Vec<IpAddr>,
-    pub(super) load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+    pub(super) load_balancer_source_ranges: Vec<IpNet>,
     /// `internalTrafficPolicy: Local`.
     pub(super) internal_local: bool,
     /// `externalTrafficPolicy: Local` (kube-proxy's `ExternalPolicyLocal` also requires an
@@ -210,9 +212,10 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, Mo
         if s.is_empty() {
             continue;
         }
-        let cidr = parse_cidr(s)
-            .ok_or_else(|| fail(format!("loadBalancerSourceRanges[{i}]: invalid CIDR {s:?}")))?;
-        load_balancer_source_ranges.push(cidr);
+        // kube-proxy keeps the network (Go's `*IPNet`): the host bits are cleared.
+        let cidr = crate::cidr::parse(s)
+            .map_err(|e| fail(format!("loadBalancerSourceRanges[{i}]: {e}")))?;
+        load_balancer_source_ranges.push(cidr.trunc());
     }
 
     let internal_local = parse_policy(spec.internal_traffic_policy.as_deref())
@@ -283,25 +286,5 @@ pub(super) fn parse_session_affinity(spec: &ServiceSpec) -> Result<Option<Durati
             }
         }
         Some(other) => Err(format!("unknown sessionAffinity {other:?}")),
-    }
-}
-
-/// `addr/len`, as Go's `net.ParseCIDR` reads it: the address with its host bits cleared.
-pub(super) fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (addr, len) = s.split_once('/')?;
-    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let len: u8 = len.parse().ok()?;
-    match addr.parse::<IpAddr>().ok()? {
-        IpAddr::V4(ip) if len <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            Some((IpAddr::V4(Ipv4Addr::from(u32::from(ip) & mask)), len))
-        }
-        IpAddr::V6(ip) if len <= 128 => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            Some((IpAddr::V6(Ipv6Addr::from(u128::from(ip) & mask)), len))
-        }
-        _ => None,
     }
 }

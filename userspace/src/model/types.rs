@@ -5,6 +5,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -143,7 +145,7 @@ pub struct ServicePortState {
     /// `spec.loadBalancerSourceRanges` of this frontend's address family (kube-proxy filters
     /// them per family), as network address and prefix length with host bits cleared. Only on
     /// LoadBalancer frontends; empty means "any source".
-    pub load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
     /// `spec.healthCheckNodePort` of a `type: LoadBalancer` Service with
     /// `externalTrafficPolicy: Local` (kube-proxy's `NeedsHealthCheck`), on every frontend of the
     /// Service.
@@ -185,7 +187,7 @@ pub struct ServicePortInfo {
     /// VIP-mode load-balancer ingress IPs of this family.
     pub load_balancer_ips: Vec<IpAddr>,
     /// `loadBalancerSourceRanges` of this family (network, prefix length).
-    pub load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
     /// kube-proxy's `InternalPolicyLocal()`.
     pub internal_policy_local: bool,
     /// kube-proxy's `ExternalPolicyLocal()`: `externalTrafficPolicy: Local` on a Service with

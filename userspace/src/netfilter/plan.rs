@@ -6,6 +6,8 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::model::{Backend, DesiredState, Family, ServicePortInfo};
 
 /// kube-proxy's `largeClusterEndpointsThreshold`: above this many endpoints in total, the
@@ -20,7 +22,7 @@ pub struct PlanConfig {
     pub masquerade_all: bool,
     /// The local-traffic detector (`--detect-local-mode=ClusterCIDR`, `--cluster-cidr`): traffic
     /// from outside these CIDRs to a ClusterIP is masqueraded. Empty: no detector.
-    pub cluster_cidrs: Vec<(IpAddr, u8)>,
+    pub cluster_cidrs: Vec<IpNet>,
     /// The node's primary IP (kube-proxy's `nodeIP`): a source range that contains it also
     /// admits traffic whose source is the LB IP itself (a node reaching its own VIP).
     pub node_ip: Option<IpAddr>,
@@ -193,7 +195,7 @@ pub fn plan_port<'a>(info: &'a ServicePortInfo, cfg: &PlanConfig) -> PortPlan<'a
     let firewall_allows_lb_ips = cfg.node_ip.is_some_and(|node| {
         info.load_balancer_source_ranges
             .iter()
-            .any(|&(net, len)| contains(net, len, node))
+            .any(|net| net.contains(&node))
     });
     PortPlan {
         info,
@@ -212,29 +214,6 @@ pub fn plan_port<'a>(info: &'a ServicePortInfo, cfg: &PlanConfig) -> PortPlan<'a
         cluster_endpoints,
         local_endpoints,
         endpoints,
-    }
-}
-
-/// Whether `ip` is inside `net/len`.
-pub fn contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(i)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len.min(32)))
-            };
-            u32::from(n) & mask == u32::from(i) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(i)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len.min(128)))
-            };
-            u128::from(n) & mask == u128::from(i) & mask
-        }
-        _ => false,
     }
 }
 
@@ -298,7 +277,7 @@ mod tests {
         i.has_endpoints = true;
         i.cluster_endpoints = vec![be("10.0.0.1:80")];
         i.load_balancer_ips = vec!["203.0.113.1".parse().unwrap()];
-        i.load_balancer_source_ranges = vec![("192.168.0.0".parse().unwrap(), 16)];
+        i.load_balancer_source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
         let cfg = PlanConfig {
             node_ip: Some("192.168.1.2".parse().unwrap()),
             ..PlanConfig::default()

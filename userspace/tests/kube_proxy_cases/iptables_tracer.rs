@@ -6,8 +6,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use kpr::netfilter::plan::contains;
-
 /// Chains of one table: name → rules (the text after `-A CHAIN `).
 type Table = BTreeMap<String, Vec<String>>;
 
@@ -83,12 +81,9 @@ fn words(rule: &str) -> Vec<String> {
 }
 
 fn addr_matches(value: &str, ip: IpAddr) -> bool {
-    match value.split_once('/') {
-        Some((net, len)) => match (net.parse(), len.parse()) {
-            (Ok(net), Ok(len)) => contains(net, len, ip),
-            _ => false,
-        },
-        None => value.parse::<IpAddr>().is_ok_and(|v| v == ip),
+    match kpr::cidr::parse(value) {
+        Ok(net) => net.contains(&ip),
+        Err(_) => value.parse::<IpAddr>().is_ok_and(|v| v == ip),
     }
 }
 

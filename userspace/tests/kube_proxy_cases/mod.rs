@@ -6,8 +6,9 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use kpr::model::{DesiredState, Family, NodeContext};
-use kpr::netfilter::plan::{contains, PlanConfig};
+use kpr::netfilter::plan::PlanConfig;
 
 /// One kube-proxy test (or one step of a multi-step test).
 pub struct Case {
@@ -81,14 +82,26 @@ pub fn cases(mode: &str, expected: &str) -> Vec<Case> {
     out
 }
 
-fn parse_cidr(s: &str) -> (IpAddr, u8) {
-    let (ip, len) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
-    let ip: IpAddr = ip.parse().unwrap_or_else(|_| panic!("bad CIDR {s:?}"));
-    let len = len.parse().unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
-    (ip, len)
+/// A CIDR of a case's configuration; a bare address is its host prefix.
+fn parse_cidr(s: &str) -> IpNet {
+    let s = s.trim();
+    kpr::cidr::parse(s)
+        .or_else(|_| kpr::cidr::parse_ip(s).map(IpNet::from))
+        .unwrap_or_else(|e| panic!("bad CIDR: {e}"))
 }
 
 impl Case {
+    /// The proxier's `serviceCIDRs` of `family` (the nftables proxier drops traffic to
+    /// unallocated addresses in them).
+    #[allow(dead_code)] // Used by the nftables tests only.
+    pub fn service_cidrs(&self, family: kpr::model::Family) -> Vec<IpNet> {
+        self.list("serviceCIDRs")
+            .iter()
+            .map(|c| parse_cidr(c))
+            .filter(|net| kpr::model::Family::of(net.addr()) == family)
+            .collect()
+    }
+
     fn str(&self, key: &str) -> Option<&str> {
         self.proxier.get(key).and_then(|v| v.as_str())
     }
@@ -142,22 +155,22 @@ impl Case {
                 // `eth0 192.168.0.2/24`
                 given
                     .iter()
-                    .map(|s| parse_cidr(s.split_whitespace().last().unwrap()).0)
+                    .map(|s| parse_cidr(s.split_whitespace().last().unwrap()).addr())
                     .collect()
             }
         };
-        let nodeport_cidrs: Vec<(IpAddr, u8)> = self
+        let nodeport_cidrs: Vec<IpNet> = self
             .list("nodePortAddresses")
             .iter()
             .map(|s| parse_cidr(s))
-            .filter(|(ip, _)| of_family(ip))
+            .filter(|net| of_family(&net.addr()))
             .collect();
         let nodeport_ips = (!nodeport_cidrs.is_empty()).then(|| {
             interfaces
                 .iter()
                 .copied()
                 .filter(of_family)
-                .filter(|ip| nodeport_cidrs.iter().any(|&(n, l)| contains(n, l, *ip)))
+                .filter(|ip| nodeport_cidrs.iter().any(|n| n.contains(ip)))
                 .collect::<Vec<_>>()
         });
         let cluster_cidrs = self

@@ -9,7 +9,6 @@ use std::net::IpAddr;
 
 use kpr::model::Protocol;
 use kpr::netfilter::nftables::ruleset::{Addr, ElementKey, Key, Ruleset, Stmt, Verdict};
-use kpr::netfilter::plan::contains;
 
 pub struct Packet<'a> {
     pub src: IpAddr,
@@ -87,9 +86,8 @@ impl Trace<'_> {
                         addr: a,
                         negate,
                         net,
-                        len,
                     } => {
-                        if contains(*net, *len, addr(a)) == *negate {
+                        if net.contains(&addr(a)) == *negate {
                             continue 'rules;
                         }
                     }
@@ -98,7 +96,7 @@ impl Trace<'_> {
                         negate,
                         nets,
                     } => {
-                        let inside = nets.iter().any(|&(n, l)| contains(n, l, addr(a)));
+                        let inside = nets.iter().any(|n| n.contains(&addr(a)));
                         if inside == *negate {
                             continue 'rules;
                         }

@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
-use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use crate::model::Family;
 use crate::netfilter::chains::{
@@ -285,10 +286,6 @@ impl Lines {
 /// Go's formatting both round the exact binary value half to even).
 pub fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
-}
-
-fn cidr(net: IpAddr, len: u8) -> String {
-    format!("{net}/{len}")
 }
 
 /// Writes the restore input for `plan`.
@@ -671,9 +668,9 @@ fn write_port(
         own.chains.chain(fw);
         active.insert(fw.clone());
         let head = format!("-A {fw} -m comment --comment \"{name} loadbalancer IP\"");
-        for &(net, len) in &info.load_balancer_source_ranges {
+        for net in &info.load_balancer_source_ranges {
             own.rules
-                .line(format!("{head} -s {} -j {external_chain}", cidr(net, len)));
+                .line(format!("{head} -s {net} -j {external_chain}"));
         }
         if p.firewall_allows_lb_ips {
             for ip in &info.load_balancer_ips {
@@ -723,19 +720,19 @@ fn write_port(
 }
 
 /// `proxier.localDetector.IfNotLocal()` for the ClusterCIDR detector.
-fn if_not_local(cidrs: &[(IpAddr, u8)]) -> String {
+fn if_not_local(cidrs: &[IpNet]) -> String {
     cidrs
         .iter()
-        .map(|&(n, l)| format!("! -s {}", cidr(n, l)))
+        .map(|n| format!("! -s {n}"))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
 /// `proxier.localDetector.IfLocal()`.
-fn if_local(cidrs: &[(IpAddr, u8)]) -> String {
+fn if_local(cidrs: &[IpNet]) -> String {
     cidrs
         .iter()
-        .map(|&(n, l)| format!("-s {}", cidr(n, l)))
+        .map(|n| format!("-s {n}"))
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -9,6 +9,8 @@ use std::ffi::{c_void, CString};
 use std::net::IpAddr;
 use std::os::raw::c_char;
 
+use ipnet::IpNet;
+
 use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg};
 
@@ -683,33 +685,25 @@ impl<'a> Encoder<'a> {
                 out.push(RawExpr::bitwise(r, &CT_STATE_NEW.to_ne_bytes(), &[0; 4]));
                 out.push(cmp(NFT_CMP_NEQ, r, &[0; 4]));
             }
-            Stmt::Prefix {
-                addr,
-                negate,
-                net,
-                len,
-            } => {
+            Stmt::Prefix { addr, negate, net } => {
                 out.push(addr_load(*addr, r));
-                let full = (addr_len * 8) as u8;
-                let net_bytes = ip_bytes(*net);
-                if *len < full {
-                    let mask = prefix_mask(addr_len as usize, *len);
+                let len = net.prefix_len();
+                if len < net.max_prefix_len() {
+                    let mask = prefix_mask(addr_len as usize, len);
                     out.push(RawExpr::bitwise(r, &mask, &vec![0; mask.len()]));
                 }
                 let op = if *negate { NFT_CMP_NEQ } else { NFT_CMP_EQ };
-                out.push(cmp(op, r, &masked(&net_bytes, *len)));
+                out.push(cmp(op, r, &ip_bytes(net.network())));
             }
             // nft compiles a one-element anonymous set to a plain match; so does kpr, so that
             // the kernel holds what `nft -f` would load.
             Stmt::PrefixSet { addr, negate, nets } if nets.len() == 1 => {
-                let (net, len) = nets[0];
                 self.stmt(
                     family,
                     &Stmt::Prefix {
                         addr: *addr,
                         negate: *negate,
-                        net,
-                        len,
+                        net: nets[0],
                     },
                     out,
                 );
@@ -907,23 +901,18 @@ fn prefix_mask(bytes: usize, len: u8) -> Vec<u8> {
         .collect()
 }
 
-fn masked(addr: &[u8], len: u8) -> Vec<u8> {
-    let mask = prefix_mask(addr.len(), len);
-    addr.iter().zip(mask).map(|(a, m)| a & m).collect()
-}
-
 /// The elements of an interval set holding `nets`: each range's first address, and the
 /// address after its last one flagged as the interval's end (none past the top of the
 /// address space).
-fn interval_elements(nets: &[(IpAddr, u8)]) -> Vec<Elem> {
+fn interval_elements(nets: &[IpNet]) -> Vec<Elem> {
     let mut ranges: Vec<(u128, u128, bool)> = nets
         .iter()
-        .map(|&(net, len)| {
-            let (v, bits, v4) = match net {
-                IpAddr::V4(a) => (u128::from(u32::from(a)), 32u32, true),
-                IpAddr::V6(a) => (u128::from(a), 128, false),
+        .map(|net| {
+            let (v, v4) = match net.addr() {
+                IpAddr::V4(a) => (u128::from(u32::from(a)), true),
+                IpAddr::V6(a) => (u128::from(a), false),
             };
-            let host = bits - u32::from(len.min(bits as u8));
+            let host = u32::from(net.max_prefix_len() - net.prefix_len());
             let size: u128 = if host >= 128 {
                 u128::MAX
             } else {
@@ -978,16 +967,15 @@ mod tests {
     fn masks_and_intervals() {
         assert_eq!(prefix_mask(4, 8), vec![0xff, 0, 0, 0]);
         assert_eq!(prefix_mask(4, 25), vec![0xff, 0xff, 0xff, 0x80]);
-        assert_eq!(masked(&[10, 1, 2, 3], 8), vec![10, 0, 0, 0]);
-        let e = interval_elements(&[("172.30.0.0".parse().unwrap(), 16)]);
+        let e = interval_elements(&["172.30.0.0/16".parse().unwrap()]);
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].key, vec![172, 30, 0, 0]);
         assert_eq!((e[1].key.clone(), e[1].flags), (vec![172, 31, 0, 0], 1));
         // Adjacent ranges merge; the top of the space has no end element.
         let e = interval_elements(&[
-            ("10.0.0.0".parse().unwrap(), 9),
-            ("10.128.0.0".parse().unwrap(), 9),
-            ("255.255.255.0".parse().unwrap(), 24),
+            "10.0.0.0/9".parse().unwrap(),
+            "10.128.0.0/9".parse().unwrap(),
+            "255.255.255.0/24".parse().unwrap(),
         ]);
         assert_eq!(
             e.len(),

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::model::{Backend, Family, Protocol};
 
 /// kube-proxy's table name (in family `ip` or `ip6`).
@@ -114,15 +116,14 @@ pub enum Stmt {
     Prefix {
         addr: Addr,
         negate: bool,
-        net: IpAddr,
-        len: u8,
+        net: IpNet,
     },
     /// `ip daddr { 172.30.0.0/16 }`, `ip saddr != { 203.0.113.0/25 , 5.6.7.8 }`: an anonymous
     /// interval set.
     PrefixSet {
         addr: Addr,
         negate: bool,
-        nets: Vec<(IpAddr, u8)>,
+        nets: Vec<IpNet>,
     },
     /// `ip daddr @cluster-ips`.
     InSet {
@@ -338,12 +339,12 @@ impl Ruleset {
     }
 }
 
-fn prefix_text(net: IpAddr, len: u8) -> String {
-    let full = if net.is_ipv4() { 32 } else { 128 };
-    if len == full {
-        net.to_string()
+/// nft prints a host prefix as the bare address.
+fn prefix_text(net: IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
     } else {
-        format!("{net}/{len}")
+        net.to_string()
     }
 }
 
@@ -369,23 +370,18 @@ fn stmt_text(ip: &str, s: &Stmt) -> String {
     let neg = |n: bool| if n { "!= " } else { "" };
     match s {
         Stmt::CtStateNew => "ct state new".into(),
-        Stmt::Prefix {
-            addr,
-            negate,
-            net,
-            len,
-        } => format!(
+        Stmt::Prefix { addr, negate, net } => format!(
             "{ip} {} {}{}",
             addr_text(*addr),
             neg(*negate),
-            prefix_text(*net, *len)
+            prefix_text(*net)
         ),
         Stmt::PrefixSet { addr, negate, nets } => format!(
             "{ip} {} {}{{ {} }}",
             addr_text(*addr),
             neg(*negate),
             nets.iter()
-                .map(|&(n, l)| prefix_text(n, l))
+                .map(|&n| prefix_text(n))
                 .collect::<Vec<_>>()
                 .join(" , ")
         ),

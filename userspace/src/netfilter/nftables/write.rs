@@ -5,6 +5,8 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use super::ruleset::{
     Addr, BaseChain, Chain, ChainType, Element, ElementKey, Hook, Key, Rule, Ruleset, Set, Stmt,
     Verdict,
@@ -35,7 +37,7 @@ const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 pub struct NftablesConfig {
     /// The cluster's service CIDRs: traffic to an address in them that is no ClusterIP is
     /// dropped ("unallocated"). Empty: unknown, no such rule.
-    pub service_cidrs: Vec<(IpAddr, u8)>,
+    pub service_cidrs: Vec<IpNet>,
 }
 
 fn jump(c: &str) -> Stmt {
@@ -403,20 +405,18 @@ fn write_port(r: &mut Ruleset, p: &PortPlan, cfg: &PlanConfig) {
         let dst = Stmt::Prefix {
             addr: Addr::Daddr,
             negate: false,
-            net: info.cluster_ip,
-            len: if info.cluster_ip.is_ipv4() { 32 } else { 128 },
+            net: info.cluster_ip.into(),
         };
         if cfg.masquerade_all {
             Some(Rule::new(vec![dst, jump(MARK_FOR_MASQUERADE)]))
         } else {
-            let &(net, len) = cfg.cluster_cidrs.first()?;
+            let &net = cfg.cluster_cidrs.first()?;
             Some(Rule::new(vec![
                 dst,
                 Stmt::Prefix {
                     addr: Addr::Saddr,
                     negate: true,
                     net,
-                    len,
                 },
                 jump(MARK_FOR_MASQUERADE),
             ]))
@@ -457,14 +457,13 @@ fn write_port(r: &mut Ruleset, p: &PortPlan, cfg: &PlanConfig) {
         if !info.external_policy_local {
             rules.push(Rule::new(vec![jump(MARK_FOR_MASQUERADE)]));
         } else {
-            if let Some(&(net, len)) = cfg.cluster_cidrs.first() {
+            if let Some(&net) = cfg.cluster_cidrs.first() {
                 rules.push(Rule::commented(
                     vec![
                         Stmt::Prefix {
                             addr: Addr::Saddr,
                             negate: false,
                             net,
-                            len,
                         },
                         goto(&n.cluster),
                     ],
@@ -489,11 +488,7 @@ fn write_port(r: &mut Ruleset, p: &PortPlan, cfg: &PlanConfig) {
     if p.uses_firewall {
         let mut sources = info.load_balancer_source_ranges.clone();
         if p.firewall_allows_lb_ips {
-            sources.extend(
-                info.load_balancer_ips
-                    .iter()
-                    .map(|&ip| (ip, if ip.is_ipv4() { 32 } else { 128 })),
-            );
+            sources.extend(info.load_balancer_ips.iter().map(|&ip| IpNet::from(ip)));
         }
         r.chain(
             &n.firewall,
@@ -514,8 +509,7 @@ fn write_port(r: &mut Ruleset, p: &PortPlan, cfg: &PlanConfig) {
             Stmt::Prefix {
                 addr: Addr::Saddr,
                 negate: false,
-                net: e.ip,
-                len: if e.ip.is_ipv4() { 32 } else { 128 },
+                net: e.ip.into(),
             },
             jump(MARK_FOR_MASQUERADE),
         ])];
