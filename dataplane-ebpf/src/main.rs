@@ -15,6 +15,7 @@
 #![no_main]
 
 mod conntrack;
+mod events;
 mod packet;
 mod tc;
 
@@ -113,18 +114,38 @@ pub fn kpr_getpeer4(ctx: SockAddrContext) -> i32 {
     SYS_PROCEED
 }
 
+/// A socket call [`try_forward`] sent to a backend.
+struct Translation {
+    backend: (u32, u16),
+    /// Session affinity chose the backend.
+    by_affinity: bool,
+}
+
+/// A socket call to a frontend that [`try_forward`] refuses.
+struct Refusal {
+    reason: Counter,
+    rev_nat_id: u32,
+}
+
 /// connect4 / sendmsg4: translate a frontend to a backend, or refuse the call.
 #[inline(always)]
 fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
-    match try_forward(ctx, sticky) {
-        Ok(Some(())) => {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr for its whole run.
+    let (address_be, port_be, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    let frontend = (address_be, port_be);
+    match try_forward(ctx, frontend, proto, sticky) {
+        Ok(Some((t, rev_nat_id))) => {
             count(Counter::Translated);
+            events::socket_translated(ctx, proto, frontend, t.backend, rev_nat_id, t.by_affinity);
             SYS_PROCEED
         }
         // Not a frontend: leave the call alone.
         Ok(None) => SYS_PROCEED,
-        Err(reason) => {
+        Err(Refusal { reason, rev_nat_id }) => {
             count(reason);
+            events::socket_refused(ctx, proto, frontend, rev_nat_id, reason);
             // Refuse with ECONNREFUSED, as a TCP RST would: a service with no usable backend
             // must fail fast, not hang until a timeout. Sending the packet on to the VIP would
             // only reach nothing.
@@ -135,12 +156,16 @@ fn forward(ctx: &SockAddrContext, sticky: bool) -> i32 {
     }
 }
 
+/// The backend (and the frontend's reverse-NAT id) for a call to `(address_be, port_be)`;
+/// None when that is no frontend.
 #[inline(always)]
-fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counter> {
+fn try_forward(
+    ctx: &SockAddrContext,
+    (address_be, port_be): (u32, u16),
+    proto: u8,
+    sticky: bool,
+) -> Result<Option<(Translation, u32)>, Refusal> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: the kernel hands the program a valid bpf_sock_addr for its whole run.
-    let (address_be, port_be, proto) =
-        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Ok(None);
     }
@@ -150,8 +175,12 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
         Some(v) => *v,
         None => return Ok(None),
     };
+    let refuse = |reason| Refusal {
+        reason,
+        rev_nat_id: frontend.rev_nat_id,
+    };
     if frontend.count == 0 {
-        return Err(Counter::DropNoBackend);
+        return Err(refuse(Counter::DropNoBackend));
     }
     // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -181,6 +210,7 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
     // its last new connection or the backend left the service.
     let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
     let mut now = 0;
+    let mut by_affinity = false;
     let affinity_key = Affinity4Key {
         // SAFETY: sock_addr programs may call bpf_get_netns_cookie on their context.
         client_cookie: if affinity {
@@ -204,6 +234,7 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
                         backend_slot(&frontend_key, frontend.count, prev.slot, prev.backend_id)
                     {
                         chosen = Some((slot, prev.backend_id));
+                        by_affinity = true;
                         count(Counter::AffinityReused);
                     }
                 }
@@ -219,13 +250,13 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
             let slot_key = Service4Key::new(address_be, port_be, proto, slot);
             match unsafe { SERVICES.get(&slot_key) } {
                 Some(v) => (slot, v.backend_id),
-                None => return Err(Counter::DropSlotMissing),
+                None => return Err(refuse(Counter::DropSlotMissing)),
             }
         }
     };
     let backend: Backend4Value = match unsafe { BACKENDS.get(&backend_id) } {
         Some(b) => *b,
-        None => return Err(Counter::DropBackendMissing),
+        None => return Err(refuse(Counter::DropBackendMissing)),
     };
     if sticky {
         let v = SockFwd4Value {
@@ -264,7 +295,7 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
     // the LRU bookkeeping it costs) when the entry is already there.
     let known = matches!(unsafe { SOCK_REVNAT.get(&revnat_key) }, Some(v) if *v == revnat);
     if !known && SOCK_REVNAT.insert(&revnat_key, &revnat, 0).is_err() {
-        return Err(Counter::DropRevNatUpdate);
+        return Err(refuse(Counter::DropRevNatUpdate));
     }
 
     // SAFETY: user_ip4/user_port are writable in connect4 and sendmsg4.
@@ -272,7 +303,11 @@ fn try_forward(ctx: &SockAddrContext, sticky: bool) -> Result<Option<()>, Counte
         (*sa).user_ip4 = backend.address_be;
         (*sa).user_port = u32::from(backend.port_be);
     }
-    Ok(Some(()))
+    let translation = Translation {
+        backend: (backend.address_be, backend.port_be),
+        by_affinity,
+    };
+    Ok(Some((translation, frontend.rev_nat_id)))
 }
 
 /// The slot of `frontend` (in its scope) that holds `backend_id`: `hint` if it still does, else

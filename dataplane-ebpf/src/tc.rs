@@ -50,7 +50,7 @@ use kpr_common::{
 use crate::{
     backend_slot,
     conntrack::{self, Choice},
-    count,
+    count, events,
     packet::{self, End, Packet, Parsed},
     AFFINITY_EXT, BACKENDS, SERVICES, SRC_RANGES,
 };
@@ -107,7 +107,30 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
             return Ok(Verdict::Pass);
         }
     };
+    let r = translate(ctx, &pkt, &frontend_key, &frontend);
+    if let Err(reason) = r {
+        events::flow_dropped(
+            ctx,
+            pkt.proto,
+            (pkt.saddr, pkt.sport),
+            (pkt.daddr, pkt.dport),
+            frontend.rev_nat_id,
+            reason,
+        );
+    }
+    r
+}
 
+/// Sends a packet to external frontend `frontend` on to its flow's backend (choosing one for
+/// a new flow), or drops it.
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    pkt: &Packet,
+    frontend_key: &Service4Key,
+    frontend: &Service4Value,
+) -> Result<Verdict, Counter> {
+    let pkt = *pkt;
     // loadBalancerSourceRanges come first: a client outside them learns nothing about the
     // service, not even whether it has endpoints.
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 {
@@ -132,7 +155,7 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
 
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let choice = match conntrack::lookup(&pkt, &frontend_key, frontend.count, now) {
+    let choice = match conntrack::lookup(&pkt, frontend_key, frontend.count, now) {
         Some(c) => {
             count(Counter::TcCtReused);
             c
@@ -145,8 +168,17 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
             if pkt.proto == kpr_common::IPPROTO_TCP && !pkt.is_tcp_syn() {
                 return Ok(Verdict::PassCounted(Counter::TcCtMissNotSyn));
             }
-            let c = select(&pkt, &frontend_key, &frontend, now)?;
+            let (c, by_affinity) = select(&pkt, frontend_key, frontend, now)?;
             conntrack::create(&pkt, &c, frontend.rev_nat_id, now)?;
+            events::flow_translated(
+                ctx,
+                pkt.proto,
+                (pkt.saddr, pkt.sport),
+                (pkt.daddr, pkt.dport),
+                (c.address_be, c.port_be),
+                frontend.rev_nat_id,
+                by_affinity,
+            );
             c
         }
     };
@@ -160,14 +192,14 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
 }
 
 /// Chooses the backend of a new flow: the client's affinity backend if the frontend has
-/// session affinity and it is still valid, else a slot at random.
+/// session affinity and it is still valid (then also true), else a slot at random.
 #[inline(always)]
 fn select(
     pkt: &Packet,
     frontend_key: &Service4Key,
     frontend: &Service4Value,
     now: u64,
-) -> Result<Choice, Counter> {
+) -> Result<(Choice, bool), Counter> {
     let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
     // Keyed by the client's address: traffic from outside has a real one, which is what
     // kube-proxy's ClientIP affinity uses.
@@ -176,6 +208,7 @@ fn select(
         rev_nat_id: frontend.rev_nat_id,
     };
     let mut chosen: Option<(u16, u32)> = None;
+    let mut by_affinity = false;
     if affinity {
         // SAFETY: plain data, copied out at once.
         if let Some(prev) = unsafe { AFFINITY_EXT.get(affinity_key) } {
@@ -188,6 +221,7 @@ fn select(
                     backend_slot(frontend_key, frontend.count, prev.slot, prev.backend_id)
                 {
                     chosen = Some((slot, prev.backend_id));
+                    by_affinity = true;
                     count(Counter::AffinityReused);
                 }
             }
@@ -226,13 +260,14 @@ fn select(
         // Best effort: without the entry the client's next connection chooses anew.
         let _ = AFFINITY_EXT.insert(affinity_key, v, 0);
     }
-    Ok(Choice {
+    let choice = Choice {
         backend_id,
         slot,
         address_be: backend.address_be,
         port_be: backend.port_be,
         masq: frontend.flags & (SVC_FLAG_EXT_LOCAL | SVC_FLAG_NO_SNAT) == 0,
-    })
+    };
+    Ok((choice, by_affinity))
 }
 
 #[inline(always)]

@@ -792,6 +792,25 @@ impl Lab {
     pub fn external_client(&self) -> Option<&Pod> {
         self.state.external.as_ref()
     }
+    /// Routes `cidr` (LoadBalancer and external IPs) from the external client through the
+    /// node address `via`, as a router in front of the cluster would.
+    pub fn route_external_via(&self, cidr: &str, via: &str) -> Result<()> {
+        let ext = self
+            .external_client()
+            .ok_or_else(|| LabError::Other("the lab has no external client".into()))?;
+        let out = std::process::Command::new("ip")
+            .args(["-n", &ext.ns, "route", "add", cidr, "via", via])
+            .output()
+            .map_err(|e| LabError::Other(format!("ip route add: {e}")))?;
+        if !out.status.success() {
+            return Err(LabError::Other(format!(
+                "ip -n {} route add {cidr} via {via}: {}",
+                ext.ns,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
     /// All pods of the nodes, backends first (the external client is not among them).
     pub fn pods(&self) -> &[Pod] {
         &self.state.pods

@@ -134,24 +134,8 @@ fn two_nodes(tag: &str, mode: ProxyMode) -> TwoNodes {
     let dir = lab.manifest_dir().unwrap();
     std::fs::write(dir.join("all.yaml"), manifests()).unwrap();
     // The external client reaches LoadBalancer and external IPs through node1.
-    let ext_ns = lab.external_client().expect("external client").ns.clone();
-    let out = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &ext_ns,
-            "route",
-            "add",
-            "203.0.113.0/24",
-            "via",
-            NODE1,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.route_external_via("203.0.113.0/24", NODE1)
+        .expect("route to the LB IPs");
     let mut kprs = Vec::new();
     for n in 1..=2 {
         let node = format!("node{n}");

@@ -1,6 +1,7 @@
 //! `kpr status` and `kpr trace` against a running lab (issue 11, part 4): what they show is
 //! read from the live pinned maps, with the Service names from the agent's admin socket, and
-//! keeps working when the agent is gone.
+//! keeps working when the agent is gone. And the agent's datapath events
+//! (`--datapath-events`, issue 14), which show the same decisions as they happen.
 //!
 //! Lab: node1 192.168.100.11 (be1 10.244.1.11, be2 .12, be3 .13, cl1 10.244.1.21), external
 //! client 192.168.100.100.
@@ -91,6 +92,10 @@ impl Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+fn setup_with(extra_args: &[&str]) -> Setup {
     let lab = Lab::up(LabSpec {
         prefix: Lab::unique_prefix("st"),
         nodes: 1,
@@ -102,7 +107,7 @@ fn setup() -> Setup {
     .expect("lab up");
     let dir = lab.manifest_dir().unwrap();
     std::fs::write(dir.join("all.yaml"), manifests()).unwrap();
-    let args = [
+    let mut args = vec![
         "--hostname-override",
         "node1",
         "--devices",
@@ -110,6 +115,7 @@ fn setup() -> Setup {
         "--healthz-bind-address",
         "127.0.0.1:10256",
     ];
+    args.extend(extra_args);
     let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
     kpr.wait_for_frontend("203.0.113.60:80/tcp", "the LB IP", |_| true)
         .unwrap();
@@ -269,4 +275,97 @@ fn trace_explains_where_a_flow_goes() {
         v["verdict"].as_str().unwrap().starts_with("not translated"),
         "{v:#}"
     );
+}
+
+/// Waits until the agent's log has a `kpr::datapath` line holding every one of `parts`.
+fn wait_for_event(kpr: &Kpr, parts: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = kpr.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("kpr::datapath") && parts.iter().all(|p| l.contains(p)))
+        {
+            eprintln!("{line}");
+            return line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no datapath event with {parts:?}; the agent's log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn datapath_events_name_translations_and_drops_with_their_reason() {
+    kpr_lab::require_lab("datapath events");
+    let t = setup_with(&["--datapath-events"]);
+    t.lab
+        .route_external_via("203.0.113.0/24", NODE1)
+        .expect("route to the LB IP");
+    let kpr = t.kpr.as_ref().unwrap();
+    let client = t.lab.clients()[0].clone();
+    let ext = t.lab.external_client().unwrap().clone();
+    let connect = |pod, target: &str| {
+        t.lab
+            .connect_once(pod, target.parse().unwrap(), Duration::from_secs(2))
+            .unwrap()
+    };
+
+    // A pod's connect to the ClusterIP: translated, the Service and backend named.
+    let once = connect(&client, "10.96.0.10:80");
+    assert!(once.ok, "{once:?}");
+    let line = wait_for_event(
+        kpr,
+        &[
+            "socket translated",
+            "frontend=10.96.0.10:80",
+            "service=ns/web:http",
+        ],
+    );
+    assert!(
+        ALL.iter().any(|b| line.contains(&format!("backend={b}"))),
+        "{line}"
+    );
+
+    // No endpoints: refused, with the reason.
+    let once = connect(&client, "10.96.0.30:80");
+    assert_eq!(once.error.as_deref(), Some("ECONNREFUSED"), "{once:?}");
+    wait_for_event(
+        kpr,
+        &[
+            "socket refused",
+            "service=ns/empty:http",
+            "reason=drop_no_backend",
+        ],
+    );
+
+    // From outside, outside the LB's source ranges: dropped in tc, with the reason.
+    let once = connect(&ext, "203.0.113.60:80");
+    assert_eq!(once.error.as_deref(), Some("ETIMEDOUT"), "{once:?}");
+    wait_for_event(
+        kpr,
+        &[
+            "flow dropped",
+            "client=192.168.100.100:",
+            "service=ns/guarded:http",
+            "reason=drop_source_range",
+        ],
+    );
+
+    // A NodePort flow with affinity: the first new flow chooses, the second is an affinity hit.
+    for affinity in ["affinity=0", "affinity=1"] {
+        let once = connect(&ext, "192.168.100.11:30080");
+        assert!(once.ok, "{once:?}");
+        wait_for_event(
+            kpr,
+            &[
+                "flow translated",
+                "frontend=192.168.100.11:30080",
+                "service=ns/sticky:http",
+                affinity,
+            ],
+        );
+    }
 }

@@ -263,6 +263,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             lb_capacity: settings.lb_capacity,
             allow_cgroup_root: allow_root,
             nftables_mark: Some(kpr::nft::DEFAULT_MASQ_MARK),
+            datapath_events: settings.datapath_events,
         },
         &kpr::ebpf::TcConfig {
             devices,

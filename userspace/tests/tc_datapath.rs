@@ -692,3 +692,53 @@ fn real_traffic_nodeport_local_and_cluster_through_veths() {
     let refused = request(&client, "192.0.2.2:30080".parse().unwrap(), "x").unwrap_err();
     assert!(refused.contains("refused"), "{refused}");
 }
+
+/// Datapath events off cost nothing: `KPR_DATAPATH_EVENTS` is read-only data the verifier
+/// knows, so it removes the event code, and every program as loaded with events off is
+/// shorter than with them on.
+#[test]
+fn with_datapath_events_off_the_loaded_programs_hold_no_event_code() {
+    require();
+    let sizes = |events: bool| -> Vec<(&'static str, u32)> {
+        let conntrack = kpr::ebpf::conntrack::ConntrackConfig {
+            max_connections: 2048,
+            ..Default::default()
+        };
+        let mut env = Env::try_with_events(Vec::new(), conntrack, events, |_| {})
+            .unwrap_or_else(|e| panic!("loading with events {events}: {}", e.1));
+        ["kpr_connect4", "kpr_sendmsg4", "kpr_tc_ingress"]
+            .into_iter()
+            .map(|name| {
+                let info = env.dp().program(name).unwrap().info().unwrap();
+                (name, info.size_translated().unwrap())
+            })
+            .collect()
+    };
+    let off = sizes(false);
+    let on = sizes(true);
+    for ((name, off), (_, on)) in off.iter().zip(&on) {
+        println!("{name}: {off} bytes of instructions with events off, {on} with events on");
+        assert!(off < on, "{name}: {off} bytes off, {on} on");
+    }
+}
+
+/// With events on, one CPU emits at most 200 events a second; the rest are counted, so a
+/// flood of drops costs a counter update each, not a record.
+#[test]
+fn datapath_events_are_rate_limited_per_cpu_and_the_rest_counted() {
+    require();
+    let conntrack = kpr::ebpf::conntrack::ConntrackConfig {
+        max_connections: 2048,
+        ..Default::default()
+    };
+    let mut env = Env::try_with_events(Vec::new(), conntrack, true, |_| {})
+        .unwrap_or_else(|e| panic!("loading with events on: {}", e.1));
+    // Every packet is a drop (no local endpoint), so every packet wants an event.
+    env.program(&nodeport(IPPROTO_TCP, SVC_FLAG_EXT_LOCAL, &[]));
+    let syn = build(&tcp(CLIENT, 40020, NODE, NODE_PORT, TCP_SYN));
+    let (rc, _, _) = env.run_repeated(INGRESS, &syn, 0, 500);
+    assert_eq!(rc, SHOT);
+    assert_eq!(env.counter("drop_no_local_backend"), 500);
+    // One run of 500 takes far less than the one-second window.
+    assert_eq!(env.counter("events_suppressed"), 300);
+}

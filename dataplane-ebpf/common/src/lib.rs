@@ -75,6 +75,10 @@ pub const ALL_MAPS: [&str; 10] = [
 pub const SRC_RANGE_MAP: &str = "KPR_LBSRC4_V1";
 pub const SRC_RANGE_MAP_MAX: u32 = 65_536;
 
+/// The datapath events' per-CPU rate limit ([`EventRate`]). Not pinned: a new agent starts
+/// a new window.
+pub const EVENT_RATE_MAP: &str = "KPR_EVRATE_V1";
+
 /// Default capacities. The agent may override them at load time.
 pub const SERVICES_MAP_MAX: u32 = 262_144;
 pub const BACKENDS_MAP_MAX: u32 = 131_072;
@@ -355,6 +359,8 @@ pub enum Counter {
     /// tc: a flow could not be moved to the established map (full); it stays among the new
     /// flows, where a flood of new flows may evict it.
     CtEstablishedFull = 21,
+    /// A datapath event (`--datapath-events`) over its CPU's rate limit was not emitted.
+    EventsSuppressed = 22,
 }
 
 /// Number of counters; size of [`COUNTERS_MAP`]. (Was 16 before the tc counters: a pin left by
@@ -362,7 +368,7 @@ pub enum Counter {
 pub const COUNTER_MAX: u32 = 32;
 
 impl Counter {
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 23] = [
         Counter::Translated,
         Counter::DropNoBackend,
         Counter::DropBackendMissing,
@@ -385,6 +391,7 @@ impl Counter {
         Counter::TcCtExpired,
         Counter::TcCtReplaced,
         Counter::CtEstablishedFull,
+        Counter::EventsSuppressed,
     ];
 
     /// Name used in logs and metrics.
@@ -412,8 +419,25 @@ impl Counter {
             Counter::TcCtExpired => "tc_ct_expired",
             Counter::TcCtReplaced => "tc_ct_replaced",
             Counter::CtEstablishedFull => "ct_established_full",
+            Counter::EventsSuppressed => "events_suppressed",
         }
     }
+
+    /// The counter with index `i` (how datapath events name their reason).
+    pub fn from_index(i: u32) -> Option<Counter> {
+        Counter::ALL.get(i as usize).copied()
+    }
+}
+
+/// One CPU's datapath-event budget (`KPR_EVRATE_V1`, a per-CPU array of one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    /// bpf_ktime_get_ns() at the start of the current one-second window.
+    pub window_start_ns: u64,
+    /// Events emitted in the window.
+    pub emitted: u32,
+    pub pad: u32,
 }
 
 /// Key of the conntrack maps ([`CT_MAP`], [`CT_NEW_MAP`]): one direction of a north-south flow.
@@ -609,6 +633,7 @@ const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
 const _: () = assert!(core::mem::size_of::<AffinityExt4Key>() == 8);
 const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 24);
 const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 8);
+const _: () = assert!(core::mem::size_of::<EventRate>() == 16);
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
 // Every counter's index is its position in ALL: the agent reads them in that order.
 const _: () = {
@@ -633,6 +658,7 @@ mod user {
     unsafe impl aya::Pod for SockFwd4Value {}
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
+    unsafe impl aya::Pod for EventRate {}
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for Ct4Value {}
     unsafe impl aya::Pod for CtTimeouts {}

@@ -266,6 +266,20 @@ pub struct RunArgs {
     /// Service names of what it programmed); empty: none.
     #[arg(long, value_name = "PATH", default_value = crate::admin::DEFAULT_ADMIN_SOCKET, help_heading = OWN)]
     pub admin_socket: PathBuf,
+    /// eBPF mode: log every translation and every drop or refusal in the kernel programs,
+    /// with the Service and the reason (target `kpr::datapath`; at most 200 events per second
+    /// per CPU). For debugging: off, the programs carry no event code at all.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = parse_go_bool,
+        help_heading = OWN
+    )]
+    pub datapath_events: bool,
     /// Comma-separated devices that receive traffic from outside the node (NodePort,
     /// externalIPs, LoadBalancer IPs); kpr attaches its tc programs to them. Default: every
     /// up, non-loopback Ethernet device with an IPv4 address (the node's addresses).

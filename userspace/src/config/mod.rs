@@ -238,6 +238,9 @@ pub struct Settings {
     /// `--admin-socket` (empty: none). Not serialized when default.
     #[serde(skip_serializing_if = "is_default_admin_socket")]
     pub admin_socket: PathBuf,
+    /// `--datapath-events` (eBPF mode). Not serialized when off.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub datapath_events: bool,
     /// `--devices`: where the tc (north-south) programs attach. Empty: the default devices
     /// (`ebpf::tc::default_devices`). Not serialized when empty, so the effective
     /// configuration reads as before for the default.
@@ -320,6 +323,7 @@ impl Default for Settings {
             manifest_poll: DEFAULT_MANIFEST_POLL,
             status_file: None,
             admin_socket: crate::admin::DEFAULT_ADMIN_SOCKET.into(),
+            datapath_events: false,
             lb_capacity: Default::default(),
             devices: Vec::new(),
             conntrack: ConntrackSettings::default(),
@@ -543,6 +547,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         manifest_poll: args.manifest_poll,
         status_file: args.status_file.clone(),
         admin_socket: args.admin_socket.clone(),
+        datapath_events: args.datapath_events,
         lb_capacity: crate::ebpf::sync::Capacity {
             services: args.bpf_services_map_max,
             backends: args.bpf_backends_map_max,

@@ -3,6 +3,7 @@
 //! devices (see [`tc`]), and keeps the maps in sync with the model.
 
 pub mod conntrack;
+pub mod events;
 pub mod layouts;
 pub mod links;
 pub mod maps;
@@ -64,6 +65,8 @@ pub enum EbpfError {
     Sync(#[from] SyncError),
     #[error(transparent)]
     Conntrack(#[from] ConntrackError),
+    #[error(transparent)]
+    Events(#[from] events::EventsError),
 }
 
 /// Where the dataplane pins its maps and which cgroup it serves.
@@ -83,6 +86,9 @@ pub struct EbpfConfig {
     /// thread's network namespace on every sync, with masquerade mark `Some(mark)`. The agent
     /// does; tests that run in the host's namespace leave it `None`.
     pub nftables_mark: Option<u32>,
+    /// Emit datapath events (translations, drops with their reason) and log them
+    /// (`--datapath-events`, see [`events`]). Off, the loaded programs hold no event code.
+    pub datapath_events: bool,
 }
 
 /// The north-south (tc) part of the dataplane.
@@ -119,6 +125,8 @@ pub struct EbpfDataplane {
     table: Option<crate::nft::NftTable>,
     /// Other modes' leftovers were removed (at the first sync).
     cleaned: bool,
+    /// With datapath events on: the Service names the event reader looks frontends up in.
+    event_names: Option<events::FrontendNames>,
 }
 
 impl EbpfDataplane {
@@ -162,7 +170,22 @@ impl EbpfDataplane {
             .map_max_entries(CT_MAP, ct.established_entries())
             .map_max_entries(CT_NEW_MAP, ct.new_entries())
             .override_global("CT_TIMEOUTS", &ct.timeouts, true)
+            .override_global("KPR_DATAPATH_EVENTS", &u8::from(cfg.datapath_events), true)
+            // aya-log's own filter: everything when on, nothing when off.
+            .override_global(
+                aya_log::LEVEL,
+                &if cfg.datapath_events { u8::MAX } else { 0 },
+                true,
+            )
             .load(KERNEL_OBJECT)?;
+        let event_names = if cfg.datapath_events {
+            let names = events::FrontendNames::default();
+            events::start(&mut ebpf, names.clone())?;
+            tracing::info!("datapath events on (target kpr::datapath)");
+            Some(names)
+        } else {
+            None
+        };
         // Other versions' layouts, converted before this build's programs replace theirs.
         let moved = conntrack::adopt_v1(&cfg.pin_dir, &cfg.pin_dir.join(CT_MAP))?;
         if moved > 0 {
@@ -269,6 +292,7 @@ impl EbpfDataplane {
             src_ranges: src_ranges_again,
             table: cfg.nftables_mark.map(crate::nft::NftTable::new),
             cleaned: false,
+            event_names,
         })
     }
 
@@ -501,6 +525,9 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         desired: &DesiredState,
         full: bool,
     ) -> Result<crate::dataplane::SyncReport, crate::dataplane::DataplaneError> {
+        if let Some(names) = &self.event_names {
+            names.update(desired);
+        }
         let stats = if full {
             self.full_sync(desired)?
         } else {

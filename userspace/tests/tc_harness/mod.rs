@@ -125,6 +125,16 @@ impl Env {
         conntrack: ConntrackConfig,
         before_load: impl FnOnce(&Path),
     ) -> Result<Env, Box<(Env, String)>> {
+        Self::try_with_events(devices, conntrack, false, before_load)
+    }
+
+    /// [`Env::try_with`], with datapath events on or off.
+    pub fn try_with_events(
+        devices: Vec<String>,
+        conntrack: ConntrackConfig,
+        datapath_events: bool,
+        before_load: impl FnOnce(&Path),
+    ) -> Result<Env, Box<(Env, String)>> {
         let dir = tempfile::tempdir().unwrap();
         let bpf = dir.path().join("bpf");
         let cg_mount = dir.path().join("cgroup2");
@@ -151,6 +161,7 @@ impl Env {
                 allow_cgroup_root: false,
                 // These tests run in the host's namespace: kpr's table is never written here.
                 nftables_mark: None,
+                datapath_events,
             },
             &TcConfig { devices, conntrack },
         );
@@ -256,6 +267,17 @@ impl Env {
 
     /// Runs a tc program on `frame` with `mark` in the skb: (return code, frame out, mark out).
     pub fn run(&mut self, prog: &str, frame: &[u8], mark: u32) -> (i32, Vec<u8>, u32) {
+        self.run_repeated(prog, frame, mark, 1)
+    }
+
+    /// [`Env::run`], `repeat` times in one BPF_PROG_TEST_RUN (on one CPU, back to back).
+    pub fn run_repeated(
+        &mut self,
+        prog: &str,
+        frame: &[u8],
+        mark: u32,
+        repeat: u32,
+    ) -> (i32, Vec<u8>, u32) {
         let p: &SchedClassifier = self.dp().program(prog).unwrap().try_into().unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         // struct __sk_buff: len, pkt_type, mark, ...; the kernel reads and writes back `mark`.
@@ -268,7 +290,7 @@ impl Env {
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx_in),
                 ctx_out: Some(&mut ctx_out),
-                repeat: 1,
+                repeat,
                 ..Default::default()
             })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {prog}: {e}"));
