@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::cidr::parse_ip;
+
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::*;
@@ -103,9 +105,7 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, Mo
     };
     let mut ips = Vec::with_capacity(ip_strings.len());
     for s in ip_strings {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| fail(format!("invalid ClusterIP {s:?}")))?;
+        let ip = parse_ip(s).map_err(|_| fail(format!("invalid ClusterIP {s:?}")))?;
         if ips.contains(&ip) {
             return Err(fail(format!("ClusterIP {ip} is listed twice")));
         }
@@ -164,9 +164,7 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, Mo
 
     let mut external_ips = Vec::new();
     for s in spec.external_ips.iter().flatten() {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| fail(format!("invalid externalIP {s:?}")))?;
+        let ip = parse_ip(s).map_err(|_| fail(format!("invalid externalIP {s:?}")))?;
         external_ips.push(ip);
     }
 
@@ -183,7 +181,7 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, Mo
             let Some(s) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
                 continue;
             };
-            let ip: IpAddr = s.parse().map_err(|_| {
+            let ip = parse_ip(s).map_err(|_| {
                 fail(format!(
                     "status.loadBalancer.ingress[{i}]: invalid ip {s:?}"
                 ))

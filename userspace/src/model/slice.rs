@@ -83,7 +83,7 @@ pub(super) fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         for a in &ep.addresses {
-            match a.parse::<IpAddr>() {
+            match crate::cidr::parse_ip(a) {
                 Ok(ip) if Family::of(ip) == family => {}
                 _ => {
                     return Err(fail(format!(
@@ -94,7 +94,11 @@ pub(super) fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>
             }
         }
         // Like kube-proxy: an endpoint is its first address; one without any is ignored.
-        let Some(ip) = ep.addresses.first().and_then(|a| a.parse().ok()) else {
+        let Some(ip) = ep
+            .addresses
+            .first()
+            .and_then(|a| crate::cidr::parse_ip(a).ok())
+        else {
             continue;
         };
         let c = ep.conditions.as_ref();

@@ -216,9 +216,6 @@ impl Case {
 pub const REFUSED_BY_KPR: &[(&str, &str)] = &[
     // The test leaves the Service port at 0 ("--dport 0" in its rules).
     ("TestEndpointSliceE2E", "port 0 is out of range"),
-    // Leading zeros in every address: kube-proxy reads them as decimal (ParseIPSloppy); the
-    // API server refuses new ones since 1.33 (StrictIPCIDRValidation), and kpr refuses them.
-    ("TestBadIPs", "invalid ClusterIP \"172.30.0.041\""),
 ];
 
 /// Lines only in `want` (-) and only in `got` (+).
