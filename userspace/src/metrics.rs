@@ -266,7 +266,7 @@ impl Collector for State {
         describe(
             e,
             "kpr_model_errors",
-            "Services or endpoints the last model build could not use",
+            "Services, EndpointSlices or parts of them (an externalIP, a source range, an endpoint, a port) the last model build skipped",
             &self.model_errors,
         )?;
         describe(

@@ -41,7 +41,7 @@ pub fn build_for_node(
 
     let mut slices_by_service: BTreeMap<(&str, &str), Vec<SliceView<'_>>> = BTreeMap::new();
     for slice in slices {
-        match parse_slice(slice) {
+        match parse_slice(slice, &mut errors) {
             Ok(Some(view)) => slices_by_service
                 .entry((view.namespace, view.service))
                 .or_default()
@@ -53,7 +53,7 @@ pub fn build_for_node(
 
     let mut views = Vec::new();
     for svc in services {
-        match parse_service(svc) {
+        match parse_service(svc, &mut errors) {
             Ok(Some(view)) => views.push(view),
             Ok(None) => {}
             Err(e) => errors.push(e),
@@ -88,16 +88,20 @@ pub fn build_for_node(
         state.services.extend(internal);
         kept.push((view, internal_frontends, external, ports));
     }
-    // Round two: external frontends.
-    for (view, internal, external, ports) in kept {
-        if let Some(e) = conflict(&state, view, &external) {
-            errors.push(e);
-            for f in &internal {
-                state.services.remove(f);
+    // Round two: external frontends. One another Service already serves is skipped alone
+    // (kube-proxy keeps the rest of the Service, its ClusterIP above all).
+    for (view, _internal, external, mut ports) in kept {
+        for (f, s) in external {
+            if let Some(owner) = state.services.get(&f) {
+                errors.push(view.error(&format!(
+                    "frontend {f} is already used by {}; that frontend is skipped",
+                    owner.name
+                )));
+                without_frontend(&mut ports, &f, s.kind);
+            } else {
+                state.services.insert(f, s);
             }
-            continue;
         }
-        state.services.extend(external);
         state.service_ports.extend(ports);
     }
     state.node_ips = ctx.node_ips.clone();
@@ -106,6 +110,26 @@ pub fn build_for_node(
         .service_ports
         .sort_by(|a, b| (a.family, &a.name, a.protocol).cmp(&(b.family, &b.name, b.protocol)));
     (state, errors)
+}
+
+/// Takes external frontend `f` (of `kind`) out of a Service's ports, so that the netfilter
+/// modes skip it as the eBPF mode does.
+fn without_frontend(ports: &mut [ServicePortInfo], f: &Frontend, kind: FrontendKind) {
+    for p in ports
+        .iter_mut()
+        .filter(|p| p.protocol == f.protocol && p.family == Family::of(f.ip))
+    {
+        match kind {
+            FrontendKind::ExternalIp if p.port == f.port => p.external_ips.retain(|ip| *ip != f.ip),
+            FrontendKind::LoadBalancer if p.port == f.port => {
+                p.load_balancer_ips.retain(|ip| *ip != f.ip)
+            }
+            // Two Services with one nodePort: the API server allocates them uniquely, so this
+            // only comes from hand-written manifests; the port is not served by this one.
+            FrontendKind::NodePort if p.node_port == Some(f.port) => p.node_port = None,
+            _ => {}
+        }
+    }
 }
 
 /// The error for the first of `ports` that `state` already serves.

@@ -11,11 +11,12 @@ use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use super::*;
 
 /// Checks a Service the way kpr needs it to be well-formed (metadata name, known type, parseable
-/// ClusterIP(s), ports with a valid number, nodePort and a known protocol, externalIPs,
-/// load-balancer ingress IPs, source ranges, traffic policies, session affinity). Sources call
-/// this per document so that a bad object is reported with its origin and skipped.
+/// ClusterIP(s), ports with a valid number, nodePort and a known protocol, traffic policies,
+/// session affinity). Sources call this per document so that a bad object is reported with its
+/// origin and skipped. A bad externalIP, load-balancer ingress IP or source range is not an
+/// error here: the model skips that entry alone, as kube-proxy does.
 pub fn validate_service(svc: &Service) -> Result<(), ModelError> {
-    parse_service(svc).map(|_| ())
+    parse_service(svc, &mut Vec::new()).map(|_| ())
 }
 
 /// A Service reduced to what the model uses, already checked.
@@ -64,8 +65,13 @@ pub(super) enum ServiceType {
 }
 
 /// `Ok(None)`: a valid Service that kube-proxy does not proxy (headless, ExternalName, or
-/// claimed by another proxy).
-pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, ModelError> {
+/// claimed by another proxy). An entry kube-proxy would skip (an externalIP, a load-balancer
+/// ingress IP or a source range that does not parse) is left out, with its reason in
+/// `skipped`.
+pub(super) fn parse_service<'a>(
+    svc: &'a Service,
+    skipped: &mut Vec<ModelError>,
+) -> Result<Option<ServiceView<'a>>, ModelError> {
     let namespace = namespace_of(&svc.metadata);
     let name = svc.metadata.name.as_deref().unwrap_or_default();
     let fail = |reason: String| ModelError::InvalidService {
@@ -163,9 +169,13 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, Mo
     }
 
     let mut external_ips = Vec::new();
-    for s in spec.external_ips.iter().flatten() {
-        let ip = parse_ip(s).map_err(|_| fail(format!("invalid externalIP {s:?}")))?;
-        external_ips.push(ip);
+    for (i, s) in spec.external_ips.iter().flatten().enumerate() {
+        match parse_ip(s) {
+            Ok(ip) => external_ips.push(ip),
+            Err(_) => skipped.push(fail(format!(
+                "externalIPs[{i}]: invalid IP {s:?}; that externalIP is skipped"
+            ))),
+        }
     }
 
     let mut load_balancer_ips = Vec::new();
@@ -181,11 +191,12 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, Mo
             let Some(s) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
                 continue;
             };
-            let ip = parse_ip(s).map_err(|_| {
-                fail(format!(
-                    "status.loadBalancer.ingress[{i}]: invalid ip {s:?}"
-                ))
-            })?;
+            let Ok(ip) = parse_ip(s) else {
+                skipped.push(fail(format!(
+                    "status.loadBalancer.ingress[{i}]: invalid ip {s:?}; that ingress is skipped"
+                )));
+                continue;
+            };
             // kube-proxy's IsVIPMode: absent or "VIP". A "Proxy" load balancer delivers to the
             // node addresses itself; capturing its IP on the node would bypass it.
             if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
@@ -211,9 +222,12 @@ pub(super) fn parse_service(svc: &Service) -> Result<Option<ServiceView<'_>>, Mo
             continue;
         }
         // kube-proxy keeps the network (Go's `*IPNet`): the host bits are cleared.
-        let cidr = crate::cidr::parse(s)
-            .map_err(|e| fail(format!("loadBalancerSourceRanges[{i}]: {e}")))?;
-        load_balancer_source_ranges.push(cidr.trunc());
+        match crate::cidr::parse(s) {
+            Ok(cidr) => load_balancer_source_ranges.push(cidr.trunc()),
+            Err(e) => skipped.push(fail(format!(
+                "loadBalancerSourceRanges[{i}]: {e}; that range is skipped"
+            ))),
+        }
     }
 
     let internal_local = parse_policy(spec.internal_traffic_policy.as_deref())

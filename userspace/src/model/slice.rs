@@ -6,10 +6,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::service::ServicePortView;
 use super::*;
 
-/// Checks an EndpointSlice (name, service-name label, address type, parseable addresses
-/// for IPv4/IPv6 slices, port numbers).
+/// Checks an EndpointSlice (name, service-name label, address type). Bad ports and
+/// endpoints are not errors here: the model skips them one by one, as kube-proxy does.
 pub fn validate_slice(slice: &EndpointSlice) -> Result<(), ModelError> {
-    parse_slice(slice).map(|_| ())
+    parse_slice(slice, &mut Vec::new()).map(|_| ())
 }
 
 /// An EndpointSlice reduced to what the model uses, already checked.
@@ -32,8 +32,12 @@ pub(super) struct EndpointView<'a> {
     pub(super) node_name: Option<&'a str>,
 }
 
-/// `Ok(None)`: an FQDN slice, which kube-proxy ignores.
-pub(super) fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>, ModelError> {
+/// `Ok(None)`: an FQDN slice, which kube-proxy ignores. A port or an endpoint kube-proxy
+/// would not use is left out, with its reason in `skipped`; the rest of the slice is used.
+pub(super) fn parse_slice<'a>(
+    slice: &'a EndpointSlice,
+    skipped: &mut Vec<ModelError>,
+) -> Result<Option<SliceView<'a>>, ModelError> {
     let namespace = namespace_of(&slice.metadata);
     let name = slice.metadata.name.as_deref().unwrap_or_default();
     let fail = |reason: String| ModelError::InvalidSlice {
@@ -64,14 +68,21 @@ pub(super) fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>
 
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
-        let protocol = parse_protocol(p.protocol.as_deref())
-            .map_err(|reason| fail(format!("ports[{i}]: {reason}")))?;
+        let protocol = match parse_protocol(p.protocol.as_deref()) {
+            Ok(protocol) => protocol,
+            Err(reason) => {
+                skipped.push(fail(format!("ports[{i}]: {reason}; that port is skipped")));
+                continue;
+            }
+        };
         // A port without a number would mean "all ports", which kube-proxy does not implement.
         let Some(number) = p.port else { continue };
-        let port = u16::try_from(number)
-            .ok()
-            .filter(|&n| n != 0)
-            .ok_or_else(|| fail(format!("ports[{i}]: port {number} is out of range 1-65535")))?;
+        let Some(port) = u16::try_from(number).ok().filter(|&n| n != 0) else {
+            skipped.push(fail(format!(
+                "ports[{i}]: port {number} is out of range 1-65535; that port is skipped"
+            )));
+            continue;
+        };
         ports.push(ServicePortView {
             name: p.name.as_deref().unwrap_or_default(),
             port,
@@ -82,24 +93,20 @@ pub(super) fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceView<'_>>
 
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
-        for a in &ep.addresses {
-            match crate::cidr::parse_ip(a) {
-                Ok(ip) if Family::of(ip) == family => {}
-                _ => {
-                    return Err(fail(format!(
-                        "endpoints[{i}]: {a:?} is not an {} address",
-                        slice.address_type
-                    )));
-                }
-            }
-        }
-        // Like kube-proxy: an endpoint is its first address; one without any is ignored.
-        let Some(ip) = ep
-            .addresses
-            .first()
-            .and_then(|a| crate::cidr::parse_ip(a).ok())
-        else {
+        // Like kube-proxy: an endpoint is its first address; one without any is ignored, one
+        // of the other family (or no address at all) is skipped.
+        let Some(first) = ep.addresses.first() else {
             continue;
+        };
+        let ip = match crate::cidr::parse_ip(first) {
+            Ok(ip) if Family::of(ip) == family => ip,
+            _ => {
+                skipped.push(fail(format!(
+                    "endpoints[{i}]: {first:?} is not an {} address; that endpoint is skipped",
+                    slice.address_type
+                )));
+                continue;
+            }
         };
         let c = ep.conditions.as_ref();
         let ready = c.and_then(|c| c.ready).unwrap_or(true);

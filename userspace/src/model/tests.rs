@@ -184,6 +184,23 @@ fn frontend_without_endpoints_exists_with_no_backends() {
     );
 }
 
+/// `s` is served without the one entry `needle` names, which is reported as skipped.
+fn assert_part_skipped_service(s: Service, needle: &str) -> DesiredState {
+    assert_eq!(validate_service(&s), Ok(()), "{needle}");
+    let (state, errors) = build(&[s], &[]);
+    assert_eq!(errors.len(), 1, "{needle}: {errors:?}");
+    let e = errors[0].to_string();
+    assert!(
+        e.contains(needle) && e.contains("skipped"),
+        "{e:?} should mention {needle:?}"
+    );
+    assert!(
+        !state.services.is_empty(),
+        "{needle}: the Service is still served"
+    );
+    state
+}
+
 fn assert_invalid_service(s: Service, needle: &str) {
     let err = validate_service(&s).expect_err(needle);
     match &err {
@@ -501,6 +518,24 @@ fn fqdn_slices_are_ignored_silently() {
     );
 }
 
+/// `bad` is used without the port or endpoint `needle` names, which is reported as skipped:
+/// `web`'s backends are the good slice's and `extra`.
+fn assert_part_skipped_slice(bad: EndpointSlice, needle: &str, extra: &[Backend]) {
+    assert_eq!(validate_slice(&bad), Ok(()), "{needle}");
+    let (s, good) = web();
+    let (state, errors) = build(&[s], &[bad, good]);
+    assert_eq!(errors.len(), 1, "{needle}: {errors:?}");
+    let e = errors[0].to_string();
+    assert!(
+        e.contains(needle) && e.contains("skipped"),
+        "{e:?} should mention {needle:?}"
+    );
+    let mut want = vec![be("10.244.0.1", 8080), be("10.244.0.3", 8080)];
+    want.extend_from_slice(extra);
+    want.sort();
+    assert_eq!(backends(&state, fe("10.96.0.10", 80, Protocol::Tcp)), want);
+}
+
 fn assert_invalid_slice(bad: EndpointSlice, needle: &str) {
     let err = validate_slice(&bad).expect_err(needle);
     match &err {
@@ -532,7 +567,8 @@ fn invalid_slices_are_reported_and_skipped_alone() {
         })),
         LABEL_SERVICE_NAME,
     );
-    assert_invalid_slice(
+    // One bad endpoint or port is skipped alone (kube-proxy's endpointslicecache).
+    assert_part_skipped_slice(
         slice(
             "demo",
             "bad-addr",
@@ -541,32 +577,22 @@ fn invalid_slices_are_reported_and_skipped_alone() {
             http.clone(),
             json!([ready("10.9.9.9"), ready("10.9.9")]),
         ),
-        "\"10.9.9\" is not an IPv4 address",
+        "endpoints[1]: \"10.9.9\" is not an IPv4 address",
+        &[be("10.9.9.9", 8080)],
     );
-    // Every address is checked, though only the first one is used.
-    assert_invalid_slice(
+    assert_part_skipped_slice(
         slice(
             "demo",
-            "mixed",
-            "web",
-            "IPv4",
-            http.clone(),
-            json!([{"addresses": ["10.9.9.9", "fd00::1"]}]),
-        ),
-        "not an IPv4 address",
-    );
-    assert_invalid_slice(
-        slice(
-            "demo",
-            "v6-in-v4",
+            "v4-in-v6",
             "web",
             "IPv6",
             http.clone(),
             json!([ready("10.9.9.9")]),
         ),
         "not an IPv6 address",
+        &[],
     );
-    assert_invalid_slice(
+    assert_part_skipped_slice(
         slice(
             "demo",
             "port",
@@ -575,9 +601,22 @@ fn invalid_slices_are_reported_and_skipped_alone() {
             json!([{"name": "http", "port": 70000}]),
             json!([ready("10.9.9.9")]),
         ),
-        "out of range",
+        "ports[0]: port 70000 is out of range",
+        &[],
     );
-    assert_invalid_slice(
+    assert_part_skipped_slice(
+        slice(
+            "demo",
+            "port0",
+            "web",
+            "IPv4",
+            json!([{"name": "other", "port": 0}, {"name": "http", "port": 8080}]),
+            json!([ready("10.9.9.9")]),
+        ),
+        "ports[0]: port 0 is out of range",
+        &[be("10.9.9.9", 8080)],
+    );
+    assert_part_skipped_slice(
         slice(
             "demo",
             "proto",
@@ -587,7 +626,21 @@ fn invalid_slices_are_reported_and_skipped_alone() {
             json!([]),
         ),
         "unknown protocol",
+        &[],
     );
+    // Only the first address is an endpoint's (kube-proxy ignores the others).
+    let (s, good) = web();
+    let mixed = slice(
+        "demo",
+        "mixed",
+        "web",
+        "IPv4",
+        http.clone(),
+        json!([{"addresses": ["10.9.9.9", "fd00::1"]}]),
+    );
+    let (state, errors) = build(&[s], &[mixed, good]);
+    assert_eq!(errors, vec![]);
+    assert!(backends(&state, fe("10.96.0.10", 80, Protocol::Tcp)).contains(&be("10.9.9.9", 8080)));
     assert_invalid_slice(
         slice("demo", "family", "web", "IPv5", http.clone(), json!([])),
         "addressType",
@@ -1125,7 +1178,14 @@ fn load_balancer_ingress_ips_in_vip_mode_are_frontends() {
     let state = build_ok(&[s], &[]);
     assert_eq!(state.services.len(), 1);
 
-    assert_invalid_service(lb_with_ingress(json!([{"ip": "203.0.113"}])), "invalid ip");
+    let state = assert_part_skipped_service(
+        lb_with_ingress(json!([{"ip": "203.0.113"}, {"ip": "203.0.113.9"}])),
+        "ingress[0]: invalid ip",
+    );
+    assert!(state
+        .services
+        .keys()
+        .any(|f| f.ip == "203.0.113.9".parse::<std::net::IpAddr>().unwrap()));
 }
 
 #[test]
@@ -1166,10 +1226,14 @@ fn external_ips_are_frontends_of_the_services_families() {
     );
     assert!(ext.load_balancer_source_ranges.is_empty());
 
-    assert_invalid_service(
-        web_with(json!({"externalIPs": ["198.51.100.300"]})),
-        "invalid externalIP",
+    let state = assert_part_skipped_service(
+        web_with(json!({"externalIPs": ["198.51.100.300", "198.51.100.3"]})),
+        "externalIPs[0]: invalid IP",
     );
+    assert!(state
+        .services
+        .keys()
+        .any(|f| f.ip == "198.51.100.3".parse::<std::net::IpAddr>().unwrap()));
 }
 
 #[test]
@@ -1208,18 +1272,29 @@ fn an_external_address_never_takes_another_services_cluster_ip() {
         vec![victim.clone(), thief.clone()],
     ] {
         let (state, errors) = build_for_node(&input, &[], &ctx());
+        // The thief keeps its own ClusterIP; only the stolen address is skipped, in every
+        // mode (the netfilter modes' port info loses it too).
         assert_eq!(
             kinds(&state),
-            vec![(tcp("10.96.0.2", 80), FrontendKind::ClusterIp)]
+            vec![
+                (tcp("10.96.0.1", 80), FrontendKind::ClusterIp),
+                (tcp("10.96.0.2", 80), FrontendKind::ClusterIp)
+            ]
         );
         assert_eq!(state.services[&tcp("10.96.0.2", 80)].name.name, "victim");
+        let thief_port = state
+            .service_ports
+            .iter()
+            .find(|p| p.name.name == "thief")
+            .unwrap();
+        assert!(thief_port.external_ips.is_empty());
         assert!(
             matches!(&errors[..], [ModelError::InvalidService { name, reason, .. }]
                 if name == "thief" && reason.contains("b/victim")),
             "{errors:?}"
         );
     }
-    // Between two external claims, the first Service by name wins, the other goes whole.
+    // Between two external claims, the first Service by name wins; the other keeps the rest.
     let a = svc(
         "x",
         "a",
@@ -1237,9 +1312,11 @@ fn an_external_address_never_takes_another_services_cluster_ip() {
         kinds(&state),
         vec![
             (tcp("10.96.0.1", 80), FrontendKind::ClusterIp),
+            (tcp("10.96.0.2", 80), FrontendKind::ClusterIp),
             (tcp("198.51.100.1", 80), FrontendKind::ExternalIp),
         ]
     );
+    assert_eq!(state.services[&tcp("198.51.100.1", 80)].name.name, "a");
     assert_eq!(errors.len(), 1, "{errors:?}");
 }
 
@@ -1290,10 +1367,21 @@ fn load_balancer_source_ranges_are_parsed_per_family_onto_lb_frontends() {
         "10.0.0.0/",
         "10.0.0.0/8/8",
     ] {
-        assert_invalid_service(
-            web_with(json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [bad]})),
+        let state = assert_part_skipped_service(
+            web_with(json!({"type": "LoadBalancer",
+                            "loadBalancerSourceRanges": [bad, "192.0.2.0/24"]})),
             "is not a CIDR",
         );
+        for (_, p) in state
+            .services
+            .iter()
+            .filter(|(_, p)| p.kind == FrontendKind::LoadBalancer)
+        {
+            assert_eq!(
+                p.load_balancer_source_ranges,
+                vec!["192.0.2.0/24".parse().unwrap()]
+            );
+        }
     }
 }
 
