@@ -4,6 +4,7 @@ pub mod admin;
 pub mod changes;
 pub mod cidr;
 pub mod config;
+pub mod conntrack_sysctl;
 pub mod dataplane;
 pub mod ebpf;
 #[cfg(test)]

@@ -282,10 +282,24 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
     Ok(dataplane)
 }
 
+/// kube-proxy's conntrack set-up, in this network namespace (see `kpr::conntrack_sysctl`).
+fn conntrack_sysctls(c: &kpr::config::ConntrackSettings) {
+    use kpr::conntrack_sysctl::{planned, Sysctls};
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let (done, failed) = Sysctls::of_this_namespace().apply(&planned(c, cpus));
+    for w in done {
+        tracing::info!(sysctl = w.name, value = w.value, "set a conntrack sysctl");
+    }
+    for f in failed {
+        tracing::warn!("{f}");
+    }
+}
+
 /// Runs the agent with the resolved settings.
 fn run_agent(settings: Settings) -> anyhow::Result<()> {
     tracing::debug!(settings = %settings.to_json(), "effective configuration");
     let mut dataplane = dataplane(&settings)?;
+    conntrack_sysctls(&settings.conntrack);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -199,14 +199,14 @@ fn unused_flags_and_fields_warn_but_run() {
     let r = kpr(&[
         "--config",
         cfg.to_str().unwrap(),
-        "--conntrack-tcp-be-liberal",
+        "--ipvs-strict-arp",
         "--oom-score-adj=-999",
         "--manifests",
         "/nonexistent",
     ]);
     assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
     for want in [
-        "ignored: kpr does not use --conntrack-tcp-be-liberal",
+        "ignored: kpr does not use --ipvs-strict-arp",
         "ignored: kpr does not use --oom-score-adj",
         "config: enableProfiling is not supported by kpr; ignored",
         "config: ipvs.scheduler is not supported by kpr; ignored",

@@ -544,9 +544,7 @@ impl KubeProxyConfiguration {
         l.ptr("", "oomScoreAdj", &self.oom_score_adj, &[-999]);
         if let Some(c) = &self.conntrack {
             let p = "conntrack";
-            // maxPerCore, min and the timeouts are used (Settings::conntrack). kpr's
-            // conntrack tracks no TCP windows, so it is always "liberal".
-            l.val(p, "tcpBeLiberal", &c.tcp_be_liberal, &[false]);
+            // maxPerCore, min, tcpBeLiberal and the timeouts are used (Settings::conntrack).
             l.ptr(p, "max", &c.max, &[0]);
         }
         l.dur(

@@ -209,6 +209,17 @@ pub struct RunArgs {
     /// NAT timeout for TCP connections in the CLOSE_WAIT state (0 to leave as-is: 60s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
     pub conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// Enable liberal mode for tracking TCP packets (netfilter's nf_conntrack_tcp_be_liberal).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool,
+        help_heading = USED
+    )]
+    pub conntrack_tcp_be_liberal: Option<bool>,
     /// Idle timeout for UNREPLIED UDP connections (0 to leave as-is: 30s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
     pub conntrack_udp_timeout: Option<Duration>,
@@ -381,7 +392,6 @@ pub const OTHER_FLAGS: &[OtherFlag] = &[
     ignore("pod-bridge-interface", false, "bridge for --detect-local-mode=BridgeInterface"),
     ignore("pod-interface-name-prefix", false, "prefix for --detect-local-mode=InterfaceNamePrefix"),
     ignore("oom-score-adj", false, "oom-score-adj of the process"),
-    ignore("conntrack-tcp-be-liberal", true, "conntrack TCP liberal mode"),
     ignore("config-sync-period", false, "how often configuration from the apiserver is refreshed"),
     ignore("vmodule", false, "per-file log verbosity"),
     ignore("log-flush-frequency", false, "log flush interval"),

@@ -262,6 +262,9 @@ pub struct ConntrackSettings {
     pub tcp_established_timeout: Duration,
     #[serde(serialize_with = "duration::serialize")]
     pub tcp_close_wait_timeout: Duration,
+    /// `--conntrack-tcp-be-liberal` / `tcpBeLiberal`: netfilter accepts TCP packets outside
+    /// the window instead of marking them INVALID (kpr's own conntrack never checks windows).
+    pub tcp_be_liberal: bool,
     #[serde(serialize_with = "duration::serialize")]
     pub udp_timeout: Duration,
     #[serde(serialize_with = "duration::serialize")]
@@ -276,6 +279,7 @@ impl Default for ConntrackSettings {
             min: 128 * 1024,
             tcp_established_timeout: Duration::from_secs(24 * 3600),
             tcp_close_wait_timeout: Duration::from_secs(3600),
+            tcp_be_liberal: false,
             udp_timeout: Duration::ZERO,
             udp_stream_timeout: Duration::ZERO,
         }
@@ -600,7 +604,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
 
 /// kube-proxy's flags that the config file replaces, in the order they are declared.
 fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
-    let given: [(&'static str, bool); 20] = [
+    let given: [(&'static str, bool); 21] = [
         ("proxy-mode", a.proxy_mode.is_some()),
         (
             "iptables-masquerade-bit",
@@ -626,6 +630,10 @@ fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
         ),
         ("conntrack-max-per-core", a.conntrack_max_per_core.is_some()),
         ("conntrack-min", a.conntrack_min.is_some()),
+        (
+            "conntrack-tcp-be-liberal",
+            a.conntrack_tcp_be_liberal.is_some(),
+        ),
         (
             "conntrack-tcp-timeout-established",
             a.conntrack_tcp_timeout_established.is_some(),
@@ -740,6 +748,9 @@ fn from_flags(s: &mut Settings, a: &RunArgs) -> Result<(), ConfigError> {
         c.max_per_core,
     )?;
     c.min = count("conntrack-min", a.conntrack_min, c.min)?;
+    if let Some(on) = a.conntrack_tcp_be_liberal {
+        c.tcp_be_liberal = on;
+    }
     for (given, field) in [
         (
             a.conntrack_tcp_timeout_established,
@@ -835,6 +846,9 @@ fn from_file(
         let t = &mut s.conntrack;
         t.max_per_core = count("maxPerCore", c.max_per_core, t.max_per_core)?;
         t.min = count("min", c.min, t.min)?;
+        if let Some(on) = c.tcp_be_liberal {
+            t.tcp_be_liberal = on;
+        }
         for (given, to) in [
             (&c.tcp_established_timeout, &mut t.tcp_established_timeout),
             (&c.tcp_close_wait_timeout, &mut t.tcp_close_wait_timeout),

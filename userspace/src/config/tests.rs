@@ -226,7 +226,7 @@ fn iptables_sync_period_flags_are_kube_proxys_names() {
 #[test]
 fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
     let (s, w) = run(&[
-        "--conntrack-tcp-be-liberal",
+        "--ipvs-strict-arp",
         "--ipvs-scheduler=rr",
         "--oom-score-adj=-999",
         "--feature-gates=A=true",
@@ -240,7 +240,7 @@ fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
     assert_eq!(
         w,
         [
-            "ignored: kpr does not use --conntrack-tcp-be-liberal",
+            "ignored: kpr does not use --ipvs-strict-arp",
             "ignored: kpr does not use --ipvs-scheduler",
             "ignored: kpr does not use --oom-score-adj",
             "ignored: kpr does not use --feature-gates",
@@ -628,6 +628,7 @@ fn conntrack_settings_from_flags_and_file() {
         "--conntrack-tcp-timeout-close-wait=30s",
         "--conntrack-udp-timeout=5s",
         "--conntrack-udp-timeout-stream=1m",
+        "--conntrack-tcp-be-liberal",
     ]);
     assert!(w.is_empty(), "{w:?}");
     assert_eq!(
@@ -637,6 +638,7 @@ fn conntrack_settings_from_flags_and_file() {
             min: 2048,
             tcp_established_timeout: Duration::from_secs(7200),
             tcp_close_wait_timeout: Duration::from_secs(30),
+            tcp_be_liberal: true,
             udp_timeout: Duration::from_secs(5),
             udp_stream_timeout: Duration::from_secs(60),
         }

@@ -302,6 +302,7 @@ mod tests {
                 min: 2048,
                 tcp_established_timeout: Duration::ZERO,
                 tcp_close_wait_timeout: Duration::from_secs(30),
+                tcp_be_liberal: false,
                 udp_timeout: Duration::from_millis(1500),
                 udp_stream_timeout: Duration::from_millis(100),
             },
