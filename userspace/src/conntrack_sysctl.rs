@@ -17,7 +17,7 @@ use crate::config::ConntrackSettings;
 /// One write kube-proxy would make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SysctlWrite {
-    /// Under `/proc/sys`, e.g. `net/netfilter/nf_conntrack_max`.
+    /// Under `/proc/sys/net/netfilter`, e.g. `nf_conntrack_max`.
     pub name: &'static str,
     pub value: u64,
 }
@@ -27,54 +27,36 @@ const HASHSIZE: &str = "/sys/module/nf_conntrack/parameters/hashsize";
 
 /// What `settings` asks for on a machine with `cpus` CPUs, in kube-proxy's order.
 pub fn planned(settings: &ConntrackSettings, cpus: u32) -> Vec<SysctlWrite> {
-    let mut out = Vec::new();
-    if let Some(max) = table_size(settings, cpus) {
-        out.push(SysctlWrite {
-            name: "net/netfilter/nf_conntrack_max",
-            value: max,
-        });
-    }
-    for (name, d) in [
+    // A zero duration leaves its sysctl alone.
+    let secs = |d: std::time::Duration| (d.as_secs() > 0).then_some(d.as_secs());
+    [
+        ("nf_conntrack_max", table_size(settings, cpus)),
         (
-            "net/netfilter/nf_conntrack_tcp_timeout_established",
-            settings.tcp_established_timeout,
+            "nf_conntrack_tcp_timeout_established",
+            secs(settings.tcp_established_timeout),
         ),
         (
-            "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
-            settings.tcp_close_wait_timeout,
-        ),
-    ] {
-        if d.as_secs() > 0 {
-            out.push(SysctlWrite {
-                name,
-                value: d.as_secs(),
-            });
-        }
-    }
-    if settings.tcp_be_liberal {
-        out.push(SysctlWrite {
-            name: "net/netfilter/nf_conntrack_tcp_be_liberal",
-            value: 1,
-        });
-    }
-    for (name, d) in [
-        (
-            "net/netfilter/nf_conntrack_udp_timeout",
-            settings.udp_timeout,
+            "nf_conntrack_tcp_timeout_close_wait",
+            secs(settings.tcp_close_wait_timeout),
         ),
         (
-            "net/netfilter/nf_conntrack_udp_timeout_stream",
-            settings.udp_stream_timeout,
+            "nf_conntrack_tcp_be_liberal",
+            settings.tcp_be_liberal.then_some(1),
         ),
-    ] {
-        if d.as_secs() > 0 {
-            out.push(SysctlWrite {
-                name,
-                value: d.as_secs(),
-            });
-        }
-    }
-    out
+        ("nf_conntrack_udp_timeout", secs(settings.udp_timeout)),
+        (
+            "nf_conntrack_udp_timeout_stream",
+            secs(settings.udp_stream_timeout),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| {
+        Some(SysctlWrite {
+            name,
+            value: value?,
+        })
+    })
+    .collect()
 }
 
 /// kube-proxy's `getConntrackMax`.
@@ -115,7 +97,7 @@ impl Sysctls {
     pub fn apply(&self, writes: &[SysctlWrite]) -> (Vec<SysctlWrite>, Vec<String>) {
         let (mut done, mut failed) = (Vec::new(), Vec::new());
         for w in writes {
-            let path = self.root.join(w.name);
+            let path = self.root.join("net/netfilter").join(w.name);
             if read_number(&path) == Some(w.value) {
                 continue;
             }
@@ -123,7 +105,7 @@ impl Sysctls {
                 Ok(()) => done.push(w.clone()),
                 Err(e) => failed.push(format!("setting {} to {}: {e}", w.name, w.value)),
             }
-            if w.name == "net/netfilter/nf_conntrack_max" {
+            if w.name == "nf_conntrack_max" {
                 self.grow_hashsize(w.value / 4, &mut failed);
             }
         }
@@ -173,9 +155,9 @@ mod tests {
             names(&planned(&d, 2)),
             vec![
                 // 32768 × 2 is below the minimum.
-                ("net/netfilter/nf_conntrack_max", 131_072),
-                ("net/netfilter/nf_conntrack_tcp_timeout_established", 86_400),
-                ("net/netfilter/nf_conntrack_tcp_timeout_close_wait", 3_600),
+                ("nf_conntrack_max", 131_072),
+                ("nf_conntrack_tcp_timeout_established", 86_400),
+                ("nf_conntrack_tcp_timeout_close_wait", 3_600),
             ]
         );
         assert_eq!(planned(&d, 8)[0].value, 262_144);
@@ -195,9 +177,9 @@ mod tests {
         assert_eq!(
             names(&planned(&s, 4)),
             vec![
-                ("net/netfilter/nf_conntrack_tcp_be_liberal", 1),
-                ("net/netfilter/nf_conntrack_udp_timeout", 30),
-                ("net/netfilter/nf_conntrack_udp_timeout_stream", 180),
+                ("nf_conntrack_tcp_be_liberal", 1),
+                ("nf_conntrack_udp_timeout", 30),
+                ("nf_conntrack_udp_timeout_stream", 180),
             ]
         );
     }
@@ -216,10 +198,7 @@ mod tests {
         let writes = planned(&ConntrackSettings::default(), 2);
         let (done, failed) = Sysctls::at(dir.path(), Some(&hashsize)).apply(&writes);
         // established is set already; close_wait fails, named.
-        assert_eq!(
-            names(&done),
-            vec![("net/netfilter/nf_conntrack_max", 131_072)]
-        );
+        assert_eq!(names(&done), vec![("nf_conntrack_max", 131_072)]);
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert!(failed[0].contains("nf_conntrack_tcp_timeout_close_wait"));
         assert_eq!(read_number(&nf.join("nf_conntrack_max")), Some(131_072));
