@@ -124,6 +124,7 @@ fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> any
         node_name: node.map(str::to_owned),
         node_ips: kpr::nodeaddr::nodeport_ips(snapshot.node.as_ref(), &[]),
         node_ip: kpr::nodeaddr::primary_ip(snapshot.node.as_ref()),
+        zone: kpr::nodeaddr::zone(snapshot.node.as_ref()),
     };
     let (state, _) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &context);
     let mut cluster_cidrs = Vec::new();

@@ -50,6 +50,17 @@ pub fn nodeport_ips(node: Option<&Node>, filter: &[NodePortAddress]) -> Vec<IpAd
     out
 }
 
+/// The node's `topology.kubernetes.io/zone` label (topology hints).
+pub fn zone(node: Option<&Node>) -> Option<String> {
+    node?
+        .metadata
+        .labels
+        .as_ref()?
+        .get("topology.kubernetes.io/zone")
+        .filter(|z| !z.is_empty())
+        .cloned()
+}
+
 /// kube-proxy's `nodeIP`: the node's first InternalIP (or, lacking one, its first address).
 pub fn primary_ip(node: Option<&Node>) -> Option<IpAddr> {
     let addresses = node?.status.as_ref()?.addresses.as_ref()?;

@@ -155,6 +155,7 @@ pub(super) fn service_ports(
     ctx: &NodeContext,
 ) -> (BTreeMap<Frontend, ServicePortState>, Vec<ServicePortInfo>) {
     let node = ctx.node_name.as_deref().filter(|n| !n.is_empty());
+    let zone = ctx.zone.as_deref().filter(|z| !z.is_empty());
     // kube-proxy runs one proxier per family, and each proxies only the Services with a
     // ClusterIP of its family: an externalIP, LB IP or node address of another family is unused.
     let families: BTreeSet<Family> = view.ips.iter().map(|&ip| Family::of(ip)).collect();
@@ -164,7 +165,7 @@ pub(super) fn service_ports(
     let mut local_ready: BTreeMap<Family, usize> = BTreeMap::new();
     for (i, port) in view.ports.iter().enumerate() {
         for &family in &families {
-            let e = categorize(family, port, slices, node);
+            let e = categorize(family, port, slices, node, zone);
             *local_ready.entry(family).or_default() += e.local_ready;
             endpoints.insert((i, family), e);
         }

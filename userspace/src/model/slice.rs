@@ -30,6 +30,10 @@ pub(super) struct EndpointView<'a> {
     pub(super) terminating: bool,
     /// `nodeName`: the endpoint is local to the node of that name.
     pub(super) node_name: Option<&'a str>,
+    /// `hints.forZones` (trafficDistribution PreferClose / PreferSameZone).
+    pub(super) zone_hints: Vec<&'a str>,
+    /// `hints.forNodes` (trafficDistribution PreferSameNode).
+    pub(super) node_hints: Vec<&'a str>,
 }
 
 /// `Ok(None)`: an FQDN slice, which kube-proxy ignores. A port or an endpoint kube-proxy
@@ -109,6 +113,7 @@ pub(super) fn parse_slice<'a>(
             }
         };
         let c = ep.conditions.as_ref();
+        let hints = ep.hints.as_ref();
         let ready = c.and_then(|c| c.ready).unwrap_or(true);
         endpoints.push(EndpointView {
             ip,
@@ -118,6 +123,18 @@ pub(super) fn parse_slice<'a>(
             serving: c.and_then(|c| c.serving).unwrap_or(true),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.as_deref(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|z| z.name.as_str())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect(),
         });
     }
     Ok(Some(SliceView {

@@ -810,6 +810,7 @@ fn ctx() -> NodeContext {
             "fd00:1::10".parse().unwrap(),
         ],
         node_ip: Some("192.168.1.10".parse().unwrap()),
+        zone: None,
     }
 }
 
@@ -1532,4 +1533,144 @@ fn every_kind_of_a_skipped_service_is_skipped() {
     let (state, errors) = build_for_node(&[headless, labelled], &[], &ctx());
     assert_eq!(errors, vec![]);
     assert!(state.services.is_empty(), "{:?}", state.services);
+}
+
+// ---- topology hints (kube-proxy's topologyModeFromHints / availableForTopology) ----
+
+/// An endpoint on `node` with zone hints `zones` and node hints `nodes` (none: no `hints`).
+fn hinted(ip: &str, node: &str, zones: &[&str], nodes: &[&str], is_ready: bool) -> Value {
+    let mut e = ready(ip);
+    e["nodeName"] = json!(node);
+    e["conditions"]["ready"] = json!(is_ready);
+    if !zones.is_empty() || !nodes.is_empty() {
+        e["hints"] = json!({
+            "forZones": zones.iter().map(|z| json!({"name": z})).collect::<Vec<_>>(),
+            "forNodes": nodes.iter().map(|n| json!({"name": n})).collect::<Vec<_>>(),
+        });
+    }
+    e
+}
+
+/// The ClusterIP backends of a Service (`policy` internalTrafficPolicy) whose endpoints are
+/// `eps`, on node-a in `zone`.
+fn topology_backends(eps: Value, zone: Option<&str>, policy: &str) -> Vec<Backend> {
+    let s = svc(
+        "demo",
+        "web",
+        json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": policy,
+               "ports": [{"name": "http", "port": 80}]}),
+    );
+    let sl = slice(
+        "demo",
+        "web-1",
+        "web",
+        "IPv4",
+        json!([{"name": "http", "port": 8080}]),
+        eps,
+    );
+    let ctx = NodeContext {
+        zone: zone.map(str::to_owned),
+        ..ctx()
+    };
+    let (state, errors) = build_for_node(&[s], &[sl], &ctx);
+    assert_eq!(errors, vec![]);
+    backends(&state, fe("10.96.0.10", 80, Protocol::Tcp))
+}
+
+fn bes(ips: &[&str]) -> Vec<Backend> {
+    ips.iter().map(|ip| be(ip, 8080)).collect()
+}
+
+#[test]
+fn zone_hints_keep_the_endpoints_of_this_nodes_zone() {
+    let eps = json!([
+        hinted("10.0.0.1", NODE, &["zone-a"], &[], true),
+        hinted("10.0.0.2", "node-b", &["zone-b"], &[], true),
+        hinted("10.0.0.3", "node-c", &["zone-a"], &[], true),
+    ]);
+    assert_eq!(
+        topology_backends(eps.clone(), Some("zone-a"), "Cluster"),
+        bes(&["10.0.0.1", "10.0.0.3"])
+    );
+    assert_eq!(
+        topology_backends(eps.clone(), Some("zone-b"), "Cluster"),
+        bes(&["10.0.0.2"])
+    );
+    // No endpoint for this zone, or a node without a zone label: hints are ignored.
+    let all = bes(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+    assert_eq!(
+        topology_backends(eps.clone(), Some("zone-c"), "Cluster"),
+        all
+    );
+    assert_eq!(topology_backends(eps.clone(), None, "Cluster"), all);
+    // internalTrafficPolicy: Local is this node's endpoints, whatever the hints.
+    assert_eq!(
+        topology_backends(eps, Some("zone-b"), "Local"),
+        bes(&["10.0.0.1"])
+    );
+}
+
+#[test]
+fn one_ready_endpoint_without_hints_turns_them_off_but_unready_ones_do_not() {
+    let eps = json!([
+        hinted("10.0.0.1", NODE, &["zone-a"], &[], true),
+        hinted("10.0.0.2", "node-b", &[], &[], true),
+    ]);
+    assert_eq!(
+        topology_backends(eps, Some("zone-a"), "Cluster"),
+        bes(&["10.0.0.1", "10.0.0.2"])
+    );
+    let eps = json!([
+        hinted("10.0.0.1", NODE, &["zone-a"], &[], true),
+        hinted("10.0.0.2", "node-b", &["zone-b"], &[], true),
+        hinted("10.0.0.9", "node-b", &[], &[], false),
+    ]);
+    assert_eq!(
+        topology_backends(eps, Some("zone-a"), "Cluster"),
+        bes(&["10.0.0.1"])
+    );
+}
+
+#[test]
+fn node_hints_come_before_zone_hints_when_every_endpoint_has_them() {
+    let eps = json!([
+        hinted("10.0.0.1", NODE, &["zone-a"], &[NODE], true),
+        hinted("10.0.0.2", "node-b", &["zone-a"], &["node-b"], true),
+    ]);
+    assert_eq!(
+        topology_backends(eps, Some("zone-a"), "Cluster"),
+        bes(&["10.0.0.1"])
+    );
+    // None of the node hints is for this node: the zone hints decide.
+    let eps = json!([
+        hinted("10.0.0.1", "node-c", &["zone-a"], &["node-c"], true),
+        hinted("10.0.0.2", "node-b", &["zone-b"], &["node-b"], true),
+    ]);
+    assert_eq!(
+        topology_backends(eps, Some("zone-a"), "Cluster"),
+        bes(&["10.0.0.1"])
+    );
+    // One endpoint without node hints: zone hints again.
+    let eps = json!([
+        hinted("10.0.0.1", NODE, &["zone-a"], &[NODE], true),
+        hinted("10.0.0.2", "node-b", &["zone-a"], &[], true),
+    ]);
+    assert_eq!(
+        topology_backends(eps, Some("zone-a"), "Cluster"),
+        bes(&["10.0.0.1", "10.0.0.2"])
+    );
+}
+
+#[test]
+fn the_terminating_fallback_keeps_to_the_topology() {
+    // Nothing ready: kube-proxy falls back to serving-terminating endpoints, and applies the
+    // topology chosen from the ready ones (none: every endpoint).
+    let mut a = hinted("10.0.0.1", NODE, &["zone-a"], &[], false);
+    a["conditions"]["terminating"] = json!(true);
+    let mut b = hinted("10.0.0.2", "node-b", &["zone-b"], &[], false);
+    b["conditions"]["terminating"] = json!(true);
+    assert_eq!(
+        topology_backends(json!([a, b]), Some("zone-a"), "Cluster"),
+        bes(&["10.0.0.1", "10.0.0.2"])
+    );
 }

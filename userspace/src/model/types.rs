@@ -252,6 +252,9 @@ pub struct NodeContext {
     /// This node's name: endpoints whose `nodeName` equals it are local. `None` (or empty):
     /// no endpoint is local.
     pub node_name: Option<String>,
+    /// The node's `topology.kubernetes.io/zone` label: which endpoints' zone hints are for
+    /// this node. `None`: no zone hints apply.
+    pub zone: Option<String>,
     /// The addresses NodePorts are served on, already filtered by `--nodeport-addresses`.
     /// Empty: no NodePort frontends.
     pub node_ips: Vec<IpAddr>,

@@ -191,6 +191,7 @@ impl Case {
             node_name: Some(hostname),
             node_ips: nodeport_ips.clone().unwrap_or_default(),
             node_ip: node_ips.first().copied(),
+            zone: None,
         };
         let (state, errors) =
             kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &ctx);
