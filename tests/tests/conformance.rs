@@ -256,6 +256,63 @@ per_mode! {
     }
 }
 
+per_mode! {
+    /// "should have session affinity work for NodePort service": every connection of the
+    /// external client to the NodePort reaches one backend.
+    fn should_have_session_affinity_work_for_nodeport_service(mode) {
+        let spec = "  type: NodePort\n  clusterIP: 10.96.0.25\n  sessionAffinity: ClientIP\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30125}]\n";
+        let mut s = Setup::new(
+            "cf-npaff",
+            &service("affinity-nodeport", spec, &[("http", "TCP", 8080, &["be1", "be2", "be3"])]),
+            mode,
+        );
+        s.wait_for_affinity("10.96.0.25:80/tcp", Some(10_800));
+        let ext = s.lab.external_client().unwrap().clone();
+        for _ in 0..3 {
+            let r = s
+                .lab
+                .tcp_spread(&ext, addr(&format!("{NODE1}:30125")), 20)
+                .unwrap();
+            assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+            assert_eq!(r.counts.len(), 1, "ClientIP: one backend: {r:?}");
+        }
+    }
+}
+
+per_mode! {
+    /// "should be able to change the type from ClusterIP to ExternalName", "from ExternalName
+    /// to NodePort", "from NodePort to ExternalName" and "from ExternalName to ClusterIP": an
+    /// ExternalName Service has no frontends (DNS serves it), the others are served at once.
+    fn should_be_able_to_change_the_type_between_clusterip_externalname_and_nodeport(mode) {
+        let cluster_ip = "  type: ClusterIP\n  clusterIP: 10.96.0.26\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n";
+        let external_name = "  type: ExternalName\n  externalName: example.com\n";
+        let node_port = "  type: NodePort\n  clusterIP: 10.96.0.26\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30126}]\n";
+        let eps: &[(&str, &str, u16, &[&str])] = &[("http", "TCP", 8080, &["be1", "be2"])];
+        let mut s = Setup::new("cf-type", &service("type-test", cluster_ip, eps), mode);
+        let (fe, np) = ("10.96.0.26:80/tcp", format!("{NODE1}:30126/tcp"));
+        let both = names(&["be1", "be2"]);
+        s.wait_for_backends(fe, &["be1", "be2"]);
+        assert_eq!(s.reached("10.96.0.26:80"), both);
+        for (spec, served) in [(external_name, false), (node_port, true), (external_name, false), (cluster_ip, true)] {
+            s.update(&service("type-test", spec, eps));
+            if served {
+                s.wait_for_backends(fe, &["be1", "be2"]);
+                assert_eq!(s.reached("10.96.0.26:80"), both);
+            } else {
+                if let Err(e) = s.kpr.wait_for_no_frontend(fe) {
+                    panic!("{e}\n{}", s.kpr.log());
+                }
+                assert!(!s.kpr.status().unwrap().frontends.contains_key(&np));
+            }
+            if spec == node_port {
+                let ext = s.lab.external_client().unwrap().clone();
+                let r = s.lab.tcp_spread(&ext, addr(&format!("{NODE1}:30126")), 20).unwrap();
+                assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+            }
+        }
+    }
+}
+
 impl Setup {
     /// Waits until kpr has programmed `frontend` with exactly `backends` (pod names).
     fn wait_for_backends(&mut self, frontend: &str, backends: &[&str]) {
