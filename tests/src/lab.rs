@@ -1268,6 +1268,15 @@ fn ping(ns: &str, dst: Ipv4Addr) -> Result<()> {
     )))
 }
 
+/// Writes the manifest `path` (in a [`Lab::manifest_dir`]) atomically: a temporary file
+/// renamed over it, as kubectl and ConfigMap volumes replace files (kpr ignores `~` files), so
+/// a kpr polling the directory never reads half a manifest. Panics on failure (tests only).
+pub fn write_manifest(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

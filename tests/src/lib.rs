@@ -52,7 +52,10 @@ mod state;
 pub mod tool;
 
 pub use error::LabError;
-pub use lab::{node_fabric_ip, Lab, LabNode, LabSpec, Pod, PodRole, EXTERNAL_CLIENT_IP, MAX_NODES};
+pub use lab::{
+    node_fabric_ip, write_manifest, Lab, LabNode, LabSpec, Pod, PodRole, EXTERNAL_CLIENT_IP,
+    MAX_NODES,
+};
 pub use netns::{in_netns, TestNetns};
 pub use preconditions::{is_root, require_lab};
 pub use process::{run_bounded, ProcessGuard};

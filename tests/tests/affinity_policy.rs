@@ -9,11 +9,10 @@
 //! switched off and on) and leaves the expiry to the eBPF counter and the golden rules.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
-use kpr_lab::{per_mode, Lab, LabSpec};
+use kpr_lab::{per_mode, write_manifest, Lab, LabSpec};
 
 const VIP: &str = "10.96.0.10:80";
 
@@ -32,12 +31,6 @@ fn manifest(affinity_timeout: Option<u32>, itp_local: bool, endpoints: &[(&str, 
         y += &format!("  - {{addresses: [{ip}], conditions: {{ready: true}}, nodeName: {node}}}\n");
     }
     y
-}
-
-fn write(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(tmp, path).unwrap();
 }
 
 /// The lab's backend pods: be1..be3 are 10.244.1.11..13.
@@ -65,7 +58,7 @@ impl Setup {
         .expect("lab up");
         let dir = lab.manifest_dir().unwrap();
         let file = dir.join("svc.yaml");
-        write(&file, manifest);
+        write_manifest(&file, manifest);
         let kpr = Kpr::start(
             &lab,
             &kpr_path(),
@@ -84,7 +77,7 @@ impl Setup {
 
     /// Replaces the manifest and waits until kpr has programmed `backends` (IPs) for the VIP.
     fn update(&mut self, manifest: &str, backends: &[&str]) {
-        write(&self.file, manifest);
+        write_manifest(&self.file, manifest);
         let want: Vec<String> = backends.iter().map(|ip| format!("{ip}:8080")).collect();
         let want: Vec<&str> = want.iter().map(String::as_str).collect();
         self.kpr.wait_for_backends(FRONTEND, &want).unwrap();

@@ -8,12 +8,12 @@
 //! checked for its error kind and for the counter of the layer that refused it.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kpr_lab::kpr::{assert_refused, kpr_path, Kpr, ProxyMode, Refusal};
 use kpr_lab::tool::{UdpMode, UdpSpread};
-use kpr_lab::{per_mode, require_lab, Lab, LabSpec};
+use kpr_lab::{per_mode, require_lab, write_manifest, Lab, LabSpec};
 
 const VIP: &str = "10.96.0.10";
 /// The frontends of [`web_and_dns`] as kpr's status names them.
@@ -43,7 +43,7 @@ impl Setup {
         })
         .expect("lab up");
         let dir = lab.manifest_dir().unwrap();
-        write(&dir.join("svc.yaml"), manifest);
+        write_manifest(&dir.join("svc.yaml"), manifest);
         let bin = kpr_path();
         assert!(
             bin.is_file(),
@@ -61,7 +61,7 @@ impl Setup {
     /// Replaces the manifest (kpr picks it up by itself; wait on the result with
     /// [`Kpr::wait_for_backends`]).
     fn update(&self, manifest: &str) {
-        write(&self.dir.join("svc.yaml"), manifest);
+        write_manifest(&self.dir.join("svc.yaml"), manifest);
     }
 }
 
@@ -78,13 +78,6 @@ fn refs(v: &[String]) -> Vec<&str> {
 fn wait_for_web_and_dns(kpr: &mut Kpr, ips: &[&str]) {
     kpr.wait_for_backends(WEB, &refs(&at(ips, 8080))).unwrap();
     kpr.wait_for_backends(DNS, &refs(&at(ips, 5353))).unwrap();
-}
-
-fn write(path: &Path, text: &str) {
-    // Replace atomically, as kubectl/ConfigMap volumes do; `~` files are ignored by kpr.
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(tmp, path).unwrap();
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -281,7 +274,7 @@ per_mode! {
                 .filter(|ip| *ip != ip_of(&backend))
                 .collect();
             assert_eq!(keep.len(), 2, "{backend}");
-            write(&dir.join("svc.yaml"), &web_and_dns(&keep));
+            write_manifest(&dir.join("svc.yaml"), &web_and_dns(&keep));
             if let Err(e) = kpr.wait_for_backends(DNS, &refs(&at(&keep, 5353))) {
                 finish(e.to_string());
             }
@@ -478,8 +471,8 @@ per_mode! {
     let other_slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: other-1\n  namespace: demo\n  labels: {kubernetes.io/service-name: other}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n  - addresses: [10.244.1.12]\n";
     let mut s = Setup::in_mode("bad", &web_and_dns(&ALL), mode);
     let client = s.client();
-    write(&s.dir.join("bad.yaml"), &bad);
-    write(&s.dir.join("good.yaml"), other_slice);
+    write_manifest(&s.dir.join("bad.yaml"), &bad);
+    write_manifest(&s.dir.join("good.yaml"), other_slice);
     s.kpr
         .wait_for_backends("10.96.0.11:80/tcp", &["10.244.1.12:8080"])
         .unwrap();

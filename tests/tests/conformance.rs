@@ -9,12 +9,12 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
 use kpr_lab::tool::UdpMode;
-use kpr_lab::{per_mode, Lab, LabSpec};
+use kpr_lab::{per_mode, write_manifest, Lab, LabSpec};
 
 const NODE1: &str = "192.168.100.11";
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nstatus:\n  addresses: [{type: InternalIP, address: 192.168.100.11}]\n---\n";
@@ -35,7 +35,7 @@ impl Setup {
         })
         .expect("lab up");
         let dir = lab.manifest_dir().unwrap();
-        write(&dir.join("svc.yaml"), manifest);
+        write_manifest(&dir.join("svc.yaml"), manifest);
         let mut args = vec![
             "--hostname-override",
             "node1",
@@ -50,7 +50,7 @@ impl Setup {
     }
 
     fn update(&self, manifest: &str) {
-        write(&self.dir.join("svc.yaml"), manifest);
+        write_manifest(&self.dir.join("svc.yaml"), manifest);
     }
 
     /// The backends (pod names) 30 TCP connections from the client pod reach.
@@ -70,12 +70,6 @@ impl Setup {
             .unwrap();
         once.error
     }
-}
-
-fn write(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(tmp, path).unwrap();
 }
 
 fn addr(s: &str) -> SocketAddr {

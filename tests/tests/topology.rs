@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr};
-use kpr_lab::{per_mode, Lab, LabSpec};
+use kpr_lab::{per_mode, write_manifest, Lab, LabSpec};
 
 fn manifests(lab: &Lab, hint_every_endpoint: bool) -> String {
     let mut y = String::new();
@@ -64,7 +64,7 @@ per_mode! {
         })
         .expect("lab up");
         let dir = lab.manifest_dir().unwrap();
-        std::fs::write(dir.join("all.yaml"), manifests(&lab, true)).unwrap();
+        write_manifest(&dir.join("all.yaml"), &manifests(&lab, true));
         let mut kprs = Vec::new();
         for n in 1..=2 {
             let node = format!("node{n}");
@@ -86,7 +86,7 @@ per_mode! {
 
         // One endpoint without hints: kube-proxy ignores the hints, every endpoint serves.
         // Each node's kpr picks the change up on its own.
-        std::fs::write(dir.join("all.yaml"), manifests(&lab, false)).unwrap();
+        write_manifest(&dir.join("all.yaml"), &manifests(&lab, false));
         let all: BTreeSet<String> = zone_a.union(&zone_b).cloned().collect();
         for (client, kpr) in clients.iter().zip(&kprs) {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);

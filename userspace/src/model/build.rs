@@ -84,13 +84,12 @@ pub fn build_for_node(
             errors.push(e);
             continue;
         }
-        let internal_frontends: Vec<Frontend> = internal.iter().map(|(f, _)| *f).collect();
         state.services.extend(internal);
-        kept.push((view, internal_frontends, external, ports));
+        kept.push((view, external, ports));
     }
     // Round two: external frontends. One another Service already serves is skipped alone
     // (kube-proxy keeps the rest of the Service, its ClusterIP above all).
-    for (view, _internal, external, mut ports) in kept {
+    for (view, external, mut ports) in kept {
         for (f, s) in external {
             if let Some(owner) = state.services.get(&f) {
                 errors.push(view.error(&format!(
