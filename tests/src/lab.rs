@@ -995,6 +995,33 @@ impl Lab {
         })
     }
 
+    /// Waits (up to 20 s) until 30 connections from `pod` to `target` reach exactly the
+    /// backends (pod names) `want`: a change kpr still has to pick up and program. Every
+    /// connection must succeed meanwhile: a failed one is an error at once. The error holds
+    /// the last attempt.
+    pub fn wait_until_reaching(
+        &self,
+        pod: &Pod,
+        target: SocketAddr,
+        want: &std::collections::BTreeSet<String>,
+    ) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self.tcp_spread(pod, target, 30)?;
+            let reached: std::collections::BTreeSet<String> = r.counts.keys().cloned().collect();
+            if r.errors == 0 && &reached == want {
+                return Ok(());
+            }
+            if r.errors > 0 || std::time::Instant::now() > deadline {
+                return Err(LabError::Other(format!(
+                    "{} from {}: reached {reached:?}, want {want:?}: {r:?}",
+                    target, pod.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `kpr-labtool tcp-spread` from `pod` (per-connection timeout 1 s).
     pub fn tcp_spread(&self, pod: &Pod, target: SocketAddr, count: u64) -> Result<TcpSpread> {
         let t = target.to_string();

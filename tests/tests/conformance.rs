@@ -116,21 +116,11 @@ fn service(name: &str, spec: &str, slices: &[(&str, &str, u16, &[&str])]) -> Str
     y
 }
 
-/// Waits until `f` holds for what the client reaches at `target` (a change is picked up
-/// from the manifest directory, then programmed).
+/// Waits until the client pod reaches exactly `want` at `target`.
 fn wait_reached(s: &Setup, target: &str, want: &BTreeSet<String>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = s.reached(target);
-        if &got == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{target}: reached {got:?}, want {want:?}\n{}",
-            s.kpr.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let client = s.lab.clients()[0].clone();
+    if let Err(e) = s.lab.wait_until_reaching(&client, addr(target), want) {
+        panic!("{e}\n{}", s.kpr.log());
     }
 }
 
