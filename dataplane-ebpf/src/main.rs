@@ -84,6 +84,13 @@ static AFFINITY_EXT: LruHashMap<AffinityExt4Key, Affinity4Value> =
 #[map(name = "KPR_LBSRC4_V1")]
 static SRC_RANGES: LpmTrie<SrcRange4Key, u8> = LpmTrie::pinned(SRC_RANGE_MAP_MAX, 0);
 
+/// The node's network namespace (the agent's), as `bpf_get_netns_cookie` names it; set by the
+/// agent at load time. A loopback frontend (a localhost NodePort) is the node's own: a pod
+/// connecting to 127.0.0.1 means its own loopback, so only sockets in this namespace are
+/// translated there (kube-proxy's localhost NodePorts exist only in the host namespace).
+#[no_mangle]
+static KPR_HOST_NETNS_COOKIE: u64 = 0;
+
 /// sock_addr programs allow the call with 1 and refuse it with 0.
 const SYS_PROCEED: i32 = 1;
 const SYS_REJECT: i32 = 0;
@@ -175,6 +182,13 @@ fn try_forward(
         Some(v) => *v,
         None => return Ok(None),
     };
+    // SAFETY: a read of read-only data; sock_addr programs may call bpf_get_netns_cookie.
+    if u32::from_be(address_be) >> 24 == 127
+        && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+            != unsafe { core::ptr::read_volatile(&KPR_HOST_NETNS_COOKIE) }
+    {
+        return Ok(None);
+    }
     let refuse = |reason| Refusal {
         reason,
         rev_nat_id: frontend.rev_nat_id,

@@ -63,6 +63,9 @@ pub struct ModeStatus {
 /// One programmed frontend in kpr's status.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct FrontendStatus {
+    /// `ClusterIP`, `NodePort`, `ExternalIP` or `LoadBalancer`.
+    #[serde(default)]
+    pub kind: String,
     /// `ip:port`, sorted; empty: refused.
     pub backends: Vec<String>,
     /// For traffic from outside the node, where it differs from `backends`.

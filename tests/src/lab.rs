@@ -811,6 +811,20 @@ impl Lab {
         }
         Ok(())
     }
+    /// A host-network pod on node `index`: the node's network namespace and its cgroup (so
+    /// its kpr's socket programs apply, as to any process on a node). Use it with the per-pod
+    /// helpers for a client on the node itself (localhost NodePorts, the node's own address).
+    pub fn host_network_pod(&self, index: usize) -> Result<Pod> {
+        let node = self.node_or_err(index)?;
+        Ok(Pod {
+            name: format!("{}-host", node.name),
+            ns: node.ns.clone(),
+            ip: node.fabric_ip,
+            role: PodRole::Client,
+            node_dev: String::new(),
+            node: index,
+        })
+    }
     /// All pods of the nodes, backends first (the external client is not among them).
     pub fn pods(&self) -> &[Pod] {
         &self.state.pods

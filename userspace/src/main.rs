@@ -122,7 +122,14 @@ fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> any
     }
     let context = kpr::model::NodeContext {
         node_name: node.map(str::to_owned),
-        node_ips: kpr::nodeaddr::nodeport_ips(snapshot.node.as_ref(), &[]),
+        // What kube-proxy would serve on the Node's primary address (there are no local
+        // interfaces to read: the Node is a manifest's).
+        node_ips: kpr::nodeaddr::nodeport_ips(
+            snapshot.node.as_ref(),
+            &[],
+            &[kpr::config::NodePortAddress::Primary],
+            false,
+        ),
         node_ip: kpr::nodeaddr::primary_ip(snapshot.node.as_ref()),
         zone: kpr::nodeaddr::zone(snapshot.node.as_ref()),
     };
@@ -197,7 +204,7 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
                 backend,
                 kpr::netfilter::iptables::RuleSyncer::new(
                     plan_config(settings)?,
-                    !settings.nodeport_addresses.is_empty(),
+                    !kpr::nodeaddr::matches_all(&settings.nodeport_addresses),
                     kpr::netfilter::iptables::IptablesConfig::for_mark_bit(settings.masquerade_bit),
                 ),
             );
@@ -332,7 +339,11 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
                 Arc::new(health),
             ],
             node_name: node_name(&settings).ok(),
-            nodeport_addresses: settings.nodeport_addresses.clone(),
+            nodeport_addresses: nodeport_addresses(&settings),
+            // kube-proxy's nftables mode never serves NodePorts on localhost.
+            localhost_nodeports: settings.localhost_nodeports
+                && settings.proxy_mode != ProxyMode::Nftables,
+            local_addresses: Some(kpr::localaddr::watch()?),
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -343,6 +354,15 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         // Programs detach when `dataplane` drops; pinned maps stay for the next start.
         anyhow::Ok(())
     })
+}
+
+/// `--nodeport-addresses` with the mode's default: kube-proxy's nftables mode defaults to
+/// `primary`, the others to every local address.
+fn nodeport_addresses(settings: &Settings) -> Vec<kpr::config::NodePortAddress> {
+    if settings.nodeport_addresses.is_empty() && settings.proxy_mode == ProxyMode::Nftables {
+        return vec![kpr::config::NodePortAddress::Primary];
+    }
+    settings.nodeport_addresses.clone()
 }
 
 /// The manifest directory when one is given (the embedded single-machine source), else the

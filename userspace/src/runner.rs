@@ -8,6 +8,7 @@
 //!   dataplane holds and repairs it.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -62,8 +63,15 @@ pub struct RunnerConfig {
     pub observers: Vec<Arc<dyn SyncObserver>>,
     /// This node's name: which endpoints are local (traffic policies).
     pub node_name: Option<String>,
-    /// `--nodeport-addresses`: which of the Node's addresses serve NodePorts.
+    /// `--nodeport-addresses`: which of the node's addresses serve NodePorts (empty: all).
     pub nodeport_addresses: Vec<crate::config::NodePortAddress>,
+    /// Whether 127.0.0.1 serves NodePorts (`--iptables-localhost-nodeports`; never in the
+    /// nftables mode).
+    pub localhost_nodeports: bool,
+    /// This node's interface addresses ([`crate::localaddr::watch`]); a change re-syncs.
+    /// None: no address is local (NodePorts are served on the Node's primary address only
+    /// when `nodeport_addresses` names it).
+    pub local_addresses: Option<watch::Receiver<Vec<IpAddr>>>,
 }
 
 /// The status file's content.
@@ -217,6 +225,7 @@ pub async fn run<D: Dataplane + ?Sized>(
     let mut pending = true;
     let mut full = true;
     let mut source_open = true;
+    let mut local_addresses = cfg.local_addresses.clone();
     // The snapshot last programmed successfully, to tell what changed since.
     let mut programmed: Option<Arc<ClusterSnapshot>> = None;
     // The model errors logged so far (see below).
@@ -236,6 +245,15 @@ pub async fn run<D: Dataplane + ?Sized>(
                         notify(&|o| o.update_queued(SystemTime::now()));
                     }
                     Err(_) => source_open = false,
+                },
+                changed = async { local_addresses.as_mut()?.changed().await.ok() },
+                    if local_addresses.is_some() => match changed {
+                    Some(()) => {
+                        pending = true;
+                        notify(&|o| o.update_queued(SystemTime::now()));
+                    }
+                    // The watching thread ended: keep the last addresses.
+                    None => local_addresses = None,
                 },
                 _ = tokio::time::sleep_until(next_full.into()) => {
                     pending = true;
@@ -265,11 +283,21 @@ pub async fn run<D: Dataplane + ?Sized>(
         }
 
         let t0 = Instant::now();
+        let local: Vec<IpAddr> = match &mut local_addresses {
+            Some(rx) => rx.borrow_and_update().clone(),
+            None => cfg
+                .local_addresses
+                .as_ref()
+                .map(|rx| rx.borrow().clone())
+                .unwrap_or_default(),
+        };
         let node = model::NodeContext {
             node_name: cfg.node_name.clone(),
             node_ips: crate::nodeaddr::nodeport_ips(
                 snapshot.node.as_ref(),
+                &local,
                 &cfg.nodeport_addresses,
+                cfg.localhost_nodeports,
             ),
             node_ip: crate::nodeaddr::primary_ip(snapshot.node.as_ref()),
             zone: crate::nodeaddr::zone(snapshot.node.as_ref()),
@@ -422,6 +450,8 @@ mod tests {
             observers: Vec::new(),
             node_name: None,
             nodeport_addresses: Vec::new(),
+            localhost_nodeports: true,
+            local_addresses: None,
         }
     }
 

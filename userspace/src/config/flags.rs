@@ -129,7 +129,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "CIDRS", help_heading = USED)]
     pub cluster_cidr: Option<String>,
     /// Comma-separated CIDR ranges of the node IPs that accept NodePort connections, or the
-    /// keyword 'primary' (also 'localhost', 'all'). Default: all local IPs.
+    /// keyword 'primary' (also 'localhost', 'all'), matched against the node's interface
+    /// addresses. Default: all local IPs ('primary' in the nftables mode).
     #[arg(
         long,
         value_name = "CIDRS",

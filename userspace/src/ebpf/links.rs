@@ -131,6 +131,35 @@ pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(dir)?.ino())
 }
 
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14), as
+/// the programs' `bpf_get_netns_cookie` reads it.
+pub fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: a plain socket call; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is valid for `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The interface index of `dev` in the calling thread's network namespace.
 pub fn ifindex(dev: &str) -> io::Result<u32> {
     let name = CString::new(dev).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

@@ -67,6 +67,8 @@ pub enum EbpfError {
     Conntrack(#[from] ConntrackError),
     #[error(transparent)]
     Events(#[from] events::EventsError),
+    #[error("reading this network namespace's cookie (SO_NETNS_COOKIE): {0}")]
+    NetnsCookie(std::io::Error),
 }
 
 /// Where the dataplane pins its maps and which cgroup it serves.
@@ -163,6 +165,7 @@ impl EbpfDataplane {
 
         let ct = &tc.conntrack;
         prepare_pins(&cfg.pin_dir, ct)?;
+        let host_netns_cookie = links::netns_cookie().map_err(EbpfError::NetnsCookie)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .map_max_entries(SERVICES_MAP, map_size(cfg.lb_capacity.services))
@@ -171,6 +174,7 @@ impl EbpfDataplane {
             .map_max_entries(CT_NEW_MAP, ct.new_entries())
             .override_global("CT_TIMEOUTS", &ct.timeouts, true)
             .override_global("KPR_DATAPATH_EVENTS", &u8::from(cfg.datapath_events), true)
+            .override_global("KPR_HOST_NETNS_COOKIE", &host_netns_cookie, true)
             // aya-log's own filter: everything when on, nothing when off.
             .override_global(
                 aya_log::LEVEL,

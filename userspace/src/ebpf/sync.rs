@@ -348,9 +348,14 @@ impl<M: LbMaps> LbSyncer<M> {
                 stats.skipped += 1;
                 continue;
             };
+            // Traffic from outside the node meets the tc path's external scope. A loopback
+            // NodePort address (localhost NodePorts) has none, so only the node's own
+            // sockets reach it: never a packet that arrives addressed to 127.0.0.1 from
+            // another host (CVE-2020-8558); the stack drops that as a martian.
+            let external = state.kind.is_external() && !frontend.ip.is_loopback();
             let owned = owners.entry(state.name.to_string()).or_default();
             owned.push(fk);
-            if state.kind.is_external() {
+            if external {
                 owned.push(FrontendKey {
                     scope: SCOPE_EXTERNAL,
                     ..fk
@@ -373,7 +378,7 @@ impl<M: LbMaps> LbSyncer<M> {
                     source_ranges: Vec::new(),
                 },
             );
-            if state.kind.is_external() {
+            if external {
                 // What only the tc path reads: eTP=Local and the source ranges.
                 let mut ext_flags = flags;
                 // eTP=Local drops outside traffic on a node without a local endpoint, but only
@@ -822,7 +827,8 @@ mod tests {
                 (fk.address_be, fk.port_be, fk.proto, SCOPE_INTERNAL),
                 (pairs(&st.backends), affinity),
             );
-            if st.kind.is_external() {
+            // Loopback NodePorts serve only the node's sockets (CVE-2020-8558).
+            if st.kind.is_external() && !f.ip.is_loopback() {
                 out.insert(
                     (fk.address_be, fk.port_be, fk.proto, SCOPE_EXTERNAL),
                     (pairs(&st.external_backends), affinity),
@@ -1093,6 +1099,35 @@ mod tests {
         let only = state(&[(fe(1, 80), &[11, 12, 13])]);
         s.sync(&only).unwrap();
         assert_eq!(s.maps().resolve(), expected(&only));
+    }
+
+    #[test]
+    fn a_localhost_nodeport_is_never_served_to_traffic_from_outside() {
+        use crate::model::FrontendKind;
+        let mut d = state(&[(fe(1, 80), &[11, 12])]);
+        let localhost = Frontend {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 30080,
+            protocol: Protocol::Tcp,
+        };
+        let mut st = d.services[&fe(1, 80)].clone();
+        st.kind = FrontendKind::NodePort;
+        st.external_backends = st.backends.clone();
+        d.services.insert(localhost, st);
+        let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
+        s.sync(&d).unwrap();
+        let r = s.maps().resolve();
+        let k = frontend_key(&localhost, SCOPE_INTERNAL).unwrap();
+        let key = |scope| (k.address_be, k.port_be, k.proto, scope);
+        assert_eq!(
+            r[&key(SCOPE_INTERNAL)].0.len(),
+            2,
+            "the node's sockets reach it"
+        );
+        assert!(
+            !r.contains_key(&key(SCOPE_EXTERNAL)),
+            "no tc entry for 127.0.0.1: {r:?}"
+        );
     }
 
     #[test]
