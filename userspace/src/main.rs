@@ -271,6 +271,11 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             lb_capacity: settings.lb_capacity,
             allow_cgroup_root: allow_root,
             nftables_mark: Some(kpr::nft::DEFAULT_MASQ_MARK),
+            forward_accept: Some(kpr::netfilter::iptables::forward::ForwardAccept::new(
+                kpr::netfilter::iptables::Backend::detect(),
+                kpr::nft::DEFAULT_MASQ_MARK,
+                settings.conntrack.tcp_be_liberal,
+            )),
             datapath_events: settings.datapath_events,
         },
         &kpr::ebpf::TcConfig {
@@ -492,6 +497,7 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         Ok(false) => {}
         Err(e) => errors.push(format!("nftables table ip {}: {e}", kpr::nft::TABLE)),
     }
+    removed.extend(kpr::netfilter::iptables::forward::remove());
     // The netfilter modes' state (kube-proxy's own, which those modes write).
     removed.extend(kpr::netfilter::cleanup::iptables().0);
     match kpr::netfilter::cleanup::nftables() {

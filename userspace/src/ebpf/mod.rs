@@ -88,6 +88,10 @@ pub struct EbpfConfig {
     /// thread's network namespace on every sync, with masquerade mark `Some(mark)`. The agent
     /// does; tests that run in the host's namespace leave it `None`.
     pub nftables_mark: Option<u32>,
+    /// The accept for forwarded Service traffic in the filter table's FORWARD chain
+    /// (kube-proxy's KUBE-FORWARD), ensured on every full sync. The agent sets it; tests in
+    /// the host's namespace leave it `None`.
+    pub forward_accept: Option<crate::netfilter::iptables::forward::ForwardAccept>,
     /// Emit datapath events (translations, drops with their reason) and log them
     /// (`--datapath-events`, see [`events`]). Off, the loaded programs hold no event code.
     pub datapath_events: bool,
@@ -125,6 +129,8 @@ pub struct EbpfDataplane {
     src_ranges: SrcRangeMap,
     /// kpr's nftables table, when this dataplane programs it ([`EbpfConfig::nftables_mark`]).
     table: Option<crate::nft::NftTable>,
+    /// See [`EbpfConfig::forward_accept`].
+    forward_accept: Option<crate::netfilter::iptables::forward::ForwardAccept>,
     /// Other modes' leftovers were removed (at the first sync).
     cleaned: bool,
     /// With datapath events on: the Service names the event reader looks frontends up in.
@@ -295,6 +301,7 @@ impl EbpfDataplane {
             swept_total: (0, 0),
             src_ranges: src_ranges_again,
             table: cfg.nftables_mark.map(crate::nft::NftTable::new),
+            forward_accept: cfg.forward_accept.clone(),
             cleaned: false,
             event_names,
         })
@@ -569,6 +576,9 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
                 &crate::nft::frontends_without_endpoints(desired),
                 crate::nft::needs_masquerade(desired),
             )?;
+        }
+        if let Some(forward) = self.forward_accept.as_ref().filter(|_| full) {
+            forward.ensure()?;
         }
         Ok(crate::dataplane::SyncReport {
             frontends: stats.frontends,

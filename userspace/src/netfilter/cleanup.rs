@@ -139,7 +139,7 @@ pub fn nftables() -> Result<Removed, NetlinkError> {
 /// A proxy mode, for what it leaves behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Leftovers {
-    /// kpr's eBPF mode: its table `ip kpr` (its programs leave with the process; its pinned
+    /// kpr's eBPF mode: its table `ip kpr` and its chain `KPR-FORWARD` (its programs leave with the process; its pinned
     /// maps are reused by the next eBPF run, and `kpr cleanup` removes them).
     Ebpf,
     Iptables,
@@ -165,6 +165,7 @@ pub fn other_modes(keep: Leftovers) {
             Ok(false) => {}
             Err(e) => tracing::warn!("removing kpr's eBPF-mode table: {e}"),
         }
+        removed.extend(super::iptables::forward::remove());
     }
     for r in removed {
         tracing::info!("removed another proxy mode's leftovers: {r}");

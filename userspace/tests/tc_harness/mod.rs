@@ -161,6 +161,7 @@ impl Env {
                 allow_cgroup_root: false,
                 // These tests run in the host's namespace: kpr's table is never written here.
                 nftables_mark: None,
+                forward_accept: None,
                 datapath_events,
             },
             &TcConfig { devices, conntrack },

@@ -9,6 +9,7 @@
 //! the runner's full resync follows. What is loaded leaves out, on partial syncs, the shared
 //! chains that did not change ([`unchanged`]).
 
+pub mod forward;
 pub mod render;
 pub mod unchanged;
 
@@ -87,7 +88,7 @@ impl Backend {
 }
 
 /// Runs `cmd` with `stdin`, failing with its stderr.
-fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<String, IptablesError> {
+pub(crate) fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<String, IptablesError> {
     let command = format!("{cmd:?}");
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()

@@ -51,6 +51,31 @@ impl Table {
     }
 }
 
+/// kube-proxy's KUBE-FORWARD rules in `chain`: forwarded traffic marked for masquerade (a
+/// Service's, by `mark`) and established flows are accepted, so a FORWARD policy of DROP
+/// (Docker sets one) does not drop them; INVALID packets are dropped unless conntrack is
+/// liberal. The eBPF mode writes the same rules in its own chain ([`super::forward`]).
+pub fn forward_rules(chain: &str, mark: &str, liberal: bool, nfacct: bool) -> Vec<String> {
+    let mut rules = Vec::new();
+    if !liberal {
+        let count = if nfacct {
+            format!(" -m nfacct --nfacct-name {NFACCT_CT_STATE_INVALID_DROPPED}")
+        } else {
+            String::new()
+        };
+        rules.push(format!(
+            "-A {chain} -m conntrack --ctstate INVALID{count} -j DROP"
+        ));
+    }
+    rules.push(format!(
+        "-A {chain} -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+    ));
+    rules.push(format!(
+        "-A {chain} -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    ));
+    rules
+}
+
 /// A jump from a built-in chain into one of kube-proxy's (kube-proxy's `iptablesJumpChains`
 /// followed by `iptablesKubeletJumpChains`). kube-proxy ensures each with `iptables -C`/`-I`
 /// (prepend) rather than in the restore input, so as not to own the built-in chains.
@@ -449,22 +474,9 @@ pub fn assemble(
         }
     }
 
-    if !ipt.conntrack_tcp_liberal {
-        let count = if ipt.nfacct {
-            format!(" -m nfacct --nfacct-name {NFACCT_CT_STATE_INVALID_DROPPED}")
-        } else {
-            String::new()
-        };
-        filter_rules.line(format!(
-            "-A {KUBE_FORWARD} -m conntrack --ctstate INVALID{count} -j DROP"
-        ));
+    for line in forward_rules(KUBE_FORWARD, mark, ipt.conntrack_tcp_liberal, ipt.nfacct) {
+        filter_rules.line(line);
     }
-    filter_rules.line(format!(
-        "-A {KUBE_FORWARD} -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
-    ));
-    filter_rules.line(format!(
-        "-A {KUBE_FORWARD} -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    ));
 
     let mut text = String::new();
     text.push_str("*filter\n");

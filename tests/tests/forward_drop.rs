@@ -1,0 +1,79 @@
+//! A host whose FORWARD policy is DROP, as Docker leaves it (issue 10, item 7): forwarded
+//! NodePort traffic still reaches the backends, because kpr accepts it in FORWARD as
+//! kube-proxy's KUBE-FORWARD does (the eBPF mode in its chain KPR-FORWARD, the iptables mode in
+//! KUBE-FORWARD itself), while other forwarded traffic stays dropped. kube-proxy's nftables
+//! mode installs no such accept (its rules are in its own table, which cannot override an
+//! iptables DROP), so neither does kpr's.
+//!
+//! Lab: node1 192.168.100.11 with be1..be3 (10.244.1.11..13); the external client
+//! 192.168.100.100 (which the lab routes to the pod CIDR through node1, for the control).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
+use kpr_lab::{write_manifest, Lab, LabSpec};
+
+const NODEPORT: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: ns}\nspec:\n  type: NodePort\n  clusterIP: 10.96.4.1\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30150}]\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n  namespace: ns\n  labels: {kubernetes.io/service-name: np}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n\
+- {addresses: [10.244.1.11], conditions: {ready: true}}\n\
+- {addresses: [10.244.1.12], conditions: {ready: true}}\n\
+- {addresses: [10.244.1.13], conditions: {ready: true}}\n";
+
+fn forwarded_nodeport_traffic_is_accepted_under_a_drop_policy(mode: ProxyMode) {
+    let tag = format!("fwd-{}", mode.name());
+    kpr_lab::require_lab(&tag);
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix(&tag),
+        external_client: true,
+        ..LabSpec::default()
+    })
+    .expect("lab up");
+    lab.exec_in_node(&["iptables", "-P", "FORWARD", "DROP"], None)
+        .unwrap();
+    let dir = lab.manifest_dir().unwrap();
+    write_manifest(&dir.join("svc.yaml"), NODEPORT);
+    let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
+    args.extend(mode.args());
+    let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
+    kpr.wait_for_frontend("192.168.100.11:30150/tcp", "a NodePort", |f| {
+        f.backends.len() == 3
+    })
+    .unwrap();
+
+    let ext = lab.external_client().unwrap().clone();
+    let all: BTreeSet<String> = ["be1", "be2", "be3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let target: SocketAddr = "192.168.100.11:30150".parse().unwrap();
+    if let Err(e) = lab.wait_until_reaching(&ext, target, &all) {
+        let rules = lab.exec_in_node(&["iptables-save", "-t", "filter"], None);
+        panic!("{e}\n{rules:?}\n{}", kpr.log());
+    }
+    // The control: the policy is in force for everything else forwarded (a pod reached
+    // directly, not through a Service, gets no answer).
+    let direct = lab
+        .connect_once(
+            &ext,
+            "10.244.1.11:8080".parse().unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+    assert_eq!(
+        direct.error.as_deref(),
+        Some("ETIMEDOUT"),
+        "the FORWARD DROP policy must drop non-Service traffic: {direct:?}"
+    );
+}
+
+#[test]
+fn ebpf_mode_accepts_forwarded_nodeport_traffic_under_a_forward_drop_policy() {
+    forwarded_nodeport_traffic_is_accepted_under_a_drop_policy(ProxyMode::Ebpf);
+}
+
+#[test]
+fn iptables_mode_accepts_forwarded_nodeport_traffic_under_a_forward_drop_policy() {
+    forwarded_nodeport_traffic_is_accepted_under_a_drop_policy(ProxyMode::Iptables);
+}

@@ -1,0 +1,130 @@
+//! The eBPF mode's half of kube-proxy's KUBE-FORWARD: on a host whose FORWARD policy is DROP
+//! (Docker sets it), forwarded Service traffic must be accepted in the filter table's FORWARD
+//! chain itself. An accept in kpr's own nftables table would not do: a packet passes netfilter
+//! only if every base chain at the hook accepts it, and the DROP policy is iptables'.
+//!
+//! The chain `KPR-FORWARD` holds kube-proxy's rules ([`render::forward_rules`]): packets the tc
+//! programs marked for masquerade, and established flows, are accepted. A prepended jump from
+//! FORWARD reaches it, ensured with `iptables -C`/`-I` as kube-proxy ensures its jumps. It is
+//! written in the node's iptables backend (iptables-nft or legacy, detected as the iptables mode
+//! detects it).
+
+use std::process::Command;
+
+use super::render::{self, JumpRule, Table};
+use super::{chains_in, run, Backend, IptablesError};
+
+/// The eBPF mode's chain in the filter table.
+pub const CHAIN: &str = "KPR-FORWARD";
+
+const JUMP: JumpRule = JumpRule {
+    table: Table::Filter,
+    from: "FORWARD",
+    to: CHAIN,
+    comment: "kpr forwarding rules",
+    ctstate_new: false,
+};
+
+/// What the eBPF mode keeps in FORWARD.
+#[derive(Clone, Debug)]
+pub struct ForwardAccept {
+    backend: Backend,
+    /// The masquerade mark, as iptables spells it (`0x00004000`).
+    mark: String,
+    /// `--conntrack-tcp-be-liberal`: no INVALID drop.
+    liberal: bool,
+}
+
+impl ForwardAccept {
+    pub fn new(backend: Backend, mark: u32, liberal: bool) -> ForwardAccept {
+        ForwardAccept {
+            backend,
+            mark: format!("{mark:#010x}"),
+            liberal,
+        }
+    }
+
+    /// The restore input: the chain declared (created, or flushed) and filled.
+    pub fn restore_input(&self) -> String {
+        let mut text = format!("*filter\n:{CHAIN} - [0:0]\n");
+        for rule in render::forward_rules(CHAIN, &self.mark, self.liberal, false) {
+            text.push_str(&rule);
+            text.push('\n');
+        }
+        text.push_str("COMMIT\n");
+        text
+    }
+
+    /// Writes the chain and ensures the jump into it. Idempotent.
+    pub fn ensure(&self) -> Result<(), IptablesError> {
+        let mut restore = Command::new(self.backend.command("iptables-restore"));
+        restore.args(["-w", "5", "-W", "100000", "--noflush"]);
+        run(restore, Some(self.restore_input().as_bytes()))?;
+        let args = JUMP.args();
+        let iptables = |op: &str| {
+            let mut cmd = Command::new(self.backend.command("iptables"));
+            cmd.args(["-w", "5", "-t", "filter", op, JUMP.from])
+                .args(&args);
+            cmd
+        };
+        if run(iptables("-C"), None).is_err() {
+            run(iptables("-I"), None)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes the chain and its jumps in both backends (another mode's first sync, `kpr
+/// cleanup`), naming what went. Errors are logged: a backend without the chain is the usual
+/// case.
+pub fn remove() -> Vec<String> {
+    let mut removed = Vec::new();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let save = crate::netfilter::quiet(
+            Command::new(backend.command("iptables-save")).args(["-t", "filter"]),
+        );
+        if !save.is_some_and(|s| chains_in(&s).contains(CHAIN)) {
+            continue;
+        }
+        let args = JUMP.args();
+        // A jump may have been added more than once.
+        for _ in 0..8 {
+            let mut cmd = Command::new(backend.command("iptables"));
+            cmd.args(["-w", "5", "-t", "filter", "-D", JUMP.from])
+                .args(&args);
+            if crate::netfilter::quiet(&mut cmd).is_none() {
+                break;
+            }
+        }
+        let mut restore = Command::new(backend.command("iptables-restore"));
+        restore.args(["-w", "5", "--noflush"]);
+        match run(
+            restore,
+            Some(format!("*filter\n:{CHAIN} - [0:0]\n-X {CHAIN}\nCOMMIT\n").as_bytes()),
+        ) {
+            Ok(_) => removed.push(format!("iptables chain filter {CHAIN} ({backend:?})")),
+            Err(e) => tracing::warn!("removing {CHAIN}: {e}"),
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_holds_kube_proxys_forward_rules() {
+        let f = ForwardAccept::new(Backend::Nft, 0x4000, false);
+        assert_eq!(
+            f.restore_input(),
+            "*filter\n:KPR-FORWARD - [0:0]\n\
+             -A KPR-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+             -A KPR-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x00004000/0x00004000 -j ACCEPT\n\
+             -A KPR-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+             COMMIT\n"
+        );
+        let liberal = ForwardAccept::new(Backend::Nft, 0x4000, true).restore_input();
+        assert!(!liberal.contains("INVALID"), "{liberal}");
+    }
+}
