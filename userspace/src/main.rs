@@ -249,6 +249,24 @@ fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::Plan
 }
 
 /// Loads and attaches the eBPF mode's programs.
+/// The eBPF mode's accept in FORWARD (for hosts whose FORWARD policy is DROP), where iptables
+/// is installed; without it the mode goes on, saying what it cannot do.
+fn forward_accept(settings: &Settings) -> Option<kpr::netfilter::iptables::forward::ForwardAccept> {
+    let forward = kpr::netfilter::iptables::forward::ForwardAccept::new(
+        kpr::netfilter::iptables::Backend::detect(),
+        kpr::nft::DEFAULT_MASQ_MARK,
+        settings.conntrack.tcp_be_liberal,
+    );
+    if forward.tools_installed() {
+        return Some(forward);
+    }
+    tracing::warn!(
+        "iptables is not installed: forwarded Service traffic is not accepted in FORWARD \
+         (a host whose FORWARD policy is DROP drops it)"
+    );
+    None
+}
+
 fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
     let allow_root =
         settings.allow_cgroup_root || settings.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
@@ -271,11 +289,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             lb_capacity: settings.lb_capacity,
             allow_cgroup_root: allow_root,
             nftables_mark: Some(kpr::nft::DEFAULT_MASQ_MARK),
-            forward_accept: Some(kpr::netfilter::iptables::forward::ForwardAccept::new(
-                kpr::netfilter::iptables::Backend::detect(),
-                kpr::nft::DEFAULT_MASQ_MARK,
-                settings.conntrack.tcp_be_liberal,
-            )),
+            forward_accept: forward_accept(settings),
             datapath_events: settings.datapath_events,
         },
         &kpr::ebpf::TcConfig {

@@ -44,6 +44,14 @@ impl ForwardAccept {
         }
     }
 
+    /// Whether this backend's tools are installed (the container image has none: its agent
+    /// cannot write iptables rules at all).
+    pub fn tools_installed(&self) -> bool {
+        let tool = self.backend.command("iptables-restore");
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(&tool).is_file()))
+    }
+
     /// The restore input: the chain declared (created, or flushed) and filled.
     pub fn restore_input(&self) -> String {
         let mut text = format!("*filter\n:{CHAIN} - [0:0]\n");
