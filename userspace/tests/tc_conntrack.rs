@@ -373,6 +373,31 @@ fn the_garbage_collector_removes_expired_entries_only() {
     assert_eq!(env.counter("ct_gc_stale"), 0);
 }
 
+/// The race behind a reset under load: the collector walks, a client reuses the port of an
+/// expired flow (its SYN revives the entry), then the collector deletes. The revived entry must
+/// stay, or the new connection's next packet finds no flow and the node answers with a RST.
+#[test]
+fn the_garbage_collector_keeps_an_entry_revived_after_its_walk() {
+    let mut env = one_backend(IPPROTO_TCP);
+    handshake(&mut env, PORT);
+    in_ns(&mut env, &syn(PORT + 2));
+    in_ns(&mut env, &client(PORT + 2, TCP_RST));
+    // 70 s later the reset flow (10 s) is over; the walk plans its removal.
+    let plan = env
+        .dp()
+        .plan_conntrack_expiry(monotonic_ns() + 70_000_000_000);
+    assert_eq!(plan.len(), 2, "{plan:?}");
+    // Meanwhile the client opens a new connection from the same port.
+    let (_, out) = in_ns(&mut env, &syn(PORT + 2));
+    let chosen = backend_of(&out);
+    let s = env.dp().apply_conntrack_sweep(plan);
+    assert_eq!(s.expired, 0, "the revived flow was deleted: {s:?}");
+    // The new connection's handshake completes through its entry.
+    let (_, ack) = in_ns(&mut env, &client(PORT + 2, TCP_ACK));
+    assert_eq!(backend_of(&ack), chosen);
+    assert_eq!(env.counter("tc_ct_miss_not_syn"), 0);
+}
+
 fn bpftool(args: &[&str]) {
     let out = Command::new("bpftool")
         .args(args)

@@ -140,41 +140,111 @@ impl ConntrackMaps {
     /// programs ignore an expired entry anyway; this frees it. A whole walk of both maps: the
     /// agent runs it on full syncs and after syncs that removed backends.
     pub fn sweep(&mut self, live_backends: Option<&HashSet<u32>>, now_ns: u64) -> SweepStats {
-        let mut stats = SweepStats::default();
-        for (name, map, max) in [
-            (CT_MAP, &mut self.established, self.established_max),
-            (CT_NEW_MAP, &mut self.new, self.new_max),
+        let plan = self.plan_sweep(live_backends, now_ns);
+        self.apply_sweep(plan)
+    }
+
+    /// The first half of [`Self::sweep`]: the walk, and what it would remove. Deleting while
+    /// walking would restart the walk (the kernel's next-key of a deleted key starts over):
+    /// collect, then delete.
+    pub fn plan_sweep(&self, live_backends: Option<&HashSet<u32>>, now_ns: u64) -> SweepPlan {
+        let mut plan = SweepPlan::default();
+        for (established, map, max) in [
+            (true, &self.established, self.established_max),
+            (false, &self.new, self.new_max),
         ] {
-            let entries = walk(map, max);
             let mut kept = 0u64;
-            // Deleting while walking would restart the walk (the kernel's next-key of a deleted
-            // key starts over): collect, then delete.
-            let mut doomed = Vec::new();
-            for (k, v) in entries {
-                if expired(&self.timeouts, &k, &v, now_ns) {
-                    doomed.push((k, true));
+            for (k, v) in walk(map, max) {
+                let doomed = if expired(&self.timeouts, &k, &v, now_ns) {
+                    Some(true)
                 } else if live_backends.is_some_and(|live| !live.contains(&v.backend_id)) {
-                    doomed.push((k, false));
+                    Some(false)
                 } else {
-                    kept += 1;
+                    None
+                };
+                match doomed {
+                    Some(was_expired) => plan.doomed.push(Doomed {
+                        established,
+                        key: k,
+                        seen: v,
+                        expired: was_expired,
+                    }),
+                    None => kept += 1,
                 }
             }
-            for (k, was_expired) in doomed {
-                match map.remove(&k) {
-                    Ok(()) if was_expired => stats.expired += 1,
-                    Ok(()) => stats.stale += 1,
-                    // Gone meanwhile (the datapath replaced it, or the LRU evicted it).
-                    Err(_) => {}
-                }
-            }
-            if name == CT_MAP {
-                stats.established = kept;
+            if established {
+                plan.kept.0 = kept;
             } else {
-                stats.new = kept;
+                plan.kept.1 = kept;
+            }
+        }
+        plan
+    }
+
+    /// The second half of [`Self::sweep`]: removes the planned entries that are still as the
+    /// walk saw them. Between the walk and the delete the datapath may have revived one (a
+    /// client reusing a port starts its new flow in the entry of the old one); deleting that
+    /// would leave the new connection's next packet without its flow, and the node's stack
+    /// would answer it with a reset. Each entry is re-read just before its delete, which
+    /// shrinks the window from the walk's length to one lookup.
+    pub fn apply_sweep(&mut self, plan: SweepPlan) -> SweepStats {
+        let mut stats = SweepStats {
+            established: plan.kept.0,
+            new: plan.kept.1,
+            ..Default::default()
+        };
+        for d in plan.doomed {
+            let map = if d.established {
+                &mut self.established
+            } else {
+                &mut self.new
+            };
+            if map.get(&d.key, 0).ok() != Some(d.seen) {
+                // Revived, replaced or gone meanwhile: kept (or nothing to do).
+                if d.established {
+                    stats.established += 1;
+                } else {
+                    stats.new += 1;
+                }
+                continue;
+            }
+            match map.remove(&d.key) {
+                Ok(()) if d.expired => stats.expired += 1,
+                Ok(()) => stats.stale += 1,
+                // Gone meanwhile (the datapath replaced it, or the LRU evicted it).
+                Err(_) => {}
             }
         }
         stats
     }
+}
+
+/// What a garbage-collection walk found ([`ConntrackMaps::plan_sweep`]).
+#[derive(Debug, Default)]
+pub struct SweepPlan {
+    doomed: Vec<Doomed>,
+    /// Entries kept in the established and the new-flows map.
+    kept: (u64, u64),
+}
+
+impl SweepPlan {
+    /// How many entries the walk found to remove.
+    pub fn len(&self) -> usize {
+        self.doomed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.doomed.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Doomed {
+    established: bool,
+    key: Ct4Key,
+    /// The value the walk saw: the entry goes only if it still holds it.
+    seen: Ct4Value,
+    expired: bool,
 }
 
 /// Whether the entry outlived its lifetime at `now_ns` (the datapath's rule: `last_seen_ns`

@@ -381,6 +381,19 @@ impl EbpfDataplane {
         s
     }
 
+    /// [`Self::expire_conntrack`] in its two halves (the walk, then the deletes), for tests of
+    /// what the datapath does in between.
+    pub fn plan_conntrack_expiry(&self, now_ns: u64) -> conntrack::SweepPlan {
+        self.conntrack.plan_sweep(None, now_ns)
+    }
+
+    /// The second half: see [`conntrack::ConntrackMaps::apply_sweep`].
+    pub fn apply_conntrack_sweep(&mut self, plan: conntrack::SweepPlan) -> SweepStats {
+        let s = self.conntrack.apply_sweep(plan);
+        self.record_sweep(s);
+        s
+    }
+
     fn record_sweep(&mut self, s: SweepStats) {
         self.last_sweep = s;
         self.swept_total.0 += s.expired;
