@@ -48,10 +48,37 @@ const MANIFEST: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, na
 
 #[test]
 fn the_image_serves_a_clusterip_in_a_lab_node() {
-    require("image_agent");
+    let lab = serve_a_clusterip_from_the_image("image_agent", "img", &[]);
+    // The eBPF mode's FORWARD accept, written with the image's own iptables.
+    let rules = lab
+        .exec_in_node(&["iptables-save", "-t", "filter"], None)
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("-A FORWARD -m comment --comment \"kpr forwarding rules\" -j KPR-FORWARD"),
+        "{rules}"
+    );
+}
+
+#[test]
+fn the_image_runs_the_iptables_mode() {
+    let lab =
+        serve_a_clusterip_from_the_image("image_iptables", "imgipt", &["--proxy-mode", "iptables"]);
+    let rules = lab
+        .exec_in_node(&["iptables-save", "-t", "nat"], None)
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(rules.contains("-d 10.96.0.10/32"), "{rules}");
+}
+
+/// Runs the image's agent (with `extra` flags) in a lab node as the DaemonSet would, and checks
+/// that a pod reaches all three backends through the ClusterIP. Returns the lab, for more
+/// checks.
+fn serve_a_clusterip_from_the_image(test: &str, tag: &str, extra: &[&str]) -> Lab {
+    require(test);
     let layout = image_layout();
     let lab = Lab::up(LabSpec {
-        prefix: Lab::unique_prefix("img"),
+        prefix: Lab::unique_prefix(tag),
         ..LabSpec::default()
     })
     .expect("lab up");
@@ -68,7 +95,7 @@ fn the_image_serves_a_clusterip_in_a_lab_node() {
     c.bind(lab.cgroup_dir(), "/run/kpr/cgroup").unwrap();
     c.bind(&dir, "/manifests").unwrap();
     c.bind(&work, "/work").unwrap();
-    c.set_args(&[
+    let mut args = vec![
         BINARY_IN_IMAGE,
         "--manifests",
         "/manifests",
@@ -80,8 +107,9 @@ fn the_image_serves_a_clusterip_in_a_lab_node() {
         "/work/container-status.json",
         "--healthz-bind-address",
         "127.0.0.1:10256",
-    ])
-    .unwrap();
+    ];
+    args.extend(extra);
+    c.set_args(&args).unwrap();
     let log = work.join("container.log");
     c.start_detached(&log).unwrap();
 
@@ -112,4 +140,5 @@ fn the_image_serves_a_clusterip_in_a_lab_node() {
     );
     assert_eq!(r.counts.len(), 3, "{r:?}");
     drop(c);
+    lab
 }

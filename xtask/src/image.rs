@@ -1,7 +1,9 @@
 //! `cargo xtask image`: kpr's container image, built from scratch.
 //!
 //! The image holds the release `kpr` binary (stripped) and exactly the shared libraries it
-//! links (ldd's list, with the dynamic loader): no shell, no package manager. umoci (Debian)
+//! links (ldd's list, with the dynamic loader), and iptables (both backends, with its
+//! extensions and libraries) for the iptables mode and the eBPF mode's FORWARD accept: no
+//! shell, no package manager. umoci (Debian)
 //! builds the OCI layout (layers, config, labels), skopeo (Debian) writes the tar archive;
 //! neither needs a daemon. Outputs, under target/image/:
 //! - `oci/`: an OCI image layout, tag [`tag`];
@@ -92,6 +94,9 @@ pub fn build_image() -> Result<Image> {
         "0:0".into(),
         "--config.workingdir".into(),
         "/".into(),
+        // Where the agent finds iptables (a scratch image has no PATH otherwise).
+        "--config.env".into(),
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
     ];
     for l in &labels {
         args.push("--config.label".into());
@@ -126,10 +131,59 @@ fn stage(kpr: &Path, rootfs: &Path) -> Result<()> {
         // The file itself, not the symlink ldd names (there is nothing else in the image).
         std::fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
     }
+    stage_iptables(rootfs)?;
     // Directories the agent and a runtime expect. /run/kpr holds the cgroup2 mount kpr makes
     // when the host has none; /tmp for anything that wants it.
     for d in ["run", "tmp", "proc", "sys", "dev", "etc"] {
         std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    Ok(())
+}
+
+/// The iptables multi-call binaries (nft and legacy backends).
+const IPTABLES_MULTI: [(&str, &str); 2] = [
+    ("nft", "/usr/sbin/xtables-nft-multi"),
+    ("legacy", "/usr/sbin/xtables-legacy-multi"),
+];
+/// The extensions iptables loads at run time (`-m conntrack`, `-j MASQUERADE`, ...).
+const XTABLES_MODULES: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+
+/// iptables, both backends and families, as kube-proxy's image carries it: the iptables mode
+/// writes its rules with it and the eBPF mode its FORWARD accept. The multi-call binaries with
+/// the libraries they link, their `iptables-nft-restore`-style names as links, and the
+/// extension modules.
+fn stage_iptables(rootfs: &Path) -> Result<()> {
+    let sbin = rootfs.join("usr/sbin");
+    std::fs::create_dir_all(&sbin)?;
+    for (backend, multi) in IPTABLES_MULTI {
+        let multi = Path::new(multi);
+        let name = multi.file_name().context("iptables binary name")?;
+        std::fs::copy(multi, sbin.join(name))
+            .with_context(|| format!("copying {}", multi.display()))?;
+        for lib in linked_libraries(multi)? {
+            let to = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
+            std::fs::create_dir_all(to.parent().unwrap())?;
+            std::fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
+        }
+        for family in ["iptables", "ip6tables"] {
+            for suffix in ["", "-save", "-restore"] {
+                let link = sbin.join(format!("{family}-{backend}{suffix}"));
+                std::os::unix::fs::symlink(name, &link)
+                    .with_context(|| format!("linking {}", link.display()))?;
+            }
+        }
+    }
+    let modules = rootfs.join(XTABLES_MODULES.trim_start_matches('/'));
+    std::fs::create_dir_all(&modules)?;
+    for entry in
+        std::fs::read_dir(XTABLES_MODULES).with_context(|| format!("reading {XTABLES_MODULES}"))?
+    {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "so") {
+            let to = modules.join(path.file_name().unwrap());
+            // Some modules are links to others: copy what they point at.
+            std::fs::copy(&path, &to).with_context(|| format!("copying {}", path.display()))?;
+        }
     }
     Ok(())
 }
