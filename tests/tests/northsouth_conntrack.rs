@@ -106,13 +106,16 @@ per_mode! {
         }
         println!("direct connections/s by round: {direct_rates:.0?}");
         // The stall this guards against left a few dozen connections in 2 s where 12,000 went
-        // before: a round at half the first one's rate is far outside this lab's noise and far
-        // from the failure.
-        let first = direct_rates[0];
+        // before. Rates on this 2-core lab vary threefold between rounds (other tests run
+        // beside this one), so each round is held to a tenth of the median round: far outside
+        // the noise, and still far above the failure.
+        let mut sorted = direct_rates.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
         for (i, r) in direct_rates.iter().enumerate() {
             assert!(
-                *r >= first / 2.0,
-                "round {}: {r:.0}/s against {first:.0}/s in round 1: {direct_rates:.0?}",
+                *r >= median / 10.0,
+                "round {}: {r:.0}/s against a median of {median:.0}/s: {direct_rates:.0?}",
                 i + 1
             );
         }
