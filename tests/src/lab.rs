@@ -1309,6 +1309,22 @@ fn ping(ns: &str, dst: Ipv4Addr) -> Result<()> {
     )))
 }
 
+/// The one-node lab with the external client that the north-south tests of test `tag` use
+/// (failing where labs cannot run, [`crate::require_lab`]), with `manifest` written to
+/// `svc.yaml` in its manifest directory: the lab and that directory.
+pub fn external_client_lab(tag: &str, manifest: &str) -> (Lab, PathBuf) {
+    crate::require_lab(tag);
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix(tag),
+        external_client: true,
+        ..LabSpec::default()
+    })
+    .expect("lab up");
+    let dir = lab.manifest_dir().expect("manifest directory");
+    write_manifest(&dir.join("svc.yaml"), manifest);
+    (lab, dir)
+}
+
 /// Writes the manifest `path` (in a [`Lab::manifest_dir`]) atomically: a temporary file
 /// renamed over it, as kubectl and ConfigMap volumes replace files (kpr ignores `~` files), so
 /// a kpr polling the directory never reads half a manifest. Panics on failure (tests only).

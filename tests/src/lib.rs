@@ -53,8 +53,8 @@ pub mod tool;
 
 pub use error::LabError;
 pub use lab::{
-    node_fabric_ip, write_manifest, Lab, LabNode, LabSpec, Pod, PodRole, EXTERNAL_CLIENT_IP,
-    MAX_NODES,
+    external_client_lab, node_fabric_ip, write_manifest, Lab, LabNode, LabSpec, Pod, PodRole,
+    EXTERNAL_CLIENT_IP, MAX_NODES,
 };
 pub use netns::{in_netns, TestNetns};
 pub use preconditions::{is_root, require_lab};

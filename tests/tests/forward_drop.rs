@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
-use kpr_lab::{write_manifest, Lab, LabSpec};
 
 const NODEPORT: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: ns}\nspec:\n  type: NodePort\n  clusterIP: 10.96.4.1\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30150}]\n---\n\
 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n  namespace: ns\n  labels: {kubernetes.io/service-name: np}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n\
@@ -23,17 +22,9 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n 
 
 fn forwarded_nodeport_traffic_is_accepted_under_a_drop_policy(mode: ProxyMode) {
     let tag = format!("fwd-{}", mode.name());
-    kpr_lab::require_lab(&tag);
-    let lab = Lab::up(LabSpec {
-        prefix: Lab::unique_prefix(&tag),
-        external_client: true,
-        ..LabSpec::default()
-    })
-    .expect("lab up");
+    let (lab, dir) = kpr_lab::external_client_lab(&tag, NODEPORT);
     lab.exec_in_node(&["iptables", "-P", "FORWARD", "DROP"], None)
         .unwrap();
-    let dir = lab.manifest_dir().unwrap();
-    write_manifest(&dir.join("svc.yaml"), NODEPORT);
     let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
     args.extend(mode.args());
     let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");

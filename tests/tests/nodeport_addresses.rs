@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
-use kpr_lab::{per_mode, write_manifest, Lab, LabSpec};
+use kpr_lab::{per_mode, Lab};
 
 const NODE1: &str = "192.168.100.11";
 
@@ -45,15 +45,7 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str, manifest: &str, mode: ProxyMode, extra: &[&str]) -> Setup {
-        kpr_lab::require_lab(tag);
-        let lab = Lab::up(LabSpec {
-            prefix: Lab::unique_prefix(tag),
-            external_client: true,
-            ..LabSpec::default()
-        })
-        .expect("lab up");
-        let dir = lab.manifest_dir().unwrap();
-        write_manifest(&dir.join("svc.yaml"), manifest);
+        let (lab, dir) = kpr_lab::external_client_lab(tag, manifest);
         let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
         args.extend(mode.args());
         args.extend(extra);

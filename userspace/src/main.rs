@@ -248,7 +248,6 @@ fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::Plan
     })
 }
 
-/// Loads and attaches the eBPF mode's programs.
 /// The eBPF mode's accept in FORWARD (for hosts whose FORWARD policy is DROP), where iptables
 /// is installed; without it the mode goes on, saying what it cannot do.
 fn forward_accept(settings: &Settings) -> Option<kpr::netfilter::iptables::forward::ForwardAccept> {
@@ -267,6 +266,7 @@ fn forward_accept(settings: &Settings) -> Option<kpr::netfilter::iptables::forwa
     None
 }
 
+/// Loads and attaches the eBPF mode's programs.
 fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
     let allow_root =
         settings.allow_cgroup_root || settings.cgroup_path == std::path::Path::new(DEFAULT_CGROUP);
@@ -511,7 +511,7 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         Ok(false) => {}
         Err(e) => errors.push(format!("nftables table ip {}: {e}", kpr::nft::TABLE)),
     }
-    removed.extend(kpr::netfilter::iptables::forward::remove());
+    removed.extend(kpr::netfilter::cleanup::ebpf_forward_chain().0);
     // The netfilter modes' state (kube-proxy's own, which those modes write).
     removed.extend(kpr::netfilter::cleanup::iptables().0);
     match kpr::netfilter::cleanup::nftables() {

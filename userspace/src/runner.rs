@@ -226,6 +226,9 @@ pub async fn run<D: Dataplane + ?Sized>(
     let mut full = true;
     let mut source_open = true;
     let mut local_addresses = cfg.local_addresses.clone();
+    // Whether the address watch still reports changes (its thread may end; the last
+    // addresses stay in use).
+    let mut local_open = local_addresses.is_some();
     // The snapshot last programmed successfully, to tell what changed since.
     let mut programmed: Option<Arc<ClusterSnapshot>> = None;
     // The model errors logged so far (see below).
@@ -247,13 +250,12 @@ pub async fn run<D: Dataplane + ?Sized>(
                     Err(_) => source_open = false,
                 },
                 changed = async { local_addresses.as_mut()?.changed().await.ok() },
-                    if local_addresses.is_some() => match changed {
+                    if local_open => match changed {
                     Some(()) => {
                         pending = true;
                         notify(&|o| o.update_queued(SystemTime::now()));
                     }
-                    // The watching thread ended: keep the last addresses.
-                    None => local_addresses = None,
+                    None => local_open = false,
                 },
                 _ = tokio::time::sleep_until(next_full.into()) => {
                     pending = true;
@@ -283,14 +285,10 @@ pub async fn run<D: Dataplane + ?Sized>(
         }
 
         let t0 = Instant::now();
-        let local: Vec<IpAddr> = match &mut local_addresses {
-            Some(rx) => rx.borrow_and_update().clone(),
-            None => cfg
-                .local_addresses
-                .as_ref()
-                .map(|rx| rx.borrow().clone())
-                .unwrap_or_default(),
-        };
+        let local: Vec<IpAddr> = local_addresses
+            .as_mut()
+            .map(|rx| rx.borrow_and_update().clone())
+            .unwrap_or_default();
         let node = model::NodeContext {
             node_name: cfg.node_name.clone(),
             node_ips: crate::nodeaddr::nodeport_ips(

@@ -11,7 +11,7 @@
 use std::process::{Command, Stdio};
 
 use super::chains::IPTABLES_SERVICE_CHAIN_PREFIXES;
-use super::iptables::{chains_in, Backend, Table, JUMP_RULES};
+use super::iptables::{chains_in, Backend, JumpRule, Table, JUMP_RULES};
 use super::nfnetlink::{NetlinkError, Transaction};
 
 /// kube-proxy's fixed chains (kubelet's KUBE-FIREWALL is not among them).
@@ -40,27 +40,52 @@ pub struct Removed(pub Vec<String>);
 /// Removes kube-proxy's iptables chains and jumps, for both backends and both families, in the
 /// calling process's network namespace.
 pub fn iptables() -> Removed {
+    remove_chains(
+        "kube-proxy",
+        &["iptables", "ip6tables"],
+        &[Table::Nat, Table::Filter],
+        JUMP_RULES,
+        is_kube_proxy_chain,
+    )
+}
+
+/// Removes the eBPF mode's chain `KPR-FORWARD` and its jump from FORWARD, for both backends.
+pub fn ebpf_forward_chain() -> Removed {
+    use super::iptables::forward::{CHAIN, JUMP};
+    remove_chains(
+        "kpr eBPF-mode",
+        &["iptables"],
+        &[Table::Filter],
+        &[JUMP],
+        |c| c == CHAIN,
+    )
+}
+
+/// Removes the chains `ours` selects from `tables`, for both backends and each of `families`
+/// (`iptables`, `ip6tables`), with the `jumps` into them (`whose` names them in the report).
+fn remove_chains(
+    whose: &str,
+    families: &[&str],
+    tables: &[Table],
+    jumps: &[JumpRule],
+    ours: impl Fn(&str) -> bool,
+) -> Removed {
     let mut removed = Removed::default();
     for backend in [Backend::Nft, Backend::Legacy] {
-        for family in ["iptables", "ip6tables"] {
+        for family in families {
             let tool = |t: &str| backend.command(t).replacen("iptables", family, 1);
-            for table in [Table::Nat, Table::Filter] {
+            for &table in tables {
                 let Some(save) =
                     super::quiet(Command::new(tool("iptables-save")).args(["-t", table.name()]))
                 else {
                     continue;
                 };
-                let theirs: Vec<String> = chains_in(&save)
-                    .into_iter()
-                    .filter(|c| is_kube_proxy_chain(c))
-                    .collect();
+                let theirs: Vec<String> =
+                    chains_in(&save).into_iter().filter(|c| ours(c)).collect();
                 if theirs.is_empty() {
                     continue;
                 }
-                for j in JUMP_RULES
-                    .iter()
-                    .filter(|j| j.table == table && is_kube_proxy_chain(j.to))
-                {
+                for j in jumps.iter().filter(|j| j.table == table && ours(j.to)) {
                     let args = j.args();
                     // A jump may have been added more than once.
                     for _ in 0..8 {
@@ -96,13 +121,13 @@ pub fn iptables() -> Removed {
                     });
                 match ok {
                     Ok(out) if out.status.success() => removed.0.push(format!(
-                        "{} kube-proxy chains in {} table {} ({backend:?})",
+                        "{} {whose} chains in {} table {} ({backend:?})",
                         theirs.len(),
                         family,
                         table.name()
                     )),
                     Ok(out) => tracing::warn!(
-                        "removing kube-proxy's {family} chains in table {}: {}",
+                        "removing {whose} {family} chains in table {}: {}",
                         table.name(),
                         String::from_utf8_lossy(&out.stderr).trim()
                     ),
@@ -139,8 +164,9 @@ pub fn nftables() -> Result<Removed, NetlinkError> {
 /// A proxy mode, for what it leaves behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Leftovers {
-    /// kpr's eBPF mode: its table `ip kpr` and its chain `KPR-FORWARD` (its programs leave with the process; its pinned
-    /// maps are reused by the next eBPF run, and `kpr cleanup` removes them).
+    /// kpr's eBPF mode: its table `ip kpr` and its iptables chain `KPR-FORWARD` (its programs
+    /// leave with the process; its pinned maps are reused by the next eBPF run, and `kpr
+    /// cleanup` removes them).
     Ebpf,
     Iptables,
     Nftables,
@@ -165,7 +191,7 @@ pub fn other_modes(keep: Leftovers) {
             Ok(false) => {}
             Err(e) => tracing::warn!("removing kpr's eBPF-mode table: {e}"),
         }
-        removed.extend(super::iptables::forward::remove());
+        removed.extend(ebpf_forward_chain().0);
     }
     for r in removed {
         tracing::info!("removed another proxy mode's leftovers: {r}");

@@ -7,17 +7,19 @@
 //! programs marked for masquerade, and established flows, are accepted. A prepended jump from
 //! FORWARD reaches it, ensured with `iptables -C`/`-I` as kube-proxy ensures its jumps. It is
 //! written in the node's iptables backend (iptables-nft or legacy, detected as the iptables mode
-//! detects it).
+//! detects it). The other modes and `kpr cleanup` remove both
+//! ([`crate::netfilter::cleanup::ebpf_forward_chain`]).
 
 use std::process::Command;
 
 use super::render::{self, JumpRule, Table};
-use super::{chains_in, run, Backend, IptablesError};
+use super::{ensure_jump, run, Backend, IptablesError};
 
 /// The eBPF mode's chain in the filter table.
 pub const CHAIN: &str = "KPR-FORWARD";
 
-const JUMP: JumpRule = JumpRule {
+/// The jump from FORWARD into [`CHAIN`] (`crate::netfilter::cleanup` removes both).
+pub const JUMP: JumpRule = JumpRule {
     table: Table::Filter,
     from: "FORWARD",
     to: CHAIN,
@@ -68,53 +70,8 @@ impl ForwardAccept {
         let mut restore = Command::new(self.backend.command("iptables-restore"));
         restore.args(["-w", "5", "-W", "100000", "--noflush"]);
         run(restore, Some(self.restore_input().as_bytes()))?;
-        let args = JUMP.args();
-        let iptables = |op: &str| {
-            let mut cmd = Command::new(self.backend.command("iptables"));
-            cmd.args(["-w", "5", "-t", "filter", op, JUMP.from])
-                .args(&args);
-            cmd
-        };
-        if run(iptables("-C"), None).is_err() {
-            run(iptables("-I"), None)?;
-        }
-        Ok(())
+        ensure_jump(self.backend, &JUMP)
     }
-}
-
-/// Removes the chain and its jumps in both backends (another mode's first sync, `kpr
-/// cleanup`), naming what went. Errors are logged: a backend without the chain is the usual
-/// case.
-pub fn remove() -> Vec<String> {
-    let mut removed = Vec::new();
-    for backend in [Backend::Nft, Backend::Legacy] {
-        let save = crate::netfilter::quiet(
-            Command::new(backend.command("iptables-save")).args(["-t", "filter"]),
-        );
-        if !save.is_some_and(|s| chains_in(&s).contains(CHAIN)) {
-            continue;
-        }
-        let args = JUMP.args();
-        // A jump may have been added more than once.
-        for _ in 0..8 {
-            let mut cmd = Command::new(backend.command("iptables"));
-            cmd.args(["-w", "5", "-t", "filter", "-D", JUMP.from])
-                .args(&args);
-            if crate::netfilter::quiet(&mut cmd).is_none() {
-                break;
-            }
-        }
-        let mut restore = Command::new(backend.command("iptables-restore"));
-        restore.args(["-w", "5", "--noflush"]);
-        match run(
-            restore,
-            Some(format!("*filter\n:{CHAIN} - [0:0]\n-X {CHAIN}\nCOMMIT\n").as_bytes()),
-        ) {
-            Ok(_) => removed.push(format!("iptables chain filter {CHAIN} ({backend:?})")),
-            Err(e) => tracing::warn!("removing {CHAIN}: {e}"),
-        }
-    }
-    removed
 }
 
 #[cfg(test)]

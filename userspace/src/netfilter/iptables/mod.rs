@@ -22,7 +22,9 @@ use crate::dataplane::{Dataplane, DataplaneError, ModeMetrics, SyncReport};
 use crate::model::{DesiredState, Protocol, ServicePortInfo, ServicePortName};
 use crate::netfilter::plan::{plan_port, PlanConfig, LARGE_CLUSTER_ENDPOINTS_THRESHOLD};
 
-pub use render::{IptablesConfig, IptablesRules, PortRules, Table, WriteScope, JUMP_RULES};
+pub use render::{
+    IptablesConfig, IptablesRules, JumpRule, PortRules, Table, WriteScope, JUMP_RULES,
+};
 
 /// Errors of the iptables mode.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,29 @@ pub(crate) fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<String, Ipta
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `iptables <args>` on `table`, waiting for the xtables lock as kube-proxy does.
+fn iptables(backend: Backend, table: Table, args: &[&str]) -> Result<String, IptablesError> {
+    let mut cmd = Command::new(backend.command("iptables"));
+    cmd.args(["-w", "5", "-W", "100000", "-t", table.name()])
+        .args(args);
+    run(cmd, None)
+}
+
+/// kube-proxy's `EnsureRule(Prepend, …)` for jump `j`: inserted first in its built-in chain
+/// unless it is already there (`iptables -C`).
+fn ensure_jump(backend: Backend, j: &JumpRule) -> Result<(), IptablesError> {
+    let args = j.args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut check = vec!["-C", j.from];
+    check.extend(&args);
+    if iptables(backend, j.table, &check).is_err() {
+        let mut insert = vec!["-I", j.from];
+        insert.extend(&args);
+        iptables(backend, j.table, &insert)?;
+    }
+    Ok(())
 }
 
 /// kube-proxy's NewProxier: NodePorts on 127.0.0.1 need `route_localnet` (IPv4), in the network
@@ -366,29 +391,14 @@ impl IptablesDataplane {
         }
     }
 
-    fn iptables(&self, table: Table, args: &[&str]) -> Result<String, IptablesError> {
-        let mut cmd = Command::new(self.backend.command("iptables"));
-        cmd.args(["-w", "5", "-W", "100000", "-t", table.name()])
-            .args(args);
-        run(cmd, None)
-    }
-
     /// kube-proxy's `EnsureChain` + `EnsureRule(Prepend, …)` for every jump rule.
     fn ensure_jumps(&self) -> Result<(), IptablesError> {
         for j in JUMP_RULES {
             let existing = chains_in(&self.save(j.table)?);
             if !existing.contains(j.to) {
-                self.iptables(j.table, &["-N", j.to])?;
+                iptables(self.backend, j.table, &["-N", j.to])?;
             }
-            let args = j.args();
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut check = vec!["-C", j.from];
-            check.extend(&args);
-            if self.iptables(j.table, &check).is_err() {
-                let mut insert = vec!["-I", j.from];
-                insert.extend(&args);
-                self.iptables(j.table, &insert)?;
-            }
+            ensure_jump(self.backend, j)?;
         }
         Ok(())
     }
