@@ -457,6 +457,14 @@ pub fn udp_spread(
                 r.sequence.push(String::new());
                 r.errors += 1;
                 bump(&mut r.error_kinds, error_kind(&e));
+                // A socket that failed (not one that timed out) is opened and connected again,
+                // as a resolver does: a socket the kernel aborted stays failed.
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    shared = None;
+                }
             }
         }
         if let Some(p) = control.progress_file {

@@ -291,6 +291,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             nftables_mark: Some(kpr::nft::DEFAULT_MASQ_MARK),
             forward_accept: forward_accept(settings),
             datapath_events: settings.datapath_events,
+            pod_netns_dir: settings.pod_netns_dir.clone(),
         },
         &kpr::ebpf::TcConfig {
             devices,

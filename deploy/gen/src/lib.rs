@@ -50,6 +50,8 @@ pub const CONFIG_DIR: &str = "/var/lib/kpr";
 pub const BPF_PIN_DIR: &str = "/sys/fs/bpf/kpr";
 /// kpr's `--cgroup-path` (its default): the host's cgroup v2 root, seen in the container.
 pub const CGROUP_PATH: &str = "/run/kpr/cgroupv2";
+/// Where CRI runtimes keep the pods' network namespaces (kpr's `--pod-netns-dir` default).
+pub const POD_NETNS_DIR: &str = "/var/run/netns";
 
 /// One kind of access kpr needs to the API server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -377,6 +379,9 @@ fn mount(name: &str, path: &str, read_only: bool, propagation: Option<&str>) -> 
 ///   kpr would serve only itself). On hosts whose `/sys/fs/cgroup` is not cgroup v2, kpr mounts
 ///   cgroup2 over it inside the container (needs SYS_ADMIN). Read-only: attaching programs
 ///   only opens the directory.
+/// - `pod-netns`: the host's `/var/run/netns`, where CRI runtimes keep the pods' network
+///   namespaces, read-only, `HostToContainer` (pods come and go). The eBPF mode enters them to
+///   destroy connected UDP sockets of backends that left (`--pod-netns-dir`).
 fn volumes() -> (Vec<Volume>, Vec<VolumeMount>) {
     let volumes = vec![
         Volume {
@@ -391,6 +396,7 @@ fn volumes() -> (Vec<Volume>, Vec<VolumeMount>) {
         host_path("lib-modules", "/lib/modules", None),
         host_path("bpf-maps", "/sys/fs/bpf", Some("Directory")),
         host_path("cgroup", "/sys/fs/cgroup", Some("Directory")),
+        host_path("pod-netns", POD_NETNS_DIR, Some("DirectoryOrCreate")),
     ];
     let mounts = vec![
         mount("kpr-config", CONFIG_DIR, true, None),
@@ -398,6 +404,7 @@ fn volumes() -> (Vec<Volume>, Vec<VolumeMount>) {
         mount("lib-modules", "/lib/modules", true, None),
         mount("bpf-maps", "/sys/fs/bpf", false, Some("HostToContainer")),
         mount("cgroup", CGROUP_PATH, true, None),
+        mount("pod-netns", POD_NETNS_DIR, true, Some("HostToContainer")),
     ];
     (volumes, mounts)
 }

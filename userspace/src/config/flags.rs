@@ -303,7 +303,16 @@ pub struct RunArgs {
         help_heading = OWN
     )]
     pub devices: Vec<String>,
+    /// eBPF mode: the directory of the pods' network namespaces (where CRI runtimes and
+    /// `ip netns` keep them). A connected UDP socket kpr balanced to a backend that left its
+    /// Service is destroyed (its next call fails, so the client reconnects),
+    /// in the node's namespace and in each of these. Empty: the node's namespace only.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_POD_NETNS_DIR, help_heading = OWN)]
+    pub pod_netns_dir: PathBuf,
 }
+
+/// Where containerd, CRI-O and `ip netns` keep named network namespaces.
+pub const DEFAULT_POD_NETNS_DIR: &str = "/var/run/netns";
 
 /// What kpr does with a kube-proxy flag it has no use for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

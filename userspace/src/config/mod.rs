@@ -43,7 +43,7 @@ mod tests;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -249,6 +249,13 @@ pub struct Settings {
     /// kube-proxy's conntrack settings. Not serialized when default (as `devices`).
     #[serde(skip_serializing_if = "ConntrackSettings::is_default")]
     pub conntrack: ConntrackSettings,
+    /// `--pod-netns-dir` (None: empty, the node's namespace only). Not serialized when default.
+    #[serde(skip_serializing_if = "is_default_pod_netns_dir")]
+    pub pod_netns_dir: Option<PathBuf>,
+}
+
+fn is_default_pod_netns_dir(dir: &Option<PathBuf>) -> bool {
+    dir.as_deref() == Some(Path::new(flags::DEFAULT_POD_NETNS_DIR))
 }
 
 /// kube-proxy's conntrack settings (`--conntrack-*`, the file's `conntrack`). The eBPF mode
@@ -331,6 +338,7 @@ impl Default for Settings {
             lb_capacity: Default::default(),
             devices: Vec::new(),
             conntrack: ConntrackSettings::default(),
+            pod_netns_dir: Some(flags::DEFAULT_POD_NETNS_DIR.into()),
         }
     }
 }
@@ -557,6 +565,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
             backends: args.bpf_backends_map_max,
         },
         devices: parse_devices(&args.devices)?,
+        pod_netns_dir: Some(args.pod_netns_dir.clone()).filter(|d| !d.as_os_str().is_empty()),
         ..Settings::default()
     };
     match &config {

@@ -7,6 +7,7 @@ pub mod events;
 pub mod layouts;
 pub mod links;
 pub mod maps;
+pub mod sockterm;
 pub mod sync;
 pub mod tc;
 
@@ -22,7 +23,8 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
-    BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_NEW_MAP, SERVICES_MAP, SRC_RANGE_MAP,
+    SockRevNat4Key, SockRevNat4Value, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_NEW_MAP,
+    IPPROTO_UDP, SERVICES_MAP, SOCK_REVNAT_MAP, SRC_RANGE_MAP,
 };
 
 use self::conntrack::{ConntrackConfig, ConntrackError, ConntrackMaps, SweepStats};
@@ -95,6 +97,10 @@ pub struct EbpfConfig {
     /// Emit datapath events (translations, drops with their reason) and log them
     /// (`--datapath-events`, see [`events`]). Off, the loaded programs hold no event code.
     pub datapath_events: bool,
+    /// Where the pods' network namespaces are (`--pod-netns-dir`): connected UDP sockets of
+    /// backends that left are destroyed there and in the agent's own namespace (see
+    /// [`sockterm`]). None: the agent's namespace only.
+    pub pod_netns_dir: Option<PathBuf>,
 }
 
 /// The north-south (tc) part of the dataplane.
@@ -135,6 +141,13 @@ pub struct EbpfDataplane {
     cleaned: bool,
     /// With datapath events on: the Service names the event reader looks frontends up in.
     event_names: Option<events::FrontendNames>,
+    /// The socket reverse-NAT map: which sockets kpr translated, to which backend.
+    sock_revnat: HashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    /// See [`EbpfConfig::pod_netns_dir`].
+    pod_netns_dir: Option<PathBuf>,
+    /// Connected UDP sockets destroyed since start; false once the kernel said it cannot.
+    udp_sockets_destroyed: u64,
+    destroy_supported: bool,
 }
 
 impl EbpfDataplane {
@@ -250,6 +263,8 @@ impl EbpfDataplane {
             .map_err(|e| EbpfError::Map(SERVICES_MAP, e.to_string()))?;
         let backends = HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?)
             .map_err(|e| EbpfError::Map(BACKENDS_MAP, e.to_string()))?;
+        let sock_revnat = HashMap::try_from(take_map(&mut ebpf, SOCK_REVNAT_MAP)?)
+            .map_err(|e| EbpfError::Map(SOCK_REVNAT_MAP, e.to_string()))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
             .map_err(|e| EbpfError::Map(COUNTERS_MAP, e.to_string()))?;
         let pinned_size = |name: &str, wanted: u32| {
@@ -304,6 +319,10 @@ impl EbpfDataplane {
             forward_accept: cfg.forward_accept.clone(),
             cleaned: false,
             event_names,
+            sock_revnat,
+            pod_netns_dir: cfg.pod_netns_dir.clone(),
+            udp_sockets_destroyed: 0,
+            destroy_supported: true,
         })
     }
 
@@ -418,16 +437,42 @@ impl EbpfDataplane {
         self.syncer.full_sync(desired)
     }
 
-    /// Datapath counters summed over CPUs, by name, and the conntrack garbage collection's
-    /// removals (`ct_gc_expired`, `ct_gc_stale`).
+    /// Datapath counters summed over CPUs, by name, the conntrack garbage collection's
+    /// removals (`ct_gc_expired`, `ct_gc_stale`) and the connected UDP sockets destroyed
+    /// because their backend left (`udp_sockets_destroyed`).
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         maps::datapath_counters(&self.counters)
             .into_iter()
             .chain([
                 ("ct_gc_expired", self.swept_total.0),
                 ("ct_gc_stale", self.swept_total.1),
+                ("udp_sockets_destroyed", self.udp_sockets_destroyed),
             ])
             .collect()
+    }
+
+    /// Destroys the connected UDP sockets kpr translated to a backend that left its frontend
+    /// (see [`sockterm`]), in the agent's namespace and the pods'. A walk of every namespace:
+    /// call it after syncs that changed the maps, or on the full-sync period.
+    pub fn terminate_stale_udp_sockets(&mut self) -> sockterm::TerminationStats {
+        if !self.destroy_supported || !self.syncer.has_udp_frontends() {
+            return sockterm::TerminationStats::default();
+        }
+        let (revnat, syncer) = (&self.sock_revnat, &self.syncer);
+        let stats = sockterm::terminate_stale(
+            self.pod_netns_dir.as_deref(),
+            |k| revnat.get(k, 0).ok(),
+            |r, b| syncer.still_serves(r, IPPROTO_UDP, b),
+        );
+        self.udp_sockets_destroyed += stats.destroyed;
+        if stats.unsupported {
+            self.destroy_supported = false;
+            tracing::warn!(
+                "this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY): connected UDP \
+                 sockets stay on backends that left their Service until they reconnect"
+            );
+        }
+        stats
     }
 
     pub fn occupancy(&self) -> (usize, usize) {
@@ -570,6 +615,21 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
                     "conntrack garbage collected"
                 ),
                 Err(e) => tracing::warn!("purging stale conntrack entries: {e}"),
+            }
+        }
+        // Connected UDP sockets of backends that left: a walk of every pod's namespace, so only
+        // when the maps changed, and on full syncs (which also catch what changed while the
+        // agent was away).
+        if full || stats.writes + stats.deletes > 0 {
+            let t = self.terminate_stale_udp_sockets();
+            if t.destroyed > 0 || !t.failures.is_empty() {
+                tracing::info!(
+                    listed = t.listed,
+                    stale = t.stale,
+                    destroyed = t.destroyed,
+                    failures = ?t.failures,
+                    "connected UDP sockets of backends that left their Service"
+                );
             }
         }
         if stats.skipped > 0 {

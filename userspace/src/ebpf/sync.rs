@@ -273,6 +273,48 @@ impl<M: LbMaps> LbSyncer<M> {
     }
 
     /// Service ports refused at the last sync for lack of map space, with the reason.
+    /// Whether a UDP frontend is programmed (only then can a connected UDP socket be stale).
+    pub fn has_udp_frontends(&self) -> bool {
+        self.frontends
+            .keys()
+            .any(|k| k.proto == kpr_common::IPPROTO_UDP)
+    }
+
+    /// Whether the frontend a socket was translated for (`revnat`, as the socket programs
+    /// recorded it) is still the same frontend and still has the backend the socket talks to
+    /// (`address_be`, `port_be`, as the maps key them).
+    pub fn still_serves(
+        &self,
+        revnat: &kpr_common::SockRevNat4Value,
+        proto: u8,
+        (address_be, port_be): (u32, u16),
+    ) -> bool {
+        let key = FrontendKey {
+            address_be: revnat.address_be,
+            port_be: revnat.port_be,
+            proto,
+            scope: kpr_common::SCOPE_INTERNAL,
+        };
+        let Some(frontend) = self.frontends.get(&key) else {
+            return false;
+        };
+        if frontend.rev_nat_id != Some(revnat.rev_nat_id) {
+            return false;
+        }
+        let backend = BackendKey {
+            address_be,
+            port_be,
+            proto,
+        };
+        let Some(id) = self.backends.get(&backend) else {
+            return false;
+        };
+        frontend
+            .slots
+            .iter()
+            .any(|(slot, b)| *slot <= frontend.count && b == id)
+    }
+
     pub fn refused(&self) -> &BTreeMap<String, String> {
         &self.refused
     }
@@ -1180,5 +1222,36 @@ mod tests {
         let off = s.sync(&plain).unwrap();
         assert_eq!((off.writes, off.deletes), (1, 0));
         assert_eq!(s.maps().services[&key].flags, SVC_FLAG_NONE);
+    }
+    #[test]
+    fn a_socket_is_still_served_only_while_its_frontend_keeps_its_backend() {
+        let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
+        s.sync(&state(&[(fe(1, 80), &[11, 12]), (fe(2, 81), &[13])]))
+            .unwrap();
+        let fk = frontend_key_int(&fe(1, 80)).unwrap();
+        let rev_nat_id = s.maps().services[&fk.slot(0)].rev_nat_id;
+        let socket = |last: u8, rev_nat_id| {
+            let revnat = kpr_common::SockRevNat4Value {
+                address_be: fk.address_be,
+                port_be: fk.port_be,
+                pad: 0,
+                rev_nat_id,
+            };
+            let backend = (u32::from_ne_bytes([10, 244, 1, last]), 8080u16.to_be());
+            (revnat, backend)
+        };
+        let serves = |s: &LbSyncer<FakeMaps>, (r, b)| s.still_serves(&r, fk.proto, b);
+        assert!(serves(&s, socket(11, rev_nat_id)));
+        // Another frontend's backend, or the same frontend re-created under another id.
+        assert!(!serves(&s, socket(13, rev_nat_id)));
+        assert!(!serves(&s, socket(11, rev_nat_id + 1)));
+        // The backend leaves the frontend (it stays in another frontend's backends: no matter).
+        s.sync(&state(&[(fe(1, 80), &[12]), (fe(2, 81), &[11])]))
+            .unwrap();
+        assert!(!serves(&s, socket(11, rev_nat_id)));
+        assert!(serves(&s, socket(12, rev_nat_id)));
+        // The frontend goes.
+        s.sync(&state(&[(fe(2, 81), &[11])])).unwrap();
+        assert!(!serves(&s, socket(12, rev_nat_id)));
     }
 }

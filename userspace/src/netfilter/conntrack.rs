@@ -13,21 +13,16 @@
 //! which would otherwise black-hole the flow.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::model::{DesiredState, Protocol};
+use crate::netlink::{NetlinkError, NetlinkSocket, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 
 /// Errors of the conntrack cleanup.
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
-    #[error("conntrack netlink socket: {0}")]
-    Socket(#[source] io::Error),
-    #[error("conntrack netlink: {0}")]
-    Io(#[source] io::Error),
-    #[error("conntrack netlink: kernel error {0}")]
-    Kernel(i32),
+    #[error("conntrack: {0}")]
+    Netlink(#[from] NetlinkError),
 }
 
 /// UDP service addresses and NodePorts with their endpoint IPs, as last cleaned.
@@ -128,11 +123,6 @@ const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const IPPROTO_UDP: u8 = 17;
 
 /// One conntrack entry's two tuples (UDP only).
@@ -163,7 +153,7 @@ pub fn delete_stale(endpoints: &UdpEndpoints) -> Result<usize, ConntrackError> {
             match sock.delete(family, &f.orig) {
                 Ok(()) => n += 1,
                 // Gone meanwhile (expired, or deleted with another entry).
-                Err(ConntrackError::Kernel(e)) if e == libc::ENOENT => {}
+                Err(ConntrackError::Netlink(NetlinkError::Kernel(libc::ENOENT))) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -171,10 +161,7 @@ pub fn delete_stale(endpoints: &UdpEndpoints) -> Result<usize, ConntrackError> {
     Ok(n)
 }
 
-struct Socket {
-    fd: OwnedFd,
-    seq: std::cell::Cell<u32>,
-}
+struct Socket(NetlinkSocket);
 
 fn push_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     let len = 4 + payload.len();
@@ -283,134 +270,65 @@ fn tuple_attr(ty: u16, t: &Tuple) -> Vec<u8> {
 
 impl Socket {
     fn open() -> Result<Socket, ConntrackError> {
-        // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(ConntrackError::Socket(io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Socket {
-            fd,
-            seq: std::cell::Cell::new(1),
-        })
+        Ok(Socket(NetlinkSocket::open(NETLINK_NETFILTER)?))
     }
 
-    fn send(
+    /// One ctnetlink request (nfgenmsg for `family`, then `attrs`); `each` gets every reply's
+    /// attributes (after the nfgenmsg header).
+    fn request(
         &self,
         msg_type: u16,
         flags: u16,
         family: u8,
         attrs: &[u8],
-    ) -> Result<u32, ConntrackError> {
-        let seq = self.seq.get();
-        self.seq.set(seq + 1);
-        let len = 16 + 4 + attrs.len();
-        let mut buf = Vec::with_capacity(len);
-        buf.extend_from_slice(&(len as u32).to_ne_bytes());
-        buf.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg_type).to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes());
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), ConntrackError> {
+        let mut payload = Vec::with_capacity(4 + attrs.len());
         // struct nfgenmsg
-        buf.extend_from_slice(&[family, 0, 0, 0]);
-        buf.extend_from_slice(attrs);
-        // SAFETY: buf is valid for len bytes; the kernel is the peer (nl_pid 0).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        let rc = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(ConntrackError::Io(io::Error::last_os_error()));
-        }
-        Ok(seq)
-    }
-
-    /// Receives until NLMSG_DONE or an ack/error for `seq`; calls `each` with every data
-    /// message's payload after the nfgenmsg header.
-    fn recv(&self, seq: u32, mut each: impl FnMut(&[u8])) -> Result<(), ConntrackError> {
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: buf is valid for its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(ConntrackError::Io(io::Error::last_os_error()));
+        payload.extend_from_slice(&[family, 0, 0, 0]);
+        payload.extend_from_slice(attrs);
+        let kind = (NFNL_SUBSYS_CTNETLINK << 8) | msg_type;
+        self.0.request(kind, flags, &payload, |_, body| {
+            if let Some(attrs) = body.get(4..) {
+                each(attrs)
             }
-            let mut rest = &buf[..n as usize];
-            while rest.len() >= 16 {
-                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
-                let ty = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
-                let mseq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
-                if len < 16 || len > rest.len() {
-                    return Err(ConntrackError::Io(io::Error::other(
-                        "truncated netlink message",
-                    )));
-                }
-                let body = &rest[16..len];
-                rest = &rest[((len + 3) & !3).min(rest.len())..];
-                if mseq != seq {
-                    continue;
-                }
-                match ty {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(body[0..4].try_into().unwrap_or([0; 4]));
-                        return if errno == 0 {
-                            Ok(())
-                        } else {
-                            Err(ConntrackError::Kernel(-errno))
-                        };
-                    }
-                    _ if body.len() >= 4 => each(&body[4..]),
-                    _ => {}
-                }
-            }
-        }
+        })?;
+        Ok(())
     }
 
     fn dump(&self, family: u8) -> Result<Vec<Flow>, ConntrackError> {
-        let seq = self.send(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[])?;
         let mut flows = Vec::new();
-        self.recv(seq, |payload| {
-            let (mut orig, mut reply) = (None, None);
-            for (ty, p) in attrs(payload) {
-                match ty {
-                    CTA_TUPLE_ORIG => orig = parse_tuple(p),
-                    CTA_TUPLE_REPLY => reply = parse_tuple(p),
-                    _ => {}
+        self.request(
+            IPCTNL_MSG_CT_GET,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            family,
+            &[],
+            |payload| {
+                let (mut orig, mut reply) = (None, None);
+                for (ty, p) in attrs(payload) {
+                    match ty {
+                        CTA_TUPLE_ORIG => orig = parse_tuple(p),
+                        CTA_TUPLE_REPLY => reply = parse_tuple(p),
+                        _ => {}
+                    }
                 }
-            }
-            if let (Some(orig), Some(reply)) = (orig, reply) {
-                flows.push(Flow { orig, reply });
-            }
-        })?;
+                if let (Some(orig), Some(reply)) = (orig, reply) {
+                    flows.push(Flow { orig, reply });
+                }
+            },
+        )?;
         Ok(flows)
     }
 
     fn delete(&self, family: u8, orig: &Tuple) -> Result<(), ConntrackError> {
         let attrs = tuple_attr(CTA_TUPLE_ORIG, orig);
-        let seq = self.send(
+        self.request(
             IPCTNL_MSG_CT_DELETE,
             NLM_F_REQUEST | NLM_F_ACK,
             family,
             &attrs,
-        )?;
-        self.recv(seq, |_| {})
+            |_| {},
+        )
     }
 }
 

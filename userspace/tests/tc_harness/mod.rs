@@ -163,6 +163,8 @@ impl Env {
                 nftables_mark: None,
                 forward_accept: None,
                 datapath_events,
+                // Never the host's pods: only the test's own (host) namespace is walked.
+                pod_netns_dir: None,
             },
             &TcConfig { devices, conntrack },
         );
