@@ -15,6 +15,7 @@
 #![no_main]
 
 mod conntrack;
+mod egress;
 mod events;
 mod packet;
 mod tc;
@@ -35,7 +36,7 @@ use kpr_common::{
     Service4Key, Service4Value, SockFwd4Key, SockFwd4Value, SockRevNat4Key, SockRevNat4Value,
     SrcRange4Key, AFFINITY_MAP_MAX, AFFINITY_SCAN_MAX, BACKENDS_MAP_MAX, COUNTER_MAX, CT_MAP_MAX,
     CT_NEW_MAP_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX,
-    SRC_RANGE_MAP_MAX, SVC_FLAG_AFFINITY,
+    SRC_RANGE_MAP_MAX, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES,
 };
 
 // Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
@@ -309,6 +310,17 @@ fn try_forward(
     // the LRU bookkeeping it costs) when the entry is already there.
     let known = matches!(unsafe { SOCK_REVNAT.get(&revnat_key) }, Some(v) if *v == revnat);
     if !known && SOCK_REVNAT.insert(&revnat_key, &revnat, 0).is_err() {
+        return Err(refuse(Counter::DropRevNatUpdate));
+    }
+    // loadBalancerSourceRanges: the source address is known only once the packet is routed, so
+    // the egress program checks it (see the egress module). Without the note the socket would
+    // pass unchecked: refuse rather.
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && egress::checks_on()
+        && egress::SOCK_SRC_CHECK
+            .insert(&revnat_key, &frontend.rev_nat_id, 0)
+            .is_err()
+    {
         return Err(refuse(Counter::DropRevNatUpdate));
     }
 

@@ -26,7 +26,7 @@ const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 /// The fragment offset mask of `frag_off` (host order).
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 /// TCP header flags (byte 13).
 const TCP_FLAG_FIN: u8 = 0x01;
@@ -37,17 +37,17 @@ const TCP_FLAG_ACK: u8 = 0x10;
 /// The fixed IPv4 header, as on the wire.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
 }
 
 /// The first 14 bytes of a TCP header: ports, sequence numbers and flags.

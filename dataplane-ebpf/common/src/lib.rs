@@ -57,7 +57,7 @@ pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V1";
 pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V2";
 /// Every map this build pins, by name (the agent checks a pin directory against it: a pin of
 /// another layout version is migrated or refused, never silently shadowed).
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REVNAT_MAP,
@@ -68,12 +68,24 @@ pub const ALL_MAPS: [&str; 10] = [
     CT_NEW_MAP,
     AFFINITY_EXT_MAP,
     SRC_RANGE_MAP,
+    SOCK_SRC_CHECK_MAP,
 ];
 
 /// loadBalancerSourceRanges: LPM trie keyed by `bpf_lpm_trie_key` { prefixlen, [`SrcRange4Key`] }
 /// → `u8` (unused, 1).
 pub const SRC_RANGE_MAP: &str = "KPR_LBSRC4_V1";
 pub const SRC_RANGE_MAP_MAX: u32 = 65_536;
+
+/// Sockets translated to a frontend with loadBalancerSourceRanges whose source address is still
+/// to be checked by the cgroup egress program: [`SockRevNat4Key`] → the frontend's rev-NAT id
+/// (`u32`). LRU: entries of sockets that closed before sending are evicted.
+pub const SOCK_SRC_CHECK_MAP: &str = "KPR_SKSRC4_V1";
+pub const SOCK_SRC_CHECK_MAP_MAX: u32 = 65_536;
+
+/// One `u32`: non-zero while some frontend has loadBalancerSourceRanges, so the cgroup egress
+/// program costs one array read per packet otherwise. Set by the agent; not pinned (a new
+/// agent sets it from the maps it restores).
+pub const SRC_CHECK_GATE_MAP: &str = "KPR_SRCGATE_V1";
 
 /// The datapath events' per-CPU rate limit ([`EventRate`]). Not pinned: a new agent starts
 /// a new window.
@@ -328,7 +340,8 @@ pub enum Counter {
     /// tc ingress: an external frontend with `externalTrafficPolicy: Local` and no endpoint on
     /// this node was hit; the packet was dropped (kube-proxy drops it too).
     DropNoLocalBackend = 9,
-    /// tc ingress: a client outside the frontend's `loadBalancerSourceRanges`; dropped.
+    /// tc ingress, or cgroup egress for a socket on the node: a client outside the frontend's
+    /// `loadBalancerSourceRanges`; dropped.
     DropSourceRange = 10,
     /// tc ingress: the conntrack entries of a new flow could not be written; dropped rather than
     /// sent on with no way to translate the replies.

@@ -18,13 +18,13 @@ use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSkbAttachType};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
     SockRevNat4Key, SockRevNat4Value, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_NEW_MAP,
-    IPPROTO_UDP, SERVICES_MAP, SOCK_REVNAT_MAP, SRC_RANGE_MAP,
+    IPPROTO_UDP, SERVICES_MAP, SOCK_REVNAT_MAP, SRC_CHECK_GATE_MAP, SRC_RANGE_MAP,
 };
 
 use self::conntrack::{ConntrackConfig, ConntrackError, ConntrackMaps, SweepStats};
@@ -43,6 +43,9 @@ const SOCK_PROGRAMS: [&str; 4] = [
     "kpr_recvmsg4",
     "kpr_getpeer4",
 ];
+
+/// The cgroup egress program that checks loadBalancerSourceRanges for clients on the node.
+const EGRESS_PROGRAM: &str = "kpr_egress4";
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -145,6 +148,8 @@ pub struct EbpfDataplane {
     sock_revnat: HashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
     /// See [`EbpfConfig::pod_netns_dir`].
     pod_netns_dir: Option<PathBuf>,
+    /// Turns the egress program's source-range checks on (see `SRC_CHECK_GATE_MAP`).
+    src_check_gate: Array<MapData, u32>,
     /// Connected UDP sockets destroyed since start; false once the kernel said it cannot.
     udp_sockets_destroyed: u64,
     destroy_supported: bool,
@@ -219,40 +224,50 @@ impl EbpfDataplane {
         {
             tracing::info!(%from, entries, "converted another kpr version's map layout");
         }
-        for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
+        for name in SOCK_PROGRAMS.into_iter().chain([EGRESS_PROGRAM]) {
+            let program = ebpf
                 .program_mut(name)
-                .ok_or(EbpfError::Map(name, "program missing from object".into()))?
-                .try_into()
-                .map_err(|e| EbpfError::Program(name, e))?;
-            prog.load().map_err(|e| EbpfError::Program(name, e))?;
-            // A link a previous agent pinned keeps serving until its program is replaced here.
+                .ok_or(EbpfError::Map(name, "program missing from object".into()))?;
+            let fail = |e| EbpfError::Program(name, e);
             let pin = links::pin_path(&cfg.pin_dir, name);
-            let fd = prog.fd().map_err(|e| EbpfError::Program(name, e))?;
-            match links::adopt(&pin, links::Target::Cgroup(cgroup_id), fd.as_fd())
-                .map_err(|e| EbpfError::Link(pin.clone(), e.to_string()))?
-            {
-                links::Adoption::Updated => continue,
-                links::Adoption::Removed(info) => tracing::info!(
-                    pin = %pin.display(),
-                    ?info,
-                    "removed a pinned link attached elsewhere"
-                ),
-                links::Adoption::None => {}
-            }
+            let link_fail = |e: String| EbpfError::Link(pin.clone(), e);
             // aya attaches with a bpf_link (kernel >= 5.7). Links always coexist with other
             // programs on the cgroup (the kernel attaches them as BPF_F_ALLOW_MULTI) and the
             // kernel rejects that flag in link_create, so the mode passed is Single (flags 0).
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| EbpfError::Program(name, e))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|e| EbpfError::Program(name, e))?;
-            FdLink::try_from(link)
-                .map_err(|e| EbpfError::Link(pin.clone(), e.to_string()))?
-                .pin(&pin)
-                .map_err(|e| EbpfError::Link(pin.clone(), e.to_string()))?;
+            let attached = match program {
+                aya::programs::Program::CgroupSockAddr(prog) => {
+                    prog.load().map_err(fail)?;
+                    if adopt_cgroup_link(&pin, cgroup_id, prog.fd().map_err(fail)?)? {
+                        None
+                    } else {
+                        let id = prog
+                            .attach(&cgroup, CgroupAttachMode::Single)
+                            .map_err(fail)?;
+                        let link = prog.take_link(id).map_err(fail)?;
+                        Some(FdLink::try_from(link).map_err(|e| link_fail(e.to_string()))?)
+                    }
+                }
+                aya::programs::Program::CgroupSkb(prog) => {
+                    prog.load().map_err(fail)?;
+                    if adopt_cgroup_link(&pin, cgroup_id, prog.fd().map_err(fail)?)? {
+                        None
+                    } else {
+                        let id = prog
+                            .attach(
+                                &cgroup,
+                                CgroupSkbAttachType::Egress,
+                                CgroupAttachMode::Single,
+                            )
+                            .map_err(fail)?;
+                        let link = prog.take_link(id).map_err(fail)?;
+                        Some(FdLink::try_from(link).map_err(|e| link_fail(e.to_string()))?)
+                    }
+                }
+                _ => return Err(EbpfError::Map(name, "not a cgroup program".into())),
+            };
+            if let Some(link) = attached {
+                link.pin(&pin).map_err(|e| link_fail(e.to_string()))?;
+            }
         }
 
         // Loaded (verified) even without devices, so a verifier rejection shows at start.
@@ -263,6 +278,8 @@ impl EbpfDataplane {
             .map_err(|e| EbpfError::Map(SERVICES_MAP, e.to_string()))?;
         let backends = HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?)
             .map_err(|e| EbpfError::Map(BACKENDS_MAP, e.to_string()))?;
+        let src_check_gate = Array::try_from(take_map(&mut ebpf, SRC_CHECK_GATE_MAP)?)
+            .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
         let sock_revnat = HashMap::try_from(take_map(&mut ebpf, SOCK_REVNAT_MAP)?)
             .map_err(|e| EbpfError::Map(SOCK_REVNAT_MAP, e.to_string()))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
@@ -306,7 +323,7 @@ impl EbpfDataplane {
             );
         }
         syncer.set_capacity(capacity);
-        Ok(Self {
+        let mut dataplane = Self {
             tc_links,
             ebpf,
             syncer,
@@ -323,7 +340,25 @@ impl EbpfDataplane {
             pod_netns_dir: cfg.pod_netns_dir.clone(),
             udp_sockets_destroyed: 0,
             destroy_supported: true,
-        })
+            src_check_gate,
+        };
+        // The restored frontends' ranges are checked at once (the gate is a new map).
+        let on = dataplane.syncer.has_source_ranges();
+        dataplane
+            .set_src_check_gate(on)
+            .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
+        Ok(dataplane)
+    }
+
+    /// Turns the egress program's loadBalancerSourceRanges checks on or off.
+    fn set_src_check_gate(&mut self, on: bool) -> Result<(), MapOpError> {
+        self.src_check_gate
+            .set(0, u32::from(on), 0)
+            .map_err(|e| MapOpError {
+                op: "set",
+                map: SRC_CHECK_GATE_MAP,
+                detail: e.to_string(),
+            })
     }
 
     /// Where the tc programs are attached: (device, "ingress"/"egress").
@@ -563,6 +598,29 @@ fn map_size(entries: usize) -> u32 {
     u32::try_from(entries).unwrap_or(u32::MAX).max(1)
 }
 
+/// Adopts the cgroup link pinned at `pin` (see [`links::adopt`]): true when it is attached to
+/// the cgroup and now runs `prog`, false when a new link must be attached and pinned.
+fn adopt_cgroup_link(
+    pin: &Path,
+    cgroup_id: u64,
+    prog: &aya::programs::ProgramFd,
+) -> Result<bool, EbpfError> {
+    match links::adopt(pin, links::Target::Cgroup(cgroup_id), prog.as_fd())
+        .map_err(|e| EbpfError::Link(pin.to_path_buf(), e.to_string()))?
+    {
+        links::Adoption::Updated => Ok(true),
+        links::Adoption::Removed(info) => {
+            tracing::info!(
+                pin = %pin.display(),
+                ?info,
+                "removed a pinned link attached elsewhere"
+            );
+            Ok(false)
+        }
+        links::Adoption::None => Ok(false),
+    }
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
     ebpf.take_map(name)
         .ok_or(EbpfError::Map(name, "missing from object".into()))
@@ -597,11 +655,25 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         if let Some(names) = &self.event_names {
             names.update(desired);
         }
+        // Source-range checks go on before a frontend with ranges is written (so none of its
+        // sockets passes unchecked) and off once none is left.
+        let ranges_wanted = desired
+            .services
+            .values()
+            .any(|s| !s.load_balancer_source_ranges.is_empty());
+        if ranges_wanted {
+            self.set_src_check_gate(true)
+                .map_err(crate::ebpf::sync::SyncError::from)?;
+        }
         let stats = if full {
             self.full_sync(desired)?
         } else {
             EbpfDataplane::sync(self, desired)?
         };
+        if !self.syncer.has_source_ranges() {
+            self.set_src_check_gate(false)
+                .map_err(crate::ebpf::sync::SyncError::from)?;
+        }
         // Conntrack entries of backends that are gone: a whole-map walk, so on full syncs
         // (every sync period) only; until then the datapath re-balances such flows itself.
         if full || stats.deletes > 0 {

@@ -23,7 +23,7 @@ use kpr_common::{
 };
 
 use super::maps::{LbMaps, MapOpError};
-use crate::model::{DesiredState, Frontend};
+use crate::model::{DesiredState, Frontend, ServicePortName};
 
 /// Errors of the eBPF sync.
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +273,11 @@ impl<M: LbMaps> LbSyncer<M> {
     }
 
     /// Service ports refused at the last sync for lack of map space, with the reason.
+    /// Whether a programmed frontend has loadBalancerSourceRanges.
+    pub fn has_source_ranges(&self) -> bool {
+        self.frontends.values().any(|f| !f.source_ranges.is_empty())
+    }
+
     /// Whether a UDP frontend is programmed (only then can a connected UDP socket be stale).
     pub fn has_udp_frontends(&self) -> bool {
         self.frontends
@@ -385,6 +390,27 @@ impl<M: LbMaps> LbSyncer<M> {
         let mut want: BTreeMap<FrontendKey, WantFrontend> = BTreeMap::new();
         // Service port → its frontends (both scopes), for admission by name.
         let mut owners: BTreeMap<String, Vec<FrontendKey>> = BTreeMap::new();
+        // kube-proxy's firewall also lets the Service's own LoadBalancer IPs in as sources when
+        // the node's IP is inside the ranges (traffic a cloud's LB hairpins back, or from a
+        // host process bound to an LB IP assigned on the node).
+        let lb_ips_allowed: BTreeMap<&ServicePortName, Vec<Ipv4Net>> = desired
+            .service_ports
+            .iter()
+            .filter(|p| {
+                desired.node_ip.is_some_and(|node| {
+                    p.load_balancer_source_ranges
+                        .iter()
+                        .any(|net| net.contains(&node))
+                })
+            })
+            .map(|p| {
+                let ips = p.load_balancer_ips.iter().filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(Ipv4Net::from(*v4)),
+                    IpAddr::V6(_) => None,
+                });
+                (&p.name, ips.collect())
+            })
+            .collect();
         for (frontend, state) in &desired.services {
             let Some(fk) = frontend_key(frontend, SCOPE_INTERNAL) else {
                 stats.skipped += 1;
@@ -411,13 +437,33 @@ impl<M: LbMaps> LbSyncer<M> {
                 ),
                 None => (SVC_FLAG_NONE, 0),
             };
+            let mut source_ranges: Vec<Ipv4Net> = state
+                .load_balancer_source_ranges
+                .iter()
+                .filter_map(|net| match net {
+                    IpNet::V4(v4) => Some(v4.trunc()),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
+            if !source_ranges.is_empty() {
+                source_ranges.extend(lb_ips_allowed.get(&state.name).into_iter().flatten());
+            }
+            source_ranges.sort();
+            source_ranges.dedup();
+            let range_flag = if source_ranges.is_empty() {
+                SVC_FLAG_NONE
+            } else {
+                SVC_FLAG_SOURCE_RANGES
+            };
+            // The socket programs check the ranges too (for clients on the node: pods, host
+            // processes), through the internal frontend's own rev-NAT id.
             want.insert(
                 fk,
                 WantFrontend {
                     backends: backend_keys(&state.backends, fk.proto),
-                    flags,
+                    flags: flags | range_flag,
                     affinity_timeout_s,
-                    source_ranges: Vec::new(),
+                    source_ranges: source_ranges.clone(),
                 },
             );
             if external {
@@ -435,19 +481,7 @@ impl<M: LbMaps> LbSyncer<M> {
                 } else if !state.external_snat {
                     ext_flags |= SVC_FLAG_NO_SNAT;
                 }
-                let mut source_ranges: Vec<Ipv4Net> = state
-                    .load_balancer_source_ranges
-                    .iter()
-                    .filter_map(|net| match net {
-                        IpNet::V4(v4) => Some(v4.trunc()),
-                        IpNet::V6(_) => None,
-                    })
-                    .collect();
-                source_ranges.sort();
-                source_ranges.dedup();
-                if !source_ranges.is_empty() {
-                    ext_flags |= SVC_FLAG_SOURCE_RANGES;
-                }
+                ext_flags |= range_flag;
                 let ext = FrontendKey {
                     scope: SCOPE_EXTERNAL,
                     ..fk
@@ -693,6 +727,7 @@ mod tests {
         fail_at: Option<usize>,
         /// A full map refuses new keys, as the kernel's does (E2BIG).
         max: Option<Capacity>,
+        src_ranges: BTreeMap<u32, Vec<Ipv4Net>>,
     }
 
     fn full(map: &'static str) -> MapOpError {
@@ -759,6 +794,26 @@ mod tests {
     }
 
     impl LbMaps for FakeMaps {
+        fn put_source_ranges(
+            &mut self,
+            rev_nat_id: u32,
+            ranges: &[Ipv4Net],
+        ) -> Result<(), MapOpError> {
+            self.op()?;
+            if ranges.is_empty() {
+                self.src_ranges.remove(&rev_nat_id);
+            } else {
+                self.src_ranges.insert(rev_nat_id, ranges.to_vec());
+            }
+            Ok(())
+        }
+        fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
+            Ok(self
+                .src_ranges
+                .iter()
+                .flat_map(|(id, nets)| nets.iter().map(move |n| (*id, *n)))
+                .collect())
+        }
         fn dump_backends(&self) -> Result<Vec<(u32, Backend4Value)>, MapOpError> {
             Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
         }
@@ -1253,5 +1308,58 @@ mod tests {
         // The frontend goes.
         s.sync(&state(&[(fe(2, 81), &[11])])).unwrap();
         assert!(!serves(&s, socket(12, rev_nat_id)));
+    }
+    #[test]
+    fn source_ranges_are_checked_on_both_paths_and_let_the_lb_ips_in_with_the_node() {
+        let lb = Frontend {
+            ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 60)),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let mut d = state(&[(lb, &[11])]);
+        let st = d.services.get_mut(&lb).unwrap();
+        st.kind = crate::model::FrontendKind::LoadBalancer;
+        st.external_backends = st.backends.clone();
+        st.load_balancer_source_ranges = vec!["192.168.0.0/24".parse().unwrap()];
+        d.service_ports = vec![crate::model::ServicePortInfo {
+            name: st.name.clone(),
+            load_balancer_ips: vec![lb.ip],
+            load_balancer_source_ranges: st.load_balancer_source_ranges.clone(),
+            ..Default::default()
+        }];
+        let ranges = |s: &LbSyncer<FakeMaps>, scope| {
+            let key = frontend_key(&lb, scope).unwrap().slot(0);
+            let v = s.maps().services[&key];
+            assert_ne!(v.flags & SVC_FLAG_SOURCE_RANGES, 0, "scope {scope}");
+            s.maps().src_ranges[&v.rev_nat_id].clone()
+        };
+        let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
+        s.sync(&d).unwrap();
+        let only: Vec<Ipv4Net> = vec!["192.168.0.0/24".parse().unwrap()];
+        assert_eq!(ranges(&s, SCOPE_INTERNAL), only);
+        assert_eq!(ranges(&s, SCOPE_EXTERNAL), only);
+        assert!(s.has_source_ranges());
+        // The node's IP inside the ranges: the LB IP is an allowed source too (allowFromNode).
+        d.node_ip = Some("192.168.0.7".parse().unwrap());
+        s.sync(&d).unwrap();
+        let with_lb: Vec<Ipv4Net> = vec![
+            "192.168.0.0/24".parse().unwrap(),
+            "203.0.113.60/32".parse().unwrap(),
+        ];
+        assert_eq!(ranges(&s, SCOPE_INTERNAL), with_lb);
+        assert_eq!(ranges(&s, SCOPE_EXTERNAL), with_lb);
+        // A restart restores them: nothing to write.
+        let maps = s.maps;
+        let mut s = LbSyncer::restore(maps).unwrap();
+        assert_eq!(s.sync(&d).unwrap().writes, 0);
+        // Gone with the ranges.
+        d.services
+            .get_mut(&lb)
+            .unwrap()
+            .load_balancer_source_ranges
+            .clear();
+        s.sync(&d).unwrap();
+        assert!(!s.has_source_ranges());
+        assert!(s.maps().src_ranges.is_empty());
     }
 }

@@ -1,0 +1,104 @@
+//! loadBalancerSourceRanges for clients on the node (pods and host processes), checked on the
+//! first packet a socket sends to its backend.
+//!
+//! kube-proxy checks the ranges against the packet's source on every path, a pod's connection
+//! to a LoadBalancer IP included (its TestLoadBalancer "pod to LB1 blocked"). The socket
+//! programs cannot: at connect() an unbound socket has no source address yet (routing picks
+//! it later). So connect4/sendmsg4, when they translate a frontend that has ranges, note the
+//! socket and its backend in `KPR_SKSRC4_V1`, and this cgroup egress program checks the source
+//! of that socket's packets to that backend against the frontend's ranges: outside them the
+//! packet is dropped and counted (`drop_source_range`), as kube-proxy's firewall chain drops
+//! it (a TCP client times out); inside, the note is removed and the socket's later packets pass
+//! at the cost of the gate alone. While no frontend has ranges, the gate (one array read) is
+//! all that runs per packet.
+
+use aya_ebpf::{
+    helpers::bpf_get_socket_cookie,
+    macros::{cgroup_skb, map},
+    maps::{lpm_trie::Key, Array, LruHashMap},
+    programs::SkBuffContext,
+    EbpfContext,
+};
+use kpr_common::{
+    Counter, SockRevNat4Key, SrcRange4Key, IPPROTO_TCP, IPPROTO_UDP, SOCK_SRC_CHECK_MAP_MAX,
+};
+
+use crate::{count, packet::Ipv4Hdr, packet::IP_OFFSET, SRC_RANGES};
+
+#[map(name = "KPR_SKSRC4_V1")]
+pub static SOCK_SRC_CHECK: LruHashMap<SockRevNat4Key, u32> =
+    LruHashMap::pinned(SOCK_SRC_CHECK_MAP_MAX, 0);
+
+#[map(name = "KPR_SRCGATE_V1")]
+static SRC_CHECK_GATE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// cgroup_skb programs pass a packet with 1 and drop it with 0.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+#[cgroup_skb(egress)]
+pub fn kpr_egress4(ctx: SkBuffContext) -> i32 {
+    match try_egress(&ctx) {
+        Ok(()) => PASS,
+        Err(reason) => {
+            count(reason);
+            DROP
+        }
+    }
+}
+
+/// Whether the socket programs may note sockets for a source check (some frontend has ranges).
+#[inline(always)]
+pub fn checks_on() -> bool {
+    matches!(SRC_CHECK_GATE.get(0), Some(v) if *v != 0)
+}
+
+#[inline(always)]
+fn try_egress(ctx: &SkBuffContext) -> Result<(), Counter> {
+    if !checks_on() {
+        return Ok(());
+    }
+    // cgroup skb programs see the packet from its network header on.
+    let ip: Ipv4Hdr = match ctx.load(0) {
+        Ok(ip) => ip,
+        Err(_) => return Ok(()),
+    };
+    if ip.version_ihl >> 4 != 4 || (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP) {
+        return Ok(());
+    }
+    // A later fragment carries no ports; the first one was checked.
+    if u16::from_be(ip.frag_off) & IP_OFFSET != 0 {
+        return Ok(());
+    }
+    let l4 = usize::from(ip.version_ihl & 0x0f) * 4;
+    let dport: u16 = match ctx.load(l4 + 2) {
+        Ok(p) => p,
+        Err(_) => return Ok(()),
+    };
+    // SAFETY: cgroup skb programs may call bpf_get_socket_cookie on their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNat4Key {
+        cookie,
+        address_be: ip.daddr,
+        port_be: dport,
+        pad: 0,
+    };
+    // SAFETY: a plain value, copied out at once.
+    let rev_nat_id = match unsafe { SOCK_SRC_CHECK.get(&key) } {
+        Some(id) => *id,
+        None => return Ok(()),
+    };
+    let range = Key::new(
+        kpr_common::src_range_prefixlen(32),
+        SrcRange4Key {
+            rev_nat_id,
+            address_be: ip.saddr,
+        },
+    );
+    if SRC_RANGES.get(&range).is_none() {
+        return Err(Counter::DropSourceRange);
+    }
+    // Allowed: this socket's packets to this backend need no further check.
+    let _ = SOCK_SRC_CHECK.remove(&key);
+    Ok(())
+}
