@@ -81,6 +81,20 @@ static CONNTRACK_NEW: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(CT_NEW_M
 static AFFINITY_EXT: LruHashMap<AffinityExt4Key, Affinity4Value> =
     LruHashMap::pinned(AFFINITY_MAP_MAX, 0);
 
+// Frontend rev-NAT id → its session-affinity group (see kpr-common).
+#[map(name = "KPR_AFFGRP_V1")]
+static AFFINITY_GROUPS: HashMap<u32, u32> = HashMap::pinned(SERVICES_MAP_MAX, 0);
+
+/// The affinity group of frontend `rev_nat_id`: shared by every frontend of its Service port.
+#[inline(always)]
+fn affinity_group(rev_nat_id: u32) -> u32 {
+    // SAFETY: a plain value, copied out at once.
+    match unsafe { AFFINITY_GROUPS.get(&rev_nat_id) } {
+        Some(group) => *group,
+        None => rev_nat_id,
+    }
+}
+
 // loadBalancerSourceRanges: (frontend rev-NAT id, client prefix) → allowed.
 #[map(name = "KPR_LBSRC4_V1")]
 static SRC_RANGES: LpmTrie<SrcRange4Key, u8> = LpmTrie::pinned(SRC_RANGE_MAP_MAX, 0);
@@ -233,7 +247,11 @@ fn try_forward(
         } else {
             0
         },
-        rev_nat_id: frontend.rev_nat_id,
+        rev_nat_id: if affinity {
+            affinity_group(frontend.rev_nat_id)
+        } else {
+            0
+        },
         pad: 0,
     };
     if affinity {

@@ -48,7 +48,7 @@ use kpr_common::{
 };
 
 use crate::{
-    backend_slot,
+    affinity_group, backend_slot,
     conntrack::{self, Choice},
     count, events,
     packet::{self, End, Packet, Parsed},
@@ -205,7 +205,11 @@ fn select(
     // kube-proxy's ClientIP affinity uses.
     let affinity_key = AffinityExt4Key {
         client_address_be: pkt.saddr,
-        rev_nat_id: frontend.rev_nat_id,
+        rev_nat_id: if affinity {
+            affinity_group(frontend.rev_nat_id)
+        } else {
+            0
+        },
     };
     let mut chosen: Option<(u16, u32)> = None;
     let mut by_affinity = false;

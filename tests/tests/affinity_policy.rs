@@ -50,12 +50,19 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str, clients: usize, manifest: &str, mode: ProxyMode) -> Setup {
-        let lab = Lab::up(LabSpec {
-            prefix: Lab::unique_prefix(tag),
-            clients,
-            ..LabSpec::default()
-        })
-        .expect("lab up");
+        Self::with_spec(
+            LabSpec {
+                prefix: Lab::unique_prefix(tag),
+                clients,
+                ..LabSpec::default()
+            },
+            manifest,
+            mode,
+        )
+    }
+
+    fn with_spec(spec: LabSpec, manifest: &str, mode: ProxyMode) -> Setup {
+        let lab = Lab::up(spec).expect("lab up");
         let dir = lab.manifest_dir().unwrap();
         let file = dir.join("svc.yaml");
         write_manifest(&file, manifest);
@@ -171,6 +178,46 @@ per_mode! {
             .unwrap();
         let sticky = s.lab.tcp_spread(&c1, vip, 30).unwrap();
         assert_eq!(sticky.counts.len(), 1, "affinity not back on: {sticky:?}");
+    }
+}
+
+per_mode! {
+    /// ClientIP affinity is per Service port and client, as kube-proxy's `recent` lists are:
+    /// a client that reached a backend through the ClusterIP keeps it through the NodePort.
+    /// Four clients, each checked: were the two frontends balanced on their own, each client
+    /// would keep its backend by chance one time in three.
+    fn client_ip_affinity_is_shared_by_a_service_ports_frontends(mode) {
+        kpr_lab::require_lab("affinity_shared");
+        let node_port = 30090;
+        let mut m = manifest(Some(600), false, &ALL);
+        m = m.replacen(
+            "  clusterIP: 10.96.0.10\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]",
+            &format!("  type: NodePort\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: {node_port}}}]"),
+            1,
+        );
+        // With an external client, so that the node has its address on the fabric.
+        let spec = LabSpec {
+            prefix: Lab::unique_prefix("affsh"),
+            clients: 4,
+            external_client: true,
+            ..LabSpec::default()
+        };
+        let s = Setup::with_spec(spec, &m, mode);
+        let vip: SocketAddr = VIP.parse().unwrap();
+        let node: SocketAddr = (kpr_lab::node_fabric_ip(1), node_port).into();
+        for client in s.lab.clients().to_vec() {
+            let via_cluster_ip = s.lab.tcp_spread(&client, vip, 10).unwrap();
+            assert_eq!(via_cluster_ip.errors, 0, "{via_cluster_ip:?}");
+            assert_eq!(via_cluster_ip.counts.len(), 1, "{via_cluster_ip:?}");
+            let via_node_port = s.lab.tcp_spread(&client, node, 10).unwrap();
+            assert_eq!(via_node_port.errors, 0, "{via_node_port:?}");
+            assert_eq!(
+                via_node_port.counts.keys().collect::<Vec<_>>(),
+                via_cluster_ip.counts.keys().collect::<Vec<_>>(),
+                "{}: the NodePort chose anew",
+                client.name
+            );
+        }
     }
 }
 

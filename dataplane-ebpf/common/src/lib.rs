@@ -57,7 +57,7 @@ pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V1";
 pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V2";
 /// Every map this build pins, by name (the agent checks a pin directory against it: a pin of
 /// another layout version is migrated or refused, never silently shadowed).
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REVNAT_MAP,
@@ -69,12 +69,19 @@ pub const ALL_MAPS: [&str; 11] = [
     AFFINITY_EXT_MAP,
     SRC_RANGE_MAP,
     SOCK_SRC_CHECK_MAP,
+    AFFINITY_GROUP_MAP,
 ];
 
 /// loadBalancerSourceRanges: LPM trie keyed by `bpf_lpm_trie_key` { prefixlen, [`SrcRange4Key`] }
 /// → `u8` (unused, 1).
 pub const SRC_RANGE_MAP: &str = "KPR_LBSRC4_V1";
 pub const SRC_RANGE_MAP_MAX: u32 = 65_536;
+
+/// Session-affinity groups: frontend rev-NAT id (`u32`) → the id its clients' affinity entries
+/// are keyed by (`u32`). Every frontend of a Service port shares one group, as kube-proxy's
+/// `recent` lists are per Service port: a client reaching the ClusterIP and then the NodePort
+/// keeps its backend. A frontend without an entry is its own group.
+pub const AFFINITY_GROUP_MAP: &str = "KPR_AFFGRP_V1";
 
 /// Sockets translated to a frontend with loadBalancerSourceRanges whose source address is still
 /// to be checked by the cgroup egress program: [`SockRevNat4Key`] → the frontend's rev-NAT id
@@ -270,16 +277,18 @@ pub struct SockFwd4Value {
     pub pad: u16,
 }
 
-/// Key of the session-affinity map: a client and a frontend.
+/// Key of the session-affinity map: a client and a frontend's affinity group
+/// ([`AFFINITY_GROUP_MAP`]).
 ///
 /// At the socket layer the client is identified by its network namespace cookie: connect()
 /// on an unbound socket has no source address yet, and every socket of a pod shares the pod's
 /// namespace (host processes share the host's, as they share the node's address for
-/// kube-proxy). The frontend is its reverse-NAT id, unique per frontend.
+/// kube-proxy). The frontend is named by its affinity group ([`AFFINITY_GROUP_MAP`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Affinity4Key {
     pub client_cookie: u64,
+    /// The frontend's affinity group: a rev-NAT id shared by its Service port's frontends.
     pub rev_nat_id: u32,
     pub pad: u32,
 }
@@ -608,6 +617,7 @@ impl Default for CtTimeouts {
 pub struct AffinityExt4Key {
     /// Client IPv4 address, network byte order.
     pub client_address_be: u32,
+    /// The frontend's affinity group, as in [`Affinity4Key`].
     pub rev_nat_id: u32,
 }
 

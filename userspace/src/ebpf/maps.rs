@@ -76,6 +76,24 @@ pub trait LbMaps {
     fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
         Ok(Vec::new())
     }
+
+    /// Puts frontend `rev_nat_id` in session-affinity group `group` (`AFFINITY_GROUP_MAP`).
+    /// The default does nothing (test fakes without groups).
+    fn put_affinity_group(&mut self, rev_nat_id: u32, group: u32) -> Result<(), MapOpError> {
+        let _ = (rev_nat_id, group);
+        Ok(())
+    }
+
+    /// Deleting an absent entry is not an error.
+    fn delete_affinity_group(&mut self, rev_nat_id: u32) -> Result<(), MapOpError> {
+        let _ = rev_nat_id;
+        Ok(())
+    }
+
+    /// Every affinity-group entry: (rev_nat_id, group), for restoring state.
+    fn dump_affinity_groups(&self) -> Result<Vec<(u32, u32)>, MapOpError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The real maps, as loaded (and pinned) by [`super::EbpfDataplane`].
@@ -83,6 +101,7 @@ pub struct AyaLbMaps {
     pub(super) services: HashMap<MapData, Service4Key, Service4Value>,
     pub(super) backends: HashMap<MapData, u32, Backend4Value>,
     pub(super) src_ranges: SrcRangeMap,
+    pub(super) affinity_groups: HashMap<MapData, u32, u32>,
 }
 
 /// The loadBalancerSourceRanges LPM trie (`KPR_LBSRC4_V1`).
@@ -207,6 +226,24 @@ impl LbMaps for AyaLbMaps {
 
     fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
         self.src_ranges.dump()
+    }
+
+    fn put_affinity_group(&mut self, rev_nat_id: u32, group: u32) -> Result<(), MapOpError> {
+        self.affinity_groups
+            .insert(rev_nat_id, group, 0)
+            .map_err(|e| op_error("update", kpr_common::AFFINITY_GROUP_MAP, e))
+    }
+
+    fn delete_affinity_group(&mut self, rev_nat_id: u32) -> Result<(), MapOpError> {
+        absent_ok(self.affinity_groups.remove(&rev_nat_id))
+            .map_err(|e| op_error("delete", kpr_common::AFFINITY_GROUP_MAP, e))
+    }
+
+    fn dump_affinity_groups(&self) -> Result<Vec<(u32, u32)>, MapOpError> {
+        self.affinity_groups
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| op_error("dump", kpr_common::AFFINITY_GROUP_MAP, e))
     }
 }
 

@@ -23,8 +23,9 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSkbAttachType};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
-    SockRevNat4Key, SockRevNat4Value, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX, CT_MAP, CT_NEW_MAP,
-    IPPROTO_UDP, SERVICES_MAP, SOCK_REVNAT_MAP, SRC_CHECK_GATE_MAP, SRC_RANGE_MAP,
+    SockRevNat4Key, SockRevNat4Value, AFFINITY_GROUP_MAP, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX,
+    CT_MAP, CT_NEW_MAP, IPPROTO_UDP, SERVICES_MAP, SOCK_REVNAT_MAP, SRC_CHECK_GATE_MAP,
+    SRC_RANGE_MAP,
 };
 
 use self::conntrack::{ConntrackConfig, ConntrackError, ConntrackMaps, SweepStats};
@@ -305,10 +306,13 @@ impl EbpfDataplane {
             map: maps::open_pinned(&cfg.pin_dir.join(SRC_RANGE_MAP))
                 .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e))?,
         };
+        let affinity_groups = HashMap::try_from(take_map(&mut ebpf, AFFINITY_GROUP_MAP)?)
+            .map_err(|e| EbpfError::Map(AFFINITY_GROUP_MAP, e.to_string()))?;
         let mut syncer = LbSyncer::restore(AyaLbMaps {
             services,
             backends,
             src_ranges,
+            affinity_groups,
         })?;
         // The sizes the maps really have (a pinned map keeps the size it was made with).
         let capacity = sync::Capacity {

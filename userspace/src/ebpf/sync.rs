@@ -135,6 +135,8 @@ pub struct LbSyncer<M> {
     /// Ids present in the maps, kept alongside so allocation is O(1) (not a scan per new id).
     backend_ids: HashSet<u32>,
     rev_nat_ids: HashSet<u32>,
+    /// Frontend rev-NAT id → its session-affinity group, where the two differ.
+    affinity_groups: BTreeMap<u32, u32>,
     next_backend_id: u32,
     next_rev_nat_id: u32,
     /// Set when a sync failed midway: our view may differ from the maps, so the next sync
@@ -157,6 +159,7 @@ impl<M: LbMaps> LbSyncer<M> {
             frontends: BTreeMap::new(),
             backend_ids: HashSet::new(),
             rev_nat_ids: HashSet::new(),
+            affinity_groups: BTreeMap::new(),
             next_backend_id: 1,
             next_rev_nat_id: 1,
             dirty: false,
@@ -239,6 +242,7 @@ impl<M: LbMaps> LbSyncer<M> {
                 f.source_ranges.sort();
             }
         }
+        self.affinity_groups = self.maps.dump_affinity_groups()?.into_iter().collect();
         self.next_backend_id = max_backend.wrapping_add(1).max(1);
         self.next_rev_nat_id = max_rev.wrapping_add(1).max(1);
         self.dirty = false;
@@ -615,7 +619,42 @@ impl<M: LbMaps> LbSyncer<M> {
             );
         }
 
-        // 3. Backends nothing refers to any more.
+        // 3. Session-affinity groups: every frontend of a Service port shares its clients'
+        // affinity (kube-proxy's `recent` lists are per Service port, so a client reaching the
+        // ClusterIP and then the NodePort keeps one backend). The group is the port's smallest
+        // rev-NAT id, so it follows from the maps alone after a restart. A frontend that is
+        // its own group needs no entry.
+        let mut groups: BTreeMap<u32, u32> = BTreeMap::new();
+        for fks in owners.values() {
+            let programmed: Vec<&ProgrammedFrontend> =
+                fks.iter().filter_map(|fk| self.frontends.get(fk)).collect();
+            let Some(group) = programmed.iter().filter_map(|f| f.rev_nat_id).min() else {
+                continue;
+            };
+            for f in programmed {
+                match f.rev_nat_id {
+                    Some(id) if id != group && f.flags & SVC_FLAG_AFFINITY != 0 => {
+                        groups.insert(id, group);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (id, group) in &groups {
+            if self.affinity_groups.get(id) != Some(group) {
+                self.maps.put_affinity_group(*id, *group)?;
+                stats.writes += 1;
+            }
+        }
+        for id in self.affinity_groups.keys() {
+            if !groups.contains_key(id) {
+                self.maps.delete_affinity_group(*id)?;
+                stats.deletes += 1;
+            }
+        }
+        self.affinity_groups = groups;
+
+        // 4. Backends nothing refers to any more.
         let used: BTreeSet<u32> = self
             .frontends
             .values()
@@ -728,6 +767,7 @@ mod tests {
         /// A full map refuses new keys, as the kernel's does (E2BIG).
         max: Option<Capacity>,
         src_ranges: BTreeMap<u32, Vec<Ipv4Net>>,
+        affinity_groups: BTreeMap<u32, u32>,
     }
 
     fn full(map: &'static str) -> MapOpError {
@@ -806,6 +846,19 @@ mod tests {
                 self.src_ranges.insert(rev_nat_id, ranges.to_vec());
             }
             Ok(())
+        }
+        fn put_affinity_group(&mut self, rev_nat_id: u32, group: u32) -> Result<(), MapOpError> {
+            self.op()?;
+            self.affinity_groups.insert(rev_nat_id, group);
+            Ok(())
+        }
+        fn delete_affinity_group(&mut self, rev_nat_id: u32) -> Result<(), MapOpError> {
+            self.op()?;
+            self.affinity_groups.remove(&rev_nat_id);
+            Ok(())
+        }
+        fn dump_affinity_groups(&self) -> Result<Vec<(u32, u32)>, MapOpError> {
+            Ok(self.affinity_groups.iter().map(|(k, v)| (*k, *v)).collect())
         }
         fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
             Ok(self
@@ -1361,5 +1414,62 @@ mod tests {
         s.sync(&d).unwrap();
         assert!(!s.has_source_ranges());
         assert!(s.maps().src_ranges.is_empty());
+    }
+    #[test]
+    fn every_frontend_of_a_service_port_shares_one_affinity_group() {
+        let cluster_ip = fe(1, 80);
+        let node_port = Frontend {
+            ip: IpAddr::V4(Ipv4Addr::new(192, 168, 0, 7)),
+            port: 30080,
+            protocol: Protocol::Tcp,
+        };
+        let other = fe(2, 81);
+        let mut d = state(&[
+            (cluster_ip, &[11, 12]),
+            (node_port, &[11, 12]),
+            (other, &[13]),
+        ]);
+        for f in [cluster_ip, node_port, other] {
+            let st = d.services.get_mut(&f).unwrap();
+            st.session_affinity = Some(std::time::Duration::from_secs(60));
+            if f == node_port {
+                st.kind = crate::model::FrontendKind::NodePort;
+                st.external_backends = st.backends.clone();
+            }
+        }
+        // One Service port, two frontends (the NodePort in both scopes).
+        let name = d.services[&cluster_ip].name.clone();
+        d.services.get_mut(&node_port).unwrap().name = name;
+        let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
+        s.sync(&d).unwrap();
+        let rev = |s: &LbSyncer<FakeMaps>, f: &Frontend, scope| {
+            s.maps().services[&frontend_key(f, scope).unwrap().slot(0)].rev_nat_id
+        };
+        let group =
+            |s: &LbSyncer<FakeMaps>, id: u32| *s.maps().affinity_groups.get(&id).unwrap_or(&id);
+        let shared = [
+            rev(&s, &cluster_ip, SCOPE_INTERNAL),
+            rev(&s, &node_port, SCOPE_INTERNAL),
+            rev(&s, &node_port, SCOPE_EXTERNAL),
+        ];
+        let g = shared.iter().copied().min().unwrap();
+        for id in shared {
+            assert_eq!(group(&s, id), g, "{:?}", s.maps().affinity_groups);
+        }
+        // Another Service port is its own group.
+        assert_eq!(
+            group(&s, rev(&s, &other, SCOPE_INTERNAL)),
+            rev(&s, &other, SCOPE_INTERNAL)
+        );
+        // A restart keeps the groups: nothing to write.
+        let maps = s.maps;
+        let mut s = LbSyncer::restore(maps).unwrap();
+        assert_eq!(s.sync(&d).unwrap().writes, 0);
+        // Without affinity no group entry is kept.
+        for st in d.services.values_mut() {
+            st.session_affinity = None;
+        }
+        s.sync(&d).unwrap();
+        assert!(s.maps().affinity_groups.is_empty());
     }
 }
