@@ -43,8 +43,8 @@ use aya_ebpf::{
 };
 use kpr_common::{
     Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Service4Key, Service4Value,
-    SrcRange4Key, KPR_MASQ_MARK, SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL,
-    SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
+    SrcRange4Key, KPR_MASQ_MARK, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -97,15 +97,10 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
         Parsed::Fragment => return Ok(Verdict::PassCounted(Counter::TcFragment)),
         Parsed::Other => return Ok(Verdict::Pass),
     };
-    let frontend_key = Service4Key::scoped(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXTERNAL, 0);
-    // SAFETY: values are plain data, copied out at once.
-    let frontend: Service4Value = match unsafe { SERVICES.get(frontend_key) } {
-        Some(v) => *v,
-        None => {
-            // Not translated, but its replies may look like a translated flow's.
-            conntrack::replace_untranslated(&pkt);
-            return Ok(Verdict::Pass);
-        }
+    let Some((frontend_key, frontend)) = lookup_frontend(&pkt) else {
+        // Not translated, but its replies may look like a translated flow's.
+        conntrack::replace_untranslated(&pkt);
+        return Ok(Verdict::Pass);
     };
     let r = translate(ctx, &pkt, &frontend_key, &frontend);
     if let Err(reason) = r {
@@ -120,6 +115,60 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
     }
     r
 }
+
+/// The frontend a packet from outside is addressed to: its external scope (NodePort,
+/// externalIP, LoadBalancer IP), else a ClusterIP's internal scope. kube-proxy translates
+/// ClusterIPs in PREROUTING, so traffic routed to the node (a router that sends the Service
+/// CIDR to nodes, a sandboxed runtime's guest) reaches the Service too. A frontend with an
+/// external scope is never served from its internal one here, and loopback addresses never
+/// (CVE-2020-8558: localhost NodePorts have an internal scope only).
+#[inline(always)]
+fn lookup_frontend(pkt: &Packet) -> Option<(Service4Key, Service4Value)> {
+    let external = Service4Key::scoped(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXTERNAL, 0);
+    // SAFETY: values are plain data, copied out at once.
+    if let Some(v) = unsafe { SERVICES.get(external) } {
+        return Some((external, *v));
+    }
+    if u32::from_be(pkt.daddr) >> 24 == 127 {
+        return None;
+    }
+    let internal = Service4Key::scoped(pkt.daddr, pkt.dport, pkt.proto, SCOPE_INTERNAL, 0);
+    // SAFETY: as above.
+    unsafe { SERVICES.get(internal) }.map(|v| (internal, *v))
+}
+
+/// Whether a new flow to `frontend_key` is source-NATed (marked for kpr's masquerade rule).
+/// External frontends follow their flags (externalTrafficPolicy). A ClusterIP follows
+/// kube-proxy's rule for its internal chain: `--masquerade-all`, or a source the local-traffic
+/// detector (`--detect-local-mode`) does not call local; with neither, not at all.
+#[inline(always)]
+fn masquerades(pkt: &Packet, frontend_key: &Service4Key, frontend: &Service4Value) -> bool {
+    if frontend_key.scope == SCOPE_EXTERNAL {
+        return frontend.flags & (SVC_FLAG_EXT_LOCAL | SVC_FLAG_NO_SNAT) == 0;
+    }
+    // SAFETY: reads of read-only data set at load time.
+    let (all, detect, net, mask) = unsafe {
+        (
+            core::ptr::read_volatile(&KPR_MASQUERADE_ALL),
+            core::ptr::read_volatile(&KPR_LOCAL_CIDR4_SET),
+            core::ptr::read_volatile(&KPR_LOCAL_CIDR4_NET),
+            core::ptr::read_volatile(&KPR_LOCAL_CIDR4_MASK),
+        )
+    };
+    all != 0 || (detect != 0 && pkt.saddr & mask != net)
+}
+
+/// `--masquerade-all` (set by the agent at load time).
+#[no_mangle]
+static KPR_MASQUERADE_ALL: u8 = 0;
+/// The local-traffic detector for IPv4 (`--detect-local-mode=ClusterCIDR` with
+/// `--cluster-cidr`): sources inside NET/MASK (network byte order) are local. SET 0: none.
+#[no_mangle]
+static KPR_LOCAL_CIDR4_SET: u8 = 0;
+#[no_mangle]
+static KPR_LOCAL_CIDR4_NET: u32 = 0;
+#[no_mangle]
+static KPR_LOCAL_CIDR4_MASK: u32 = 0;
 
 /// Sends a packet to external frontend `frontend` on to its flow's backend (choosing one for
 /// a new flow), or drops it.
@@ -241,7 +290,7 @@ fn select(
                 frontend_key.address_be,
                 frontend_key.port_be,
                 frontend_key.proto,
-                SCOPE_EXTERNAL,
+                frontend_key.scope,
                 slot,
             );
             match unsafe { SERVICES.get(slot_key) } {
@@ -269,7 +318,7 @@ fn select(
         slot,
         address_be: backend.address_be,
         port_be: backend.port_be,
-        masq: frontend.flags & (SVC_FLAG_EXT_LOCAL | SVC_FLAG_NO_SNAT) == 0,
+        masq: masquerades(pkt, frontend_key, frontend),
     };
     Ok((choice, by_affinity))
 }

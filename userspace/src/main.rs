@@ -292,6 +292,12 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             forward_accept: forward_accept(settings),
             datapath_events: settings.datapath_events,
             pod_netns_dir: settings.pod_netns_dir.clone(),
+            masquerade_all: settings.masquerade_all,
+            // kube-proxy's default detector, ClusterCIDR: the IPv4 --cluster-cidr.
+            local_cidr4: settings.cluster_cidrs.iter().find_map(|c| match c {
+                ipnet::IpNet::V4(v4) => Some(v4.trunc()),
+                ipnet::IpNet::V6(_) => None,
+            }),
         },
         &kpr::ebpf::TcConfig {
             devices,

@@ -383,7 +383,7 @@ fn purge_removes_the_flows_of_backends_that_left() {
 }
 
 #[test]
-fn a_nodeport_programmed_by_the_syncer_is_served_by_the_tc_program() {
+fn a_nodeport_and_a_clusterip_programmed_by_the_syncer_are_served_by_the_tc_program() {
     require();
     let mut env = Env::new();
     let backend = Backend {
@@ -394,6 +394,7 @@ fn a_nodeport_programmed_by_the_syncer_is_served_by_the_tc_program() {
     for (ip, port, kind) in [
         (Ipv4Addr::new(10, 96, 0, 10), 80, FrontendKind::ClusterIp),
         (NODE, NODE_PORT, FrontendKind::NodePort),
+        (Ipv4Addr::LOCALHOST, NODE_PORT, FrontendKind::NodePort),
     ] {
         desired.services.insert(
             Frontend {
@@ -426,7 +427,9 @@ fn a_nodeport_programmed_by_the_syncer_is_served_by_the_tc_program() {
         (Ipv4Addr::new(10, 244, 1, 5), 8080)
     );
     assert_checksums(&out);
-    // The ClusterIP has no external scope: tc leaves it alone.
+    // The ClusterIP has no external scope: tc serves it from its internal one (ClusterIP
+    // traffic routed to the node, as kube-proxy's PREROUTING rules do), without masquerade
+    // (no --masquerade-all, no local-traffic detector).
     let c = build(&tcp(
         CLIENT,
         45001,
@@ -434,8 +437,17 @@ fn a_nodeport_programmed_by_the_syncer_is_served_by_the_tc_program() {
         80,
         TCP_SYN,
     ));
-    let (rc, out, _) = env.run(INGRESS, &c, 0);
-    assert_eq!((rc, &out), (PASS, &c));
+    let (rc, out, mark) = env.run(INGRESS, &c, 0);
+    assert_eq!(rc, PASS);
+    assert_eq!(
+        backend_of(&view(&out)),
+        (Ipv4Addr::new(10, 244, 1, 5), 8080)
+    );
+    assert_eq!(mark & kpr_common::KPR_MASQ_MARK, 0);
+    // A localhost NodePort (internal scope only) is never served from outside (CVE-2020-8558).
+    let lo = build(&tcp(CLIENT, 45002, Ipv4Addr::LOCALHOST, NODE_PORT, TCP_SYN));
+    let (rc, out, _) = env.run(INGRESS, &lo, 0);
+    assert_eq!((rc, &out), (PASS, &lo));
     let rev = env
         .dp()
         .rev_nat_id(NODE, NODE_PORT, IPPROTO_TCP, SCOPE_EXTERNAL)

@@ -105,6 +105,12 @@ pub struct EbpfConfig {
     /// backends that left are destroyed there and in the agent's own namespace (see
     /// [`sockterm`]). None: the agent's namespace only.
     pub pod_netns_dir: Option<PathBuf>,
+    /// ClusterIP traffic routed to the node (translated by the tc programs) is masqueraded
+    /// as kube-proxy does it: always with `--masquerade-all`, else when its source is outside
+    /// `local_cidr4` (`--detect-local-mode=ClusterCIDR` with `--cluster-cidr`); with neither,
+    /// never.
+    pub masquerade_all: bool,
+    pub local_cidr4: Option<ipnet::Ipv4Net>,
 }
 
 /// The north-south (tc) part of the dataplane.
@@ -151,6 +157,8 @@ pub struct EbpfDataplane {
     pod_netns_dir: Option<PathBuf>,
     /// Turns the egress program's source-range checks on (see `SRC_CHECK_GATE_MAP`).
     src_check_gate: Array<MapData, u32>,
+    /// Routed ClusterIP traffic may be masqueraded (see [`EbpfConfig::masquerade_all`]).
+    cluster_ip_masquerade: bool,
     /// Connected UDP sockets destroyed since start; false once the kernel said it cannot.
     udp_sockets_destroyed: u64,
     destroy_supported: bool,
@@ -200,6 +208,24 @@ impl EbpfDataplane {
             .override_global("CT_TIMEOUTS", &ct.timeouts, true)
             .override_global("KPR_DATAPATH_EVENTS", &u8::from(cfg.datapath_events), true)
             .override_global("KPR_HOST_NETNS_COOKIE", &host_netns_cookie, true)
+            .override_global("KPR_MASQUERADE_ALL", &u8::from(cfg.masquerade_all), true)
+            .override_global(
+                "KPR_LOCAL_CIDR4_SET",
+                &u8::from(cfg.local_cidr4.is_some()),
+                true,
+            )
+            .override_global(
+                "KPR_LOCAL_CIDR4_NET",
+                &cfg.local_cidr4
+                    .map_or(0, |n| u32::from_ne_bytes(n.network().octets())),
+                true,
+            )
+            .override_global(
+                "KPR_LOCAL_CIDR4_MASK",
+                &cfg.local_cidr4
+                    .map_or(0, |n| u32::from_ne_bytes(n.netmask().octets())),
+                true,
+            )
             // aya-log's own filter: everything when on, nothing when off.
             .override_global(
                 aya_log::LEVEL,
@@ -345,6 +371,7 @@ impl EbpfDataplane {
             udp_sockets_destroyed: 0,
             destroy_supported: true,
             src_check_gate,
+            cluster_ip_masquerade: cfg.masquerade_all || cfg.local_cidr4.is_some(),
         };
         // The restored frontends' ranges are checked at once (the gate is a new map).
         let on = dataplane.syncer.has_source_ranges();
@@ -723,7 +750,7 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         if let Some(table) = &mut self.table {
             table.apply_with(
                 &crate::nft::frontends_without_endpoints(desired),
-                crate::nft::needs_masquerade(desired),
+                crate::nft::needs_masquerade(desired) || self.cluster_ip_masquerade,
             )?;
         }
         if let Some(forward) = self.forward_accept.as_ref().filter(|_| full) {

@@ -165,6 +165,8 @@ impl Env {
                 datapath_events,
                 // Never the host's pods: only the test's own (host) namespace is walked.
                 pod_netns_dir: None,
+                masquerade_all: false,
+                local_cidr4: None,
             },
             &TcConfig { devices, conntrack },
         );

@@ -1,0 +1,73 @@
+//! ClusterIP traffic routed to the node (issue 10, item 4): a router that sends the Service
+//! CIDR to a node, or a sandboxed runtime's guest whose packets reach the node without a socket
+//! of the node's. kube-proxy translates ClusterIPs in PREROUTING, so such traffic reaches the
+//! Service; it masquerades it with `--masquerade-all`, or when the local-traffic detector
+//! (`--detect-local-mode`, by default ClusterCIDR with `--cluster-cidr`) says its source is
+//! not local, and otherwise not at all. kpr does the same in every mode (the eBPF mode in its
+//! tc programs).
+//!
+//! Lab: node1 192.168.100.11 with be1..be3 (10.244.1.11..13, all local, so replies of flows
+//! that are not masqueraded come back through node1 too); the external client
+//! 192.168.100.100 routes the ClusterIP range through node1.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use kpr_lab::kpr::{kpr_path, Kpr, ProxyMode};
+use kpr_lab::per_mode;
+
+const CLIENT: &str = "192.168.100.100";
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: routed, namespace: ns}\nspec:\n  clusterIP: 10.96.5.1\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: routed-1\n  namespace: ns\n  labels: {kubernetes.io/service-name: routed}\naddressType: IPv4\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n\
+- {addresses: [10.244.1.11], conditions: {ready: true}, nodeName: node1}\n\
+- {addresses: [10.244.1.12], conditions: {ready: true}, nodeName: node1}\n\
+- {addresses: [10.244.1.13], conditions: {ready: true}, nodeName: node1}\n";
+
+per_mode! {
+    fn clusterip_traffic_routed_to_the_node_is_served_and_masqueraded_as_kube_proxy_does(mode) {
+        let tag = format!("rcip-{}", mode.name());
+        let (lab, dir) = kpr_lab::external_client_lab(&tag, SERVICE);
+        lab.route_external_via("10.96.5.0/24", "192.168.100.11")
+            .expect("route to the ClusterIPs");
+        let ext = lab.external_client().unwrap().clone();
+        let target: SocketAddr = "10.96.5.1:80".parse().unwrap();
+        let all: BTreeSet<String> = ["be1", "be2", "be3"].iter().map(|s| s.to_string()).collect();
+        for (flags, masqueraded) in [
+            (&[][..], false),
+            (&["--cluster-cidr", "10.244.0.0/16"][..], true),
+            // The client is inside this cluster CIDR: local, not masqueraded.
+            (&["--cluster-cidr", "192.168.100.0/24"][..], false),
+            (&["--masquerade-all"][..], true),
+        ] {
+            let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
+            args.extend(mode.args());
+            args.extend(flags);
+            let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
+            kpr.wait_for_frontend("10.96.5.1:80/tcp", "the ClusterIP", |f| f.backends.len() == 3)
+                .unwrap();
+            if let Err(e) = lab.wait_until_reaching(&ext, target, &all) {
+                panic!("{flags:?}: {e}\n{}", kpr.log());
+            }
+            let r = lab.tcp_spread(&ext, target, 30).unwrap();
+            assert_eq!(r.errors, 0, "{flags:?}: {r:?}");
+            if mode == ProxyMode::Ebpf {
+                // Translated by the tc program (nothing else in this mode could).
+                let translated = kpr.counters_now().unwrap()["tc_translated"];
+                assert!(translated >= 30, "{flags:?}: tc_translated {translated}");
+            }
+            let seen: Vec<&String> = r.clients.keys().collect();
+            if masqueraded {
+                assert!(
+                    !seen.iter().any(|c| c.starts_with(CLIENT)),
+                    "{flags:?}: not masqueraded: {r:?}"
+                );
+            } else {
+                assert!(
+                    seen.iter().all(|c| c.starts_with(CLIENT)),
+                    "{flags:?}: masqueraded: {r:?}"
+                );
+            }
+            drop(kpr);
+        }
+    }
+}
