@@ -11,6 +11,10 @@
 //! it (a TCP client times out); inside, the note is removed and the socket's later packets pass
 //! at the cost of the gate alone. While no frontend has ranges, the gate (one array read) is
 //! all that runs per packet.
+//!
+//! The same note, with [`SOCK_CHECK_DROP`], drops every packet of a socket to a frontend with
+//! `internalTrafficPolicy: Local` and no local endpoint, when the agent drops those as
+//! kube-proxy does (`SVC_FLAG_NO_LOCAL_DROP`): a TCP client times out.
 
 use aya_ebpf::{
     helpers::bpf_get_socket_cookie,
@@ -20,7 +24,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use kpr_common::{
-    Counter, SockRevNat4Key, SrcRange4Key, IPPROTO_TCP, IPPROTO_UDP, SOCK_SRC_CHECK_MAP_MAX,
+    Counter, SockRevNat4Key, SrcRange4Key, IPPROTO_TCP, IPPROTO_UDP, SOCK_CHECK_DROP,
+    SOCK_SRC_CHECK_MAP_MAX,
 };
 
 use crate::{count, packet::Ipv4Hdr, packet::IP_OFFSET, SRC_RANGES};
@@ -88,6 +93,9 @@ fn try_egress(ctx: &SkBuffContext) -> Result<(), Counter> {
         Some(id) => *id,
         None => return Ok(()),
     };
+    if rev_nat_id == SOCK_CHECK_DROP {
+        return Err(Counter::DropNoLocalBackend);
+    }
     let range = Key::new(
         kpr_common::src_range_prefixlen(32),
         SrcRange4Key {

@@ -35,8 +35,9 @@ use kpr_common::{
     Affinity4Key, Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Ct4Key, Ct4Value,
     Service4Key, Service4Value, SockFwd4Key, SockFwd4Value, SockRevNat4Key, SockRevNat4Value,
     SrcRange4Key, AFFINITY_MAP_MAX, AFFINITY_SCAN_MAX, BACKENDS_MAP_MAX, COUNTER_MAX, CT_MAP_MAX,
-    CT_NEW_MAP_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX,
-    SRC_RANGE_MAP_MAX, SVC_FLAG_AFFINITY, SVC_FLAG_SOURCE_RANGES,
+    CT_NEW_MAP_MAX, IPPROTO_TCP, IPPROTO_UDP, SERVICES_MAP_MAX, SOCK_CHECK_DROP,
+    SOCK_REVNAT_MAP_MAX, SRC_RANGE_MAP_MAX, SVC_FLAG_AFFINITY, SVC_FLAG_NO_LOCAL_DROP,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 // Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
@@ -208,11 +209,28 @@ fn try_forward(
         reason,
         rev_nat_id: frontend.rev_nat_id,
     };
-    if frontend.count == 0 {
-        return Err(refuse(Counter::DropNoBackend));
-    }
     // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if frontend.count == 0 {
+        // kube-proxy drops traffic of internalTrafficPolicy: Local without a local endpoint
+        // (when asked to do the same): the call goes on untranslated, and the egress program
+        // drops the socket's packets to the frontend.
+        if frontend.flags & SVC_FLAG_NO_LOCAL_DROP != 0 && egress::checks_on() {
+            let key = SockRevNat4Key {
+                cookie,
+                address_be,
+                port_be,
+                pad: 0,
+            };
+            if egress::SOCK_SRC_CHECK
+                .insert(&key, &SOCK_CHECK_DROP, 0)
+                .is_ok()
+            {
+                return Ok(None);
+            }
+        }
+        return Err(refuse(Counter::DropNoBackend));
+    }
     let fwd_key = SockFwd4Key {
         cookie,
         address_be,

@@ -62,6 +62,11 @@ impl Setup {
     }
 
     fn with_spec(spec: LabSpec, manifest: &str, mode: ProxyMode) -> Setup {
+        Self::with_args(spec, manifest, mode, &[])
+    }
+
+    /// [`Setup::with_spec`], kpr started with `extra` flags too.
+    fn with_args(spec: LabSpec, manifest: &str, mode: ProxyMode, extra: &[&str]) -> Setup {
         let lab = Lab::up(spec).expect("lab up");
         let dir = lab.manifest_dir().unwrap();
         let file = dir.join("svc.yaml");
@@ -72,11 +77,15 @@ impl Setup {
             &dir,
             "kpr",
             &[
-                "--hostname-override",
-                "node1",
-                mode.args()[0],
-                mode.args()[1],
-            ],
+                &[
+                    "--hostname-override",
+                    "node1",
+                    mode.args()[0],
+                    mode.args()[1],
+                ][..],
+                extra,
+            ]
+            .concat(),
         )
         .expect("kpr start");
         Setup { lab, kpr, file }
@@ -242,5 +251,47 @@ per_mode! {
         );
         let r = s.lab.tcp_spread(&c, vip, 90).unwrap();
         assert_eq!(r.counts.len(), 3, "{r:?}");
+    }
+}
+
+per_mode! {
+    /// internalTrafficPolicy: Local with no endpoint on this node, while the Service has
+    /// endpoints elsewhere: kube-proxy drops ("has no local endpoints"), and so do the netfilter
+    /// modes and the eBPF mode with `--reject-no-local-endpoints=false` (its egress program
+    /// drops the socket's packets: `drop_no_local_backend`). By default the eBPF mode refuses
+    /// the connection at once instead (`drop_no_backend`), a documented difference.
+    fn internal_traffic_policy_local_without_a_local_endpoint_drops_or_refuses(mode) {
+        kpr_lab::require_lab("itp_drop");
+        let eps = [("10.244.1.12", "node2"), ("10.244.1.13", "node2")];
+        let vip: SocketAddr = VIP.parse().unwrap();
+        let variants: &[(&[&str], &str, Option<&str>)] = match mode {
+            ProxyMode::Ebpf => &[
+                (&[], "ECONNREFUSED", Some("drop_no_backend")),
+                (&["--reject-no-local-endpoints=false"], "ETIMEDOUT", Some("drop_no_local_backend")),
+            ],
+            _ => &[(&[], "ETIMEDOUT", None)],
+        };
+        for (extra, error, counter) in variants {
+            let spec = LabSpec {
+                prefix: Lab::unique_prefix("itpd"),
+                clients: 1,
+                ..LabSpec::default()
+            };
+            let mut s = Setup::with_args(spec, &manifest(None, true, &eps), mode, extra);
+            s.kpr
+                .wait_for_frontend(FRONTEND, "no local endpoint", |f| f.backends.is_empty())
+                .unwrap();
+            let c = s.lab.clients()[0].clone();
+            let before = counter.map(|k| s.kpr.counters_now().unwrap()[k]);
+            let once = s
+                .lab
+                .connect_once(&c, vip, Duration::from_millis(500))
+                .unwrap();
+            assert_eq!(once.error.as_deref(), Some(*error), "{extra:?}: {once:?}");
+            if let (Some(k), Some(before)) = (counter, before) {
+                let after = s.kpr.counters_now().unwrap()[*k];
+                assert!(after > before, "{extra:?}: {k} {before} → {after}");
+            }
+        }
     }
 }

@@ -298,6 +298,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
                 ipnet::IpNet::V4(v4) => Some(v4.trunc()),
                 ipnet::IpNet::V6(_) => None,
             }),
+            drop_no_local_endpoints: !settings.reject_no_local_endpoints,
         },
         &kpr::ebpf::TcConfig {
             devices,

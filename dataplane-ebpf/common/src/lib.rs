@@ -83,14 +83,19 @@ pub const SRC_RANGE_MAP_MAX: u32 = 65_536;
 /// keeps its backend. A frontend without an entry is its own group.
 pub const AFFINITY_GROUP_MAP: &str = "KPR_AFFGRP_V1";
 
-/// Sockets translated to a frontend with loadBalancerSourceRanges whose source address is still
-/// to be checked by the cgroup egress program: [`SockRevNat4Key`] → the frontend's rev-NAT id
-/// (`u32`). LRU: entries of sockets that closed before sending are evicted.
+/// Sockets the cgroup egress program checks: [`SockRevNat4Key`] (socket, destination) → the
+/// frontend's rev-NAT id (`u32`) when the socket was translated to a frontend with
+/// loadBalancerSourceRanges and its source address is still to be checked, or
+/// [`SOCK_CHECK_DROP`] when its packets are to be dropped ([`SVC_FLAG_NO_LOCAL_DROP`]). LRU:
+/// entries of sockets that closed before sending are evicted.
 pub const SOCK_SRC_CHECK_MAP: &str = "KPR_SKSRC4_V1";
 pub const SOCK_SRC_CHECK_MAP_MAX: u32 = 65_536;
+/// The [`SOCK_SRC_CHECK_MAP`] value that drops (rev-NAT ids start at 1).
+pub const SOCK_CHECK_DROP: u32 = 0;
 
-/// One `u32`: non-zero while some frontend has loadBalancerSourceRanges, so the cgroup egress
-/// program costs one array read per packet otherwise. Set by the agent; not pinned (a new
+/// One `u32`: non-zero while some frontend has loadBalancerSourceRanges or
+/// [`SVC_FLAG_NO_LOCAL_DROP`], so the cgroup egress program costs one array read per packet
+/// otherwise. Set by the agent; not pinned (a new
 /// agent sets it from the maps it restores).
 pub const SRC_CHECK_GATE_MAP: &str = "KPR_SRCGATE_V1";
 
@@ -199,6 +204,13 @@ pub const SVC_FLAG_SOURCE_RANGES: u8 = 1 << 2;
 /// client's address. Set by the agent for `externalTrafficPolicy: Cluster` frontends whose
 /// backends are all local.
 pub const SVC_FLAG_NO_SNAT: u8 = 1 << 3;
+
+/// Internal scope only: `internalTrafficPolicy: Local` without a local endpoint while the
+/// Service has endpoints elsewhere (`count == 0`), and the agent runs with kube-proxy's drop
+/// (`--reject-no-local-endpoints=false`). The socket programs then leave the call untranslated
+/// and note the socket for the cgroup egress program, which drops its packets
+/// (`drop_no_local_backend`), instead of refusing the call at once.
+pub const SVC_FLAG_NO_LOCAL_DROP: u8 = 1 << 4;
 
 /// `skb->mark` bit the tc ingress program sets on north-south traffic that must be
 /// masqueraded (`externalTrafficPolicy: Cluster`): kpr's nftables table masquerades packets
@@ -347,7 +359,9 @@ pub enum Counter {
     /// A new connection went to the client's affinity backend.
     AffinityReused = 8,
     /// tc ingress: an external frontend with `externalTrafficPolicy: Local` and no endpoint on
-    /// this node was hit; the packet was dropped (kube-proxy drops it too).
+    /// this node was hit; or cgroup egress: a packet to a frontend with
+    /// `internalTrafficPolicy: Local` and no local endpoint ([`SVC_FLAG_NO_LOCAL_DROP`]). The
+    /// packet was dropped (kube-proxy drops it too).
     DropNoLocalBackend = 9,
     /// tc ingress, or cgroup egress for a socket on the node: a client outside the frontend's
     /// `loadBalancerSourceRanges`; dropped.

@@ -309,6 +309,20 @@ pub struct RunArgs {
     /// in the node's namespace and in each of these. Empty: the node's namespace only.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_POD_NETNS_DIR, help_heading = OWN)]
     pub pod_netns_dir: PathBuf,
+    /// eBPF mode: a connection to a ClusterIP with internalTrafficPolicy Local and no endpoint
+    /// on this node (while the Service has endpoints elsewhere) is refused at once
+    /// (ECONNREFUSED). false: dropped, as kube-proxy does (the client times out).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "true",
+        value_parser = parse_go_bool,
+        help_heading = OWN
+    )]
+    pub reject_no_local_endpoints: bool,
 }
 
 /// Where containerd, CRI-O and `ip netns` keep named network namespaces.

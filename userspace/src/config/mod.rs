@@ -252,6 +252,13 @@ pub struct Settings {
     /// `--pod-netns-dir` (None: empty, the node's namespace only). Not serialized when default.
     #[serde(skip_serializing_if = "is_default_pod_netns_dir")]
     pub pod_netns_dir: Option<PathBuf>,
+    /// `--reject-no-local-endpoints` (eBPF mode). Not serialized when default (true).
+    #[serde(skip_serializing_if = "is_true")]
+    pub reject_no_local_endpoints: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn is_default_pod_netns_dir(dir: &Option<PathBuf>) -> bool {
@@ -339,6 +346,7 @@ impl Default for Settings {
             devices: Vec::new(),
             conntrack: ConntrackSettings::default(),
             pod_netns_dir: Some(flags::DEFAULT_POD_NETNS_DIR.into()),
+            reject_no_local_endpoints: true,
         }
     }
 }
@@ -566,6 +574,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         },
         devices: parse_devices(&args.devices)?,
         pod_netns_dir: Some(args.pod_netns_dir.clone()).filter(|d| !d.as_os_str().is_empty()),
+        reject_no_local_endpoints: args.reject_no_local_endpoints,
         ..Settings::default()
     };
     match &config {

@@ -111,6 +111,10 @@ pub struct EbpfConfig {
     /// never.
     pub masquerade_all: bool,
     pub local_cidr4: Option<ipnet::Ipv4Net>,
+    /// Drop, as kube-proxy does, rather than refuse at connect() calls to a ClusterIP with
+    /// internalTrafficPolicy Local and no endpoint on this node while the Service has
+    /// endpoints elsewhere (`--reject-no-local-endpoints=false`).
+    pub drop_no_local_endpoints: bool,
 }
 
 /// The north-south (tc) part of the dataplane.
@@ -159,6 +163,8 @@ pub struct EbpfDataplane {
     src_check_gate: Array<MapData, u32>,
     /// Routed ClusterIP traffic may be masqueraded (see [`EbpfConfig::masquerade_all`]).
     cluster_ip_masquerade: bool,
+    /// See [`EbpfConfig::drop_no_local_endpoints`].
+    drop_no_local_endpoints: bool,
     /// Connected UDP sockets destroyed since start; false once the kernel said it cannot.
     udp_sockets_destroyed: u64,
     destroy_supported: bool,
@@ -353,6 +359,7 @@ impl EbpfDataplane {
             );
         }
         syncer.set_capacity(capacity);
+        syncer.set_drop_no_local_endpoints(cfg.drop_no_local_endpoints);
         let mut dataplane = Self {
             tc_links,
             ebpf,
@@ -372,9 +379,10 @@ impl EbpfDataplane {
             destroy_supported: true,
             src_check_gate,
             cluster_ip_masquerade: cfg.masquerade_all || cfg.local_cidr4.is_some(),
+            drop_no_local_endpoints: cfg.drop_no_local_endpoints,
         };
         // The restored frontends' ranges are checked at once (the gate is a new map).
-        let on = dataplane.syncer.has_source_ranges();
+        let on = dataplane.syncer.has_socket_checks();
         dataplane
             .set_src_check_gate(on)
             .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
@@ -686,13 +694,13 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         if let Some(names) = &self.event_names {
             names.update(desired);
         }
-        // Source-range checks go on before a frontend with ranges is written (so none of its
-        // sockets passes unchecked) and off once none is left.
-        let ranges_wanted = desired
-            .services
-            .values()
-            .any(|s| !s.load_balancer_source_ranges.is_empty());
-        if ranges_wanted {
+        // The egress program's checks go on before a frontend that needs them is written (so
+        // none of its sockets passes unchecked) and off once none is left.
+        let checks_wanted = desired.services.values().any(|s| {
+            !s.load_balancer_source_ranges.is_empty()
+                || (self.drop_no_local_endpoints && s.internal_local_elsewhere)
+        });
+        if checks_wanted {
             self.set_src_check_gate(true)
                 .map_err(crate::ebpf::sync::SyncError::from)?;
         }
@@ -701,7 +709,7 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         } else {
             EbpfDataplane::sync(self, desired)?
         };
-        if !self.syncer.has_source_ranges() {
+        if !self.syncer.has_socket_checks() {
             self.set_src_check_gate(false)
                 .map_err(crate::ebpf::sync::SyncError::from)?;
         }

@@ -19,7 +19,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 use kpr_common::{
     Backend4Value, Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_NO_LOCAL_DROP, SVC_FLAG_NO_SNAT,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 use super::maps::{LbMaps, MapOpError};
@@ -137,6 +138,9 @@ pub struct LbSyncer<M> {
     rev_nat_ids: HashSet<u32>,
     /// Frontend rev-NAT id → its session-affinity group, where the two differ.
     affinity_groups: BTreeMap<u32, u32>,
+    /// Drop (kube-proxy) rather than refuse calls to a ClusterIP with internalTrafficPolicy
+    /// Local and no local endpoint (`SVC_FLAG_NO_LOCAL_DROP`).
+    drop_no_local_endpoints: bool,
     next_backend_id: u32,
     next_rev_nat_id: u32,
     /// Set when a sync failed midway: our view may differ from the maps, so the next sync
@@ -160,6 +164,7 @@ impl<M: LbMaps> LbSyncer<M> {
             backend_ids: HashSet::new(),
             rev_nat_ids: HashSet::new(),
             affinity_groups: BTreeMap::new(),
+            drop_no_local_endpoints: false,
             next_backend_id: 1,
             next_rev_nat_id: 1,
             dirty: false,
@@ -277,6 +282,20 @@ impl<M: LbMaps> LbSyncer<M> {
     }
 
     /// Service ports refused at the last sync for lack of map space, with the reason.
+    /// Drop (kube-proxy's behaviour) rather than refuse calls to a ClusterIP with
+    /// internalTrafficPolicy Local and no endpoint on this node (`--reject-no-local-endpoints`).
+    pub fn set_drop_no_local_endpoints(&mut self, drop: bool) {
+        self.drop_no_local_endpoints = drop;
+    }
+
+    /// Whether a programmed frontend has its packets checked by the egress program:
+    /// loadBalancerSourceRanges, or a drop for want of local endpoints.
+    pub fn has_socket_checks(&self) -> bool {
+        self.frontends
+            .values()
+            .any(|f| !f.source_ranges.is_empty() || f.flags & SVC_FLAG_NO_LOCAL_DROP != 0)
+    }
+
     /// Whether a programmed frontend has loadBalancerSourceRanges.
     pub fn has_source_ranges(&self) -> bool {
         self.frontends.values().any(|f| !f.source_ranges.is_empty())
@@ -459,13 +478,18 @@ impl<M: LbMaps> LbSyncer<M> {
             } else {
                 SVC_FLAG_SOURCE_RANGES
             };
+            let drop_flag = if self.drop_no_local_endpoints && state.internal_local_elsewhere {
+                SVC_FLAG_NO_LOCAL_DROP
+            } else {
+                SVC_FLAG_NONE
+            };
             // The socket programs check the ranges too (for clients on the node: pods, host
             // processes), through the internal frontend's own rev-NAT id.
             want.insert(
                 fk,
                 WantFrontend {
                     backends: backend_keys(&state.backends, fk.proto),
-                    flags: flags | range_flag,
+                    flags: flags | range_flag | drop_flag,
                     affinity_timeout_s,
                     source_ranges: source_ranges.clone(),
                 },

@@ -231,6 +231,10 @@ pub(super) fn service_ports(
                 },
                 health_check_node_port: view.health_check_node_port,
                 local_endpoints: local_ready.get(&family).copied().unwrap_or_default(),
+                internal_local_elsewhere: !kind.is_external()
+                    && view.internal_local
+                    && e.local.is_empty()
+                    && e.any,
             },
         );
     };

@@ -155,6 +155,10 @@ pub struct ServicePortState {
     /// Service port (a pod serving two ports counts twice). Same on every frontend of the
     /// Service and family; 0 when the node name is unknown.
     pub local_endpoints: usize,
+    /// A ClusterIP frontend with `internalTrafficPolicy: Local`, no endpoint on this node and
+    /// endpoints elsewhere: kube-proxy drops its traffic ("has no local endpoints"), where a
+    /// Service without any endpoint is rejected. (`backends` is empty either way.)
+    pub internal_local_elsewhere: bool,
 }
 
 /// Everything the dataplane should serve: by frontend (what the eBPF maps hold), and by service

@@ -167,6 +167,7 @@ impl Env {
                 pod_netns_dir: None,
                 masquerade_all: false,
                 local_cidr4: None,
+                drop_no_local_endpoints: false,
             },
             &TcConfig { devices, conntrack },
         );
