@@ -309,3 +309,101 @@ impl Setup {
         }
     }
 }
+
+per_mode! {
+    /// "should be able to switch session affinity for NodePort service": with ClientIP every
+    /// connection of the external client to the NodePort reaches one backend; switched off,
+    /// they spread over every backend again.
+    fn should_be_able_to_switch_session_affinity_for_nodeport_service(mode) {
+        let spec = |affinity: &str| {
+            format!("  type: NodePort\n  clusterIP: 10.96.0.26\n  sessionAffinity: {affinity}\n  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30126}}]\n")
+        };
+        let manifest = |affinity: &str| {
+            service("affinity-nodeport-transition", &spec(affinity), &[("http", "TCP", 8080, &["be1", "be2", "be3"])])
+        };
+        let mut s = Setup::new("cf-npsw", &manifest("None"), mode);
+        let all = names(&["be1", "be2", "be3"]);
+        let ext = s.lab.external_client().unwrap().clone();
+        let node_port = addr(&format!("{NODE1}:30126"));
+        let spread_reaches_all = |s: &Setup| {
+            if let Err(e) = s.lab.wait_until_reaching(&ext, node_port, &all) {
+                panic!("{e}\n{}", s.kpr.log());
+            }
+        };
+        spread_reaches_all(&s);
+        s.update(&manifest("ClientIP"));
+        s.wait_for_affinity("10.96.0.26:80/tcp", Some(10_800));
+        for _ in 0..3 {
+            let r = s.lab.tcp_spread(&ext, node_port, 20).unwrap();
+            assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+            assert_eq!(r.counts.len(), 1, "ClientIP: one backend: {r:?}");
+        }
+        s.update(&manifest("None"));
+        s.wait_for_affinity("10.96.0.26:80/tcp", None);
+        spread_reaches_all(&s);
+    }
+}
+
+per_mode! {
+    /// "Service endpoints latency should not be very high": 200 Services, each with its
+    /// endpoints, appear one after another; every one must be programmed and served.
+    /// Upstream asserts percentiles of the latency (p50 < 20 s, p99 < 50 s); tests here assert
+    /// no times, so 50 s bounds the wait for all of them and the observed percentiles are
+    /// printed (the benchmark is where programming time is measured).
+    fn service_endpoints_latency_should_not_be_very_high(mode) {
+        const SERVICES: usize = 200;
+        let s = Setup::new("cf-lat", NODE, mode);
+        let mut kpr = s.kpr;
+        let frontend = |i: usize| format!("10.96.{}.{}:80/tcp", 8 + i / 250, i % 250 + 1);
+        let mut written = Vec::with_capacity(SERVICES);
+        for i in 0..SERVICES {
+            let ip = frontend(i);
+            let ip = ip.split(':').next().unwrap();
+            let spec = format!("  clusterIP: {ip}\n  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]\n");
+            let y = service(&format!("latency-svc-{i}"), &spec, &[("http", "TCP", 8080, &["be1"])]);
+            write_manifest(&s.dir.join(format!("latency-{i}.yaml")), &y);
+            written.push(std::time::Instant::now());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(50);
+        let mut seen: Vec<Option<Duration>> = vec![None; SERVICES];
+        while seen.iter().any(Option::is_none) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {SERVICES} Services not programmed within 50 s\n{}",
+                seen.iter().filter(|x| x.is_none()).count(),
+                kpr.log()
+            );
+            if let Some(status) = kpr.status() {
+                let now = std::time::Instant::now();
+                for (i, slot) in seen.iter_mut().enumerate() {
+                    let programmed = status
+                        .frontends
+                        .get(&frontend(i))
+                        .is_some_and(|f| f.backends == ["10.244.1.11:8080"]);
+                    if slot.is_none() && programmed {
+                        *slot = Some(now - written[i]);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut latencies: Vec<Duration> = seen.into_iter().flatten().collect();
+        latencies.sort();
+        let pct = |p: usize| latencies[(latencies.len() - 1) * p / 100];
+        println!(
+            "{mode:?}: {SERVICES} Services programmed, latency p50 {:?}, p90 {:?}, p99 {:?}",
+            pct(50),
+            pct(90),
+            pct(99)
+        );
+        // And served: the first, a middle and the last one.
+        for i in [0, SERVICES / 2, SERVICES - 1] {
+            let target = frontend(i);
+            let target = target.trim_end_matches("/tcp");
+            let client = s.lab.clients()[0].clone();
+            let r = s.lab.tcp_spread(&client, addr(target), 5).unwrap();
+            assert_eq!(r.errors, 0, "{target}: {r:?}\n{}", kpr.log());
+            assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
+        }
+    }
+}
