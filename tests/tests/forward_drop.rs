@@ -68,3 +68,47 @@ fn ebpf_mode_accepts_forwarded_nodeport_traffic_under_a_forward_drop_policy() {
 fn iptables_mode_accepts_forwarded_nodeport_traffic_under_a_forward_drop_policy() {
     forwarded_nodeport_traffic_is_accepted_under_a_drop_policy(ProxyMode::Iptables);
 }
+
+/// externalTrafficPolicy Cluster traffic to backends on this node: kpr keeps the client's
+/// address by default (its replies come back through this node anyway), where kube-proxy
+/// masquerades it; `--masquerade-local-endpoints` does as kube-proxy, which also makes it
+/// accepted under a FORWARD DROP policy (it carries the masquerade mark KPR-FORWARD accepts).
+#[test]
+fn ebpf_mode_masquerades_local_endpoints_as_kube_proxy_when_asked() {
+    let local = NODEPORT.replace(
+        "conditions: {ready: true}}",
+        "conditions: {ready: true}, nodeName: node1}",
+    );
+    let (lab, dir) = kpr_lab::external_client_lab("fwd-local", &local);
+    let ext = lab.external_client().unwrap().clone();
+    let all: BTreeSet<String> = ["be1", "be2", "be3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let target: SocketAddr = "192.168.100.11:30150".parse().unwrap();
+    for (flags, masqueraded) in [
+        (&[][..], false),
+        (&["--masquerade-local-endpoints"][..], true),
+    ] {
+        if masqueraded {
+            lab.exec_in_node(&["iptables", "-P", "FORWARD", "DROP"], None)
+                .unwrap();
+        }
+        let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
+        args.extend(ProxyMode::Ebpf.args());
+        args.extend(flags);
+        let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
+        kpr.wait_for_frontend("192.168.100.11:30150/tcp", "a NodePort", |f| {
+            f.backends.len() == 3
+        })
+        .unwrap();
+        if let Err(e) = lab.wait_until_reaching(&ext, target, &all) {
+            panic!("{flags:?}: {e}\n{}", kpr.log());
+        }
+        let r = lab.tcp_spread(&ext, target, 30).unwrap();
+        assert_eq!(r.errors, 0, "{flags:?}: {r:?}");
+        let client_kept = r.clients.keys().all(|c| c.starts_with("192.168.100.100"));
+        assert_eq!(client_kept, !masqueraded, "{flags:?}: {r:?}");
+        drop(kpr);
+    }
+}

@@ -299,6 +299,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
                 ipnet::IpNet::V6(_) => None,
             }),
             drop_no_local_endpoints: !settings.reject_no_local_endpoints,
+            masquerade_local_endpoints: settings.masquerade_local_endpoints,
         },
         &kpr::ebpf::TcConfig {
             devices,

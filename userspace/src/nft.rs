@@ -478,12 +478,13 @@ pub fn frontends_without_endpoints(state: &crate::model::DesiredState) -> Vec<(I
 }
 
 /// Whether the table needs its nat chain: only while some frontend sends outside traffic to
-/// another node's backend (the chain turns on netfilter conntrack for every packet).
-pub fn needs_masquerade(state: &crate::model::DesiredState) -> bool {
-    state
-        .services
-        .values()
-        .any(|s| s.kind.is_external() && s.external_snat)
+/// another node's backend, or, with `masquerade_local` (`--masquerade-local-endpoints`), to any
+/// backend under externalTrafficPolicy Cluster (the chain turns on netfilter conntrack for
+/// every packet).
+pub fn needs_masquerade(state: &crate::model::DesiredState, masquerade_local: bool) -> bool {
+    state.services.values().any(|s| {
+        s.kind.is_external() && (s.external_snat || (masquerade_local && !s.external_policy_local))
+    })
 }
 
 #[cfg(test)]

@@ -323,6 +323,21 @@ pub struct RunArgs {
         help_heading = OWN
     )]
     pub reject_no_local_endpoints: bool,
+    /// eBPF mode: masquerade externalTrafficPolicy Cluster traffic from outside the node to
+    /// backends on this node too, as kube-proxy does. Default false: such traffic keeps the
+    /// client's address (its replies come back through this node anyway); traffic to other
+    /// nodes' backends is always masqueraded.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = parse_go_bool,
+        help_heading = OWN
+    )]
+    pub masquerade_local_endpoints: bool,
 }
 
 /// Where containerd, CRI-O and `ip netns` keep named network namespaces.

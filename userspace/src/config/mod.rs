@@ -255,6 +255,9 @@ pub struct Settings {
     /// `--reject-no-local-endpoints` (eBPF mode). Not serialized when default (true).
     #[serde(skip_serializing_if = "is_true")]
     pub reject_no_local_endpoints: bool,
+    /// `--masquerade-local-endpoints` (eBPF mode). Not serialized when default (false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub masquerade_local_endpoints: bool,
 }
 
 fn is_true(b: &bool) -> bool {
@@ -347,6 +350,7 @@ impl Default for Settings {
             conntrack: ConntrackSettings::default(),
             pod_netns_dir: Some(flags::DEFAULT_POD_NETNS_DIR.into()),
             reject_no_local_endpoints: true,
+            masquerade_local_endpoints: false,
         }
     }
 }
@@ -575,6 +579,7 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         devices: parse_devices(&args.devices)?,
         pod_netns_dir: Some(args.pod_netns_dir.clone()).filter(|d| !d.as_os_str().is_empty()),
         reject_no_local_endpoints: args.reject_no_local_endpoints,
+        masquerade_local_endpoints: args.masquerade_local_endpoints,
         ..Settings::default()
     };
     match &config {

@@ -115,6 +115,11 @@ pub struct EbpfConfig {
     /// internalTrafficPolicy Local and no endpoint on this node while the Service has
     /// endpoints elsewhere (`--reject-no-local-endpoints=false`).
     pub drop_no_local_endpoints: bool,
+    /// Masquerade externalTrafficPolicy Cluster traffic from outside to backends on this node
+    /// too, as kube-proxy does (`--masquerade-local-endpoints`). Off (the default), such
+    /// traffic keeps the client's address, as with Cilium: its replies come back through this
+    /// node anyway.
+    pub masquerade_local_endpoints: bool,
 }
 
 /// The north-south (tc) part of the dataplane.
@@ -165,6 +170,8 @@ pub struct EbpfDataplane {
     cluster_ip_masquerade: bool,
     /// See [`EbpfConfig::drop_no_local_endpoints`].
     drop_no_local_endpoints: bool,
+    /// See [`EbpfConfig::masquerade_local_endpoints`].
+    masquerade_local_endpoints: bool,
     /// Connected UDP sockets destroyed since start; false once the kernel said it cannot.
     udp_sockets_destroyed: u64,
     destroy_supported: bool,
@@ -360,6 +367,7 @@ impl EbpfDataplane {
         }
         syncer.set_capacity(capacity);
         syncer.set_drop_no_local_endpoints(cfg.drop_no_local_endpoints);
+        syncer.set_masquerade_local_endpoints(cfg.masquerade_local_endpoints);
         let mut dataplane = Self {
             tc_links,
             ebpf,
@@ -380,6 +388,7 @@ impl EbpfDataplane {
             src_check_gate,
             cluster_ip_masquerade: cfg.masquerade_all || cfg.local_cidr4.is_some(),
             drop_no_local_endpoints: cfg.drop_no_local_endpoints,
+            masquerade_local_endpoints: cfg.masquerade_local_endpoints,
         };
         // The restored frontends' ranges are checked at once (the gate is a new map).
         let on = dataplane.syncer.has_socket_checks();
@@ -758,7 +767,8 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         if let Some(table) = &mut self.table {
             table.apply_with(
                 &crate::nft::frontends_without_endpoints(desired),
-                crate::nft::needs_masquerade(desired) || self.cluster_ip_masquerade,
+                crate::nft::needs_masquerade(desired, self.masquerade_local_endpoints)
+                    || self.cluster_ip_masquerade,
             )?;
         }
         if let Some(forward) = self.forward_accept.as_ref().filter(|_| full) {

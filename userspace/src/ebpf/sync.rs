@@ -141,6 +141,9 @@ pub struct LbSyncer<M> {
     /// Drop (kube-proxy) rather than refuse calls to a ClusterIP with internalTrafficPolicy
     /// Local and no local endpoint (`SVC_FLAG_NO_LOCAL_DROP`).
     drop_no_local_endpoints: bool,
+    /// Masquerade externalTrafficPolicy Cluster traffic to backends on this node too, as
+    /// kube-proxy does (`--masquerade-local-endpoints`); off, it keeps the client's address.
+    masquerade_local_endpoints: bool,
     next_backend_id: u32,
     next_rev_nat_id: u32,
     /// Set when a sync failed midway: our view may differ from the maps, so the next sync
@@ -165,6 +168,7 @@ impl<M: LbMaps> LbSyncer<M> {
             rev_nat_ids: HashSet::new(),
             affinity_groups: BTreeMap::new(),
             drop_no_local_endpoints: false,
+            masquerade_local_endpoints: false,
             next_backend_id: 1,
             next_rev_nat_id: 1,
             dirty: false,
@@ -286,6 +290,12 @@ impl<M: LbMaps> LbSyncer<M> {
     /// internalTrafficPolicy Local and no endpoint on this node (`--reject-no-local-endpoints`).
     pub fn set_drop_no_local_endpoints(&mut self, drop: bool) {
         self.drop_no_local_endpoints = drop;
+    }
+
+    /// Masquerade externalTrafficPolicy Cluster traffic even when every backend is on this
+    /// node (kube-proxy's behaviour, `--masquerade-local-endpoints`).
+    pub fn set_masquerade_local_endpoints(&mut self, on: bool) {
+        self.masquerade_local_endpoints = on;
     }
 
     /// Whether a programmed frontend has its packets checked by the egress program:
@@ -506,7 +516,7 @@ impl<M: LbMaps> LbSyncer<M> {
                 } else if state.external_policy_local {
                     // No endpoint anywhere: nothing to masquerade either.
                     ext_flags |= SVC_FLAG_NO_SNAT;
-                } else if !state.external_snat {
+                } else if !state.external_snat && !self.masquerade_local_endpoints {
                     ext_flags |= SVC_FLAG_NO_SNAT;
                 }
                 ext_flags |= range_flag;

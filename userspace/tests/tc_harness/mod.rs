@@ -168,6 +168,7 @@ impl Env {
                 masquerade_all: false,
                 local_cidr4: None,
                 drop_no_local_endpoints: false,
+                masquerade_local_endpoints: false,
             },
             &TcConfig { devices, conntrack },
         );
