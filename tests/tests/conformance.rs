@@ -353,7 +353,7 @@ per_mode! {
     fn service_endpoints_latency_should_not_be_very_high(mode) {
         const SERVICES: usize = 200;
         let s = Setup::new("cf-lat", NODE, mode);
-        let mut kpr = s.kpr;
+        let kpr = s.kpr;
         let frontend = |i: usize| format!("10.96.{}.{}:80/tcp", 8 + i / 250, i % 250 + 1);
         let mut written = Vec::with_capacity(SERVICES);
         for i in 0..SERVICES {

@@ -20,29 +20,44 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n 
 - {addresses: [10.244.1.12], conditions: {ready: true}}\n\
 - {addresses: [10.244.1.13], conditions: {ready: true}}\n";
 
-fn forwarded_nodeport_traffic_is_accepted_under_a_drop_policy(mode: ProxyMode) {
-    let tag = format!("fwd-{}", mode.name());
-    let (lab, dir) = kpr_lab::external_client_lab(&tag, NODEPORT);
-    lab.exec_in_node(&["iptables", "-P", "FORWARD", "DROP"], None)
-        .unwrap();
+const TARGET: &str = "192.168.100.11:30150";
+
+/// Starts kpr in `mode` with `flags` and waits until the external client reaches every
+/// backend through the NodePort (showing the filter table and kpr's log if it does not).
+fn start_and_reach(
+    lab: &kpr_lab::Lab,
+    dir: &std::path::Path,
+    mode: ProxyMode,
+    flags: &[&str],
+) -> Kpr {
     let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
     args.extend(mode.args());
-    let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
-    kpr.wait_for_frontend("192.168.100.11:30150/tcp", "a NodePort", |f| {
+    args.extend(flags);
+    let mut kpr = Kpr::start(lab, &kpr_path(), dir, "kpr", &args).expect("kpr start");
+    kpr.wait_for_frontend(&format!("{TARGET}/tcp"), "a NodePort", |f| {
         f.backends.len() == 3
     })
     .unwrap();
-
     let ext = lab.external_client().unwrap().clone();
     let all: BTreeSet<String> = ["be1", "be2", "be3"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let target: SocketAddr = "192.168.100.11:30150".parse().unwrap();
+    let target: SocketAddr = TARGET.parse().unwrap();
     if let Err(e) = lab.wait_until_reaching(&ext, target, &all) {
         let rules = lab.exec_in_node(&["iptables-save", "-t", "filter"], None);
-        panic!("{e}\n{rules:?}\n{}", kpr.log());
+        panic!("{flags:?}: {e}\n{rules:?}\n{}", kpr.log());
     }
+    kpr
+}
+
+fn forwarded_nodeport_traffic_is_accepted_under_a_drop_policy(mode: ProxyMode) {
+    let tag = format!("fwd-{}", mode.name());
+    let (lab, dir) = kpr_lab::external_client_lab(&tag, NODEPORT);
+    lab.exec_in_node(&["iptables", "-P", "FORWARD", "DROP"], None)
+        .unwrap();
+    let _kpr = start_and_reach(&lab, &dir, mode, &[]);
+    let ext = lab.external_client().unwrap().clone();
     // The control: the policy is in force for everything else forwarded (a pod reached
     // directly, not through a Service, gets no answer).
     let direct = lab
@@ -81,11 +96,6 @@ fn ebpf_mode_masquerades_local_endpoints_as_kube_proxy_when_asked() {
     );
     let (lab, dir) = kpr_lab::external_client_lab("fwd-local", &local);
     let ext = lab.external_client().unwrap().clone();
-    let all: BTreeSet<String> = ["be1", "be2", "be3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let target: SocketAddr = "192.168.100.11:30150".parse().unwrap();
     for (flags, masqueraded) in [
         (&[][..], false),
         (&["--masquerade-local-endpoints"][..], true),
@@ -94,18 +104,8 @@ fn ebpf_mode_masquerades_local_endpoints_as_kube_proxy_when_asked() {
             lab.exec_in_node(&["iptables", "-P", "FORWARD", "DROP"], None)
                 .unwrap();
         }
-        let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
-        args.extend(ProxyMode::Ebpf.args());
-        args.extend(flags);
-        let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
-        kpr.wait_for_frontend("192.168.100.11:30150/tcp", "a NodePort", |f| {
-            f.backends.len() == 3
-        })
-        .unwrap();
-        if let Err(e) = lab.wait_until_reaching(&ext, target, &all) {
-            panic!("{flags:?}: {e}\n{}", kpr.log());
-        }
-        let r = lab.tcp_spread(&ext, target, 30).unwrap();
+        let kpr = start_and_reach(&lab, &dir, ProxyMode::Ebpf, flags);
+        let r = lab.tcp_spread(&ext, TARGET.parse().unwrap(), 30).unwrap();
         assert_eq!(r.errors, 0, "{flags:?}: {r:?}");
         let client_kept = r.clients.keys().all(|c| c.starts_with("192.168.100.100"));
         assert_eq!(client_kept, !masqueraded, "{flags:?}: {r:?}");
