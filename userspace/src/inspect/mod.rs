@@ -13,9 +13,9 @@ use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
 use kpr_common::{
     Affinity4Value, AffinityExt4Key, Backend4Value, Ct4Key, Ct4Value, Service4Key, Service4Value,
-    SrcRange4Key, AFFINITY_EXT_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP, CT_NEW_MAP, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_EXTERNAL, SERVICES_MAP, SRC_RANGE_MAP, SVC_FLAG_AFFINITY,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
+    SrcRange4Key, AFFINITY_EXT_MAP, AFFINITY_GROUP_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP,
+    CT_NEW_MAP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SERVICES_MAP, SRC_RANGE_MAP,
+    SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub struct Pinned {
     backends: HashMap<MapData, u32, Backend4Value>,
     src_ranges: LpmTrie<MapData, SrcRange4Key, u8>,
     affinity_ext: HashMap<MapData, AffinityExt4Key, Affinity4Value>,
+    /// None: pins of an agent older than affinity groups (every frontend its own group).
+    affinity_groups: Option<HashMap<MapData, u32, u32>>,
     counters: PerCpuArray<MapData, u64>,
     ct: HashMap<MapData, Ct4Key, Ct4Value>,
     ct_new: HashMap<MapData, Ct4Key, Ct4Value>,
@@ -61,6 +63,7 @@ impl Pinned {
             backends: typed(pin_dir, BACKENDS_MAP)?,
             src_ranges: typed(pin_dir, SRC_RANGE_MAP)?,
             affinity_ext: typed(pin_dir, AFFINITY_EXT_MAP)?,
+            affinity_groups: typed(pin_dir, AFFINITY_GROUP_MAP).ok(),
             counters: typed(pin_dir, COUNTERS_MAP)?,
             ct: typed(pin_dir, CT_MAP)?,
             ct_new: typed(pin_dir, CT_NEW_MAP)?,
@@ -69,6 +72,14 @@ impl Pinned {
 
     fn service(&self, key: &Service4Key) -> Option<Service4Value> {
         self.services.get(key, 0).ok()
+    }
+
+    /// The session-affinity group of frontend `rev_nat_id` (see `AFFINITY_GROUP_MAP`).
+    fn affinity_group(&self, rev_nat_id: u32) -> u32 {
+        self.affinity_groups
+            .as_ref()
+            .and_then(|m| m.get(&rev_nat_id, 0).ok())
+            .unwrap_or(rev_nat_id)
     }
 
     fn backend(&self, id: u32) -> Option<Backend4Value> {

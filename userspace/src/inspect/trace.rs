@@ -91,7 +91,15 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
         candidates: Vec::new(),
     };
     let step = |t: &mut Trace, step, detail: String| t.steps.push(Step { step, detail });
-    let fkey = key(scope);
+    let mut fkey = key(scope);
+    // The tc program serves a ClusterIP routed to the node from its internal scope (never a
+    // loopback address), as kube-proxy's PREROUTING rules do.
+    if scope == SCOPE_EXTERNAL && external.is_none() && !flow.dst.ip().is_loopback() {
+        let internal = key(SCOPE_INTERNAL);
+        if p.service(&internal).is_some() {
+            fkey = internal;
+        }
+    }
     let Some(fe) = p.service(&fkey) else {
         step(
             &mut t,
@@ -213,7 +221,7 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
         if scope == SCOPE_EXTERNAL {
             let ak = AffinityExt4Key {
                 client_address_be: u32::from_ne_bytes(flow.src.octets()),
-                rev_nat_id: fe.rev_nat_id,
+                rev_nat_id: p.affinity_group(fe.rev_nat_id),
             };
             match p.affinity_ext.get(&ak, 0) {
                 Ok(a) => {
