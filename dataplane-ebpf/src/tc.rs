@@ -37,14 +37,15 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    macros::classifier,
-    maps::lpm_trie::Key,
+    macros::{classifier, map},
+    maps::{lpm_trie::Key, Array, HashMap},
     programs::TcContext,
 };
 use kpr_common::{
-    Affinity4Value, AffinityExt4Key, Backend4Value, Counter, Service4Key, Service4Value,
-    SrcRange4Key, KPR_MASQ_MARK, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
+    Affinity4Value, AffinityExt4Key, Backend4Value, Counter, LocalNet4, Service4Key, Service4Value,
+    SrcRange4Key, KPR_MASQ_MARK, LOCAL_DETECT_CIDR, LOCAL_DETECT_INTERFACE, LOCAL_DETECT_NONE,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
@@ -142,33 +143,54 @@ fn lookup_frontend(pkt: &Packet) -> Option<(Service4Key, Service4Value)> {
 /// kube-proxy's rule for its internal chain: `--masquerade-all`, or a source the local-traffic
 /// detector (`--detect-local-mode`) does not call local; with neither, not at all.
 #[inline(always)]
-fn masquerades(pkt: &Packet, frontend_key: &Service4Key, frontend: &Service4Value) -> bool {
+fn masquerades(
+    ctx: &TcContext,
+    pkt: &Packet,
+    frontend_key: &Service4Key,
+    frontend: &Service4Value,
+) -> bool {
     if frontend_key.scope == SCOPE_EXTERNAL {
         return frontend.flags & (SVC_FLAG_EXT_LOCAL | SVC_FLAG_NO_SNAT) == 0;
     }
     // SAFETY: reads of read-only data set at load time.
-    let (all, detect, net, mask) = unsafe {
+    let (all, detect) = unsafe {
         (
             core::ptr::read_volatile(&KPR_MASQUERADE_ALL),
-            core::ptr::read_volatile(&KPR_LOCAL_CIDR4_SET),
-            core::ptr::read_volatile(&KPR_LOCAL_CIDR4_NET),
-            core::ptr::read_volatile(&KPR_LOCAL_CIDR4_MASK),
+            core::ptr::read_volatile(&KPR_LOCAL_DETECT),
         )
     };
-    all != 0 || (detect != 0 && pkt.saddr & mask != net)
+    if all != 0 {
+        return true;
+    }
+    match detect {
+        LOCAL_DETECT_CIDR => match LOCAL_NET.get(0) {
+            Some(n) if n.set != 0 => pkt.saddr & n.mask_be != n.net_be,
+            // NodeCIDR before the Node has a pod CIDR: no detector yet.
+            _ => false,
+        },
+        LOCAL_DETECT_INTERFACE => {
+            // A copy on the stack: the verifier takes no map key from the context.
+            // SAFETY: the context is the kernel's __sk_buff for this run.
+            let ifindex: u32 = unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).ifindex) };
+            // SAFETY: a plain value, read at once.
+            unsafe { LOCAL_DEVS.get(&ifindex) }.is_none()
+        }
+        _ => false,
+    }
 }
 
 /// `--masquerade-all` (set by the agent at load time).
 #[no_mangle]
 static KPR_MASQUERADE_ALL: u8 = 0;
-/// The local-traffic detector for IPv4 (`--detect-local-mode=ClusterCIDR` with
-/// `--cluster-cidr`): sources inside NET/MASK (network byte order) are local. SET 0: none.
+/// The local-traffic detector (`LOCAL_DETECT_*`, `--detect-local-mode`), set at load time.
 #[no_mangle]
-static KPR_LOCAL_CIDR4_SET: u8 = 0;
-#[no_mangle]
-static KPR_LOCAL_CIDR4_NET: u32 = 0;
-#[no_mangle]
-static KPR_LOCAL_CIDR4_MASK: u32 = 0;
+static KPR_LOCAL_DETECT: u8 = LOCAL_DETECT_NONE;
+
+#[map(name = "KPR_LOCALNET4_V1")]
+static LOCAL_NET: Array<LocalNet4> = Array::with_max_entries(1, 0);
+
+#[map(name = "KPR_LOCALDEV_V1")]
+static LOCAL_DEVS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 
 /// Sends a packet to external frontend `frontend` on to its flow's backend (choosing one for
 /// a new flow), or drops it.
@@ -217,7 +239,7 @@ fn translate(
             if pkt.proto == kpr_common::IPPROTO_TCP && !pkt.is_tcp_syn() {
                 return Ok(Verdict::PassCounted(Counter::TcCtMissNotSyn));
             }
-            let (c, by_affinity) = select(&pkt, frontend_key, frontend, now)?;
+            let (c, by_affinity) = select(ctx, &pkt, frontend_key, frontend, now)?;
             conntrack::create(&pkt, &c, frontend.rev_nat_id, now)?;
             events::flow_translated(
                 ctx,
@@ -244,6 +266,7 @@ fn translate(
 /// session affinity and it is still valid (then also true), else a slot at random.
 #[inline(always)]
 fn select(
+    ctx: &TcContext,
     pkt: &Packet,
     frontend_key: &Service4Key,
     frontend: &Service4Value,
@@ -318,7 +341,7 @@ fn select(
         slot,
         address_be: backend.address_be,
         port_be: backend.port_be,
-        masq: masquerades(pkt, frontend_key, frontend),
+        masq: masquerades(ctx, pkt, frontend_key, frontend),
     };
     Ok((choice, by_affinity))
 }

@@ -2,9 +2,9 @@
 //! CIDR to a node, or a sandboxed runtime's guest whose packets reach the node without a socket
 //! of the node's. kube-proxy translates ClusterIPs in PREROUTING, so such traffic reaches the
 //! Service; it masquerades it with `--masquerade-all`, or when the local-traffic detector
-//! (`--detect-local-mode`, by default ClusterCIDR with `--cluster-cidr`) says its source is
-//! not local, and otherwise not at all. kpr does the same in every mode (the eBPF mode in its
-//! tc programs).
+//! (`--detect-local-mode`: by default ClusterCIDR with `--cluster-cidr`, or NodeCIDR,
+//! InterfaceNamePrefix, BridgeInterface) says it is not local, and otherwise not at all. kpr
+//! does the same in every mode (the eBPF mode in its tc programs).
 //!
 //! Lab: node1 192.168.100.11 with be1..be3 (10.244.1.11..13, all local, so replies of flows
 //! that are not masqueraded come back through node1 too); the external client
@@ -32,13 +32,37 @@ per_mode! {
         let ext = lab.external_client().unwrap().clone();
         let target: SocketAddr = "10.96.5.1:80".parse().unwrap();
         let all: BTreeSet<String> = ["be1", "be2", "be3"].iter().map(|s| s.to_string()).collect();
-        for (flags, masqueraded) in [
-            (&[][..], false),
-            (&["--cluster-cidr", "10.244.0.0/16"][..], true),
+        // (flags, the Node's pod CIDR, masqueraded)
+        let variants: [(&[&str], &str, bool); 9] = [
+            (&[], "10.244.1.0/24", false),
+            (&["--cluster-cidr", "10.244.0.0/16"], "10.244.1.0/24", true),
             // The client is inside this cluster CIDR: local, not masqueraded.
-            (&["--cluster-cidr", "192.168.100.0/24"][..], false),
-            (&["--masquerade-all"][..], true),
-        ] {
+            (&["--cluster-cidr", "192.168.100.0/24"], "10.244.1.0/24", false),
+            (&["--masquerade-all"], "10.244.1.0/24", true),
+            (&["--detect-local-mode=NodeCIDR"], "10.244.1.0/24", true),
+            (&["--detect-local-mode=NodeCIDR"], "192.168.100.0/24", false),
+            // The client's packets arrive on eth0.
+            (
+                &["--detect-local-mode=InterfaceNamePrefix", "--pod-interface-name-prefix=eth"],
+                "10.244.1.0/24",
+                false,
+            ),
+            (
+                &["--detect-local-mode=InterfaceNamePrefix", "--pod-interface-name-prefix=veth"],
+                "10.244.1.0/24",
+                true,
+            ),
+            (
+                &["--detect-local-mode=BridgeInterface", "--pod-bridge-interface=cni0"],
+                "10.244.1.0/24",
+                true,
+            ),
+        ];
+        for (flags, pod_cidr, masqueraded) in variants {
+            kpr_lab::write_manifest(
+                &dir.join("node.yaml"),
+                &format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nspec: {{podCIDR: {pod_cidr}, podCIDRs: [{pod_cidr}]}}\nstatus:\n  addresses: [{{type: InternalIP, address: 192.168.100.11}}]\n"),
+            );
             let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
             args.extend(mode.args());
             args.extend(flags);
@@ -46,10 +70,10 @@ per_mode! {
             kpr.wait_for_frontend("10.96.5.1:80/tcp", "the ClusterIP", |f| f.backends.len() == 3)
                 .unwrap();
             if let Err(e) = lab.wait_until_reaching(&ext, target, &all) {
-                panic!("{flags:?}: {e}\n{}", kpr.log());
+                panic!("{flags:?} (pod CIDR {pod_cidr}): {e}\n{}", kpr.log());
             }
             let r = lab.tcp_spread(&ext, target, 30).unwrap();
-            assert_eq!(r.errors, 0, "{flags:?}: {r:?}");
+            assert_eq!(r.errors, 0, "{flags:?} (pod CIDR {pod_cidr}): {r:?}");
             if mode == ProxyMode::Ebpf {
                 // Translated by the tc program (nothing else in this mode could).
                 let translated = kpr.counters_now().unwrap()["tc_translated"];
@@ -59,12 +83,12 @@ per_mode! {
             if masqueraded {
                 assert!(
                     !seen.iter().any(|c| c.starts_with(CLIENT)),
-                    "{flags:?}: not masqueraded: {r:?}"
+                    "{flags:?} (pod CIDR {pod_cidr}): not masqueraded: {r:?}"
                 );
             } else {
                 assert!(
                     seen.iter().all(|c| c.starts_with(CLIENT)),
-                    "{flags:?}: masqueraded: {r:?}"
+                    "{flags:?} (pod CIDR {pod_cidr}): masqueraded: {r:?}"
                 );
             }
             drop(kpr);

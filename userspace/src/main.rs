@@ -132,6 +132,7 @@ fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> any
         ),
         node_ip: kpr::nodeaddr::primary_ip(snapshot.node.as_ref()),
         zone: kpr::nodeaddr::zone(snapshot.node.as_ref()),
+        pod_cidrs: kpr::nodeaddr::pod_cidrs(snapshot.node.as_ref()),
     };
     let (state, _) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &context);
     let mut cluster_cidrs = Vec::new();
@@ -139,7 +140,11 @@ fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> any
         cluster_cidrs.push(kpr::cidr::parse(c.trim())?);
     }
     let cfg = plan::PlanConfig {
-        cluster_cidrs,
+        local: plan::LocalDetector::for_family(
+            &kpr::config::DetectLocal::ClusterCidr,
+            &cluster_cidrs,
+            kpr::model::Family::V4,
+        ),
         node_ip: state.node_ip,
         ..Default::default()
     };
@@ -236,12 +241,12 @@ fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::Plan
     }
     Ok(kpr::netfilter::plan::PlanConfig {
         masquerade_all: settings.masquerade_all,
-        cluster_cidrs: settings
-            .cluster_cidrs
-            .iter()
-            .filter(|c| c.addr().is_ipv4())
-            .copied()
-            .collect(),
+        local: kpr::netfilter::plan::LocalDetector::for_family(
+            &settings.detect_local,
+            &settings.cluster_cidrs,
+            kpr::model::Family::V4,
+        ),
+        local_from_node: settings.detect_local == kpr::config::DetectLocal::NodeCidr,
         masquerade_mark: 1 << settings.masquerade_bit,
         localhost_nodeports: settings.localhost_nodeports,
         ..Default::default()
@@ -293,11 +298,12 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             datapath_events: settings.datapath_events,
             pod_netns_dir: settings.pod_netns_dir.clone(),
             masquerade_all: settings.masquerade_all,
-            // kube-proxy's default detector, ClusterCIDR: the IPv4 --cluster-cidr.
-            local_cidr4: settings.cluster_cidrs.iter().find_map(|c| match c {
-                ipnet::IpNet::V4(v4) => Some(v4.trunc()),
-                ipnet::IpNet::V6(_) => None,
-            }),
+            local: kpr::netfilter::plan::LocalDetector::for_family(
+                &settings.detect_local,
+                &settings.cluster_cidrs,
+                kpr::model::Family::V4,
+            ),
+            local_from_node: settings.detect_local == kpr::config::DetectLocal::NodeCidr,
             drop_no_local_endpoints: !settings.reject_no_local_endpoints,
             masquerade_local_endpoints: settings.masquerade_local_endpoints,
         },

@@ -93,6 +93,23 @@ pub fn zone(node: Option<&Node>) -> Option<String> {
         .cloned()
 }
 
+/// The Node's `spec.podCIDRs` (or, from older API servers, `spec.podCIDR`); an unparsable
+/// entry is skipped.
+pub fn pod_cidrs(node: Option<&Node>) -> Vec<ipnet::IpNet> {
+    let Some(spec) = node.and_then(|n| n.spec.as_ref()) else {
+        return Vec::new();
+    };
+    let listed = spec.pod_cidrs.clone().unwrap_or_default();
+    let all = if listed.is_empty() {
+        spec.pod_cidr.iter().cloned().collect()
+    } else {
+        listed
+    };
+    all.iter()
+        .filter_map(|c| crate::cidr::parse(c.trim()).ok())
+        .collect()
+}
+
 /// kube-proxy's `nodeIP`: the node's first InternalIP (or, lacking one, its first address).
 pub fn primary_ip(node: Option<&Node>) -> Option<IpAddr> {
     primary_ips(node?).first().copied()

@@ -299,6 +299,7 @@ pub async fn run<D: Dataplane + ?Sized>(
             ),
             node_ip: crate::nodeaddr::primary_ip(snapshot.node.as_ref()),
             zone: crate::nodeaddr::zone(snapshot.node.as_ref()),
+            pod_cidrs: crate::nodeaddr::pod_cidrs(snapshot.node.as_ref()),
         };
         let (desired, errors) = model::build_for_node(&snapshot.services, &snapshot.slices, &node);
         // Each skipped object (or part) once, when it first shows up, not at every sync.

@@ -99,6 +99,30 @@ pub const SOCK_CHECK_DROP: u32 = 0;
 /// agent sets it from the maps it restores).
 pub const SRC_CHECK_GATE_MAP: &str = "KPR_SRCGATE_V1";
 
+/// kube-proxy's local-traffic detector for ClusterIP traffic routed to the node (tc): which
+/// sources are local, so not masqueraded. [`LocalNet4`] at index 0 (ClusterCIDR, NodeCIDR).
+/// Not pinned: the agent sets it at load and on syncs (a Node's pod CIDR can come later).
+pub const LOCAL_NET_MAP: &str = "KPR_LOCALNET4_V1";
+/// The interface detectors (BridgeInterface, InterfaceNamePrefix): the tc devices (by
+/// ifindex, `u32` → `u8`) whose traffic is local. Not pinned; set at load.
+pub const LOCAL_DEV_MAP: &str = "KPR_LOCALDEV_V1";
+/// `KPR_LOCAL_DETECT` (a read-only global): no detector, a CIDR ([`LOCAL_NET_MAP`]), or
+/// interfaces ([`LOCAL_DEV_MAP`]).
+pub const LOCAL_DETECT_NONE: u8 = 0;
+pub const LOCAL_DETECT_CIDR: u8 = 1;
+pub const LOCAL_DETECT_INTERFACE: u8 = 2;
+
+/// The local CIDR of [`LOCAL_NET_MAP`]: sources with `address & mask == net` are local. `set`
+/// 0: none (yet), nothing is local.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalNet4 {
+    /// Network and mask, network byte order.
+    pub net_be: u32,
+    pub mask_be: u32,
+    pub set: u32,
+}
+
 /// The datapath events' per-CPU rate limit ([`EventRate`]). Not pinned: a new agent starts
 /// a new window.
 pub const EVENT_RATE_MAP: &str = "KPR_EVRATE_V1";
@@ -671,6 +695,7 @@ const _: () = assert!(core::mem::size_of::<AffinityExt4Key>() == 8);
 const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 24);
 const _: () = assert!(core::mem::size_of::<SrcRange4Key>() == 8);
 const _: () = assert!(core::mem::size_of::<EventRate>() == 16);
+const _: () = assert!(core::mem::size_of::<LocalNet4>() == 12);
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_MAX);
 // Every counter's index is its position in ALL: the agent reads them in that order.
 const _: () = {
@@ -701,4 +726,5 @@ mod user {
     unsafe impl aya::Pod for CtTimeouts {}
     unsafe impl aya::Pod for AffinityExt4Key {}
     unsafe impl aya::Pod for SrcRange4Key {}
+    unsafe impl aya::Pod for LocalNet4 {}
 }

@@ -526,21 +526,6 @@ impl KubeProxyConfiguration {
                 &[false],
             );
         }
-        l.str(
-            "",
-            "detectLocalMode",
-            &self.detect_local_mode,
-            &["ClusterCIDR"],
-        );
-        if let Some(d) = &self.detect_local {
-            l.str("detectLocal", "bridgeInterface", &d.bridge_interface, &[]);
-            l.str(
-                "detectLocal",
-                "interfaceNamePrefix",
-                &d.interface_name_prefix,
-                &[],
-            );
-        }
         l.ptr("", "oomScoreAdj", &self.oom_score_adj, &[-999]);
         if let Some(c) = &self.conntrack {
             let p = "conntrack";

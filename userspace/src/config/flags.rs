@@ -128,6 +128,18 @@ pub struct RunArgs {
     /// The CIDR range(s) of the pods in the cluster (a comma-separated dual-stack pair at most).
     #[arg(long, value_name = "CIDRS", help_heading = USED)]
     pub cluster_cidr: Option<String>,
+    /// How traffic from local pods is told apart ('ClusterCIDR', the default: sources in
+    /// --cluster-cidr; 'NodeCIDR': the Node's spec.podCIDRs; 'BridgeInterface': arriving on
+    /// --pod-bridge-interface; 'InterfaceNamePrefix': arriving on an interface named
+    /// --pod-interface-name-prefix*). ClusterIP traffic from elsewhere is masqueraded.
+    #[arg(long, value_name = "MODE", help_heading = USED)]
+    pub detect_local_mode: Option<String>,
+    /// The bridge of the pods, for --detect-local-mode=BridgeInterface.
+    #[arg(long, value_name = "NAME", help_heading = USED)]
+    pub pod_bridge_interface: Option<String>,
+    /// The prefix of the pods' interface names, for --detect-local-mode=InterfaceNamePrefix.
+    #[arg(long, value_name = "PREFIX", help_heading = USED)]
+    pub pod_interface_name_prefix: Option<String>,
     /// Comma-separated CIDR ranges of the node IPs that accept NodePort connections, or the
     /// keyword 'primary' (also 'localhost', 'all'), matched against the node's interface
     /// addresses. Default: all local IPs ('primary' in the nftables mode).
@@ -427,9 +439,6 @@ pub const OTHER_FLAGS: &[OtherFlag] = &[
     ignore("ipvs-tcp-timeout", false, "IPVS TCP idle timeout"),
     ignore("ipvs-tcpfin-timeout", false, "IPVS TCP FIN timeout"),
     ignore("ipvs-udp-timeout", false, "IPVS UDP timeout"),
-    ignore("detect-local-mode", false, "how local traffic is detected"),
-    ignore("pod-bridge-interface", false, "bridge for --detect-local-mode=BridgeInterface"),
-    ignore("pod-interface-name-prefix", false, "prefix for --detect-local-mode=InterfaceNamePrefix"),
     ignore("oom-score-adj", false, "oom-score-adj of the process"),
     ignore("config-sync-period", false, "how often configuration from the apiserver is refreshed"),
     ignore("vmodule", false, "per-file log verbosity"),

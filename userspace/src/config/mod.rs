@@ -203,6 +203,10 @@ pub struct Settings {
     pub hostname_override: Option<String>,
     /// `--cluster-cidr` / `clusterCIDR`, split at commas.
     pub cluster_cidrs: Vec<IpNet>,
+    /// `--detect-local-mode` and its interface (`detectLocalMode`, `detectLocal`). Not
+    /// serialized when default (ClusterCIDR).
+    #[serde(skip_serializing_if = "DetectLocal::is_default")]
+    pub detect_local: DetectLocal,
     /// Empty: all local IPs.
     pub nodeport_addresses: Vec<NodePortAddress>,
     pub masquerade_all: bool,
@@ -268,6 +272,56 @@ fn is_default_pod_netns_dir(dir: &Option<PathBuf>) -> bool {
     dir.as_deref() == Some(Path::new(flags::DEFAULT_POD_NETNS_DIR))
 }
 
+/// kube-proxy's local-traffic detector (`--detect-local-mode`): which traffic to a ClusterIP
+/// comes from local pods. Traffic from elsewhere is masqueraded (its reply must come back
+/// through this node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "mode", content = "interface")]
+pub enum DetectLocal {
+    /// Sources in `--cluster-cidr` (no detector without one). kube-proxy's default.
+    ClusterCidr,
+    /// Sources in the Node's `spec.podCIDRs` (no detector until it has one).
+    NodeCidr,
+    /// Packets arriving on this bridge (`--pod-bridge-interface`).
+    BridgeInterface(String),
+    /// Packets arriving on an interface whose name starts with this
+    /// (`--pod-interface-name-prefix`).
+    InterfaceNamePrefix(String),
+}
+
+impl DetectLocal {
+    fn is_default(&self) -> bool {
+        *self == DetectLocal::ClusterCidr
+    }
+
+    /// kube-proxy's validation: the interface modes need their interface.
+    fn parse(
+        mode: Option<&str>,
+        bridge: Option<&str>,
+        prefix: Option<&str>,
+    ) -> Result<DetectLocal, String> {
+        let given = |v: Option<&str>, what: &str| match v.map(str::trim).filter(|v| !v.is_empty()) {
+            Some(v) => Ok(v.to_string()),
+            None => Err(format!("{what} must be set")),
+        };
+        match mode.map(str::trim).unwrap_or_default() {
+            "" | "ClusterCIDR" => Ok(DetectLocal::ClusterCidr),
+            "NodeCIDR" => Ok(DetectLocal::NodeCidr),
+            "BridgeInterface" => Ok(DetectLocal::BridgeInterface(given(
+                bridge,
+                "the bridge interface (--pod-bridge-interface, detectLocal.bridgeInterface)",
+            )?)),
+            "InterfaceNamePrefix" => Ok(DetectLocal::InterfaceNamePrefix(given(
+                prefix,
+                "the interface name prefix (--pod-interface-name-prefix, detectLocal.interfaceNamePrefix)",
+            )?)),
+            other => Err(format!(
+                "unknown mode {other:?} (ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix)"
+            )),
+        }
+    }
+}
+
 /// kube-proxy's conntrack settings (`--conntrack-*`, the file's `conntrack`). The eBPF mode
 /// sizes its north-south conntrack maps and sets its entries' lifetimes from them; a zero
 /// duration means netfilter's default, as kube-proxy then leaves the sysctl alone.
@@ -325,6 +379,7 @@ impl Default for Settings {
             config_file: None,
             hostname_override: None,
             cluster_cidrs: Vec::new(),
+            detect_local: DetectLocal::ClusterCidr,
             nodeport_addresses: Vec::new(),
             masquerade_all: false,
             masquerade_bit: DEFAULT_MASQUERADE_BIT,
@@ -627,8 +682,14 @@ pub fn resolve(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
 
 /// kube-proxy's flags that the config file replaces, in the order they are declared.
 fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
-    let given: [(&'static str, bool); 21] = [
+    let given: [(&'static str, bool); 24] = [
         ("proxy-mode", a.proxy_mode.is_some()),
+        ("detect-local-mode", a.detect_local_mode.is_some()),
+        ("pod-bridge-interface", a.pod_bridge_interface.is_some()),
+        (
+            "pod-interface-name-prefix",
+            a.pod_interface_name_prefix.is_some(),
+        ),
         (
             "iptables-masquerade-bit",
             a.iptables_masquerade_bit.is_some(),
@@ -710,6 +771,18 @@ fn from_flags(s: &mut Settings, a: &RunArgs) -> Result<(), ConfigError> {
     if let Some(c) = &a.cluster_cidr {
         s.cluster_cidrs = parse_cidrs(c).map_err(|e| flag_error("cluster-cidr", c, e))?;
     }
+    s.detect_local = DetectLocal::parse(
+        a.detect_local_mode.as_deref(),
+        a.pod_bridge_interface.as_deref(),
+        a.pod_interface_name_prefix.as_deref(),
+    )
+    .map_err(|e| {
+        flag_error(
+            "detect-local-mode",
+            a.detect_local_mode.as_deref().unwrap_or_default(),
+            e,
+        )
+    })?;
     if let Some(list) = &a.nodeport_addresses {
         s.nodeport_addresses = parse_nodeport_addresses(list)
             .map_err(|e| flag_error("nodeport-addresses", &list.join(","), e))?;
@@ -825,6 +898,16 @@ fn from_file(
     if let Some(c) = cfg.cluster_cidr.as_deref().filter(|c| !c.trim().is_empty()) {
         s.cluster_cidrs = parse_cidrs(c).map_err(|e| field("clusterCIDR", e))?;
     }
+    s.detect_local = DetectLocal::parse(
+        cfg.detect_local_mode.as_deref(),
+        cfg.detect_local
+            .as_ref()
+            .and_then(|d| d.bridge_interface.as_deref()),
+        cfg.detect_local
+            .as_ref()
+            .and_then(|d| d.interface_name_prefix.as_deref()),
+    )
+    .map_err(|e| field("detectLocalMode", e))?;
     if let Some(list) = &cfg.node_port_addresses {
         s.nodeport_addresses =
             parse_nodeport_addresses(list).map_err(|e| field("nodePortAddresses", e))?;

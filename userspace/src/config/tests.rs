@@ -232,7 +232,6 @@ fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
         "--feature-gates=A=true",
         "--feature-gates=B=false",
         "--profiling",
-        "--detect-local-mode=ClusterCIDR",
         "--logtostderr=false",
         "--vmodule=proxier=4",
     ]);
@@ -245,7 +244,6 @@ fn unused_kube_proxy_flags_are_accepted_with_one_warning_each() {
             "ignored: kpr does not use --oom-score-adj",
             "ignored: kpr does not use --feature-gates",
             "ignored: kpr does not use --profiling",
-            "ignored: kpr does not use --detect-local-mode",
             "ignored: kpr does not use --logtostderr",
             "ignored: kpr does not use --vmodule",
         ]
@@ -666,4 +664,55 @@ fn conntrack_settings_from_flags_and_file() {
     let f = config_file("conntrack:\n  maxPerCore: -5\n");
     let e = err(&["--config", f.path().to_str().unwrap()]);
     assert!(e.to_string().contains("conntrack.maxPerCore"), "{e}");
+}
+
+#[test]
+fn detect_local_mode_is_read_from_flags_and_file_as_kube_proxy_validates_it() {
+    let (s, w) = run(&["--detect-local-mode=ClusterCIDR"]);
+    assert_eq!((s, w), (Settings::default(), vec![]));
+    let (s, _) = run(&["--detect-local-mode=NodeCIDR"]);
+    assert_eq!(s.detect_local, DetectLocal::NodeCidr);
+    let (s, _) = run(&[
+        "--detect-local-mode=InterfaceNamePrefix",
+        "--pod-interface-name-prefix=veth",
+    ]);
+    assert_eq!(
+        s.detect_local,
+        DetectLocal::InterfaceNamePrefix("veth".into())
+    );
+    let (s, _) = run(&[
+        "--detect-local-mode=BridgeInterface",
+        "--pod-bridge-interface=cni0",
+    ]);
+    assert_eq!(s.detect_local, DetectLocal::BridgeInterface("cni0".into()));
+    assert!(s.to_json().contains("BridgeInterface"), "{}", s.to_json());
+    for bad in [
+        &["--detect-local-mode=BridgeInterface"][..],
+        &[
+            "--detect-local-mode=InterfaceNamePrefix",
+            "--pod-interface-name-prefix=",
+        ],
+        &["--detect-local-mode=Nope"],
+    ] {
+        assert!(
+            matches!(
+                err(bad),
+                ConfigError::Flag {
+                    flag: "detect-local-mode",
+                    ..
+                }
+            ),
+            "{bad:?}"
+        );
+    }
+    // The file's detectLocalMode and detectLocal.
+    let f = config_file(
+        "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: cali}\n",
+    );
+    let (s, w) = run(&["--config", f.path().to_str().unwrap()]);
+    assert_eq!(
+        s.detect_local,
+        DetectLocal::InterfaceNamePrefix("cali".into())
+    );
+    assert!(w.is_empty(), "{w:?}");
 }

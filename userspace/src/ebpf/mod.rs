@@ -110,7 +110,10 @@ pub struct EbpfConfig {
     /// `local_cidr4` (`--detect-local-mode=ClusterCIDR` with `--cluster-cidr`); with neither,
     /// never.
     pub masquerade_all: bool,
-    pub local_cidr4: Option<ipnet::Ipv4Net>,
+    /// The local-traffic detector (`--detect-local-mode`) for IPv4.
+    pub local: crate::netfilter::plan::LocalDetector,
+    /// NodeCIDR: `local` follows the Node's pod CIDRs (refreshed on each sync).
+    pub local_from_node: bool,
     /// Drop, as kube-proxy does, rather than refuse at connect() calls to a ClusterIP with
     /// internalTrafficPolicy Local and no endpoint on this node while the Service has
     /// endpoints elsewhere (`--reject-no-local-endpoints=false`).
@@ -172,6 +175,10 @@ pub struct EbpfDataplane {
     drop_no_local_endpoints: bool,
     /// See [`EbpfConfig::masquerade_local_endpoints`].
     masquerade_local_endpoints: bool,
+    /// The local CIDR of the ClusterCIDR/NodeCIDR detectors (`LOCAL_NET_MAP`) and whether
+    /// it follows the Node (NodeCIDR).
+    local_net: Array<MapData, kpr_common::LocalNet4>,
+    local_from_node: bool,
     /// Connected UDP sockets destroyed since start; false once the kernel said it cannot.
     udp_sockets_destroyed: u64,
     destroy_supported: bool,
@@ -222,23 +229,7 @@ impl EbpfDataplane {
             .override_global("KPR_DATAPATH_EVENTS", &u8::from(cfg.datapath_events), true)
             .override_global("KPR_HOST_NETNS_COOKIE", &host_netns_cookie, true)
             .override_global("KPR_MASQUERADE_ALL", &u8::from(cfg.masquerade_all), true)
-            .override_global(
-                "KPR_LOCAL_CIDR4_SET",
-                &u8::from(cfg.local_cidr4.is_some()),
-                true,
-            )
-            .override_global(
-                "KPR_LOCAL_CIDR4_NET",
-                &cfg.local_cidr4
-                    .map_or(0, |n| u32::from_ne_bytes(n.network().octets())),
-                true,
-            )
-            .override_global(
-                "KPR_LOCAL_CIDR4_MASK",
-                &cfg.local_cidr4
-                    .map_or(0, |n| u32::from_ne_bytes(n.netmask().octets())),
-                true,
-            )
+            .override_global("KPR_LOCAL_DETECT", &local_detect_mode(cfg), true)
             // aya-log's own filter: everything when on, nothing when off.
             .override_global(
                 aya_log::LEVEL,
@@ -318,6 +309,30 @@ impl EbpfDataplane {
             .map_err(|e| EbpfError::Map(SERVICES_MAP, e.to_string()))?;
         let backends = HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?)
             .map_err(|e| EbpfError::Map(BACKENDS_MAP, e.to_string()))?;
+        let mut local_net = Array::try_from(take_map(&mut ebpf, kpr_common::LOCAL_NET_MAP)?)
+            .map_err(|e| EbpfError::Map(kpr_common::LOCAL_NET_MAP, e.to_string()))?;
+        if let crate::netfilter::plan::LocalDetector::Cidr(net) = &cfg.local {
+            set_local_net(&mut local_net, Some(*net))
+                .map_err(|e| EbpfError::Map(kpr_common::LOCAL_NET_MAP, e.to_string()))?;
+        }
+        if let crate::netfilter::plan::LocalDetector::Interface { name, prefix } = &cfg.local {
+            let mut devs: HashMap<MapData, u32, u8> =
+                HashMap::try_from(take_map(&mut ebpf, kpr_common::LOCAL_DEV_MAP)?)
+                    .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
+            for dev in &tc.devices {
+                let local = if *prefix {
+                    dev.starts_with(name.as_str())
+                } else {
+                    dev == name
+                };
+                if local {
+                    let ifindex = links::ifindex(dev)
+                        .map_err(|e| EbpfError::Device(dev.clone(), e.to_string()))?;
+                    devs.insert(ifindex, 1, 0)
+                        .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
+                }
+            }
+        }
         let src_check_gate = Array::try_from(take_map(&mut ebpf, SRC_CHECK_GATE_MAP)?)
             .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
         let sock_revnat = HashMap::try_from(take_map(&mut ebpf, SOCK_REVNAT_MAP)?)
@@ -386,9 +401,13 @@ impl EbpfDataplane {
             udp_sockets_destroyed: 0,
             destroy_supported: true,
             src_check_gate,
-            cluster_ip_masquerade: cfg.masquerade_all || cfg.local_cidr4.is_some(),
+            cluster_ip_masquerade: cfg.masquerade_all
+                || cfg.local.is_implemented()
+                || cfg.local_from_node,
             drop_no_local_endpoints: cfg.drop_no_local_endpoints,
             masquerade_local_endpoints: cfg.masquerade_local_endpoints,
+            local_net,
+            local_from_node: cfg.local_from_node,
         };
         // The restored frontends' ranges are checked at once (the gate is a new map).
         let on = dataplane.syncer.has_socket_checks();
@@ -646,6 +665,37 @@ fn map_size(entries: usize) -> u32 {
     u32::try_from(entries).unwrap_or(u32::MAX).max(1)
 }
 
+/// The `KPR_LOCAL_DETECT` global for `cfg`'s detector.
+fn local_detect_mode(cfg: &EbpfConfig) -> u8 {
+    use crate::netfilter::plan::LocalDetector;
+    match &cfg.local {
+        LocalDetector::Interface { .. } => kpr_common::LOCAL_DETECT_INTERFACE,
+        LocalDetector::Cidr(_) => kpr_common::LOCAL_DETECT_CIDR,
+        LocalDetector::None if cfg.local_from_node => kpr_common::LOCAL_DETECT_CIDR,
+        LocalDetector::None => kpr_common::LOCAL_DETECT_NONE,
+    }
+}
+
+/// Writes the ClusterCIDR/NodeCIDR detector's IPv4 CIDR (None: no CIDR yet, nothing local).
+fn set_local_net(
+    map: &mut Array<MapData, kpr_common::LocalNet4>,
+    net: Option<ipnet::IpNet>,
+) -> Result<(), MapOpError> {
+    let value = match net {
+        Some(ipnet::IpNet::V4(n)) => kpr_common::LocalNet4 {
+            net_be: u32::from_ne_bytes(n.network().octets()),
+            mask_be: u32::from_ne_bytes(n.netmask().octets()),
+            set: 1,
+        },
+        _ => kpr_common::LocalNet4::default(),
+    };
+    map.set(0, value, 0).map_err(|e| MapOpError {
+        op: "set",
+        map: kpr_common::LOCAL_NET_MAP,
+        detail: e.to_string(),
+    })
+}
+
 /// Adopts the cgroup link pinned at `pin` (see [`links::adopt`]): true when it is attached to
 /// the cgroup and now runs `prog`, false when a new link must be attached and pinned.
 fn adopt_cgroup_link(
@@ -712,6 +762,13 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         if checks_wanted {
             self.set_src_check_gate(true)
                 .map_err(crate::ebpf::sync::SyncError::from)?;
+        }
+        if self.local_from_node {
+            let net = desired.node_pod_cidrs.iter().find_map(|c| match c {
+                ipnet::IpNet::V4(v4) => Some(ipnet::IpNet::V4(v4.trunc())),
+                ipnet::IpNet::V6(_) => None,
+            });
+            set_local_net(&mut self.local_net, net).map_err(crate::ebpf::sync::SyncError::from)?;
         }
         let stats = if full {
             self.full_sync(desired)?

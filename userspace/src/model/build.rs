@@ -105,6 +105,7 @@ pub fn build_for_node(
     }
     state.node_ips = ctx.node_ips.clone();
     state.node_ip = ctx.node_ip;
+    state.node_pod_cidrs = ctx.pod_cidrs.clone();
     state
         .service_ports
         .sort_by(|a, b| (a.family, &a.name, a.protocol).cmp(&(b.family, &b.name, b.protocol)));

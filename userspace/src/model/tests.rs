@@ -811,6 +811,7 @@ fn ctx() -> NodeContext {
         ],
         node_ip: Some("192.168.1.10".parse().unwrap()),
         zone: None,
+        pod_cidrs: Vec::new(),
     }
 }
 

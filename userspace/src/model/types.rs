@@ -173,6 +173,8 @@ pub struct DesiredState {
     pub node_ips: Vec<IpAddr>,
     /// The node's primary address ([`NodeContext::node_ip`]).
     pub node_ip: Option<IpAddr>,
+    /// The Node's pod CIDRs ([`NodeContext::pod_cidrs`]).
+    pub node_pod_cidrs: Vec<IpNet>,
 }
 
 /// One Service port in one address family as kube-proxy's proxiers see it (its `ServicePort`
@@ -265,6 +267,8 @@ pub struct NodeContext {
     /// kube-proxy's `nodeIP`, the node's primary address: a `loadBalancerSourceRanges` entry
     /// holding it also admits the LB IPs as sources (a node reaching its own VIP).
     pub node_ip: Option<IpAddr>,
+    /// The Node's `spec.podCIDRs`: what `--detect-local-mode=NodeCIDR` calls local.
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// Why an object was not used. Carries enough to name the object in a log line.

@@ -19,6 +19,8 @@ const NETLINK_CAP_ACK: libc::c_int = 10;
 // writers.
 pub(crate) const NFT_CMP_EQ: u32 = 0;
 pub(crate) const NFT_META_L4PROTO: u32 = 16;
+/// `enum nft_meta_keys`: the input interface's name (IFNAMSIZ bytes).
+pub(crate) const NFT_META_IIFNAME: u32 = 6;
 pub(crate) const NFT_META_MARK: u32 = 3;
 pub(crate) const NFT_MSG_DELSETELEM: u16 = 14;
 pub(crate) const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;

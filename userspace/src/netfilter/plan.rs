@@ -20,9 +20,11 @@ pub struct PlanConfig {
     pub family: Family,
     /// `--masquerade-all`: masquerade all traffic to ClusterIPs.
     pub masquerade_all: bool,
-    /// The local-traffic detector (`--detect-local-mode=ClusterCIDR`, `--cluster-cidr`): traffic
-    /// from outside these CIDRs to a ClusterIP is masqueraded. Empty: no detector.
-    pub cluster_cidrs: Vec<IpNet>,
+    /// The local-traffic detector (`--detect-local-mode`): ClusterIP traffic it does not call
+    /// local is masqueraded, and external traffic it calls local short-circuits eTP=Local.
+    pub local: LocalDetector,
+    /// NodeCIDR: `local` follows the Node's pod CIDRs, refreshed from each desired state.
+    pub local_from_node: bool,
     /// The node's primary IP (kube-proxy's `nodeIP`): a source range that contains it also
     /// admits traffic whose source is the LB IP itself (a node reaching its own VIP).
     pub node_ip: Option<IpAddr>,
@@ -34,12 +36,66 @@ pub struct PlanConfig {
     pub masquerade_mark: u32,
 }
 
+/// kube-proxy's `LocalTrafficDetector`, as the rules match it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LocalDetector {
+    /// No detector: ClusterCIDR without a `--cluster-cidr` of this family, or NodeCIDR before
+    /// the Node has a pod CIDR of it (kube-proxy's no-op detector).
+    #[default]
+    None,
+    /// Sources in this CIDR (ClusterCIDR, NodeCIDR).
+    Cidr(IpNet),
+    /// Packets arriving on this interface (BridgeInterface), or with `prefix` on any whose
+    /// name starts with it (InterfaceNamePrefix).
+    Interface { name: String, prefix: bool },
+}
+
+impl LocalDetector {
+    /// The detector for `family` from the configuration: `cidrs` are `--cluster-cidr`'s for
+    /// ClusterCIDR and the Node's pod CIDRs for NodeCIDR (kube-proxy uses the first of the
+    /// family).
+    pub fn for_family(mode: &crate::config::DetectLocal, cidrs: &[IpNet], family: Family) -> Self {
+        use crate::config::DetectLocal as D;
+        match mode {
+            D::ClusterCidr | D::NodeCidr => cidrs
+                .iter()
+                .find(|c| Family::of(c.addr()) == family)
+                .map_or(LocalDetector::None, |c| LocalDetector::Cidr(c.trunc())),
+            D::BridgeInterface(name) => LocalDetector::Interface {
+                name: name.clone(),
+                prefix: false,
+            },
+            D::InterfaceNamePrefix(name) => LocalDetector::Interface {
+                name: name.clone(),
+                prefix: true,
+            },
+        }
+    }
+
+    /// `cfg` for a sync of `desired`: with NodeCIDR, the detector of the Node's pod CIDRs now.
+    pub fn refresh(cfg: &mut PlanConfig, desired: &crate::model::DesiredState) {
+        if cfg.local_from_node {
+            cfg.local = LocalDetector::for_family(
+                &crate::config::DetectLocal::NodeCidr,
+                &desired.node_pod_cidrs,
+                cfg.family,
+            );
+        }
+    }
+
+    /// kube-proxy's `IsImplemented`.
+    pub fn is_implemented(&self) -> bool {
+        *self != LocalDetector::None
+    }
+}
+
 impl Default for PlanConfig {
     fn default() -> Self {
         PlanConfig {
             family: Family::V4,
             masquerade_all: false,
-            cluster_cidrs: Vec::new(),
+            local: LocalDetector::None,
+            local_from_node: false,
             node_ip: None,
             localhost_nodeports: true,
             nodeport_ips: None,

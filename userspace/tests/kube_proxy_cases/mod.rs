@@ -173,10 +173,11 @@ impl Case {
                 .filter(|ip| nodeport_cidrs.iter().any(|n| n.contains(ip)))
                 .collect::<Vec<_>>()
         });
-        let cluster_cidrs = self
+        let local = self
             .str("clusterCIDR")
-            .map(|c| vec![parse_cidr(c)])
-            .unwrap_or_default();
+            .map_or(kpr::netfilter::plan::LocalDetector::None, |c| {
+                kpr::netfilter::plan::LocalDetector::Cidr(parse_cidr(c))
+            });
 
         let (snapshot, errors) = kpr::source::manifest::load_text(
             &self.dir.join("manifests.yaml"),
@@ -192,6 +193,7 @@ impl Case {
             node_ips: nodeport_ips.clone().unwrap_or_default(),
             node_ip: node_ips.first().copied(),
             zone: None,
+            pod_cidrs: Vec::new(),
         };
         let (state, errors) =
             kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &ctx);
@@ -202,7 +204,8 @@ impl Case {
         let cfg = PlanConfig {
             family,
             masquerade_all: self.bool("masqueradeAll", false),
-            cluster_cidrs,
+            local,
+            local_from_node: false,
             node_ip: node_ips.first().copied(),
             localhost_nodeports: self.bool("localhostNodePorts", true),
             nodeport_ips,

@@ -106,6 +106,13 @@ impl Trace<'_> {
                             continue 'rules;
                         }
                     }
+                    // The traced packets come from no named interface (kube-proxy's cases
+                    // use no interface detector).
+                    Stmt::Iifname { negate, .. } => {
+                        if !*negate {
+                            continue 'rules;
+                        }
+                    }
                     Stmt::FibSaddrLocal => {
                         if !p.local.contains(&p.src) {
                             continue 'rules;

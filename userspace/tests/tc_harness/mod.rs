@@ -166,7 +166,8 @@ impl Env {
                 // Never the host's pods: only the test's own (host) namespace is walked.
                 pod_netns_dir: None,
                 masquerade_all: false,
-                local_cidr4: None,
+                local: kpr::netfilter::plan::LocalDetector::None,
+                local_from_node: false,
                 drop_no_local_endpoints: false,
                 masquerade_local_endpoints: false,
             },

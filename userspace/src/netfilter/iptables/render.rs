@@ -9,13 +9,11 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 
-use ipnet::IpNet;
-
 use crate::model::Family;
 use crate::netfilter::chains::{
     iptables_endpoint_chain, IptablesChains, IPTABLES_SERVICE_CHAIN_PREFIXES,
 };
-use crate::netfilter::plan::{Plan, PlanConfig, Policy, PortPlan, Refusal};
+use crate::netfilter::plan::{LocalDetector, Plan, PlanConfig, Policy, PortPlan, Refusal};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
 pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
@@ -636,10 +634,10 @@ fn write_port(
         if cfg.masquerade_all {
             own.rules
                 .line(format!("-A {chain} {args} -j {KUBE_MARK_MASQ}"));
-        } else if !cfg.cluster_cidrs.is_empty() {
+        } else if cfg.local.is_implemented() {
             own.rules.line(format!(
                 "-A {chain} {args} {} -j {KUBE_MARK_MASQ}",
-                if_not_local(&cfg.cluster_cidrs)
+                if_not_local(&cfg.local)
             ));
         }
     }
@@ -652,10 +650,10 @@ fn write_port(
                 "-A {external_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j {KUBE_MARK_MASQ}"
             ));
         } else {
-            if !cfg.cluster_cidrs.is_empty() {
+            if cfg.local.is_implemented() {
                 own.rules.line(format!(
                     "-A {external_chain} -m comment --comment \"pod traffic for {name} external destinations\" {} -j {}",
-                    if_local(&cfg.cluster_cidrs),
+                    if_local(&cfg.local),
                     chains.cluster
                 ));
             }
@@ -731,22 +729,23 @@ fn write_port(
     own
 }
 
-/// `proxier.localDetector.IfNotLocal()` for the ClusterCIDR detector.
-fn if_not_local(cidrs: &[IpNet]) -> String {
-    cidrs
-        .iter()
-        .map(|n| format!("! -s {n}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// `proxier.localDetector.IfNotLocal()`.
+fn if_not_local(local: &LocalDetector) -> String {
+    match local {
+        LocalDetector::None => String::new(),
+        _ => format!("! {}", if_local(local)),
+    }
 }
 
-/// `proxier.localDetector.IfLocal()`.
-fn if_local(cidrs: &[IpNet]) -> String {
-    cidrs
-        .iter()
-        .map(|n| format!("-s {n}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// `proxier.localDetector.IfLocal()`: `-s 10.0.0.0/8`, `-i cni0`, `-i veth+`.
+fn if_local(local: &LocalDetector) -> String {
+    match local {
+        LocalDetector::None => String::new(),
+        LocalDetector::Cidr(net) => format!("-s {net}"),
+        LocalDetector::Interface { name, prefix } => {
+            format!("-i {name}{}", if *prefix { "+" } else { "" })
+        }
+    }
 }
 
 /// kube-proxy's `writeServiceToEndpointRules`: affinity checks first, then one probabilistic
@@ -844,4 +843,33 @@ pub fn standalone(rules: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod local_detector_tests {
+    use super::*;
+    use crate::config::DetectLocal;
+
+    #[test]
+    fn each_detector_matches_as_kube_proxys_does() {
+        let cidrs = ["10.0.0.0/8".parse().unwrap(), "fd00::/48".parse().unwrap()];
+        let d = |mode: &DetectLocal, family| LocalDetector::for_family(mode, &cidrs, family);
+        let v4 = d(&DetectLocal::ClusterCidr, Family::V4);
+        assert_eq!(
+            (if_local(&v4), if_not_local(&v4)),
+            ("-s 10.0.0.0/8".into(), "! -s 10.0.0.0/8".into())
+        );
+        assert_eq!(
+            if_local(&d(&DetectLocal::NodeCidr, Family::V6)),
+            "-s fd00::/48"
+        );
+        let prefix = d(&DetectLocal::InterfaceNamePrefix("veth".into()), Family::V4);
+        assert_eq!(if_not_local(&prefix), "! -i veth+");
+        let bridge = d(&DetectLocal::BridgeInterface("cni0".into()), Family::V6);
+        assert_eq!(if_local(&bridge), "-i cni0");
+        // No CIDR of the family: no detector, no rule.
+        let none = LocalDetector::for_family(&DetectLocal::ClusterCidr, &cidrs[1..], Family::V4);
+        assert!(!none.is_implemented());
+        assert_eq!(if_not_local(&none), "");
+    }
 }

@@ -20,8 +20,8 @@ use super::ruleset::{
 use super::sync::Op;
 use crate::model::Family;
 use crate::netfilter::nfnetlink::{
-    Attr, RawExpr, Transaction, ICMP_PORT_UNREACH, NFT_CMP_EQ, NFT_META_L4PROTO, NFT_META_MARK,
-    NFT_MSG_DELSETELEM, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
+    Attr, RawExpr, Transaction, ICMP_PORT_UNREACH, NFT_CMP_EQ, NFT_META_IIFNAME, NFT_META_L4PROTO,
+    NFT_META_MARK, NFT_MSG_DELSETELEM, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
     NFT_REJECT_ICMP_UNREACH, NF_NAT_RANGE_PROTO_RANDOM_FULLY, NLM_F_ACK, TYPE_BITS,
     TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_IPADDR,
 };
@@ -734,6 +734,21 @@ impl<'a> Encoder<'a> {
                     ],
                 ));
                 out.push(cmp(NFT_CMP_EQ, r, &RTN_LOCAL.to_ne_bytes()));
+            }
+            Stmt::Iifname {
+                name,
+                prefix,
+                negate,
+            } => {
+                // As nft encodes it: a name is compared with its NUL (so "eth0" is not
+                // "eth01"), a prefix ("veth*") without.
+                out.push(RawExpr::meta_load(NFT_META_IIFNAME, r));
+                let mut data = name.as_bytes().to_vec();
+                if !*prefix {
+                    data.push(0);
+                }
+                let op = if *negate { NFT_CMP_NEQ } else { NFT_CMP_EQ };
+                out.push(cmp(op, r, &data));
             }
             Stmt::L4proto(p) => {
                 out.push(RawExpr::meta_load(NFT_META_L4PROTO, r));

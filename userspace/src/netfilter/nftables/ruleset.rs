@@ -132,6 +132,12 @@ pub enum Stmt {
     },
     /// `fib saddr type local`.
     FibSaddrLocal,
+    /// `iifname "cni0"`, `iifname != "veth*"` (with `prefix`).
+    Iifname {
+        name: String,
+        prefix: bool,
+        negate: bool,
+    },
     /// `meta l4proto tcp`.
     L4proto(Protocol),
     /// `mark and 0x4000 == 0`.
@@ -387,6 +393,15 @@ fn stmt_text(ip: &str, s: &Stmt) -> String {
         ),
         Stmt::InSet { addr, set } => format!("{ip} {} @{set}", addr_text(*addr)),
         Stmt::FibSaddrLocal => "fib saddr type local".into(),
+        Stmt::Iifname {
+            name,
+            prefix,
+            negate,
+        } => format!(
+            "iifname {}\"{name}{}\"",
+            neg(*negate),
+            if *prefix { "*" } else { "" }
+        ),
         Stmt::L4proto(p) => format!("meta l4proto {}", p.as_lower()),
         Stmt::MarkClear(m) => format!("mark and {m:#x} == 0"),
         Stmt::MarkOr(m) => format!("mark set mark or {m:#x}"),

@@ -101,6 +101,7 @@ impl NftSyncer {
     pub fn prepare(&mut self, desired: &DesiredState, full: bool, now: Instant) -> Prepared {
         let mut cfg = self.plan_cfg.clone();
         cfg.node_ip = desired.node_ip;
+        crate::netfilter::plan::LocalDetector::refresh(&mut cfg, desired);
         cfg.nodeport_ips = Some(desired.node_ips.clone());
         let programmed = self.programmed.take();
         let full = full || programmed.is_none();

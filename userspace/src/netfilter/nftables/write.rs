@@ -13,7 +13,7 @@ use super::ruleset::{
 };
 use crate::model::Family;
 use crate::netfilter::chains::{nftables_endpoint_base, nftables_service_base};
-use crate::netfilter::plan::{Plan, PlanConfig, Policy, PortPlan, Refusal};
+use crate::netfilter::plan::{LocalDetector, Plan, PlanConfig, Policy, PortPlan, Refusal};
 
 pub const CLUSTER_IPS_SET: &str = "cluster-ips";
 pub const NODEPORT_IPS_SET: &str = "nodeport-ips";
@@ -410,14 +410,9 @@ fn write_port(r: &mut Ruleset, p: &PortPlan, cfg: &PlanConfig) {
         if cfg.masquerade_all {
             Some(Rule::new(vec![dst, jump(MARK_FOR_MASQUERADE)]))
         } else {
-            let &net = cfg.cluster_cidrs.first()?;
             Some(Rule::new(vec![
                 dst,
-                Stmt::Prefix {
-                    addr: Addr::Saddr,
-                    negate: true,
-                    net,
-                },
+                local_match(&cfg.local, true)?,
                 jump(MARK_FOR_MASQUERADE),
             ]))
         }
@@ -457,16 +452,9 @@ fn write_port(r: &mut Ruleset, p: &PortPlan, cfg: &PlanConfig) {
         if !info.external_policy_local {
             rules.push(Rule::new(vec![jump(MARK_FOR_MASQUERADE)]));
         } else {
-            if let Some(&net) = cfg.cluster_cidrs.first() {
+            if let Some(local) = local_match(&cfg.local, false) {
                 rules.push(Rule::commented(
-                    vec![
-                        Stmt::Prefix {
-                            addr: Addr::Saddr,
-                            negate: false,
-                            net,
-                        },
-                        goto(&n.cluster),
-                    ],
+                    vec![local, goto(&n.cluster)],
                     "short-circuit pod traffic",
                 ));
             }
@@ -546,4 +534,22 @@ pub fn port_fragment(p: &PortPlan, cfg: &PlanConfig) -> Ruleset {
     let mut r = Ruleset::new(cfg.family);
     write_port(&mut r, p, cfg);
     r
+}
+
+/// kube-proxy's local-traffic detector as an nftables match (`IfLocal`, or with `negate`
+/// `IfNotLocal`); None without a detector.
+fn local_match(local: &LocalDetector, negate: bool) -> Option<Stmt> {
+    match local {
+        LocalDetector::None => None,
+        LocalDetector::Cidr(net) => Some(Stmt::Prefix {
+            addr: Addr::Saddr,
+            negate,
+            net: *net,
+        }),
+        LocalDetector::Interface { name, prefix } => Some(Stmt::Iifname {
+            name: name.clone(),
+            prefix: *prefix,
+            negate,
+        }),
+    }
 }
