@@ -95,3 +95,36 @@ per_mode! {
         }
     }
 }
+
+per_mode! {
+    /// A sandboxed runtime's guest (Kata, gVisor, KubeVirt) sends from its own kernel: no
+    /// socket of the node's connects, so nothing translates at connect(), and its packets to a
+    /// ClusterIP arrive on the pod's device on the node. kube-proxy translates them in
+    /// PREROUTING; the eBPF mode does on that device when `--devices` names it (here the
+    /// pattern `vp+`, every pod device of the lab). The guest is a client pod's namespace
+    /// whose processes are outside the node's cgroup.
+    fn clusterip_traffic_of_a_sandboxed_pod_is_translated_on_its_device(mode) {
+        let tag = format!("rsbx-{}", mode.name());
+        let (lab, dir) = kpr_lab::external_client_lab(&tag, SERVICE);
+        let guest = kpr_lab::Pod {
+            role: kpr_lab::PodRole::External,
+            ..lab.clients()[0].clone()
+        };
+        let mut args = vec!["--hostname-override", "node1", "--devices", "eth0,vp+"];
+        args.extend(mode.args());
+        let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
+        kpr.wait_for_frontend("10.96.5.1:80/tcp", "the ClusterIP", |f| f.backends.len() == 3)
+            .unwrap();
+        let target: SocketAddr = "10.96.5.1:80".parse().unwrap();
+        let all: BTreeSet<String> = ["be1", "be2", "be3"].iter().map(|s| s.to_string()).collect();
+        if let Err(e) = lab.wait_until_reaching(&guest, target, &all) {
+            panic!("{e}\n{}", kpr.log());
+        }
+        if mode == ProxyMode::Ebpf {
+            let c = kpr.counters_now().unwrap();
+            assert!(c["tc_translated"] >= 30, "{c:?}");
+            // Not the socket programs: the guest's connections never met them.
+            assert_eq!(c["translated"], 0, "{c:?}");
+        }
+    }
+}

@@ -35,6 +35,8 @@ pub enum DataplaneError {
     Ebpf(#[from] crate::ebpf::sync::SyncError),
     #[error("kpr's nftables table: {0}")]
     EbpfTable(#[from] crate::nft::NftError),
+    #[error("attaching the tc programs: {0}")]
+    EbpfDevices(String),
     #[error("iptables mode: {0}")]
     Iptables(#[from] crate::netfilter::iptables::IptablesError),
     #[error("nftables mode: {0}")]

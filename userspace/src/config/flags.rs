@@ -305,8 +305,11 @@ pub struct RunArgs {
     )]
     pub datapath_events: bool,
     /// Comma-separated devices that receive traffic from outside the node (NodePort,
-    /// externalIPs, LoadBalancer IPs); kpr attaches its tc programs to them. Default: every
-    /// up, non-loopback Ethernet device with an IPv4 address (the node's addresses).
+    /// externalIPs, LoadBalancer IPs, ClusterIPs routed to the node); kpr attaches its tc
+    /// programs to them. A trailing '+' names every device with that prefix, looked up again
+    /// on every full sync (e.g. 'tap+' for the pods of a sandboxed runtime, whose guests'
+    /// traffic reaches the node without a socket of the node's). Default: every up,
+    /// non-loopback Ethernet device with an IPv4 address (the node's addresses).
     #[arg(
         long,
         value_name = "DEVICES",

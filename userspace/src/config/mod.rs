@@ -744,8 +744,14 @@ fn config_flags_given(a: &RunArgs) -> Vec<&'static str> {
 fn parse_devices(given: &[String]) -> Result<Vec<String>, ConfigError> {
     let mut out: Vec<String> = Vec::new();
     for d in given.iter().map(|d| d.trim()).filter(|d| !d.is_empty()) {
-        // IFNAMSIZ is 16 with the NUL; '/' and whitespace are refused by the kernel.
-        if d.len() > 15 || d.contains('/') || d.contains(char::is_whitespace) {
+        // IFNAMSIZ is 16 with the NUL; '/' and whitespace are refused by the kernel. A
+        // trailing '+' (iptables' wildcard) names every device with that prefix.
+        let name = d.strip_suffix('+').unwrap_or(d);
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', '+'])
+            || name.contains(char::is_whitespace)
+        {
             return Err(flag_error("devices", d, "not a network device name"));
         }
         if !out.iter().any(|o| o == d) {

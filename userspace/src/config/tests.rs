@@ -591,6 +591,21 @@ fn devices_flag_takes_comma_lists_and_repeats() {
             ..
         }
     ));
+    // iptables' wildcard: a prefix, kept as given (resolved against the node's devices).
+    let (s, _) = run(&["--devices=eth0,tap+"]);
+    assert_eq!(s.devices, ["eth0", "tap+"]);
+    for bad in ["--devices=+", "--devices=ta+p"] {
+        assert!(
+            matches!(
+                err(&[bad]),
+                ConfigError::Flag {
+                    flag: "devices",
+                    ..
+                }
+            ),
+            "{bad}"
+        );
+    }
 }
 
 #[test]

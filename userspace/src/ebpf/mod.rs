@@ -179,6 +179,14 @@ pub struct EbpfDataplane {
     /// it follows the Node (NodeCIDR).
     local_net: Array<MapData, kpr_common::LocalNet4>,
     local_from_node: bool,
+    /// The interface detectors' local tc devices (`LOCAL_DEV_MAP`), and the detector.
+    local_devs: HashMap<MapData, u32, u8>,
+    local: crate::netfilter::plan::LocalDetector,
+    /// `--devices` as given (names and `prefix+` patterns) and what they named at the last
+    /// attach.
+    device_specs: Vec<String>,
+    devices: Vec<String>,
+    pin_dir: PathBuf,
     /// Connected UDP sockets destroyed since start; false once the kernel said it cannot.
     udp_sockets_destroyed: u64,
     destroy_supported: bool,
@@ -303,7 +311,8 @@ impl EbpfDataplane {
 
         // Loaded (verified) even without devices, so a verifier rejection shows at start.
         tc::load_programs(&mut ebpf)?;
-        let tc_links = tc::attach(&mut ebpf, &tc.devices, &cfg.pin_dir)?;
+        let devices = tc::resolve_devices(&tc.devices);
+        let tc_links = tc::attach(&mut ebpf, &devices, &cfg.pin_dir)?;
 
         let services = HashMap::try_from(take_map(&mut ebpf, SERVICES_MAP)?)
             .map_err(|e| EbpfError::Map(SERVICES_MAP, e.to_string()))?;
@@ -315,24 +324,10 @@ impl EbpfDataplane {
             set_local_net(&mut local_net, Some(*net))
                 .map_err(|e| EbpfError::Map(kpr_common::LOCAL_NET_MAP, e.to_string()))?;
         }
-        if let crate::netfilter::plan::LocalDetector::Interface { name, prefix } = &cfg.local {
-            let mut devs: HashMap<MapData, u32, u8> =
-                HashMap::try_from(take_map(&mut ebpf, kpr_common::LOCAL_DEV_MAP)?)
-                    .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
-            for dev in &tc.devices {
-                let local = if *prefix {
-                    dev.starts_with(name.as_str())
-                } else {
-                    dev == name
-                };
-                if local {
-                    let ifindex = links::ifindex(dev)
-                        .map_err(|e| EbpfError::Device(dev.clone(), e.to_string()))?;
-                    devs.insert(ifindex, 1, 0)
-                        .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
-                }
-            }
-        }
+        let mut local_devs: HashMap<MapData, u32, u8> =
+            HashMap::try_from(take_map(&mut ebpf, kpr_common::LOCAL_DEV_MAP)?)
+                .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
+        fill_local_devs(&mut local_devs, &cfg.local, &devices)?;
         let src_check_gate = Array::try_from(take_map(&mut ebpf, SRC_CHECK_GATE_MAP)?)
             .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
         let sock_revnat = HashMap::try_from(take_map(&mut ebpf, SOCK_REVNAT_MAP)?)
@@ -408,6 +403,11 @@ impl EbpfDataplane {
             masquerade_local_endpoints: cfg.masquerade_local_endpoints,
             local_net,
             local_from_node: cfg.local_from_node,
+            local_devs,
+            local: cfg.local.clone(),
+            device_specs: tc.devices.clone(),
+            devices,
+            pin_dir: cfg.pin_dir.clone(),
         };
         // The restored frontends' ranges are checked at once (the gate is a new map).
         let on = dataplane.syncer.has_socket_checks();
@@ -415,6 +415,29 @@ impl EbpfDataplane {
             .set_src_check_gate(on)
             .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
         Ok(dataplane)
+    }
+
+    /// Attaches the tc programs to the devices `--devices` names now, when its `prefix+`
+    /// patterns name others than at the last attach (pods come and go); true if it did.
+    pub fn refresh_devices(&mut self) -> Result<bool, EbpfError> {
+        if !tc::has_patterns(&self.device_specs) {
+            return Ok(false);
+        }
+        let devices = tc::resolve_devices(&self.device_specs);
+        if devices == self.devices {
+            return Ok(false);
+        }
+        self.tc_links = tc::attach(&mut self.ebpf, &devices, &self.pin_dir)?;
+        // Interface indexes of devices that went may be reused: start the local set afresh.
+        let stale: Vec<u32> = self.local_devs.keys().filter_map(Result::ok).collect();
+        for ifindex in stale {
+            self.local_devs
+                .remove(&ifindex)
+                .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
+        }
+        fill_local_devs(&mut self.local_devs, &self.local, &devices)?;
+        self.devices = devices;
+        Ok(true)
     }
 
     /// Turns the egress program's loadBalancerSourceRanges checks on or off.
@@ -665,6 +688,32 @@ fn map_size(entries: usize) -> u32 {
     u32::try_from(entries).unwrap_or(u32::MAX).max(1)
 }
 
+/// Marks the devices of `devices` that the interface detector of `local` calls local (none for
+/// the other detectors).
+fn fill_local_devs(
+    map: &mut HashMap<MapData, u32, u8>,
+    local: &crate::netfilter::plan::LocalDetector,
+    devices: &[String],
+) -> Result<(), EbpfError> {
+    let crate::netfilter::plan::LocalDetector::Interface { name, prefix } = local else {
+        return Ok(());
+    };
+    for dev in devices {
+        let is_local = if *prefix {
+            dev.starts_with(name.as_str())
+        } else {
+            dev == name
+        };
+        if is_local {
+            let ifindex =
+                links::ifindex(dev).map_err(|e| EbpfError::Device(dev.clone(), e.to_string()))?;
+            map.insert(ifindex, 1, 0)
+                .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The `KPR_LOCAL_DETECT` global for `cfg`'s detector.
 fn local_detect_mode(cfg: &EbpfConfig) -> u8 {
     use crate::netfilter::plan::LocalDetector;
@@ -830,6 +879,16 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
         }
         if let Some(forward) = self.forward_accept.as_ref().filter(|_| full) {
             forward.ensure()?;
+        }
+        // `--devices` patterns: devices that appeared or went since the last full sync.
+        if full {
+            match self.refresh_devices() {
+                Ok(true) => {
+                    tracing::info!(devices = ?self.devices, "tc programs attached to the devices --devices names now")
+                }
+                Ok(false) => {}
+                Err(e) => return Err(crate::dataplane::DataplaneError::EbpfDevices(e.to_string())),
+            }
         }
         Ok(crate::dataplane::SyncReport {
             frontends: stats.frontends,

@@ -266,6 +266,30 @@ fn classifier<'a>(
 /// Read with getifaddrs(3), which asks the kernel over netlink in the caller's network
 /// namespace (unlike /sys/class/net, which shows the namespace /sys was mounted in). Its
 /// AF_PACKET entries give each device's hardware type, its AF_INET entries the addresses.
+/// The devices `specs` (`--devices`) name now: a name as given, a name ending in `+` every
+/// device of this namespace with that prefix (sorted, without duplicates).
+pub fn resolve_devices(specs: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut all: Option<Vec<String>> = None;
+    for spec in specs {
+        match spec.strip_suffix('+') {
+            None => out.push(spec.clone()),
+            Some(prefix) => {
+                let names = all.get_or_insert_with(interface_names);
+                out.extend(names.iter().filter(|n| n.starts_with(prefix)).cloned());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether `specs` has a prefix pattern (so the devices can change while the agent runs).
+pub fn has_patterns(specs: &[String]) -> bool {
+    specs.iter().any(|s| s.ends_with('+'))
+}
+
 pub fn default_devices() -> Vec<String> {
     let mut ethernet = BTreeSet::new();
     let mut with_ipv4 = BTreeSet::new();
@@ -318,4 +342,19 @@ pub fn default_devices() -> Vec<String> {
     // SAFETY: ifap came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(ifap) };
     ethernet.intersection(&with_ipv4).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_pattern_names_every_device_with_its_prefix() {
+        // Every namespace has "lo"; a name is kept as given, present or not.
+        let got = resolve_devices(&["lo+".into(), "kpr-absent0".into(), "lo".into()]);
+        assert_eq!(got, ["kpr-absent0", "lo"]);
+        assert!(resolve_devices(&["kpr-none-such+".into()]).is_empty());
+        assert!(has_patterns(&["eth0".into(), "tap+".into()]));
+        assert!(!has_patterns(&["eth0".into()]));
+    }
 }
