@@ -5,7 +5,7 @@
 //! to a LoadBalancer IP included (its TestLoadBalancer "pod to LB1 blocked"). The socket
 //! programs cannot: at connect() an unbound socket has no source address yet (routing picks
 //! it later). So connect4/sendmsg4, when they translate a frontend that has ranges, note the
-//! socket and its backend in `KPR_SKSRC4_V1`, and this cgroup egress program checks the source
+//! socket and its backend in `KPR_SKCHK4_V1`, and this cgroup egress program checks the source
 //! of that socket's packets to that backend against the frontend's ranges: outside them the
 //! packet is dropped and counted (`drop_source_range`), as kube-proxy's firewall chain drops
 //! it (a TCP client times out); inside, the note is removed and the socket's later packets pass
@@ -25,17 +25,16 @@ use aya_ebpf::{
 };
 use kpr_common::{
     Counter, SockRevNat4Key, SrcRange4Key, IPPROTO_TCP, IPPROTO_UDP, SOCK_CHECK_DROP,
-    SOCK_SRC_CHECK_MAP_MAX,
+    SOCK_CHECK_MAP_MAX,
 };
 
 use crate::{count, packet::Ipv4Hdr, packet::IP_OFFSET, SRC_RANGES};
 
-#[map(name = "KPR_SKSRC4_V1")]
-pub static SOCK_SRC_CHECK: LruHashMap<SockRevNat4Key, u32> =
-    LruHashMap::pinned(SOCK_SRC_CHECK_MAP_MAX, 0);
+#[map(name = "KPR_SKCHK4_V1")]
+pub static SOCK_CHECKS: LruHashMap<SockRevNat4Key, u32> = LruHashMap::pinned(SOCK_CHECK_MAP_MAX, 0);
 
-#[map(name = "KPR_SRCGATE_V1")]
-static SRC_CHECK_GATE: Array<u32> = Array::with_max_entries(1, 0);
+#[map(name = "KPR_SKGATE_V1")]
+static SOCK_CHECK_GATE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// cgroup_skb programs pass a packet with 1 and drop it with 0.
 const PASS: i32 = 1;
@@ -55,7 +54,7 @@ pub fn kpr_egress4(ctx: SkBuffContext) -> i32 {
 /// Whether the socket programs may note sockets for a source check (some frontend has ranges).
 #[inline(always)]
 pub fn checks_on() -> bool {
-    matches!(SRC_CHECK_GATE.get(0), Some(v) if *v != 0)
+    matches!(SOCK_CHECK_GATE.get(0), Some(v) if *v != 0)
 }
 
 #[inline(always)]
@@ -89,7 +88,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<(), Counter> {
         pad: 0,
     };
     // SAFETY: a plain value, copied out at once.
-    let rev_nat_id = match unsafe { SOCK_SRC_CHECK.get(&key) } {
+    let rev_nat_id = match unsafe { SOCK_CHECKS.get(&key) } {
         Some(id) => *id,
         None => return Ok(()),
     };
@@ -107,6 +106,6 @@ fn try_egress(ctx: &SkBuffContext) -> Result<(), Counter> {
         return Err(Counter::DropSourceRange);
     }
     // Allowed: this socket's packets to this backend need no further check.
-    let _ = SOCK_SRC_CHECK.remove(&key);
+    let _ = SOCK_CHECKS.remove(&key);
     Ok(())
 }

@@ -222,7 +222,7 @@ fn try_forward(
                 port_be,
                 pad: 0,
             };
-            if egress::SOCK_SRC_CHECK
+            if egress::SOCK_CHECKS
                 .insert(&key, &SOCK_CHECK_DROP, 0)
                 .is_ok()
             {
@@ -353,7 +353,7 @@ fn try_forward(
     // pass unchecked: refuse rather.
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
         && egress::checks_on()
-        && egress::SOCK_SRC_CHECK
+        && egress::SOCK_CHECKS
             .insert(&revnat_key, &frontend.rev_nat_id, 0)
             .is_err()
     {

@@ -186,7 +186,7 @@ static KPR_MASQUERADE_ALL: u8 = 0;
 #[no_mangle]
 static KPR_LOCAL_DETECT: u8 = LOCAL_DETECT_NONE;
 
-#[map(name = "KPR_LOCALNET4_V1")]
+#[map(name = "KPR_LOCNET4_V1")]
 static LOCAL_NET: Array<LocalNet4> = Array::with_max_entries(1, 0);
 
 #[map(name = "KPR_LOCALDEV_V1")]

@@ -68,7 +68,7 @@ pub const ALL_MAPS: [&str; 12] = [
     CT_NEW_MAP,
     AFFINITY_EXT_MAP,
     SRC_RANGE_MAP,
-    SOCK_SRC_CHECK_MAP,
+    SOCK_CHECK_MAP,
     AFFINITY_GROUP_MAP,
 ];
 
@@ -88,21 +88,21 @@ pub const AFFINITY_GROUP_MAP: &str = "KPR_AFFGRP_V1";
 /// loadBalancerSourceRanges and its source address is still to be checked, or
 /// [`SOCK_CHECK_DROP`] when its packets are to be dropped ([`SVC_FLAG_NO_LOCAL_DROP`]). LRU:
 /// entries of sockets that closed before sending are evicted.
-pub const SOCK_SRC_CHECK_MAP: &str = "KPR_SKSRC4_V1";
-pub const SOCK_SRC_CHECK_MAP_MAX: u32 = 65_536;
-/// The [`SOCK_SRC_CHECK_MAP`] value that drops (rev-NAT ids start at 1).
+pub const SOCK_CHECK_MAP: &str = "KPR_SKCHK4_V1";
+pub const SOCK_CHECK_MAP_MAX: u32 = 65_536;
+/// The [`SOCK_CHECK_MAP`] value that drops (rev-NAT ids start at 1).
 pub const SOCK_CHECK_DROP: u32 = 0;
 
 /// One `u32`: non-zero while some frontend has loadBalancerSourceRanges or
 /// [`SVC_FLAG_NO_LOCAL_DROP`], so the cgroup egress program costs one array read per packet
 /// otherwise. Set by the agent; not pinned (a new
 /// agent sets it from the maps it restores).
-pub const SRC_CHECK_GATE_MAP: &str = "KPR_SRCGATE_V1";
+pub const SOCK_CHECK_GATE_MAP: &str = "KPR_SKGATE_V1";
 
 /// kube-proxy's local-traffic detector for ClusterIP traffic routed to the node (tc): which
 /// sources are local, so not masqueraded. [`LocalNet4`] at index 0 (ClusterCIDR, NodeCIDR).
 /// Not pinned: the agent sets it at load and on syncs (a Node's pod CIDR can come later).
-pub const LOCAL_NET_MAP: &str = "KPR_LOCALNET4_V1";
+pub const LOCAL_NET_MAP: &str = "KPR_LOCNET4_V1";
 /// The interface detectors (BridgeInterface, InterfaceNamePrefix): the tc devices (by
 /// ifindex, `u32` → `u8`) whose traffic is local. Not pinned; set at load.
 pub const LOCAL_DEV_MAP: &str = "KPR_LOCALDEV_V1";

@@ -24,7 +24,7 @@ use aya::programs::{CgroupAttachMode, CgroupSkbAttachType};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
     SockRevNat4Key, SockRevNat4Value, AFFINITY_GROUP_MAP, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX,
-    CT_MAP, CT_NEW_MAP, IPPROTO_UDP, SERVICES_MAP, SOCK_REVNAT_MAP, SRC_CHECK_GATE_MAP,
+    CT_MAP, CT_NEW_MAP, IPPROTO_UDP, SERVICES_MAP, SOCK_CHECK_GATE_MAP, SOCK_REVNAT_MAP,
     SRC_RANGE_MAP,
 };
 
@@ -167,8 +167,8 @@ pub struct EbpfDataplane {
     sock_revnat: HashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
     /// See [`EbpfConfig::pod_netns_dir`].
     pod_netns_dir: Option<PathBuf>,
-    /// Turns the egress program's source-range checks on (see `SRC_CHECK_GATE_MAP`).
-    src_check_gate: Array<MapData, u32>,
+    /// Turns the egress program's source-range checks on (see `SOCK_CHECK_GATE_MAP`).
+    sock_check_gate: Array<MapData, u32>,
     /// Routed ClusterIP traffic may be masqueraded (see [`EbpfConfig::masquerade_all`]).
     cluster_ip_masquerade: bool,
     /// See [`EbpfConfig::drop_no_local_endpoints`].
@@ -328,8 +328,8 @@ impl EbpfDataplane {
             HashMap::try_from(take_map(&mut ebpf, kpr_common::LOCAL_DEV_MAP)?)
                 .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
         fill_local_devs(&mut local_devs, &cfg.local, &devices)?;
-        let src_check_gate = Array::try_from(take_map(&mut ebpf, SRC_CHECK_GATE_MAP)?)
-            .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
+        let sock_check_gate = Array::try_from(take_map(&mut ebpf, SOCK_CHECK_GATE_MAP)?)
+            .map_err(|e| EbpfError::Map(SOCK_CHECK_GATE_MAP, e.to_string()))?;
         let sock_revnat = HashMap::try_from(take_map(&mut ebpf, SOCK_REVNAT_MAP)?)
             .map_err(|e| EbpfError::Map(SOCK_REVNAT_MAP, e.to_string()))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
@@ -395,7 +395,7 @@ impl EbpfDataplane {
             pod_netns_dir: cfg.pod_netns_dir.clone(),
             udp_sockets_destroyed: 0,
             destroy_supported: true,
-            src_check_gate,
+            sock_check_gate,
             cluster_ip_masquerade: cfg.masquerade_all
                 || cfg.local.is_implemented()
                 || cfg.local_from_node,
@@ -412,8 +412,8 @@ impl EbpfDataplane {
         // The restored frontends' ranges are checked at once (the gate is a new map).
         let on = dataplane.syncer.has_socket_checks();
         dataplane
-            .set_src_check_gate(on)
-            .map_err(|e| EbpfError::Map(SRC_CHECK_GATE_MAP, e.to_string()))?;
+            .set_sock_check_gate(on)
+            .map_err(|e| EbpfError::Map(SOCK_CHECK_GATE_MAP, e.to_string()))?;
         Ok(dataplane)
     }
 
@@ -441,12 +441,12 @@ impl EbpfDataplane {
     }
 
     /// Turns the egress program's loadBalancerSourceRanges checks on or off.
-    fn set_src_check_gate(&mut self, on: bool) -> Result<(), MapOpError> {
-        self.src_check_gate
+    fn set_sock_check_gate(&mut self, on: bool) -> Result<(), MapOpError> {
+        self.sock_check_gate
             .set(0, u32::from(on), 0)
             .map_err(|e| MapOpError {
                 op: "set",
-                map: SRC_CHECK_GATE_MAP,
+                map: SOCK_CHECK_GATE_MAP,
                 detail: e.to_string(),
             })
     }
@@ -809,7 +809,7 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
                 || (self.drop_no_local_endpoints && s.internal_local_elsewhere)
         });
         if checks_wanted {
-            self.set_src_check_gate(true)
+            self.set_sock_check_gate(true)
                 .map_err(crate::ebpf::sync::SyncError::from)?;
         }
         if self.local_from_node {
@@ -825,7 +825,7 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
             EbpfDataplane::sync(self, desired)?
         };
         if !self.syncer.has_socket_checks() {
-            self.set_src_check_gate(false)
+            self.set_sock_check_gate(false)
                 .map_err(crate::ebpf::sync::SyncError::from)?;
         }
         // Conntrack entries of backends that are gone: a whole-map walk, so on full syncs
