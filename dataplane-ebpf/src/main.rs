@@ -199,7 +199,7 @@ fn try_forward(
         None => return Ok(None),
     };
     // SAFETY: a read of read-only data; sock_addr programs may call bpf_get_netns_cookie.
-    if u32::from_be(address_be) >> 24 == 127
+    if kpr_common::is_loopback4_be(address_be)
         && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
             != unsafe { core::ptr::read_volatile(&KPR_HOST_NETNS_COOKIE) }
     {

@@ -130,7 +130,7 @@ fn lookup_frontend(pkt: &Packet) -> Option<(Service4Key, Service4Value)> {
     if let Some(v) = unsafe { SERVICES.get(external) } {
         return Some((external, *v));
     }
-    if u32::from_be(pkt.daddr) >> 24 == 127 {
+    if kpr_common::is_loopback4_be(pkt.daddr) {
         return None;
     }
     let internal = Service4Key::scoped(pkt.daddr, pkt.dport, pkt.proto, SCOPE_INTERNAL, 0);

@@ -241,16 +241,27 @@ fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::Plan
     }
     Ok(kpr::netfilter::plan::PlanConfig {
         masquerade_all: settings.masquerade_all,
-        local: kpr::netfilter::plan::LocalDetector::for_family(
-            &settings.detect_local,
-            &settings.cluster_cidrs,
-            kpr::model::Family::V4,
-        ),
-        local_from_node: settings.detect_local == kpr::config::DetectLocal::NodeCidr,
+        local: local_detector(settings),
+        local_from_node: local_from_node(settings),
         masquerade_mark: 1 << settings.masquerade_bit,
         localhost_nodeports: settings.localhost_nodeports,
         ..Default::default()
     })
+}
+
+/// The IPv4 local-traffic detector `--detect-local-mode` configures, as every mode matches it
+/// (NodeCIDR's starts empty: it follows the Node, see [`local_from_node`]).
+fn local_detector(settings: &Settings) -> kpr::netfilter::plan::LocalDetector {
+    kpr::netfilter::plan::LocalDetector::for_family(
+        &settings.detect_local,
+        &settings.cluster_cidrs,
+        kpr::model::Family::V4,
+    )
+}
+
+/// NodeCIDR: the detector follows the Node's pod CIDRs, refreshed on every sync.
+fn local_from_node(settings: &Settings) -> bool {
+    settings.detect_local == kpr::config::DetectLocal::NodeCidr
 }
 
 /// The eBPF mode's accept in FORWARD (for hosts whose FORWARD policy is DROP), where iptables
@@ -298,12 +309,8 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             datapath_events: settings.datapath_events,
             pod_netns_dir: settings.pod_netns_dir.clone(),
             masquerade_all: settings.masquerade_all,
-            local: kpr::netfilter::plan::LocalDetector::for_family(
-                &settings.detect_local,
-                &settings.cluster_cidrs,
-                kpr::model::Family::V4,
-            ),
-            local_from_node: settings.detect_local == kpr::config::DetectLocal::NodeCidr,
+            local: local_detector(settings),
+            local_from_node: local_from_node(settings),
             drop_no_local_endpoints: !settings.reject_no_local_endpoints,
             masquerade_local_endpoints: settings.masquerade_local_endpoints,
         },

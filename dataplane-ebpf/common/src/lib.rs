@@ -132,6 +132,12 @@ pub const SERVICES_MAP_MAX: u32 = 262_144;
 pub const BACKENDS_MAP_MAX: u32 = 131_072;
 pub const SOCK_REVNAT_MAP_MAX: u32 = 262_144;
 
+/// Whether an IPv4 address (network byte order, as the maps and packets hold it) is in
+/// 127.0.0.0/8.
+pub const fn is_loopback4_be(address_be: u32) -> bool {
+    u32::from_be(address_be) >> 24 == 127
+}
+
 /// IP protocol numbers, as the kernel reports them in `bpf_sock_addr.protocol`.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

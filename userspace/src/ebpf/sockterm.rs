@@ -82,7 +82,7 @@ pub fn terminate_stale(
                 listed.push((netns, sockets));
             }
             // A pod's namespace that went meanwhile is no failure.
-            Err(SockDiagError::Netns(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if gone_meanwhile(&e) => {}
             Err(e) => stats.failures.push(describe(netns.as_deref(), &e)),
         }
     }
@@ -122,11 +122,16 @@ pub fn terminate_stale(
                     ));
                 }
             }
-            Err(SockDiagError::Netns(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if gone_meanwhile(&e) => {}
             Err(e) => stats.failures.push(describe(netns.as_deref(), &e)),
         }
     }
     stats
+}
+
+/// A pod's namespace that went between the listing and the walk: no failure.
+fn gone_meanwhile(e: &SockDiagError) -> bool {
+    matches!(e, SockDiagError::Netns(_, io) if io.kind() == std::io::ErrorKind::NotFound)
 }
 
 fn where_(netns: Option<&Path>) -> String {

@@ -306,11 +306,6 @@ impl<M: LbMaps> LbSyncer<M> {
             .any(|f| !f.source_ranges.is_empty() || f.flags & SVC_FLAG_NO_LOCAL_DROP != 0)
     }
 
-    /// Whether a programmed frontend has loadBalancerSourceRanges.
-    pub fn has_source_ranges(&self) -> bool {
-        self.frontends.values().any(|f| !f.source_ranges.is_empty())
-    }
-
     /// Whether a UDP frontend is programmed (only then can a connected UDP socket be stale).
     pub fn has_udp_frontends(&self) -> bool {
         self.frontends
@@ -1425,7 +1420,7 @@ mod tests {
         let only: Vec<Ipv4Net> = vec!["192.168.0.0/24".parse().unwrap()];
         assert_eq!(ranges(&s, SCOPE_INTERNAL), only);
         assert_eq!(ranges(&s, SCOPE_EXTERNAL), only);
-        assert!(s.has_source_ranges());
+        assert!(s.has_socket_checks());
         // The node's IP inside the ranges: the LB IP is an allowed source too (allowFromNode).
         d.node_ip = Some("192.168.0.7".parse().unwrap());
         s.sync(&d).unwrap();
@@ -1446,7 +1441,7 @@ mod tests {
             .load_balancer_source_ranges
             .clear();
         s.sync(&d).unwrap();
-        assert!(!s.has_source_ranges());
+        assert!(!s.has_socket_checks());
         assert!(s.maps().src_ranges.is_empty());
     }
     #[test]
