@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,8 +24,14 @@ use crate::tool::{BenchConnect, ConnectOnce, TcpSpread, UdpSpread};
 
 /// The address every pod's default route points to; each node owns it on `lo`.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway of every pod: a link-local address each node puts on every pod's veth
+/// (NDP answers only for addresses of the asking interface, so it cannot live on `lo`).
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// The external client's address on the fabric (192.168.100.0/24; node `n` is at .(10+n)).
 pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);
+/// The external client's IPv6 address on the fabric (fd00:192:168:100::/64; node `n` is at
+/// ::(10+n) in hex).
+pub const EXTERNAL_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x100, 0, 0, 0, 100);
 /// The most nodes a lab can have (fabric addresses .11 to .60).
 pub const MAX_NODES: usize = 50;
 /// The bridge in the fabric namespace.
@@ -41,6 +47,22 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 pub fn node_fabric_ip(index: usize) -> Ipv4Addr {
     assert!((1..=MAX_NODES).contains(&index), "node index {index}");
     Ipv4Addr::new(192, 168, 100, 10 + index as u8)
+}
+
+/// Node `index`'s IPv6 address on the fabric: fd00:192:168:100::(10+index).
+pub fn node_fabric_ip6(index: usize) -> Ipv6Addr {
+    assert!((1..=MAX_NODES).contains(&index), "node index {index}");
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x100, 0, 0, 0, 10 + index as u16)
+}
+
+/// A pod's IPv6 address: the same host number as its IPv4 one, in its node's
+/// fd00:10:244:<node>::/64.
+pub fn pod_ip6(node: usize, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, node as u16, 0, 0, 0, host as u16)
+}
+
+fn unspecified6() -> Ipv6Addr {
+    Ipv6Addr::UNSPECIFIED
 }
 
 /// What to build.
@@ -146,6 +168,9 @@ pub struct Pod {
     /// Its network namespace, `<prefix>-<name>`.
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (every lab is dual-stack): [`pod_ip6`], or [`EXTERNAL_CLIENT_IP6`].
+    #[serde(default = "unspecified6")]
+    pub ip6: Ipv6Addr,
     pub role: PodRole,
     /// The node side of its veth (`vp<last octet>`), in its node's namespace; for the
     /// external client, its port on the fabric bridge (`ext`, in the fabric namespace).
@@ -157,6 +182,16 @@ pub struct Pod {
 
 fn node_one() -> usize {
     1
+}
+
+impl Pod {
+    /// Its address in `family`'s form of `ip`: IPv4 when `ip` is, else IPv6.
+    pub fn ip_like(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => self.ip.into(),
+            IpAddr::V6(_) => self.ip6.into(),
+        }
+    }
 }
 
 /// A node: a network namespace running its own kpr, with its own cgroup and bpffs.
@@ -172,6 +207,9 @@ pub struct LabNode {
     /// the lab has a fabric ([`Lab::fabric_ns`]); a one-node lab without an external client
     /// has no `eth0`.
     pub fabric_ip: Ipv4Addr,
+    /// Its IPv6 address on the fabric ([`node_fabric_ip6`]), configured with `fabric_ip`.
+    #[serde(default = "unspecified6")]
+    pub fabric_ip6: Ipv6Addr,
     /// The cgroup v2 directory its pods are in (its kpr attaches socket LB here).
     pub cgroup_dir: PathBuf,
     /// Its own bpffs mount (its kpr pins under `<bpffs_dir>/<name>`).
@@ -182,6 +220,11 @@ impl LabNode {
     /// Its pods' addresses: `10.244.<index>.0/24`.
     pub fn pod_cidr(&self) -> String {
         format!("10.244.{}.0/24", self.index)
+    }
+
+    /// Its pods' IPv6 addresses: `fd00:10:244:<index>::/64`.
+    pub fn pod_cidr6(&self) -> String {
+        format!("fd00:10:244:{}::/64", self.index)
     }
 }
 
@@ -237,6 +280,7 @@ fn plan_lab(prefix: &str, spec: &LabSpec, work_dir: &Path) -> Result<Plan> {
         nodes.push(LabNode {
             index,
             fabric_ip: node_fabric_ip(index),
+            fabric_ip6: node_fabric_ip6(index),
             name,
             ns,
             cgroup_dir,
@@ -254,6 +298,7 @@ fn plan_lab(prefix: &str, spec: &LabSpec, work_dir: &Path) -> Result<Plan> {
                 name: EXTERNAL_NAME.into(),
                 ns: format!("{prefix}-{EXTERNAL_NAME}"),
                 ip: EXTERNAL_CLIENT_IP,
+                ip6: EXTERNAL_CLIENT_IP6,
                 role: PodRole::External,
                 node_dev: EXTERNAL_NAME.into(),
                 node: 0,
@@ -303,6 +348,7 @@ fn plan_node_pods(
                     ns: format!("{prefix}-{name}"),
                     name,
                     ip: Ipv4Addr::new(10, 244, node as u8, host),
+                    ip6: pod_ip6(node, host),
                     role,
                     node_dev: format!("vp{host}"),
                     node,
@@ -484,6 +530,11 @@ impl Lab {
                     "net.ipv4.ip_forward=1",
                     "net.ipv4.conf.all.rp_filter=0",
                     "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv6.conf.all.forwarding=1",
+                    // No duplicate address detection: addresses are usable at once, and the
+                    // lab's are unique by construction.
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
                 ],
             )?;
         }
@@ -504,10 +555,13 @@ impl Lab {
                 &format!(
                     "link set lo up\n\
                      addr add {ip}/32 dev eth0\n\
+                     addr add {ip6}/128 dev eth0 nodad\n\
                      link set eth0 up\n\
                      route add {GATEWAY} dev eth0 scope link\n\
-                     route add default via {GATEWAY} dev eth0\n",
-                    ip = p.ip
+                     route add default via {GATEWAY} dev eth0\n\
+                     route add ::/0 via {GATEWAY6} dev eth0\n",
+                    ip = p.ip,
+                    ip6 = p.ip6,
                 ),
             )?;
         }
@@ -519,13 +573,15 @@ impl Lab {
             // without endpoints would never be reached.
             let mut batch = String::from(
                 "link add uplink type veth peer name uplink-peer\nlink set uplink up\n\
-                 route add default dev uplink\n",
+                 route add default dev uplink\nroute add ::/0 dev uplink\n",
             );
             for p in pods.iter().filter(|p| p.node == node.index) {
                 batch.push_str(&format!(
-                    "link set {dev} up\nroute add {ip}/32 dev {dev}\n",
+                    "addr add {GATEWAY6}/64 dev {dev} nodad\nlink set {dev} up\n\
+                     route add {ip}/32 dev {dev}\nroute add {ip6}/128 dev {dev}\n",
                     dev = p.node_dev,
-                    ip = p.ip
+                    ip = p.ip,
+                    ip6 = p.ip6,
                 ));
             }
             ip_batch(Some(&node.ns), &batch)?;
@@ -567,28 +623,33 @@ impl Lab {
         ip_batch(Some(fab), &batch)?;
         for node in nodes {
             let mut batch = format!(
-                "addr add {}/24 dev eth0\nlink set eth0 up\n",
-                node.fabric_ip
+                "addr add {}/24 dev eth0\naddr add {}/64 dev eth0 nodad\nlink set eth0 up\n",
+                node.fabric_ip, node.fabric_ip6
             );
             for other in nodes.iter().filter(|o| o.index != node.index) {
                 batch.push_str(&format!(
-                    "route add {} via {} dev eth0\n",
+                    "route add {} via {} dev eth0\nroute add {} via {} dev eth0\n",
                     other.pod_cidr(),
-                    other.fabric_ip
+                    other.fabric_ip,
+                    other.pod_cidr6(),
+                    other.fabric_ip6
                 ));
             }
             ip_batch(Some(&node.ns), &batch)?;
         }
         if let Some(ext) = &self.state.external {
             let mut batch = format!(
-                "link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n",
-                ext.ip
+                "link set lo up\naddr add {}/24 dev eth0\naddr add {}/64 dev eth0 nodad\n\
+                 link set eth0 up\n",
+                ext.ip, ext.ip6
             );
             for node in nodes {
                 batch.push_str(&format!(
-                    "route add {} via {} dev eth0\n",
+                    "route add {} via {} dev eth0\nroute add {} via {} dev eth0\n",
                     node.pod_cidr(),
-                    node.fabric_ip
+                    node.fabric_ip,
+                    node.pod_cidr6(),
+                    node.fabric_ip6
                 ));
             }
             ip_batch(Some(&ext.ns), &batch)?;
@@ -606,6 +667,8 @@ impl Lab {
         if let (Some(c), Some(b)) = (self.clients().first(), self.backends().first()) {
             ping(&c.ns, b.ip)?;
             ping(&b.ns, c.ip)?;
+            ping(&c.ns, b.ip6)?;
+            ping(&b.ns, c.ip6)?;
         }
         if self.state.fabric_ns.is_none() {
             return Ok(());
@@ -617,13 +680,16 @@ impl Lab {
             ping(&other.ns, nodes[0].fabric_ip)?;
             if let (Some(a), Some(b)) = (first_pod(1), first_pod(other.index)) {
                 ping(&a.ns, b.ip)?;
+                ping(&a.ns, b.ip6)?;
             }
         }
         if let Some(ext) = &self.state.external {
             for node in nodes {
                 ping(&ext.ns, node.fabric_ip)?;
+                ping(&ext.ns, node.fabric_ip6)?;
                 if let Some(p) = first_pod(node.index) {
                     ping(&ext.ns, p.ip)?;
+                    ping(&ext.ns, p.ip6)?;
                 }
             }
         }
@@ -680,8 +746,10 @@ impl Lab {
                         .iter()
                         .map(|&i| {
                             let pod = &backends[i];
-                            tcp.iter().all(|&port| probe_tcp(pod, port))
-                                && udp.iter().all(|&port| probe_udp(pod, port))
+                            [IpAddr::from(pod.ip), pod.ip6.into()].iter().all(|&ip| {
+                                tcp.iter().all(|&port| probe_tcp(pod, ip, port))
+                                    && udp.iter().all(|&port| probe_udp(pod, ip, port))
+                            })
                         })
                         .collect()
                 })?;
@@ -820,6 +888,7 @@ impl Lab {
             name: format!("{}-host", node.name),
             ns: node.ns.clone(),
             ip: node.fabric_ip,
+            ip6: node.fabric_ip6,
             role: PodRole::Client,
             node_dev: String::new(),
             node: index,
@@ -1243,8 +1312,8 @@ impl Drop for Lab {
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
-fn probe_tcp(pod: &Pod, port: u16) -> bool {
-    let a = SocketAddr::from((pod.ip, port));
+fn probe_tcp(pod: &Pod, ip: IpAddr, port: u16) -> bool {
+    let a = SocketAddr::from((ip, port));
     let Ok(mut s) = TcpStream::connect_timeout(&a, PROBE_TIMEOUT) else {
         return false;
     };
@@ -1256,13 +1325,13 @@ fn probe_tcp(pod: &Pod, port: u16) -> bool {
         })
 }
 
-fn probe_udp(pod: &Pod, port: u16) -> bool {
-    let Ok(s) = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)) else {
+fn probe_udp(pod: &Pod, ip: IpAddr, port: u16) -> bool {
+    let Ok(s) = UdpSocket::bind(crate::tool::unspecified_like(ip)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = [0u8; 64];
-    s.send_to(b"x", (pod.ip, port)).is_ok()
+    s.send_to(b"x", (ip, port)).is_ok()
         && s.recv_from(&mut buf).is_ok_and(|(n, _)| {
             crate::tool::split_answer(String::from_utf8_lossy(&buf[..n]).trim()).0 == pod.name
         })
@@ -1294,7 +1363,8 @@ fn ip_batch(ns: Option<&str>, commands: &str) -> Result<()> {
 }
 
 /// One ping from `ns` to `dst`, retried (the first may wait for neighbour resolution).
-fn ping(ns: &str, dst: Ipv4Addr) -> Result<()> {
+fn ping(ns: &str, dst: impl Into<IpAddr>) -> Result<()> {
+    let dst: IpAddr = dst.into();
     let dst_s = dst.to_string();
     let mut last = None;
     for _ in 0..3 {

@@ -90,6 +90,7 @@ impl LabState {
                 name: "node1".into(),
                 ns: state.node_ns.clone(),
                 fabric_ip: crate::lab::node_fabric_ip(1),
+                fabric_ip6: crate::lab::node_fabric_ip6(1),
                 cgroup_dir: state.cgroup_dir.clone(),
                 bpffs_dir: state.bpffs_dir.clone(),
             });

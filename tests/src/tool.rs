@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream,
+    UdpSocket,
+};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -142,22 +145,53 @@ fn bump(map: &mut BTreeMap<String, u64>, key: String) {
 /// Request/read timeout of the TCP server for one connection.
 const SERVE_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn tcp_listener(port: u16) -> io::Result<TcpListener> {
+/// Port 0 on the unspecified address of `ip`'s family (what a client binds to reach `ip`).
+pub fn unspecified_like(ip: IpAddr) -> SocketAddr {
+    match ip {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// A socket of `family` bound to its unspecified address and `port`; IPv6 sockets only take
+/// IPv6 (the servers keep one socket per family, so that an IPv4 client's address is shown
+/// as IPv4).
+fn bound_socket(family: Family, ty: nix::sys::socket::SockType, port: u16) -> io::Result<OwnedFd> {
     use nix::sys::socket::{
-        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-        SockaddrIn,
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockaddrIn, SockaddrIn6,
     };
-    let fd: OwnedFd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let af = match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    };
+    let fd: OwnedFd = socket(af, ty, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
-    )?;
+    match family {
+        Family::V4 => bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+        )?,
+        Family::V6 => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            bind(
+                fd.as_raw_fd(),
+                &SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)),
+            )?
+        }
+    }
+    Ok(fd)
+}
+
+/// The server's address families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+fn tcp_listener(family: Family, port: u16) -> io::Result<TcpListener> {
+    use nix::sys::socket::{listen, Backlog, SockType};
+    let fd = bound_socket(family, SockType::Stream, port)?;
     // -1: the namespace's net.core.somaxconn (4096 by default).
     listen(&fd, Backlog::MAXALLOWABLE)?;
     Ok(TcpListener::from(fd))
@@ -214,15 +248,15 @@ pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -
     // target port a service port was translated to.
     let reply = |port: u16| -> Arc<[u8]> { Arc::from(format!("{name} {port}").into_bytes()) };
     let mut listeners = Vec::new();
-    for &port in tcp_ports {
-        listeners.push((tcp_listener(port)?, reply(port)));
-    }
     let mut udp = Vec::new();
-    for &port in udp_ports {
-        udp.push((
-            UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?,
-            reply(port),
-        ));
+    for family in [Family::V4, Family::V6] {
+        for &port in tcp_ports {
+            listeners.push((tcp_listener(family, port)?, reply(port)));
+        }
+        for &port in udp_ports {
+            let fd = bound_socket(family, nix::sys::socket::SockType::Datagram, port)?;
+            udp.push((UdpSocket::from(fd), reply(port)));
+        }
     }
     for (l, reply) in listeners {
         for _ in 0..workers.max(1) {
@@ -408,7 +442,7 @@ pub fn udp_spread(
         ..Default::default()
     };
     let open = || -> io::Result<UdpSocket> {
-        let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        let s = UdpSocket::bind(unspecified_like(target.ip()))?;
         s.set_read_timeout(Some(timeout))?;
         if mode == UdpMode::Connected {
             s.connect(target)?;
@@ -840,7 +874,7 @@ mod tests {
     /// Server and clients over loopback in this (unprivileged is fine) namespace.
     #[test]
     fn loopback_roundtrip() {
-        let l = tcp_listener(0).unwrap();
+        let l = tcp_listener(Family::V4, 0).unwrap();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, l.local_addr().unwrap().port()));
         std::thread::spawn(move || {
             for s in l.incoming().take(3).flatten() {

@@ -6,6 +6,7 @@ use anyhow::{bail, Context as _};
 use kpr::config::{self, Action, ConfigError, ProxyMode, Settings, DEFAULT_CGROUP};
 use kpr::dataplane::Dataplane;
 use kpr::ebpf::{EbpfConfig, EbpfDataplane};
+use kpr::model::Family;
 use kpr::health::{serve_health, ProxyHealth};
 use kpr::metrics::{serve_metrics, Metrics};
 use kpr::runner::{self, RunnerConfig};
@@ -205,43 +206,78 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
         ProxyMode::Iptables => {
             let backend = kpr::netfilter::iptables::Backend::detect();
             tracing::info!(?backend, "proxy mode iptables");
-            let mut dataplane = kpr::netfilter::iptables::IptablesDataplane::new(
-                backend,
-                kpr::netfilter::iptables::RuleSyncer::new(
-                    plan_config(settings)?,
-                    !kpr::nodeaddr::matches_all(&settings.nodeport_addresses),
-                    kpr::netfilter::iptables::IptablesConfig::for_mark_bit(settings.masquerade_bit),
-                ),
-            );
-            dataplane.stale_cleanup_period = settings.sync_period;
-            Ok(Box::new(dataplane))
+            let mut modes: Vec<(Family, Box<dyn Dataplane>)> = Vec::new();
+            for family in families(|family| {
+                kpr::netfilter::iptables::Tools { backend, family }.work()
+            }) {
+                let mut dataplane = kpr::netfilter::iptables::IptablesDataplane::new(
+                    backend,
+                    kpr::netfilter::iptables::RuleSyncer::new(
+                        plan_config(settings, family)?,
+                        !kpr::nodeaddr::matches_all(&settings.nodeport_addresses),
+                        kpr::netfilter::iptables::IptablesConfig::for_mark_bit(
+                            settings.masquerade_bit,
+                        ),
+                    ),
+                );
+                dataplane.stale_cleanup_period = settings.sync_period;
+                modes.push((family, Box::new(dataplane)));
+            }
+            Ok(Box::new(kpr::netfilter::families::PerFamily::new(modes)))
         }
         ProxyMode::Nftables => {
             tracing::info!("proxy mode nftables");
-            Ok(Box::new(kpr::netfilter::nftables::NftablesDataplane::new(
-                kpr::netfilter::nftables::sync::NftSyncer::new(
-                    plan_config(settings)?,
-                    !settings.nodeport_addresses.is_empty(),
-                    kpr::netfilter::nftables::write::NftablesConfig::default(),
-                ),
-            )))
+            let mut modes: Vec<(Family, Box<dyn Dataplane>)> = Vec::new();
+            for family in families(|_| true) {
+                let dataplane = kpr::netfilter::nftables::NftablesDataplane::new(
+                    kpr::netfilter::nftables::sync::NftSyncer::new(
+                        plan_config(settings, family)?,
+                        !settings.nodeport_addresses.is_empty(),
+                        kpr::netfilter::nftables::write::NftablesConfig::default(),
+                    ),
+                );
+                modes.push((family, Box::new(dataplane)));
+            }
+            Ok(Box::new(kpr::netfilter::families::PerFamily::new(modes)))
         }
         ProxyMode::Ipvs => bail!("--proxy-mode ipvs: this kernel has no IPVS"),
     }
 }
 
-/// The netfilter modes' node-wide settings.
-fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::PlanConfig> {
+/// The families a netfilter mode proxies: IPv4, and IPv6 where the kernel has it and `works`
+/// says the mode's tools do (kube-proxy, too, falls back to single-stack, with a warning, when
+/// the node cannot do the second family).
+fn families(works: impl Fn(Family) -> bool) -> Vec<Family> {
+    let mut out = vec![Family::V4];
+    if !std::path::Path::new("/proc/net/if_inet6").exists() {
+        tracing::warn!("the kernel has no IPv6: IPv6 Services are not proxied");
+    } else if !works(Family::V6) {
+        tracing::warn!("ip6tables does not work here: IPv6 Services are not proxied");
+    } else {
+        out.push(Family::V6);
+    }
+    out
+}
+
+/// The netfilter modes' node-wide settings for `family`.
+fn plan_config(
+    settings: &Settings,
+    family: Family,
+) -> anyhow::Result<kpr::netfilter::plan::PlanConfig> {
     // kube-proxy's NewProxier: localhost NodePorts need route_localnet (IPv4), in this
     // network namespace.
-    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
-        tracing::warn!(
-            "setting net.ipv4.conf.all.route_localnet=1: {e}; NodePorts on localhost will not work"
-        );
+    if family == Family::V4 {
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+            tracing::warn!(
+                "setting net.ipv4.conf.all.route_localnet=1: {e}; NodePorts on localhost will \
+                 not work"
+            );
+        }
     }
     Ok(kpr::netfilter::plan::PlanConfig {
+        family,
         masquerade_all: settings.masquerade_all,
-        local: local_detector(settings),
+        local: local_detector(settings, family),
         local_from_node: local_from_node(settings),
         masquerade_mark: 1 << settings.masquerade_bit,
         localhost_nodeports: settings.localhost_nodeports,
@@ -249,13 +285,13 @@ fn plan_config(settings: &Settings) -> anyhow::Result<kpr::netfilter::plan::Plan
     })
 }
 
-/// The IPv4 local-traffic detector `--detect-local-mode` configures, as every mode matches it
-/// (NodeCIDR's starts empty: it follows the Node, see [`local_from_node`]).
-fn local_detector(settings: &Settings) -> kpr::netfilter::plan::LocalDetector {
+/// The local-traffic detector `--detect-local-mode` configures for `family`, as every mode
+/// matches it (NodeCIDR's starts empty: it follows the Node, see [`local_from_node`]).
+fn local_detector(settings: &Settings, family: Family) -> kpr::netfilter::plan::LocalDetector {
     kpr::netfilter::plan::LocalDetector::for_family(
         &settings.detect_local,
         &settings.cluster_cidrs,
-        kpr::model::Family::V4,
+        family,
     )
 }
 
@@ -309,7 +345,7 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             datapath_events: settings.datapath_events,
             pod_netns_dir: settings.pod_netns_dir.clone(),
             masquerade_all: settings.masquerade_all,
-            local: local_detector(settings),
+            local: local_detector(settings, Family::V4),
             local_from_node: local_from_node(settings),
             drop_no_local_endpoints: !settings.reject_no_local_endpoints,
             masquerade_local_endpoints: settings.masquerade_local_endpoints,

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{DesiredState, Protocol};
+use crate::model::{DesiredState, Family, Protocol};
 use crate::netlink::{NetlinkError, NetlinkSocket, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 
 /// Errors of the conntrack cleanup.
@@ -35,13 +35,13 @@ pub struct UdpEndpoints {
 }
 
 impl UdpEndpoints {
-    /// The UDP service ports of `state`.
-    pub fn of(state: &DesiredState) -> UdpEndpoints {
+    /// The UDP service ports of `state` in `family`.
+    pub fn of(state: &DesiredState, family: Family) -> UdpEndpoints {
         let mut out = UdpEndpoints::default();
         for p in state
             .service_ports
             .iter()
-            .filter(|p| p.protocol == Protocol::Udp)
+            .filter(|p| p.protocol == Protocol::Udp && p.family == family)
         {
             let ips: BTreeSet<IpAddr> = p
                 .cluster_endpoints
@@ -74,16 +74,27 @@ impl UdpEndpoints {
 
 /// Runs the cleanup after a sync whenever the UDP endpoints changed (kube-proxy's
 /// `ConntrackCleanupRequired`), and after the first sync.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StaleFlows {
+    /// The mode's family: each family's proxier cleans its own entries (a dual-stack Service's
+    /// NodePort has endpoints of both families under one port number).
+    family: Family,
     last: Option<UdpEndpoints>,
     /// Entries deleted so far.
     pub deleted: u64,
 }
 
 impl StaleFlows {
+    pub fn new(family: Family) -> Self {
+        StaleFlows {
+            family,
+            last: None,
+            deleted: 0,
+        }
+    }
+
     pub fn cleanup(&mut self, state: &DesiredState) {
-        let now = UdpEndpoints::of(state);
+        let now = UdpEndpoints::of(state, self.family);
         if self.last.as_ref() == Some(&now) {
             return;
         }
@@ -91,7 +102,7 @@ impl StaleFlows {
             self.last = Some(now);
             return;
         }
-        match delete_stale(&now) {
+        match delete_stale(self.family, &now) {
             Ok(n) => {
                 if n > 0 {
                     tracing::info!(entries = n, "deleted stale UDP conntrack entries");
@@ -141,10 +152,14 @@ pub struct Tuple {
     pub dport: u16,
 }
 
-/// Deletes every stale UDP entry of both families; returns how many.
-pub fn delete_stale(endpoints: &UdpEndpoints) -> Result<usize, ConntrackError> {
+/// Deletes every stale UDP entry of `family`; returns how many.
+pub fn delete_stale(family: Family, endpoints: &UdpEndpoints) -> Result<usize, ConntrackError> {
     let mut n = 0;
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+    let family = match family {
+        Family::V4 => libc::AF_INET as u8,
+        Family::V6 => libc::AF_INET6 as u8,
+    };
+    {
         let sock = Socket::open()?;
         let flows = sock.dump(family)?;
         for f in flows.iter().filter(|f| {

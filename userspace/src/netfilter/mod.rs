@@ -6,6 +6,7 @@
 //! - [`chains`]: chain names, kube-proxy's hashes;
 //! - [`iptables`]: the plan as `iptables-restore` input, and the mode that loads it;
 //! - [`nftables`]: the plan as one nftables netlink transaction, and the mode that sends it;
+//! - [`families`]: one instance of a mode per address family, as kube-proxy's meta-proxier;
 //! - [`cleanup`]: removing what other modes (and kube-proxy) left on the node;
 //! - [`conntrack`]: deleting the conntrack entries of UDP endpoints that went away, so flows
 //!   move on as they do with kube-proxy.
@@ -13,6 +14,7 @@
 pub mod chains;
 pub mod cleanup;
 pub mod conntrack;
+pub mod families;
 pub mod iptables;
 pub mod nfnetlink;
 pub mod nftables;
@@ -21,15 +23,26 @@ pub mod plan;
 use std::process::{Command, Stdio};
 
 use crate::dataplane::SyncReport;
-use crate::model::DesiredState;
+use crate::model::{DesiredState, Family};
 
-/// A netfilter mode's sync report: `writes` and `deletes` as the mode counts them.
-fn sync_report(desired: &DesiredState, writes: usize, deletes: usize) -> SyncReport {
+/// A netfilter mode's sync report for its `family`: `writes` and `deletes` as the mode counts
+/// them.
+fn sync_report(
+    desired: &DesiredState,
+    family: Family,
+    writes: usize,
+    deletes: usize,
+) -> SyncReport {
     SyncReport {
-        frontends: desired.services.len(),
+        frontends: desired
+            .services
+            .keys()
+            .filter(|f| Family::of(f.ip) == family)
+            .count(),
         backends: desired
             .service_ports
             .iter()
+            .filter(|p| p.family == family)
             .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
             .sum(),
         writes,

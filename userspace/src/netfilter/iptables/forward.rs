@@ -13,7 +13,8 @@
 use std::process::Command;
 
 use super::render::{self, JumpRule, Table};
-use super::{ensure_jump, run, Backend, IptablesError};
+use super::{ensure_jump, run, Backend, IptablesError, Tools};
+use crate::model::Family;
 
 /// The eBPF mode's chain in the filter table.
 pub const CHAIN: &str = "KPR-FORWARD";
@@ -70,7 +71,11 @@ impl ForwardAccept {
         let mut restore = Command::new(self.backend.command("iptables-restore"));
         restore.args(["-w", "5", "-W", "100000", "--noflush"]);
         run(restore, Some(self.restore_input().as_bytes()))?;
-        ensure_jump(self.backend, &JUMP)
+        let tools = Tools {
+            backend: self.backend,
+            family: Family::V4,
+        };
+        ensure_jump(tools, &JUMP)
     }
 }
 

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use crate::dataplane::{Dataplane, DataplaneError, ModeMetrics, SyncReport};
-use crate::model::{DesiredState, Protocol, ServicePortInfo, ServicePortName};
+use crate::model::{DesiredState, Family, Protocol, ServicePortInfo, ServicePortName};
 use crate::netfilter::plan::{plan_port, PlanConfig, LARGE_CLUSTER_ENDPOINTS_THRESHOLD};
 
 pub use render::{
@@ -89,6 +89,32 @@ impl Backend {
     }
 }
 
+/// The commands of one backend for one family: `iptables*` for IPv4, `ip6tables*` for IPv6
+/// (kube-proxy runs one iptables proxier per family, each with its own tool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tools {
+    pub backend: Backend,
+    pub family: Family,
+}
+
+impl Tools {
+    /// The command for `tool` (`iptables`, `iptables-save`, `iptables-restore`) in this
+    /// family.
+    pub fn command(self, tool: &str) -> String {
+        let command = self.backend.command(tool);
+        match self.family {
+            Family::V4 => command,
+            Family::V6 => command.replacen("iptables", "ip6tables", 1),
+        }
+    }
+
+    /// Whether the tools run here (an IPv6 proxier needs `ip6tables` and a kernel with IPv6).
+    pub fn work(self) -> bool {
+        crate::netfilter::quiet(Command::new(self.command("iptables-save")).args(["-t", "nat"]))
+            .is_some()
+    }
+}
+
 /// Runs `cmd` with `stdin`, failing with its stderr.
 pub(crate) fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<String, IptablesError> {
     let command = format!("{cmd:?}");
@@ -127,8 +153,8 @@ pub(crate) fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<String, Ipta
 }
 
 /// `iptables <args>` on `table`, waiting for the xtables lock as kube-proxy does.
-fn iptables(backend: Backend, table: Table, args: &[&str]) -> Result<String, IptablesError> {
-    let mut cmd = Command::new(backend.command("iptables"));
+fn iptables(tools: Tools, table: Table, args: &[&str]) -> Result<String, IptablesError> {
+    let mut cmd = Command::new(tools.command("iptables"));
     cmd.args(["-w", "5", "-W", "100000", "-t", table.name()])
         .args(args);
     run(cmd, None)
@@ -136,15 +162,15 @@ fn iptables(backend: Backend, table: Table, args: &[&str]) -> Result<String, Ipt
 
 /// kube-proxy's `EnsureRule(Prepend, …)` for jump `j`: inserted first in its built-in chain
 /// unless it is already there (`iptables -C`).
-fn ensure_jump(backend: Backend, j: &JumpRule) -> Result<(), IptablesError> {
+fn ensure_jump(tools: Tools, j: &JumpRule) -> Result<(), IptablesError> {
     let args = j.args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut check = vec!["-C", j.from];
     check.extend(&args);
-    if iptables(backend, j.table, &check).is_err() {
+    if iptables(tools, j.table, &check).is_err() {
         let mut insert = vec!["-I", j.from];
         insert.extend(&args);
-        iptables(backend, j.table, &insert)?;
+        iptables(tools, j.table, &insert)?;
     }
     Ok(())
 }
@@ -358,7 +384,7 @@ fn ports_of<'a>(
 
 /// The iptables mode.
 pub struct IptablesDataplane {
-    backend: Backend,
+    tools: Tools,
     syncer: RuleSyncer,
     metrics: ModeMetrics,
     /// Endpoints of UDP service ports as last programmed, for the conntrack cleanup.
@@ -375,15 +401,17 @@ pub struct IptablesDataplane {
 }
 
 impl IptablesDataplane {
+    /// The mode for `syncer`'s family, with `backend`'s tools of that family.
     pub fn new(backend: Backend, syncer: RuleSyncer) -> Self {
+        let family = syncer.plan_cfg.family;
         IptablesDataplane {
-            backend,
+            tools: Tools { backend, family },
             syncer,
             metrics: ModeMetrics {
                 mode: "iptables",
                 ..Default::default()
             },
-            conntrack: Default::default(),
+            conntrack: crate::netfilter::conntrack::StaleFlows::new(family),
             last_counters: std::sync::Mutex::new(refusal_counters("")),
             cleaned: false,
             loaded: Default::default(),
@@ -397,21 +425,21 @@ impl IptablesDataplane {
         for j in JUMP_RULES {
             let existing = chains_in(&self.save(j.table)?);
             if !existing.contains(j.to) {
-                iptables(self.backend, j.table, &["-N", j.to])?;
+                iptables(self.tools, j.table, &["-N", j.to])?;
             }
-            ensure_jump(self.backend, j)?;
+            ensure_jump(self.tools, j)?;
         }
         Ok(())
     }
 
     fn save(&self, table: Table) -> Result<String, IptablesError> {
-        let mut cmd = Command::new(self.backend.command("iptables-save"));
+        let mut cmd = Command::new(self.tools.command("iptables-save"));
         cmd.args(["-t", table.name()]);
         run(cmd, None)
     }
 
     fn restore(&self, input: &str) -> Result<(), IptablesError> {
-        let mut cmd = Command::new(self.backend.command("iptables-restore"));
+        let mut cmd = Command::new(self.tools.command("iptables-restore"));
         cmd.args(["-w", "5", "-W", "100000", "--noflush", "--counters"]);
         run(cmd, Some(input.as_bytes())).map(|_| ())
     }
@@ -492,6 +520,7 @@ impl Dataplane for IptablesDataplane {
         self.conntrack.cleanup(desired);
         Ok(crate::netfilter::sync_report(
             desired,
+            self.syncer.plan_cfg.family,
             writes,
             rules.deleted_chains,
         ))
@@ -515,7 +544,7 @@ impl Dataplane for IptablesDataplane {
 
 impl IptablesDataplane {
     fn save_counted(&self, table: Table) -> Result<String, IptablesError> {
-        let mut cmd = Command::new(self.backend.command("iptables-save"));
+        let mut cmd = Command::new(self.tools.command("iptables-save"));
         cmd.args(["-c", "-t", table.name()]);
         run(cmd, None)
     }

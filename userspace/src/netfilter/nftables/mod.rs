@@ -35,6 +35,7 @@ pub struct NftablesDataplane {
 
 impl NftablesDataplane {
     pub fn new(syncer: NftSyncer) -> Self {
+        let syncer_family = syncer.plan_cfg.family;
         NftablesDataplane {
             cleaned: false,
             syncer,
@@ -42,7 +43,7 @@ impl NftablesDataplane {
                 mode: "nftables",
                 ..Default::default()
             },
-            conntrack: Default::default(),
+            conntrack: crate::netfilter::conntrack::StaleFlows::new(syncer_family),
         }
     }
 }
@@ -83,7 +84,12 @@ impl Dataplane for NftablesDataplane {
             ),
         ];
         self.conntrack.cleanup(desired);
-        Ok(crate::netfilter::sync_report(desired, writes, deletes))
+        Ok(crate::netfilter::sync_report(
+            desired,
+            self.syncer.plan_cfg.family,
+            writes,
+            deletes,
+        ))
     }
 
     fn mode_metrics(&self) -> ModeMetrics {

@@ -1,0 +1,234 @@
+//! IPv6 and dual-stack Services in every proxy mode, over real sockets in a dual-stack lab
+//! (every pod has an IPv4 and an IPv6 address; nodes and the external client have both on the
+//! fabric).
+//!
+//! The Services mirror the IPv4 ones of `clusterip.rs`: a SingleStack IPv6 Service, and a
+//! RequireDualStack one with a ClusterIP of each family and an EndpointSlice per family, as
+//! the EndpointSlice controller writes them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kpr_lab::kpr::{assert_refused, kpr_path, Kpr, ProxyMode, Refusal};
+use kpr_lab::tool::UdpMode;
+use kpr_lab::{per_mode, require_lab, write_manifest, Lab, LabSpec, Pod};
+
+const VIP6: &str = "fd00:10:96::10";
+const DUAL4: &str = "10.96.0.20";
+const DUAL6: &str = "fd00:10:96::20";
+
+/// One EndpointSlice of `service` for `family` (`IPv4`/`IPv6`) with ports http (TCP 8080) and
+/// dns (UDP 5353) and the given ready addresses.
+fn slice(service: &str, family: &str, addresses: &[String]) -> String {
+    let mut y = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nports:\n  - {{name: http, protocol: TCP, port: 8080}}\n  - {{name: dns, protocol: UDP, port: 5353}}\n",
+        family.to_lowercase()
+    );
+    if addresses.is_empty() {
+        y += "endpoints: []\n";
+    } else {
+        y += "endpoints:\n";
+        for a in addresses {
+            y += &format!("  - addresses: [\"{a}\"]\n    conditions: {{ready: true}}\n");
+        }
+    }
+    y
+}
+
+/// A Service `demo/<name>` with http (80 → 8080/TCP) and dns (53 → 5353/UDP), `extra` spec
+/// lines (clusterIPs, ipFamilies, ...).
+fn service(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n{extra}  ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}\n  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353}}\n"
+    )
+}
+
+/// `echo6`: SingleStack IPv6 on [`VIP6`] with `backends`' IPv6 addresses.
+fn single_stack6(backends: &[&Pod]) -> String {
+    let ips: Vec<String> = backends.iter().map(|p| p.ip6.to_string()).collect();
+    service(
+        "echo6",
+        &format!("  clusterIP: \"{VIP6}\"\n  clusterIPs: [\"{VIP6}\"]\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n"),
+    ) + &slice("echo6", "IPv6", &ips)
+}
+
+/// `dual`: RequireDualStack on [`DUAL4`] and [`DUAL6`], one slice per family.
+fn dual_stack(backends: &[&Pod]) -> String {
+    let v4: Vec<String> = backends.iter().map(|p| p.ip.to_string()).collect();
+    let v6: Vec<String> = backends.iter().map(|p| p.ip6.to_string()).collect();
+    service(
+        "dual",
+        &format!("  clusterIP: {DUAL4}\n  clusterIPs: [{DUAL4}, \"{DUAL6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n"),
+    ) + &slice("dual", "IPv4", &v4)
+        + &slice("dual", "IPv6", &v6)
+}
+
+struct Setup {
+    lab: Lab,
+    kpr: Kpr,
+    #[allow(dead_code)]
+    dir: PathBuf,
+}
+
+impl Setup {
+    /// A lab (with the external client if `external`) and kpr in `mode` on the manifest
+    /// `make(backends)` makes, with `extra` flags.
+    fn new(
+        tag: &str,
+        mode: ProxyMode,
+        external: bool,
+        extra: &[&str],
+        make: impl Fn(&[&Pod]) -> String,
+    ) -> Setup {
+        require_lab(tag);
+        let lab = Lab::up(LabSpec {
+            prefix: Lab::unique_prefix(tag),
+            external_client: external,
+            ..LabSpec::default()
+        })
+        .expect("lab up");
+        let dir = lab.manifest_dir().unwrap();
+        let backends: Vec<&Pod> = lab.backends().iter().collect();
+        write_manifest(&dir.join("svc.yaml"), &make(&backends));
+        let mut args = mode.args().to_vec();
+        args.extend(extra);
+        let kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
+        Setup { lab, kpr, dir }
+    }
+
+    fn client(&self) -> Pod {
+        self.lab.clients()[0].clone()
+    }
+
+    fn backend_names(&self) -> Vec<String> {
+        self.lab.backends().iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Waits until kpr's status shows `frontend` with every backend's address of the
+    /// frontend's family on `port`.
+    fn wait_programmed(&mut self, frontend: &str, port: u16) {
+        let v6 = frontend.starts_with('[');
+        let want: Vec<String> = self
+            .lab
+            .backends()
+            .iter()
+            .map(|p| {
+                if v6 {
+                    format!("[{}]:{port}", p.ip6)
+                } else {
+                    format!("{}:{port}", p.ip)
+                }
+            })
+            .collect();
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        self.kpr.wait_for_backends(frontend, &want).unwrap();
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Every backend answered some of `counts`.
+#[track_caller]
+fn assert_all_answered(
+    counts: &std::collections::BTreeMap<String, u64>,
+    backends: &[String],
+    what: &str,
+) {
+    for be in backends {
+        assert!(
+            counts.get(be).copied().unwrap_or(0) > 0,
+            "{what}: {be} never answered: {counts:?}"
+        );
+    }
+}
+
+per_mode! {
+    /// An IPv6 ClusterIP over TCP (getpeername shows the ClusterIP) and UDP, unconnected
+    /// (replies come from the ClusterIP) and connected, reaches every backend, which sees the
+    /// pod's own IPv6 address.
+    fn an_ipv6_clusterip_reaches_every_backend_over_tcp_and_udp(mode) {
+        let mut s = Setup::new("v6cip", mode, false, &[], single_stack6);
+        s.wait_programmed(&format!("[{VIP6}]:80/tcp"), 8080);
+        s.wait_programmed(&format!("[{VIP6}]:53/udp"), 5353);
+        let client = s.client();
+        let backends = s.backend_names();
+        let r = s.lab.tcp_spread(&client, addr(&format!("[{VIP6}]:80")), 150).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+        assert_all_answered(&r.counts, &backends, "TCP over IPv6");
+        assert_eq!(r.ports.get("8080"), Some(&150), "{r:?}");
+        assert_eq!(
+            r.peers.keys().collect::<Vec<_>>(),
+            vec![&format!("[{VIP6}]:80")],
+            "getpeername: {r:?}"
+        );
+        assert_eq!(
+            r.clients.keys().collect::<Vec<_>>(),
+            vec![&client.ip6.to_string()],
+            "the backends saw: {r:?}"
+        );
+
+        let r = s
+            .lab
+            .udp_spread(&client, addr(&format!("[{VIP6}]:53")), 150, UdpMode::SocketPerRequest)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_all_answered(&r.counts, &backends, "unconnected UDP over IPv6");
+        assert_eq!(
+            r.sources.keys().collect::<Vec<_>>(),
+            vec![&format!("[{VIP6}]:53")],
+            "reply sources: {r:?}"
+        );
+        let r = s
+            .lab
+            .udp_spread(&client, addr(&format!("[{VIP6}]:53")), 20, UdpMode::Connected)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(r.counts.len(), 1, "a connected socket keeps one backend: {r:?}");
+    }
+}
+
+per_mode! {
+    /// A RequireDualStack Service is reached over both families from one pod, each family on
+    /// its own ClusterIP and its own endpoints.
+    fn a_dual_stack_service_is_reached_over_both_families_from_one_pod(mode) {
+        let mut s = Setup::new("dual", mode, false, &[], dual_stack);
+        s.wait_programmed(&format!("{DUAL4}:80/tcp"), 8080);
+        s.wait_programmed(&format!("[{DUAL6}]:80/tcp"), 8080);
+        let client = s.client();
+        let backends = s.backend_names();
+        for (vip, seen) in [
+            (format!("{DUAL4}:80"), client.ip.to_string()),
+            (format!("[{DUAL6}]:80"), client.ip6.to_string()),
+        ] {
+            let r = s.lab.tcp_spread(&client, addr(&vip), 90).unwrap();
+            assert_eq!(r.errors, 0, "{vip}: {r:?}\n{}", s.kpr.log());
+            assert_all_answered(&r.counts, &backends, &vip);
+            assert_eq!(r.clients.keys().collect::<Vec<_>>(), vec![&seen], "{vip}: {r:?}");
+        }
+    }
+}
+
+per_mode! {
+    /// An IPv6 ClusterIP without endpoints is refused at once (kube-proxy's REJECT, ICMPv6
+    /// port unreachable), counted by the refusing layer; it is not left to time out.
+    fn an_ipv6_clusterip_without_endpoints_is_rejected(mode) {
+        let mut s = Setup::new("v6rej", mode, false, &[], |_| single_stack6(&[]));
+        s.kpr
+            .wait_for_frontend(&format!("[{VIP6}]:80/tcp"), "no backends", |f| {
+                f.backends.is_empty()
+            })
+            .unwrap();
+        let before = s.kpr.refusals(mode, Refusal::NoEndpoints);
+        let client = s.client();
+        let r = s
+            .lab
+            .connect_once(&client, addr(&format!("[{VIP6}]:80")), Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(r.error.as_deref(), Some("ECONNREFUSED"), "{r:?}\n{}", s.kpr.log());
+        let after = s.kpr.refusals(mode, Refusal::NoEndpoints);
+        assert_refused(before, after, 1, "IPv6 ClusterIP without endpoints");
+    }
+}
