@@ -32,7 +32,8 @@ use kpr_common::{
     CT_FLAG_SEEN_REPLY, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{backend_slot, count, packet::Packet, CONNTRACK, CONNTRACK_NEW};
+use crate::socklb::{backend_slot, holds4};
+use crate::{count, packet::Packet, CONNTRACK, CONNTRACK_NEW};
 
 /// How often (at most) a flow's `last_seen_ns` is refreshed: writing the entries on every
 /// packet would cost two map updates per packet for a lifetime that only needs seconds.
@@ -244,7 +245,7 @@ pub fn lookup(pkt: &Packet, frontend: &Service4Key, count_: u16, now: u64) -> Op
         remove_flow(&found, &key);
         return None;
     }
-    let Some(slot) = backend_slot(frontend, count_, ct.slot, ct.backend_id) else {
+    let Some(slot) = backend_slot(holds4(*frontend), count_, ct.slot, ct.backend_id) else {
         remove_flow(&found, &key);
         return None;
     };

@@ -49,7 +49,7 @@ use kpr_common::{
 };
 
 use crate::{
-    affinity_group, backend_slot,
+    affinity_group,
     conntrack::{self, Choice},
     count, events,
     packet::{self, End, Packet, Parsed},
@@ -285,6 +285,7 @@ fn select(
     };
     let mut chosen: Option<(u16, u32)> = None;
     let mut by_affinity = false;
+    let holds = crate::socklb::holds4(*frontend_key);
     if affinity {
         // SAFETY: plain data, copied out at once.
         if let Some(prev) = unsafe { AFFINITY_EXT.get(affinity_key) } {
@@ -294,7 +295,7 @@ fn select(
             let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
             if now.wrapping_sub(prev.last_used_ns) <= timeout_ns {
                 if let Some(slot) =
-                    backend_slot(frontend_key, frontend.count, prev.slot, prev.backend_id)
+                    crate::socklb::backend_slot(holds, frontend.count, prev.slot, prev.backend_id)
                 {
                     chosen = Some((slot, prev.backend_id));
                     by_affinity = true;

@@ -175,7 +175,12 @@ fn bound_socket(family: Family, ty: nix::sys::socket::SockType, port: u16) -> io
             setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
             bind(
                 fd.as_raw_fd(),
-                &SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)),
+                &SockaddrIn6::from(std::net::SocketAddrV6::new(
+                    Ipv6Addr::UNSPECIFIED,
+                    port,
+                    0,
+                    0,
+                )),
             )?
         }
     }

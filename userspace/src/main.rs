@@ -6,9 +6,9 @@ use anyhow::{bail, Context as _};
 use kpr::config::{self, Action, ConfigError, ProxyMode, Settings, DEFAULT_CGROUP};
 use kpr::dataplane::Dataplane;
 use kpr::ebpf::{EbpfConfig, EbpfDataplane};
-use kpr::model::Family;
 use kpr::health::{serve_health, ProxyHealth};
 use kpr::metrics::{serve_metrics, Metrics};
+use kpr::model::Family;
 use kpr::runner::{self, RunnerConfig};
 use kpr::service_health::ServiceHealthServers;
 use kpr::source::manifest::{self, ManifestSource};
@@ -207,9 +207,9 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
             let backend = kpr::netfilter::iptables::Backend::detect();
             tracing::info!(?backend, "proxy mode iptables");
             let mut modes: Vec<(Family, Box<dyn Dataplane>)> = Vec::new();
-            for family in families(|family| {
-                kpr::netfilter::iptables::Tools { backend, family }.work()
-            }) {
+            for family in
+                families(|family| kpr::netfilter::iptables::Tools { backend, family }.work())
+            {
                 let mut dataplane = kpr::netfilter::iptables::IptablesDataplane::new(
                     backend,
                     kpr::netfilter::iptables::RuleSyncer::new(

@@ -55,9 +55,23 @@ pub const CT_NEW_MAP_MAX: u32 = 131_072;
 pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V1";
 #[cfg(feature = "variant")]
 pub const AFFINITY_EXT_MAP: &str = "KPR_AFFX4_V2";
+/// IPv6 services map: [`Service6Key`] → [`Service4Value`] (the value is the same for both
+/// families: counts, ids and flags). Backend ids come from one space shared with
+/// [`BACKENDS_MAP`], rev-NAT ids from one space shared with [`SERVICES_MAP`].
+pub const SERVICES6_MAP: &str = "KPR_SVC6_V1";
+/// IPv6 backends map: backend id (`u32`) → [`Backend6Value`].
+pub const BACKENDS6_MAP: &str = "KPR_BE6_V1";
+/// IPv6 socket reverse-NAT map: [`SockRevNat6Key`] → [`SockRevNat6Value`].
+pub const SOCK_REVNAT6_MAP: &str = "KPR_SKNAT6_V1";
+/// IPv6 socket forward map: [`SockFwd6Key`] → [`SockFwd4Value`].
+pub const SOCK_FWD6_MAP: &str = "KPR_SKFWD6_V1";
 /// Every map this build pins, by name (the agent checks a pin directory against it: a pin of
 /// another layout version is migrated or refused, never silently shadowed).
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 16] = [
+    SERVICES6_MAP,
+    BACKENDS6_MAP,
+    SOCK_REVNAT6_MAP,
+    SOCK_FWD6_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
     SOCK_REVNAT_MAP,
@@ -251,6 +265,96 @@ pub const KPR_MASQ_MARK: u32 = 0x4000;
 /// How many backend slots the datapath scans to check that an affinity's backend is still in the
 /// service when it is no longer in its recorded slot. Beyond this, affinity is re-chosen.
 pub const AFFINITY_SCAN_MAX: u16 = 64;
+
+/// Key of the IPv6 services map: [`Service4Key`] with a 128-bit address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service6Key {
+    /// Frontend IPv6 address, network byte order (as `bpf_sock_addr.user_ip6` holds it).
+    pub address_be: [u32; 4],
+    pub port_be: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+
+impl Service6Key {
+    pub const fn new(address_be: [u32; 4], port_be: u16, proto: u8, backend_slot: u16) -> Self {
+        Self::scoped(address_be, port_be, proto, SCOPE_INTERNAL, backend_slot)
+    }
+
+    pub const fn scoped(
+        address_be: [u32; 4],
+        port_be: u16,
+        proto: u8,
+        scope: u8,
+        backend_slot: u16,
+    ) -> Self {
+        Self {
+            address_be,
+            port_be,
+            backend_slot,
+            proto,
+            scope,
+            pad: [0; 2],
+        }
+    }
+}
+
+/// Value of the IPv6 backends map (key: backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend6Value {
+    /// Backend IPv6 address, network byte order.
+    pub address_be: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Key of the IPv6 socket reverse-NAT map (see [`SockRevNat4Key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNat6Key {
+    pub cookie: u64,
+    /// Backend IPv6 address, network byte order.
+    pub address_be: [u32; 4],
+    pub port_be: u16,
+    pub pad: [u8; 6],
+}
+
+/// Value of the IPv6 socket reverse-NAT map: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNat6Value {
+    pub address_be: [u32; 4],
+    pub port_be: u16,
+    pub pad: u16,
+    pub rev_nat_id: u32,
+}
+
+/// Key of the IPv6 socket forward map (see [`SockFwd4Key`]); its value is a [`SockFwd4Value`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockFwd6Key {
+    pub cookie: u64,
+    pub address_be: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub pad: [u8; 5],
+}
+
+/// Whether an IPv6 address (as `user_ip6` holds it) is an IPv4-mapped one (`::ffff:a.b.c.d`),
+/// which a dual-stack socket uses to reach an IPv4 address; its IPv4 address is word 3.
+pub const fn is_v4_mapped_be(address_be: [u32; 4]) -> bool {
+    address_be[0] == 0 && address_be[1] == 0 && address_be[2] == u32::to_be(0xffff)
+}
+
+/// `::1`, as `user_ip6` holds it.
+pub const fn is_loopback6_be(address_be: [u32; 4]) -> bool {
+    address_be[0] == 0 && address_be[1] == 0 && address_be[2] == 0 && address_be[3] == u32::to_be(1)
+}
 
 /// Value of the backends map (key: backend id, `u32`, never 0).
 #[repr(C)]
@@ -688,6 +792,11 @@ pub const fn src_range_prefixlen(prefix: u8) -> u32 {
 // needs a new map-name version.
 const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
 const _: () = assert!(core::mem::size_of::<Service4Value>() == 12);
+const _: () = assert!(core::mem::size_of::<Service6Key>() == 24);
+const _: () = assert!(core::mem::size_of::<Backend6Value>() == 20);
+const _: () = assert!(core::mem::size_of::<SockRevNat6Key>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRevNat6Value>() == 24);
+const _: () = assert!(core::mem::size_of::<SockFwd6Key>() == 32);
 const _: () = assert!(core::mem::size_of::<Backend4Value>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNat4Value>() == 12);
@@ -718,6 +827,11 @@ mod user {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers, so any
     // byte pattern the kernel hands back is a valid value.
     unsafe impl aya::Pod for Service4Key {}
+    unsafe impl aya::Pod for Service6Key {}
+    unsafe impl aya::Pod for Backend6Value {}
+    unsafe impl aya::Pod for SockRevNat6Key {}
+    unsafe impl aya::Pod for SockRevNat6Value {}
+    unsafe impl aya::Pod for SockFwd6Key {}
     unsafe impl aya::Pod for Service4Value {}
     unsafe impl aya::Pod for Backend4Value {}
     unsafe impl aya::Pod for SockRevNat4Key {}

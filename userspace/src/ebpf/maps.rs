@@ -12,8 +12,34 @@ use std::net::Ipv4Addr;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError};
 use kpr_common::{
-    src_range_prefixlen, Backend4Value, Service4Key, Service4Value, SrcRange4Key, SRC_RANGE_MAP,
+    src_range_prefixlen, Backend4Value, Backend6Value, Service4Key, Service4Value, Service6Key,
+    SrcRange4Key, SRC_RANGE_MAP,
 };
+
+/// A services-map key of either family: the IPv4 map's or the IPv6 map's. The value
+/// ([`Service4Value`]) is the same in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceKey {
+    V4(Service4Key),
+    V6(Service6Key),
+}
+
+impl ServiceKey {
+    pub fn backend_slot(&self) -> u16 {
+        match self {
+            ServiceKey::V4(k) => k.backend_slot,
+            ServiceKey::V6(k) => k.backend_slot,
+        }
+    }
+}
+
+/// A backends-map value of either family. Backend ids are one space over both maps: an id is
+/// in exactly one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendValue {
+    V4(Backend4Value),
+    V6(Backend6Value),
+}
 
 /// The map pinned at `pin`, opened as the typed handle `T` (`HashMap`, `LpmTrie`,
 /// `PerCpuArray`, ...); the error is the reason, for the caller to name the map in.
@@ -52,15 +78,15 @@ pub struct MapOpError {
 /// Operations the syncer needs on the services and backends maps.
 pub trait LbMaps {
     /// Every backend entry (id → value), for restoring state after a restart.
-    fn dump_backends(&self) -> Result<Vec<(u32, Backend4Value)>, MapOpError>;
+    fn dump_backends(&self) -> Result<Vec<(u32, BackendValue)>, MapOpError>;
     /// Every services entry, for restoring state after a restart.
-    fn dump_services(&self) -> Result<Vec<(Service4Key, Service4Value)>, MapOpError>;
-    fn put_backend(&mut self, id: u32, value: &Backend4Value) -> Result<(), MapOpError>;
-    /// Deleting an absent entry is not an error.
+    fn dump_services(&self) -> Result<Vec<(ServiceKey, Service4Value)>, MapOpError>;
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapOpError>;
+    /// Deletes backend `id` of either family. Deleting an absent entry is not an error.
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError>;
-    fn put_service(&mut self, key: &Service4Key, value: &Service4Value) -> Result<(), MapOpError>;
+    fn put_service(&mut self, key: &ServiceKey, value: &Service4Value) -> Result<(), MapOpError>;
     /// Deleting an absent entry is not an error.
-    fn delete_service(&mut self, key: &Service4Key) -> Result<(), MapOpError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapOpError>;
 
     /// Replaces the loadBalancerSourceRanges of the external frontend `rev_nat_id` (empty: none
     /// left). The tc program only consults them for a frontend whose slot 0 has
@@ -100,6 +126,8 @@ pub trait LbMaps {
 pub struct AyaLbMaps {
     pub(super) services: HashMap<MapData, Service4Key, Service4Value>,
     pub(super) backends: HashMap<MapData, u32, Backend4Value>,
+    pub(super) services6: HashMap<MapData, Service6Key, Service4Value>,
+    pub(super) backends6: HashMap<MapData, u32, Backend6Value>,
     pub(super) src_ranges: SrcRangeMap,
     pub(super) affinity_groups: HashMap<MapData, u32, u32>,
 }
@@ -184,40 +212,74 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl LbMaps for AyaLbMaps {
-    fn dump_backends(&self) -> Result<Vec<(u32, Backend4Value)>, MapOpError> {
-        self.backends
+    fn dump_backends(&self) -> Result<Vec<(u32, BackendValue)>, MapOpError> {
+        let mut out: Vec<(u32, BackendValue)> = self
+            .backends
             .iter()
+            .map(|r| r.map(|(id, v)| (id, BackendValue::V4(v))))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| op_error("dump", kpr_common::BACKENDS_MAP, e))
+            .map_err(|e| op_error("dump", kpr_common::BACKENDS_MAP, e))?;
+        for r in self.backends6.iter() {
+            let (id, v) = r.map_err(|e| op_error("dump", kpr_common::BACKENDS6_MAP, e))?;
+            out.push((id, BackendValue::V6(v)));
+        }
+        Ok(out)
     }
 
-    fn dump_services(&self) -> Result<Vec<(Service4Key, Service4Value)>, MapOpError> {
-        self.services
+    fn dump_services(&self) -> Result<Vec<(ServiceKey, Service4Value)>, MapOpError> {
+        let mut out: Vec<(ServiceKey, Service4Value)> = self
+            .services
             .iter()
+            .map(|r| r.map(|(k, v)| (ServiceKey::V4(k), v)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| op_error("dump", kpr_common::SERVICES_MAP, e))
+            .map_err(|e| op_error("dump", kpr_common::SERVICES_MAP, e))?;
+        for r in self.services6.iter() {
+            let (k, v) = r.map_err(|e| op_error("dump", kpr_common::SERVICES6_MAP, e))?;
+            out.push((ServiceKey::V6(k), v));
+        }
+        Ok(out)
     }
 
-    fn put_backend(&mut self, id: u32, value: &Backend4Value) -> Result<(), MapOpError> {
-        self.backends
-            .insert(id, value, 0)
-            .map_err(|e| op_error("update", kpr_common::BACKENDS_MAP, e))
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapOpError> {
+        match value {
+            BackendValue::V4(v) => self
+                .backends
+                .insert(id, v, 0)
+                .map_err(|e| op_error("update", kpr_common::BACKENDS_MAP, e)),
+            BackendValue::V6(v) => self
+                .backends6
+                .insert(id, v, 0)
+                .map_err(|e| op_error("update", kpr_common::BACKENDS6_MAP, e)),
+        }
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         absent_ok(self.backends.remove(&id))
-            .map_err(|e| op_error("delete", kpr_common::BACKENDS_MAP, e))
+            .map_err(|e| op_error("delete", kpr_common::BACKENDS_MAP, e))?;
+        absent_ok(self.backends6.remove(&id))
+            .map_err(|e| op_error("delete", kpr_common::BACKENDS6_MAP, e))
     }
 
-    fn put_service(&mut self, key: &Service4Key, value: &Service4Value) -> Result<(), MapOpError> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(|e| op_error("update", kpr_common::SERVICES_MAP, e))
+    fn put_service(&mut self, key: &ServiceKey, value: &Service4Value) -> Result<(), MapOpError> {
+        match key {
+            ServiceKey::V4(k) => self
+                .services
+                .insert(k, value, 0)
+                .map_err(|e| op_error("update", kpr_common::SERVICES_MAP, e)),
+            ServiceKey::V6(k) => self
+                .services6
+                .insert(k, value, 0)
+                .map_err(|e| op_error("update", kpr_common::SERVICES6_MAP, e)),
+        }
     }
 
-    fn delete_service(&mut self, key: &Service4Key) -> Result<(), MapOpError> {
-        absent_ok(self.services.remove(key))
-            .map_err(|e| op_error("delete", kpr_common::SERVICES_MAP, e))
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapOpError> {
+        match key {
+            ServiceKey::V4(k) => absent_ok(self.services.remove(k))
+                .map_err(|e| op_error("delete", kpr_common::SERVICES_MAP, e)),
+            ServiceKey::V6(k) => absent_ok(self.services6.remove(k))
+                .map_err(|e| op_error("delete", kpr_common::SERVICES6_MAP, e)),
+        }
     }
 
     fn put_source_ranges(&mut self, rev_nat_id: u32, ranges: &[Ipv4Net]) -> Result<(), MapOpError> {

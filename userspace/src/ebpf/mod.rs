@@ -38,11 +38,15 @@ use crate::model::DesiredState;
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpr"));
 
 /// The socket-LB programs, by function name in dataplane-ebpf.
-const SOCK_PROGRAMS: [&str; 4] = [
+const SOCK_PROGRAMS: [&str; 8] = [
     "kpr_connect4",
     "kpr_sendmsg4",
     "kpr_recvmsg4",
     "kpr_getpeer4",
+    "kpr_connect6",
+    "kpr_sendmsg6",
+    "kpr_recvmsg6",
+    "kpr_getpeer6",
 ];
 
 /// The cgroup egress program that checks loadBalancerSourceRanges for clients on the node.
@@ -318,6 +322,10 @@ impl EbpfDataplane {
             .map_err(|e| EbpfError::Map(SERVICES_MAP, e.to_string()))?;
         let backends = HashMap::try_from(take_map(&mut ebpf, BACKENDS_MAP)?)
             .map_err(|e| EbpfError::Map(BACKENDS_MAP, e.to_string()))?;
+        let services6 = HashMap::try_from(take_map(&mut ebpf, kpr_common::SERVICES6_MAP)?)
+            .map_err(|e| EbpfError::Map(kpr_common::SERVICES6_MAP, e.to_string()))?;
+        let backends6 = HashMap::try_from(take_map(&mut ebpf, kpr_common::BACKENDS6_MAP)?)
+            .map_err(|e| EbpfError::Map(kpr_common::BACKENDS6_MAP, e.to_string()))?;
         let mut local_net = Array::try_from(take_map(&mut ebpf, kpr_common::LOCAL_NET_MAP)?)
             .map_err(|e| EbpfError::Map(kpr_common::LOCAL_NET_MAP, e.to_string()))?;
         if let crate::netfilter::plan::LocalDetector::Cidr(net) = &cfg.local {
@@ -360,6 +368,8 @@ impl EbpfDataplane {
         let mut syncer = LbSyncer::restore(AyaLbMaps {
             services,
             backends,
+            services6,
+            backends6,
             src_ranges,
             affinity_groups,
         })?;
@@ -857,12 +867,6 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
                     "connected UDP sockets of backends that left their Service"
                 );
             }
-        }
-        if stats.skipped > 0 {
-            tracing::warn!(
-                skipped = stats.skipped,
-                "IPv6 frontends are not served by the eBPF dataplane yet"
-            );
         }
         // The netfilter half of this mode, in the same sync: a failure here fails the sync, and
         // the runner's full resync retries both halves. Before the first, what other modes

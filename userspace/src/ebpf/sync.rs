@@ -18,12 +18,12 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net};
 
 use kpr_common::{
-    Backend4Value, Service4Key, Service4Value, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_NO_LOCAL_DROP, SVC_FLAG_NO_SNAT,
-    SVC_FLAG_SOURCE_RANGES,
+    Backend4Value, Backend6Value, Service4Key, Service4Value, Service6Key, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NONE, SVC_FLAG_NO_LOCAL_DROP,
+    SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
-use super::maps::{LbMaps, MapOpError};
+use super::maps::{BackendValue, LbMaps, MapOpError, ServiceKey};
 use crate::model::{DesiredState, Frontend, ServicePortName};
 
 /// Errors of the eBPF sync.
@@ -42,7 +42,8 @@ pub struct SyncStats {
     pub backends: usize,
     pub writes: usize,
     pub deletes: usize,
-    /// Frontends the eBPF dataplane cannot serve (IPv6 for now), skipped.
+    /// Frontends the eBPF dataplane cannot serve, skipped (none since it serves both
+    /// families; kept for the status' shape).
     pub skipped: usize,
     /// Service ports refused because the maps cannot hold them (see [`Capacity`]).
     pub refused: usize,
@@ -67,18 +68,70 @@ impl Default for Capacity {
     }
 }
 
+/// An address as the maps hold it (network byte order): the family picks the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum MapAddr {
+    V4(u32),
+    V6([u32; 4]),
+}
+
+impl MapAddr {
+    fn of(ip: IpAddr) -> MapAddr {
+        match ip {
+            IpAddr::V4(ip) => MapAddr::V4(u32::from_ne_bytes(ip.octets())),
+            IpAddr::V6(ip) => {
+                let o = ip.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                MapAddr::V6([word(0), word(4), word(8), word(12)])
+            }
+        }
+    }
+}
+
 /// A frontend as the maps key it, without the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct FrontendKey {
-    address_be: u32,
+    address: MapAddr,
     port_be: u16,
     proto: u8,
     scope: u8,
 }
 
 impl FrontendKey {
-    fn slot(self, slot: u16) -> Service4Key {
-        Service4Key::scoped(self.address_be, self.port_be, self.proto, self.scope, slot)
+    fn slot(self, slot: u16) -> ServiceKey {
+        match self.address {
+            MapAddr::V4(a) => ServiceKey::V4(Service4Key::scoped(
+                a,
+                self.port_be,
+                self.proto,
+                self.scope,
+                slot,
+            )),
+            MapAddr::V6(a) => ServiceKey::V6(Service6Key::scoped(
+                a,
+                self.port_be,
+                self.proto,
+                self.scope,
+                slot,
+            )),
+        }
+    }
+
+    fn of(key: &ServiceKey) -> FrontendKey {
+        match key {
+            ServiceKey::V4(k) => FrontendKey {
+                address: MapAddr::V4(k.address_be),
+                port_be: k.port_be,
+                proto: k.proto,
+                scope: k.scope,
+            },
+            ServiceKey::V6(k) => FrontendKey {
+                address: MapAddr::V6(k.address_be),
+                port_be: k.port_be,
+                proto: k.proto,
+                scope: k.scope,
+            },
+        }
     }
 }
 
@@ -96,18 +149,41 @@ struct WantFrontend {
 /// A backend as the maps describe it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct BackendKey {
-    address_be: u32,
+    address: MapAddr,
     port_be: u16,
     proto: u8,
 }
 
 impl BackendKey {
-    fn value(self) -> Backend4Value {
-        Backend4Value {
-            address_be: self.address_be,
-            port_be: self.port_be,
-            proto: self.proto,
-            flags: 0,
+    fn value(self) -> BackendValue {
+        match self.address {
+            MapAddr::V4(address_be) => BackendValue::V4(Backend4Value {
+                address_be,
+                port_be: self.port_be,
+                proto: self.proto,
+                flags: 0,
+            }),
+            MapAddr::V6(address_be) => BackendValue::V6(Backend6Value {
+                address_be,
+                port_be: self.port_be,
+                proto: self.proto,
+                flags: 0,
+            }),
+        }
+    }
+
+    fn of(value: &BackendValue) -> BackendKey {
+        match value {
+            BackendValue::V4(v) => BackendKey {
+                address: MapAddr::V4(v.address_be),
+                port_be: v.port_be,
+                proto: v.proto,
+            },
+            BackendValue::V6(v) => BackendKey {
+                address: MapAddr::V6(v.address_be),
+                port_be: v.port_be,
+                proto: v.proto,
+            },
         }
     }
 }
@@ -209,11 +285,7 @@ impl<M: LbMaps> LbSyncer<M> {
         for (id, v) in self.maps.dump_backends()? {
             max_backend = max_backend.max(id);
             self.backend_ids.insert(id);
-            let key = BackendKey {
-                address_be: v.address_be,
-                port_be: v.port_be,
-                proto: v.proto,
-            };
+            let key = BackendKey::of(&v);
             if let Some(other) = self.backends.insert(key, id) {
                 // Two ids for one backend: keep the lower, retire the other once unused.
                 let (keep, drop) = (other.min(id), other.max(id));
@@ -223,14 +295,9 @@ impl<M: LbMaps> LbSyncer<M> {
         }
         let mut max_rev = 0;
         for (k, v) in self.maps.dump_services()? {
-            let fk = FrontendKey {
-                address_be: k.address_be,
-                port_be: k.port_be,
-                proto: k.proto,
-                scope: k.scope,
-            };
+            let fk = FrontendKey::of(&k);
             let f = self.frontends.entry(fk).or_default();
-            if k.backend_slot == 0 {
+            if k.backend_slot() == 0 {
                 f.rev_nat_id = Some(v.rev_nat_id);
                 f.count = v.count;
                 f.flags = v.flags;
@@ -238,7 +305,7 @@ impl<M: LbMaps> LbSyncer<M> {
                 max_rev = max_rev.max(v.rev_nat_id);
                 self.rev_nat_ids.insert(v.rev_nat_id);
             } else {
-                f.slots.insert(k.backend_slot, v.backend_id);
+                f.slots.insert(k.backend_slot(), v.backend_id);
             }
         }
         let mut ranges: HashMap<u32, Vec<Ipv4Net>> = HashMap::new();
@@ -323,7 +390,7 @@ impl<M: LbMaps> LbSyncer<M> {
         (address_be, port_be): (u32, u16),
     ) -> bool {
         let key = FrontendKey {
-            address_be: revnat.address_be,
+            address: MapAddr::V4(revnat.address_be),
             port_be: revnat.port_be,
             proto,
             scope: kpr_common::SCOPE_INTERNAL,
@@ -335,7 +402,7 @@ impl<M: LbMaps> LbSyncer<M> {
             return false;
         }
         let backend = BackendKey {
-            address_be,
+            address: MapAddr::V4(address_be),
             port_be,
             proto,
         };
@@ -478,7 +545,12 @@ impl<M: LbMaps> LbSyncer<M> {
             }
             source_ranges.sort();
             source_ranges.dedup();
-            let range_flag = if source_ranges.is_empty() {
+            // IPv6 ranges are not in the (IPv4) trie: the flag without entries makes the
+            // socket path refuse every client of such a frontend (it cannot check them), never
+            // let one through unchecked.
+            let range_flag = if source_ranges.is_empty()
+                && (frontend.ip.is_ipv4() || state.load_balancer_source_ranges.is_empty())
+            {
                 SVC_FLAG_NONE
             } else {
                 SVC_FLAG_SOURCE_RANGES
@@ -746,30 +818,24 @@ fn next_free(next: &mut u32, in_use: impl Fn(u32) -> bool) -> Option<u32> {
 }
 
 fn frontend_key(f: &Frontend, scope: u8) -> Option<FrontendKey> {
-    match f.ip {
-        IpAddr::V4(ip) => Some(FrontendKey {
-            address_be: u32::from_ne_bytes(ip.octets()),
-            port_be: f.port.to_be(),
-            proto: f.protocol.number(),
-            scope,
-        }),
-        IpAddr::V6(_) => None,
-    }
+    Some(FrontendKey {
+        address: MapAddr::of(f.ip),
+        port_be: f.port.to_be(),
+        proto: f.protocol.number(),
+        scope,
+    })
 }
 
-/// IPv4 backends as the maps key them, sorted and de-duplicated. The slot count is 16 bits;
+/// Backends as the maps key them, sorted and de-duplicated. The slot count is 16 bits;
 /// more backends than that per service port is far beyond any real EndpointSlice set, so they
 /// are capped rather than failing the whole sync.
 fn backend_keys(backends: &[crate::model::Backend], proto: u8) -> Vec<BackendKey> {
     let mut keys: Vec<BackendKey> = backends
         .iter()
-        .filter_map(|b| match b.ip {
-            IpAddr::V4(ip) => Some(BackendKey {
-                address_be: u32::from_ne_bytes(ip.octets()),
-                port_be: b.port.to_be(),
-                proto,
-            }),
-            IpAddr::V6(_) => None,
+        .map(|b| BackendKey {
+            address: MapAddr::of(b.ip),
+            port_be: b.port.to_be(),
+            proto,
         })
         .collect();
     keys.sort();
@@ -789,8 +855,8 @@ mod tests {
     /// fail the n-th operation to exercise recovery.
     #[derive(Default)]
     struct FakeMaps {
-        services: BTreeMap<Service4Key, Service4Value>,
-        backends: BTreeMap<u32, Backend4Value>,
+        services: BTreeMap<ServiceKey, Service4Value>,
+        backends: BTreeMap<u32, BackendValue>,
         ops: usize,
         fail_at: Option<usize>,
         /// A full map refuses new keys, as the kernel's does (E2BIG).
@@ -822,11 +888,11 @@ mod tests {
 
         fn check_invariant(&self) {
             for (k, v) in &self.services {
-                if k.backend_slot != 0 {
+                if k.backend_slot() != 0 {
                     continue;
                 }
                 for slot in 1..=v.count {
-                    let sk = Service4Key::scoped(k.address_be, k.port_be, k.proto, k.scope, slot);
+                    let sk = FrontendKey::of(k).slot(slot);
                     let sv = self
                         .services
                         .get(&sk)
@@ -844,19 +910,20 @@ mod tests {
         fn resolve(&self) -> Resolution {
             let mut out = BTreeMap::new();
             for (k, v) in &self.services {
-                if k.backend_slot != 0 {
+                if k.backend_slot() != 0 {
                     continue;
                 }
-                let mut bs: Vec<(u32, u16)> = (1..=v.count)
+                let fk = FrontendKey::of(k);
+                let mut bs: Vec<(MapAddr, u16)> = (1..=v.count)
                     .map(|s| {
-                        let key = Service4Key::scoped(k.address_be, k.port_be, k.proto, k.scope, s);
-                        let b = self.backends[&self.services[&key].backend_id];
-                        (b.address_be, b.port_be)
+                        let key = fk.slot(s);
+                        let b = BackendKey::of(&self.backends[&self.services[&key].backend_id]);
+                        (b.address, b.port_be)
                     })
                     .collect();
                 bs.sort();
                 let affinity = (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.backend_id);
-                out.insert((k.address_be, k.port_be, k.proto, k.scope), (bs, affinity));
+                out.insert(fk.tuple(fk.scope), (bs, affinity));
             }
             out
         }
@@ -896,13 +963,13 @@ mod tests {
                 .flat_map(|(id, nets)| nets.iter().map(move |n| (*id, *n)))
                 .collect())
         }
-        fn dump_backends(&self) -> Result<Vec<(u32, Backend4Value)>, MapOpError> {
+        fn dump_backends(&self) -> Result<Vec<(u32, BackendValue)>, MapOpError> {
             Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
         }
-        fn dump_services(&self) -> Result<Vec<(Service4Key, Service4Value)>, MapOpError> {
+        fn dump_services(&self) -> Result<Vec<(ServiceKey, Service4Value)>, MapOpError> {
             Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
         }
-        fn put_backend(&mut self, id: u32, value: &Backend4Value) -> Result<(), MapOpError> {
+        fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapOpError> {
             self.op()?;
             if self.max.is_some_and(|m| {
                 !self.backends.contains_key(&id) && self.backends.len() >= m.backends
@@ -921,7 +988,7 @@ mod tests {
         }
         fn put_service(
             &mut self,
-            key: &Service4Key,
+            key: &ServiceKey,
             value: &Service4Value,
         ) -> Result<(), MapOpError> {
             self.op()?;
@@ -934,7 +1001,7 @@ mod tests {
             self.check_invariant();
             Ok(())
         }
-        fn delete_service(&mut self, key: &Service4Key) -> Result<(), MapOpError> {
+        fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapOpError> {
             self.op()?;
             self.services.remove(key);
             self.check_invariant();
@@ -944,6 +1011,19 @@ mod tests {
 
     fn frontend_key_int(f: &Frontend) -> Option<FrontendKey> {
         frontend_key(f, SCOPE_INTERNAL)
+    }
+
+    impl FrontendKey {
+        fn tuple(self, scope: u8) -> (MapAddr, u16, u8, u8) {
+            (self.address, self.port_be, self.proto, scope)
+        }
+
+        fn v4(self) -> u32 {
+            match self.address {
+                MapAddr::V4(a) => a,
+                MapAddr::V6(_) => panic!("not IPv4: {self:?}"),
+            }
+        }
     }
 
     fn fe(last: u8, port: u16) -> Frontend {
@@ -980,17 +1060,14 @@ mod tests {
     }
 
     /// (address, port, proto, scope) → (backends, affinity timeout).
-    type Resolution = BTreeMap<(u32, u16, u8, u8), (Vec<(u32, u16)>, Option<u32>)>;
+    type Resolution = BTreeMap<(MapAddr, u16, u8, u8), (Vec<(MapAddr, u16)>, Option<u32>)>;
 
     /// The resolution the kernel would see for `desired`, computed independently of the syncer.
     fn expected(desired: &DesiredState) -> Resolution {
         let pairs = |bs: &[Backend]| {
-            let mut v: Vec<(u32, u16)> = bs
+            let mut v: Vec<(MapAddr, u16)> = bs
                 .iter()
-                .filter_map(|b| match b.ip {
-                    IpAddr::V4(ip) => Some((u32::from_ne_bytes(ip.octets()), b.port.to_be())),
-                    IpAddr::V6(_) => None,
-                })
+                .map(|b| (MapAddr::of(b.ip), b.port.to_be()))
                 .collect();
             v.sort();
             v.dedup();
@@ -1002,14 +1079,11 @@ mod tests {
                 continue;
             };
             let affinity = st.session_affinity.map(|t| t.as_secs() as u32);
-            out.insert(
-                (fk.address_be, fk.port_be, fk.proto, SCOPE_INTERNAL),
-                (pairs(&st.backends), affinity),
-            );
+            out.insert(fk.tuple(SCOPE_INTERNAL), (pairs(&st.backends), affinity));
             // Loopback NodePorts serve only the node's sockets (CVE-2020-8558).
             if st.kind.is_external() && !f.ip.is_loopback() {
                 out.insert(
-                    (fk.address_be, fk.port_be, fk.proto, SCOPE_EXTERNAL),
+                    fk.tuple(SCOPE_EXTERNAL),
                     (pairs(&st.external_backends), affinity),
                 );
             }
@@ -1124,7 +1198,7 @@ mod tests {
             .maps()
             .services
             .iter()
-            .filter(|(k, _)| k.backend_slot == 0)
+            .filter(|(k, _)| k.backend_slot() == 0)
             .map(|(_, v)| v.rev_nat_id)
             .collect();
         assert_eq!(revs.len(), 3);
@@ -1172,7 +1246,7 @@ mod tests {
         // A stray slot beyond count, a frontend without slot 0, and a duplicate backend.
         let fk = frontend_key_int(&fe(1, 80)).unwrap();
         let b = BackendKey {
-            address_be: u32::from_ne_bytes([10, 244, 1, 11]),
+            address: MapAddr::V4(u32::from_ne_bytes([10, 244, 1, 11])),
             port_be: 8080u16.to_be(),
             proto: 6,
         };
@@ -1225,19 +1299,64 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_frontends_are_skipped_and_counted() {
+    fn ipv6_frontends_go_to_the_ipv6_maps_with_ids_shared_with_ipv4() {
         let mut d = state(&[(fe(1, 80), &[11])]);
-        d.services.insert(
-            Frontend {
-                ip: "fd00::1".parse().unwrap(),
-                port: 80,
-                protocol: Protocol::Tcp,
-            },
-            d.services.values().next().unwrap().clone(),
-        );
+        let v6 = Frontend {
+            ip: "fd00:10:96::1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let mut st = d.services.values().next().unwrap().clone();
+        st.backends = vec![Backend {
+            ip: "fd00:10:244:1::b".parse().unwrap(),
+            port: 8080,
+        }];
+        d.services.insert(v6, st);
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         let stats = s.sync(&d).unwrap();
-        assert_eq!((stats.frontends, stats.skipped), (1, 1));
+        assert_eq!((stats.frontends, stats.backends, stats.skipped), (2, 2, 0));
+        assert_eq!(s.maps().resolve(), expected(&d));
+        let key = frontend_key_int(&v6).unwrap().slot(0);
+        assert!(matches!(key, ServiceKey::V6(_)), "{key:?}");
+        // One id space: the two backends and the two frontends have distinct ids.
+        let ids: BTreeSet<u32> = s.maps().backends.keys().copied().collect();
+        assert_eq!(ids.len(), 2);
+        assert!(s
+            .maps()
+            .backends
+            .values()
+            .any(|b| matches!(b, BackendValue::V6(v) if v.port_be == 8080u16.to_be())));
+        let revs: BTreeSet<u32> = s
+            .maps()
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot() == 0)
+            .map(|(_, v)| v.rev_nat_id)
+            .collect();
+        assert_eq!(revs.len(), 2);
+        // A restart restores both families: nothing to write.
+        let maps = s.maps;
+        let mut s = LbSyncer::restore(maps).unwrap();
+        assert_eq!(s.sync(&d).unwrap().writes, 0);
+        // Removing the IPv6 Service removes its frontend and its backend.
+        d.services.remove(&v6);
+        s.sync(&d).unwrap();
+        assert_eq!(s.maps().resolve(), expected(&d));
+        assert_eq!(s.maps().backends.len(), 1);
+    }
+
+    #[test]
+    fn map_addresses_are_in_network_byte_order() {
+        let a = MapAddr::of("fd00:10:96::1".parse().unwrap());
+        let MapAddr::V6(words) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(words[0].to_ne_bytes(), [0xfd, 0x00, 0x00, 0x10]);
+        assert_eq!(words[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_eq!(
+            MapAddr::of("10.96.0.1".parse().unwrap()),
+            MapAddr::V4(u32::from_ne_bytes([10, 96, 0, 1]))
+        );
     }
 
     #[test]
@@ -1259,21 +1378,11 @@ mod tests {
         let r = s.maps().resolve();
         assert_eq!(r, expected(&d));
         let np = frontend_key(&nodeport, SCOPE_INTERNAL).unwrap();
-        assert_eq!(
-            r[&(np.address_be, np.port_be, np.proto, SCOPE_INTERNAL)]
-                .0
-                .len(),
-            3
-        );
-        assert_eq!(
-            r[&(np.address_be, np.port_be, np.proto, SCOPE_EXTERNAL)]
-                .0
-                .len(),
-            1
-        );
+        assert_eq!(r[&np.tuple(SCOPE_INTERNAL)].0.len(), 3);
+        assert_eq!(r[&np.tuple(SCOPE_EXTERNAL)].0.len(), 1);
         // The ClusterIP has no external entry.
         let c = frontend_key(&fe(1, 80), SCOPE_INTERNAL).unwrap();
-        assert!(!r.contains_key(&(c.address_be, c.port_be, c.proto, SCOPE_EXTERNAL)));
+        assert!(!r.contains_key(&c.tuple(SCOPE_EXTERNAL)));
         // Back to ClusterIP only: the NodePort's entries in both scopes go.
         let only = state(&[(fe(1, 80), &[11, 12, 13])]);
         s.sync(&only).unwrap();
@@ -1297,7 +1406,7 @@ mod tests {
         s.sync(&d).unwrap();
         let r = s.maps().resolve();
         let k = frontend_key(&localhost, SCOPE_INTERNAL).unwrap();
-        let key = |scope| (k.address_be, k.port_be, k.proto, scope);
+        let key = |scope| k.tuple(scope);
         assert_eq!(
             r[&key(SCOPE_INTERNAL)].0.len(),
             2,
@@ -1369,7 +1478,7 @@ mod tests {
         let rev_nat_id = s.maps().services[&fk.slot(0)].rev_nat_id;
         let socket = |last: u8, rev_nat_id| {
             let revnat = kpr_common::SockRevNat4Value {
-                address_be: fk.address_be,
+                address_be: fk.v4(),
                 port_be: fk.port_be,
                 pad: 0,
                 rev_nat_id,

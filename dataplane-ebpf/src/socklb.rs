@@ -1,0 +1,753 @@
+//! Socket-level load balancing for both address families: one selection ([`try_forward`]) and
+//! one reverse translation ([`reverse`]), generic over [`Family`], which names a family's
+//! maps. IPv4 sockets use [`V4`]; IPv6 sockets use [`V6`], except for IPv4-mapped addresses
+//! (`::ffff:10.96.0.10`, a dual-stack socket reaching an IPv4 Service), which are translated
+//! through the IPv4 maps and written back mapped.
+//!
+//! Session affinity is keyed by the client's network namespace and the frontend's affinity
+//! group, neither of which has a family, so both families share the affinity map.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use kpr_common::{
+    Affinity4Key, Affinity4Value, Counter, Service4Key, Service4Value, Service6Key, SockFwd4Key,
+    SockFwd4Value, SockFwd6Key, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value,
+    AFFINITY_SCAN_MAX, IPPROTO_TCP, IPPROTO_UDP, SOCK_CHECK_DROP, SVC_FLAG_AFFINITY,
+    SVC_FLAG_NO_LOCAL_DROP, SVC_FLAG_SOURCE_RANGES,
+};
+
+use crate::{
+    affinity_group, count, egress, events, AFFINITY, BACKENDS, BACKENDS6, KPR_HOST_NETNS_COOKIE,
+    SERVICES, SERVICES6, SOCK_FWD, SOCK_FWD6, SOCK_REVNAT, SOCK_REVNAT6,
+};
+
+/// sock_addr programs allow the call with 1 and refuse it with 0.
+pub const SYS_PROCEED: i32 = 1;
+const SYS_REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// One address family's maps, as the socket programs use them.
+pub trait Family {
+    /// An address in network byte order, as `bpf_sock_addr` holds it.
+    type Addr: Copy + PartialEq;
+
+    /// Slot `slot` of frontend (`address`, `port_be`, `proto`) in `scope`.
+    fn service(
+        address: Self::Addr,
+        port_be: u16,
+        proto: u8,
+        scope: u8,
+        slot: u16,
+    ) -> Option<Service4Value>;
+    /// Backend `id`'s address and port.
+    fn backend(id: u32) -> Option<(Self::Addr, u16)>;
+    fn is_loopback(address: Self::Addr) -> bool;
+    /// The backend an unconnected socket last sent to for a frontend.
+    fn sticky(cookie: u64, frontend: (Self::Addr, u16), proto: u8) -> Option<SockFwd4Value>;
+    fn set_sticky(cookie: u64, frontend: (Self::Addr, u16), proto: u8, value: &SockFwd4Value);
+    /// The frontend a socket talking to `backend` asked for: (address, port, rev-NAT id).
+    fn revnat(cookie: u64, backend: (Self::Addr, u16)) -> Option<(Self::Addr, u16, u32)>;
+    /// Records it; Err when the map refused the entry.
+    fn set_revnat(
+        cookie: u64,
+        backend: (Self::Addr, u16),
+        frontend: (Self::Addr, u16),
+        rev_nat_id: u32,
+    ) -> Result<(), ()>;
+    fn forget_revnat(cookie: u64, backend: (Self::Addr, u16));
+    /// Whether the cgroup egress program checks this family's sockets (IPv4 only for now).
+    const HAS_CHECKS: bool;
+    /// Notes the socket's packets to `dest` for the cgroup egress program (`value`: the
+    /// frontend's rev-NAT id to check source ranges against, or SOCK_CHECK_DROP).
+    fn note_check(cookie: u64, dest: (Self::Addr, u16), value: u32) -> Result<(), ()>;
+    fn event_translated(
+        ctx: &SockAddrContext,
+        proto: u8,
+        frontend: (Self::Addr, u16),
+        backend: (Self::Addr, u16),
+        rev_nat_id: u32,
+        affinity: bool,
+    );
+    fn event_refused(
+        ctx: &SockAddrContext,
+        proto: u8,
+        frontend: (Self::Addr, u16),
+        rev_nat_id: u32,
+        reason: Counter,
+    );
+}
+
+/// IPv4: `KPR_SVC4_V1` and friends.
+pub struct V4;
+
+/// IPv6: `KPR_SVC6_V1` and friends.
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+
+    #[inline(always)]
+    fn service(
+        address: u32,
+        port_be: u16,
+        proto: u8,
+        scope: u8,
+        slot: u16,
+    ) -> Option<Service4Value> {
+        let key = Service4Key::scoped(address, port_be, proto, scope, slot);
+        // SAFETY: values are plain data, copied out at once.
+        unsafe { SERVICES.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<(u32, u16)> {
+        // SAFETY: as above.
+        unsafe { BACKENDS.get(&id) }.map(|b| (b.address_be, b.port_be))
+    }
+
+    #[inline(always)]
+    fn is_loopback(address: u32) -> bool {
+        kpr_common::is_loopback4_be(address)
+    }
+
+    #[inline(always)]
+    fn sticky(cookie: u64, (address_be, port_be): (u32, u16), proto: u8) -> Option<SockFwd4Value> {
+        let key = SockFwd4Key {
+            cookie,
+            address_be,
+            port_be,
+            proto,
+            pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { SOCK_FWD.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn set_sticky(
+        cookie: u64,
+        (address_be, port_be): (u32, u16),
+        proto: u8,
+        value: &SockFwd4Value,
+    ) {
+        let key = SockFwd4Key {
+            cookie,
+            address_be,
+            port_be,
+            proto,
+            pad: 0,
+        };
+        // Best effort: without the entry the next datagram picks again, as before.
+        let _ = SOCK_FWD.insert(&key, value, 0);
+    }
+
+    #[inline(always)]
+    fn revnat(cookie: u64, (address_be, port_be): (u32, u16)) -> Option<(u32, u16, u32)> {
+        let key = SockRevNat4Key {
+            cookie,
+            address_be,
+            port_be,
+            pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { SOCK_REVNAT.get(&key) }.map(|v| (v.address_be, v.port_be, v.rev_nat_id))
+    }
+
+    #[inline(always)]
+    fn set_revnat(
+        cookie: u64,
+        (address_be, port_be): (u32, u16),
+        frontend: (u32, u16),
+        rev_nat_id: u32,
+    ) -> Result<(), ()> {
+        let key = SockRevNat4Key {
+            cookie,
+            address_be,
+            port_be,
+            pad: 0,
+        };
+        let value = SockRevNat4Value {
+            address_be: frontend.0,
+            port_be: frontend.1,
+            pad: 0,
+            rev_nat_id,
+        };
+        // An unconnected UDP socket sends many datagrams to the same backend: skip the write
+        // (and the LRU bookkeeping it costs) when the entry is already there.
+        // SAFETY: as above.
+        if matches!(unsafe { SOCK_REVNAT.get(&key) }, Some(v) if *v == value) {
+            return Ok(());
+        }
+        SOCK_REVNAT.insert(&key, &value, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn forget_revnat(cookie: u64, (address_be, port_be): (u32, u16)) {
+        let key = SockRevNat4Key {
+            cookie,
+            address_be,
+            port_be,
+            pad: 0,
+        };
+        let _ = SOCK_REVNAT.remove(&key);
+    }
+
+    const HAS_CHECKS: bool = true;
+
+    #[inline(always)]
+    fn note_check(cookie: u64, (address_be, port_be): (u32, u16), value: u32) -> Result<(), ()> {
+        let key = SockRevNat4Key {
+            cookie,
+            address_be,
+            port_be,
+            pad: 0,
+        };
+        egress::SOCK_CHECKS.insert(&key, &value, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn event_translated(
+        ctx: &SockAddrContext,
+        proto: u8,
+        frontend: (u32, u16),
+        backend: (u32, u16),
+        rev_nat_id: u32,
+        affinity: bool,
+    ) {
+        events::socket_translated(ctx, proto, frontend, backend, rev_nat_id, affinity);
+    }
+
+    #[inline(always)]
+    fn event_refused(
+        ctx: &SockAddrContext,
+        proto: u8,
+        frontend: (u32, u16),
+        rev_nat_id: u32,
+        reason: Counter,
+    ) {
+        events::socket_refused(ctx, proto, frontend, rev_nat_id, reason);
+    }
+}
+
+impl Family for V6 {
+    type Addr = [u32; 4];
+
+    #[inline(always)]
+    fn service(
+        address: [u32; 4],
+        port_be: u16,
+        proto: u8,
+        scope: u8,
+        slot: u16,
+    ) -> Option<Service4Value> {
+        let key = Service6Key::scoped(address, port_be, proto, scope, slot);
+        // SAFETY: values are plain data, copied out at once.
+        unsafe { SERVICES6.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<([u32; 4], u16)> {
+        // SAFETY: as above.
+        unsafe { BACKENDS6.get(&id) }.map(|b| (b.address_be, b.port_be))
+    }
+
+    #[inline(always)]
+    fn is_loopback(address: [u32; 4]) -> bool {
+        kpr_common::is_loopback6_be(address)
+    }
+
+    #[inline(always)]
+    fn sticky(
+        cookie: u64,
+        (address_be, port_be): ([u32; 4], u16),
+        proto: u8,
+    ) -> Option<SockFwd4Value> {
+        let key = SockFwd6Key {
+            cookie,
+            address_be,
+            port_be,
+            proto,
+            pad: [0; 5],
+        };
+        // SAFETY: as above.
+        unsafe { SOCK_FWD6.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn set_sticky(
+        cookie: u64,
+        (address_be, port_be): ([u32; 4], u16),
+        proto: u8,
+        value: &SockFwd4Value,
+    ) {
+        let key = SockFwd6Key {
+            cookie,
+            address_be,
+            port_be,
+            proto,
+            pad: [0; 5],
+        };
+        let _ = SOCK_FWD6.insert(&key, value, 0);
+    }
+
+    #[inline(always)]
+    fn revnat(cookie: u64, (address_be, port_be): ([u32; 4], u16)) -> Option<([u32; 4], u16, u32)> {
+        let key = SockRevNat6Key {
+            cookie,
+            address_be,
+            port_be,
+            pad: [0; 6],
+        };
+        // SAFETY: as above.
+        unsafe { SOCK_REVNAT6.get(&key) }.map(|v| (v.address_be, v.port_be, v.rev_nat_id))
+    }
+
+    #[inline(always)]
+    fn set_revnat(
+        cookie: u64,
+        (address_be, port_be): ([u32; 4], u16),
+        frontend: ([u32; 4], u16),
+        rev_nat_id: u32,
+    ) -> Result<(), ()> {
+        let key = SockRevNat6Key {
+            cookie,
+            address_be,
+            port_be,
+            pad: [0; 6],
+        };
+        let value = SockRevNat6Value {
+            address_be: frontend.0,
+            port_be: frontend.1,
+            pad: 0,
+            rev_nat_id,
+        };
+        // SAFETY: as above.
+        if matches!(unsafe { SOCK_REVNAT6.get(&key) }, Some(v) if *v == value) {
+            return Ok(());
+        }
+        SOCK_REVNAT6.insert(&key, &value, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn forget_revnat(cookie: u64, (address_be, port_be): ([u32; 4], u16)) {
+        let key = SockRevNat6Key {
+            cookie,
+            address_be,
+            port_be,
+            pad: [0; 6],
+        };
+        let _ = SOCK_REVNAT6.remove(&key);
+    }
+
+    /// No IPv6 egress program yet: the agent does not give IPv6 frontends checks, and a
+    /// frontend that has one anyway is refused.
+    const HAS_CHECKS: bool = false;
+
+    #[inline(always)]
+    fn note_check(_: u64, _: ([u32; 4], u16), _: u32) -> Result<(), ()> {
+        Err(())
+    }
+
+    /// aya-log has no IPv6 formatting of `[u32; 4]` in kpr's event layout yet: IPv6
+    /// translations are counted, not logged.
+    #[inline(always)]
+    fn event_translated(
+        _: &SockAddrContext,
+        _: u8,
+        _: ([u32; 4], u16),
+        _: ([u32; 4], u16),
+        _: u32,
+        _: bool,
+    ) {
+    }
+
+    #[inline(always)]
+    fn event_refused(_: &SockAddrContext, _: u8, _: ([u32; 4], u16), _: u32, _: Counter) {}
+}
+
+/// The destination of an IPv6 socket call, in network byte order.
+#[inline(always)]
+fn user_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr; user_ip6 is read one
+    // 32-bit word at a time, as the verifier requires.
+    unsafe {
+        [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ]
+    }
+}
+
+#[inline(always)]
+fn set_user_ip6(sa: *mut bpf_sock_addr, address: [u32; 4]) {
+    // SAFETY: user_ip6 is writable in connect6, sendmsg6, recvmsg6 and getpeername6, one
+    // 32-bit word at a time.
+    unsafe {
+        (*sa).user_ip6[0] = address[0];
+        (*sa).user_ip6[1] = address[1];
+        (*sa).user_ip6[2] = address[2];
+        (*sa).user_ip6[3] = address[3];
+    }
+}
+
+/// `::ffff:<address>`.
+#[inline(always)]
+fn v4_mapped(address_be: u32) -> [u32; 4] {
+    [0, 0, u32::to_be(0xffff), address_be]
+}
+
+#[inline(always)]
+fn call(ctx: &SockAddrContext) -> (u16, u8) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in user_ip6.
+    unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) }
+}
+
+/// connect4 / sendmsg4.
+#[inline(always)]
+pub fn forward4(ctx: &SockAddrContext, sticky: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in user_ip6.
+    let address = unsafe { (*sa).user_ip4 };
+    forward::<V4>(ctx, address, sticky, |(ip, port)| {
+        // SAFETY: user_ip4/user_port are writable in connect4 and sendmsg4.
+        unsafe {
+            (*sa).user_ip4 = ip;
+            (*sa).user_port = u32::from(port);
+        }
+    })
+}
+
+/// connect6 / sendmsg6: IPv6 frontends, and IPv4 ones through v4-mapped addresses.
+#[inline(always)]
+pub fn forward6(ctx: &SockAddrContext, sticky: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let address = user_ip6(sa);
+    let set_port = |port: u16| {
+        // SAFETY: user_port is writable in connect6 and sendmsg6.
+        unsafe { (*sa).user_port = u32::from(port) }
+    };
+    if kpr_common::is_v4_mapped_be(address) {
+        return forward::<V4>(ctx, address[3], sticky, |(ip, port)| {
+            set_user_ip6(sa, v4_mapped(ip));
+            set_port(port);
+        });
+    }
+    forward::<V6>(ctx, address, sticky, |(ip, port)| {
+        set_user_ip6(sa, ip);
+        set_port(port);
+    })
+}
+
+/// recvmsg4 / getpeername4.
+#[inline(always)]
+pub fn reverse4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in user_ip6.
+    let address = unsafe { (*sa).user_ip4 };
+    if let Some((ip, port)) = reverse::<V4>(ctx, address) {
+        // SAFETY: user_ip4/user_port are writable in recvmsg4 and getpeername4.
+        unsafe {
+            (*sa).user_ip4 = ip;
+            (*sa).user_port = u32::from(port);
+        }
+    }
+}
+
+/// recvmsg6 / getpeername6.
+#[inline(always)]
+pub fn reverse6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let address = user_ip6(sa);
+    let set_port = |port: u16| {
+        // SAFETY: user_port is writable in recvmsg6 and getpeername6.
+        unsafe { (*sa).user_port = u32::from(port) }
+    };
+    if kpr_common::is_v4_mapped_be(address) {
+        if let Some((ip, port)) = reverse::<V4>(ctx, address[3]) {
+            set_user_ip6(sa, v4_mapped(ip));
+            set_port(port);
+        }
+    } else if let Some((ip, port)) = reverse::<V6>(ctx, address) {
+        set_user_ip6(sa, ip);
+        set_port(port);
+    }
+}
+
+/// A socket call [`try_forward`] sent to a backend.
+struct Translation<A> {
+    backend: (A, u16),
+    /// Session affinity chose the backend.
+    by_affinity: bool,
+    rev_nat_id: u32,
+}
+
+/// A socket call to a frontend that [`try_forward`] refuses.
+struct Refusal {
+    reason: Counter,
+    rev_nat_id: u32,
+}
+
+/// Translates a call to `address` (and the call's port) to a backend, writing it with
+/// `store`, or refuses the call.
+#[inline(always)]
+fn forward<F: Family>(
+    ctx: &SockAddrContext,
+    address: F::Addr,
+    sticky: bool,
+    store: impl FnOnce((F::Addr, u16)),
+) -> i32 {
+    let (port_be, proto) = call(ctx);
+    let frontend = (address, port_be);
+    match try_forward::<F>(ctx, frontend, proto, sticky) {
+        Ok(Some(t)) => {
+            store(t.backend);
+            count(Counter::Translated);
+            F::event_translated(ctx, proto, frontend, t.backend, t.rev_nat_id, t.by_affinity);
+            SYS_PROCEED
+        }
+        // Not a frontend: leave the call alone.
+        Ok(None) => SYS_PROCEED,
+        Err(Refusal { reason, rev_nat_id }) => {
+            count(reason);
+            F::event_refused(ctx, proto, frontend, rev_nat_id, reason);
+            // Refuse with ECONNREFUSED, as a TCP RST would: a service with no usable backend
+            // must fail fast, not hang until a timeout. Sending the packet on to the VIP would
+            // only reach nothing.
+            // SAFETY: bpf_set_retval is available to connect and sendmsg hooks (>= 5.18).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            SYS_REJECT
+        }
+    }
+}
+
+/// The backend for a call to `frontend`; None when that is no frontend. Both families and
+/// every socket hook choose here.
+#[inline(always)]
+fn try_forward<F: Family>(
+    ctx: &SockAddrContext,
+    (address, port_be): (F::Addr, u16),
+    proto: u8,
+    sticky: bool,
+) -> Result<Option<Translation<F::Addr>>, Refusal> {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(None);
+    }
+    let scope = kpr_common::SCOPE_INTERNAL;
+    let frontend = match F::service(address, port_be, proto, scope, 0) {
+        Some(v) => v,
+        None => return Ok(None),
+    };
+    // SAFETY: a read of read-only data; sock_addr programs may call bpf_get_netns_cookie.
+    if F::is_loopback(address)
+        && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+            != unsafe { core::ptr::read_volatile(&KPR_HOST_NETNS_COOKIE) }
+    {
+        return Ok(None);
+    }
+    let refuse = |reason| Refusal {
+        reason,
+        rev_nat_id: frontend.rev_nat_id,
+    };
+    // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if frontend.count == 0 {
+        // kube-proxy drops traffic of internalTrafficPolicy: Local without a local endpoint
+        // (when asked to do the same): the call goes on untranslated, and the egress program
+        // drops the socket's packets to the frontend.
+        if frontend.flags & SVC_FLAG_NO_LOCAL_DROP != 0
+            && F::HAS_CHECKS
+            && egress::checks_on()
+            && F::note_check(cookie, (address, port_be), SOCK_CHECK_DROP).is_ok()
+        {
+            return Ok(None);
+        }
+        return Err(refuse(Counter::DropNoBackend));
+    }
+    let holds = |slot: u16, backend_id: u32| matches!(F::service(address, port_be, proto, scope, slot), Some(v) if v.backend_id == backend_id);
+
+    // The socket's previous choice, if that backend is still in the service.
+    let mut chosen: Option<(u16, u32)> = None;
+    if sticky {
+        if let Some(prev) = F::sticky(cookie, (address, port_be), proto) {
+            if let Some(slot) = backend_slot(holds, frontend.count, prev.slot, prev.backend_id) {
+                chosen = Some((slot, prev.backend_id));
+                count(Counter::StickyReused);
+            }
+        }
+    }
+
+    // Session affinity: the client's backend for this frontend, unless the timeout passed since
+    // its last new connection or the backend left the service.
+    let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
+    let mut now = 0;
+    let mut by_affinity = false;
+    let affinity_key = Affinity4Key {
+        // SAFETY: sock_addr programs may call bpf_get_netns_cookie on their context.
+        client_cookie: if affinity {
+            unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+        } else {
+            0
+        },
+        rev_nat_id: if affinity {
+            affinity_group(frontend.rev_nat_id)
+        } else {
+            0
+        },
+        pad: 0,
+    };
+    if affinity {
+        // SAFETY: helper without preconditions.
+        now = unsafe { bpf_ktime_get_ns() };
+        if chosen.is_none() {
+            // SAFETY: values are plain data, copied out at once.
+            if let Some(prev) = unsafe { AFFINITY.get(&affinity_key) } {
+                let prev = *prev;
+                // For slot 0, backend_id is the affinity timeout in seconds.
+                let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
+                if now.wrapping_sub(prev.last_used_ns) <= timeout_ns {
+                    if let Some(slot) =
+                        backend_slot(holds, frontend.count, prev.slot, prev.backend_id)
+                    {
+                        chosen = Some((slot, prev.backend_id));
+                        by_affinity = true;
+                        count(Counter::AffinityReused);
+                    }
+                }
+            }
+        }
+    }
+    let (slot, backend_id) = match chosen {
+        Some(c) => c,
+        None => {
+            // SAFETY: helper without preconditions.
+            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
+            let slot = pick as u16 + 1;
+            match F::service(address, port_be, proto, scope, slot) {
+                Some(v) => (slot, v.backend_id),
+                None => return Err(refuse(Counter::DropSlotMissing)),
+            }
+        }
+    };
+    let backend = match F::backend(backend_id) {
+        Some(b) => b,
+        None => return Err(refuse(Counter::DropBackendMissing)),
+    };
+    if sticky {
+        let v = SockFwd4Value {
+            backend_id,
+            slot,
+            pad: 0,
+        };
+        F::set_sticky(cookie, (address, port_be), proto, &v);
+    }
+    if affinity {
+        let v = Affinity4Value {
+            last_used_ns: now,
+            backend_id,
+            slot,
+            pad: 0,
+        };
+        // Best effort: without the entry the client's next connection chooses anew.
+        let _ = AFFINITY.insert(&affinity_key, &v, 0);
+    }
+
+    // Remember what this socket asked for, so recvmsg/getpeername can show it again.
+    if F::set_revnat(cookie, backend, (address, port_be), frontend.rev_nat_id).is_err() {
+        return Err(refuse(Counter::DropRevNatUpdate));
+    }
+    // loadBalancerSourceRanges: the source address is known only once the packet is routed, so
+    // the egress program checks it (see the egress module). Without the note the socket would
+    // pass unchecked: refuse rather (and in a family without the check, always).
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        if !F::HAS_CHECKS {
+            return Err(refuse(Counter::DropSourceRange));
+        }
+        if egress::checks_on() && F::note_check(cookie, backend, frontend.rev_nat_id).is_err() {
+            return Err(refuse(Counter::DropRevNatUpdate));
+        }
+    }
+    Ok(Some(Translation {
+        backend,
+        by_affinity,
+        rev_nat_id: frontend.rev_nat_id,
+    }))
+}
+
+/// The slot of a frontend (with `count` backends) that holds `backend_id` (`holds` reads a
+/// slot): `hint` if it still does, else the first of up to AFFINITY_SCAN_MAX slots that does.
+/// None when the backend left the service. Shared by the socket and tc paths.
+#[inline(always)]
+pub fn backend_slot(
+    holds: impl Fn(u16, u32) -> bool,
+    count: u16,
+    hint: u16,
+    backend_id: u32,
+) -> Option<u16> {
+    if hint >= 1 && hint <= count && holds(hint, backend_id) {
+        return Some(hint);
+    }
+    let mut slot = 1;
+    while slot <= AFFINITY_SCAN_MAX {
+        if slot > count {
+            break;
+        }
+        if holds(slot, backend_id) {
+            return Some(slot);
+        }
+        slot += 1;
+    }
+    None
+}
+
+/// Whether slot `slot` of `frontend` (an IPv4 frontend in its scope, slot ignored) holds
+/// backend `backend_id`: [`backend_slot`]'s reader for the tc path.
+#[inline(always)]
+pub fn holds4(frontend: Service4Key) -> impl Fn(u16, u32) -> bool {
+    move |slot, backend_id| {
+        matches!(
+            V4::service(frontend.address_be, frontend.port_be, frontend.proto, frontend.scope, slot),
+            Some(v) if v.backend_id == backend_id
+        )
+    }
+}
+
+/// recvmsg / getpeername: the frontend to show instead of the backend the socket really talks
+/// to, if the socket was translated and its frontend still exists.
+#[inline(always)]
+fn reverse<F: Family>(ctx: &SockAddrContext, address: F::Addr) -> Option<(F::Addr, u16)> {
+    let (port_be, proto) = call(ctx);
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let (front_address, front_port, rev_nat_id) = F::revnat(cookie, (address, port_be))?;
+    // Only translate back to a frontend that still exists and is the same service: a deleted
+    // (or deleted and re-created) ClusterIP must not keep being shown to the application.
+    match F::service(
+        front_address,
+        front_port,
+        proto,
+        kpr_common::SCOPE_INTERNAL,
+        0,
+    ) {
+        Some(f) if f.rev_nat_id == rev_nat_id => {}
+        _ => {
+            F::forget_revnat(cookie, (address, port_be));
+            count(Counter::RevNatStale);
+            return None;
+        }
+    }
+    count(Counter::RevTranslated);
+    Some((front_address, front_port))
+}
