@@ -1,6 +1,6 @@
 //! Connection tracking for north-south flows (the tc programs).
 //!
-//! Each translated flow has two entries (see `Ct4Key`):
+//! Each translated flow has two entries (see `CtKey`; each family has its own maps):
 //! - forward, keyed by the packet as the client sends it (client → frontend): which backend
 //!   the flow goes to. Looked up by every ingress packet to an external frontend, so a flow
 //!   stays on its backend even when the service's backend set changes;
@@ -27,13 +27,18 @@
 //! client port in the client's own stack.
 
 use kpr_common::{
-    ct_tcp_closed, Counter, Ct4Key, Ct4Value, CtTimeouts, Service4Key, CT_DIR_FORWARD,
-    CT_DIR_REVERSE, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_MASQ, CT_FLAG_RST,
-    CT_FLAG_SEEN_REPLY, IPPROTO_TCP, IPPROTO_UDP,
+    ct_tcp_closed, Counter, CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REVERSE,
+    CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_MASQ, CT_FLAG_RST, CT_FLAG_SEEN_REPLY,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::socklb::{backend_slot, holds4};
-use crate::{count, packet::Packet, CONNTRACK, CONNTRACK_NEW};
+use crate::family::Family;
+use crate::socklb::backend_slot;
+use crate::{count, packet::Packet};
+
+/// A family's conntrack key and value.
+type Key<F> = CtKey<<F as Family>::Addr>;
+type Value<F> = CtValue<<F as Family>::Addr, <F as Family>::CtPad>;
 
 /// How often (at most) a flow's `last_seen_ns` is refreshed: writing the entries on every
 /// packet would cost two map updates per packet for a lifetime that only needs seconds.
@@ -46,10 +51,10 @@ static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
 
 /// The backend a flow goes to.
 #[derive(Clone, Copy)]
-pub struct Choice {
+pub struct Choice<A> {
     pub backend_id: u32,
     pub slot: u16,
-    pub address_be: u32,
+    pub address_be: A,
     pub port_be: u16,
     /// Masquerade the flow (externalTrafficPolicy: Cluster).
     pub masq: bool,
@@ -64,61 +69,68 @@ enum Table {
 
 impl Table {
     #[inline(always)]
-    fn get_ptr_mut(self, key: &Ct4Key) -> Option<*mut Ct4Value> {
+    fn get_ptr_mut<F: Family>(self, key: &Key<F>) -> Option<*mut Value<F>> {
         match self {
-            Table::Established => CONNTRACK.get_ptr_mut(key),
-            Table::New => CONNTRACK_NEW.get_ptr_mut(key),
+            Table::Established => F::ct().get_ptr_mut(key),
+            Table::New => F::ct_new().get_ptr_mut(key),
         }
     }
 
     #[inline(always)]
-    fn insert(self, key: &Ct4Key, value: &Ct4Value) -> Result<(), i32> {
+    fn insert<F: Family>(self, key: &Key<F>, value: &Value<F>) -> Result<(), i32> {
         match self {
-            Table::Established => CONNTRACK.insert(key, value, 0).map(|_| ()),
-            Table::New => CONNTRACK_NEW.insert(key, value, 0).map(|_| ()),
+            Table::Established => F::ct().insert(key, value, 0).map(|_| ()),
+            Table::New => F::ct_new().insert(key, value, 0).map(|_| ()),
         }
     }
 
     #[inline(always)]
-    fn remove(self, key: &Ct4Key) {
+    fn remove<F: Family>(self, key: &Key<F>) {
         // A missing key is fine: another CPU removed it, or the LRU evicted it.
         let _ = match self {
-            Table::Established => CONNTRACK.remove(key),
-            Table::New => CONNTRACK_NEW.remove(key),
+            Table::Established => F::ct().remove(key),
+            Table::New => F::ct_new().remove(key),
         };
     }
 }
 
-/// An entry found by [`find`]: a copy, and where it lives.
-struct Found {
-    ptr: *mut Ct4Value,
-    value: Ct4Value,
+/// An entry found by [`find`], and where it lives. Read in place, not copied: an IPv6 value is
+/// 48 bytes of a 512-byte stack.
+struct Found<F: Family> {
+    ptr: *mut Value<F>,
     table: Table,
+}
+
+impl<F: Family> Found<F> {
+    #[inline(always)]
+    fn value(&self) -> &Value<F> {
+        // SAFETY: a pointer to a map value, valid for this program run. Another CPU may write
+        // it meanwhile (see `touch`); every field read is a plain value.
+        unsafe { &*self.ptr }
+    }
 }
 
 /// The entry of `key` in `table`.
 #[inline(always)]
-fn find_in(table: Table, key: &Ct4Key) -> Option<Found> {
-    let ptr = table.get_ptr_mut(key)?;
-    // SAFETY: a pointer to a map value, valid for this program run; copied once.
-    let value = unsafe { *ptr };
-    Some(Found { ptr, value, table })
+fn find_in<F: Family>(table: Table, key: &Key<F>) -> Option<Found<F>> {
+    let ptr = table.get_ptr_mut::<F>(key)?;
+    Some(Found { ptr, table })
 }
 
 /// The entry of `key`, established flows first (the common case for a packet that has one).
 #[inline(always)]
-fn find(key: &Ct4Key) -> Option<Found> {
-    find_in(Table::Established, key).or_else(|| find_in(Table::New, key))
+fn find<F: Family>(key: &Key<F>) -> Option<Found<F>> {
+    find_in::<F>(Table::Established, key).or_else(|| find_in::<F>(Table::New, key))
 }
 
 /// The entry of `key` if it is still within its lifetime at `now`; an expired one is removed
 /// with its sibling (and counted), and the packet is one of no known flow.
 #[inline(always)]
-fn find_alive(key: &Ct4Key, now: u64) -> Option<Found> {
-    let found = find(key)?;
-    if !alive(key, &found.value, now) {
+fn find_alive<F: Family>(key: &Key<F>, now: u64) -> Option<Found<F>> {
+    let found = find::<F>(key)?;
+    if !alive::<F>(key, found.value(), now) {
         count(Counter::TcCtExpired);
-        remove_flow(&found, key);
+        remove_flow::<F>(&found, key);
         return None;
     }
     Some(found)
@@ -134,17 +146,17 @@ fn timeouts() -> CtTimeouts {
 /// The entry is still within its lifetime. A `last_seen_ns` a little ahead of `now` (written
 /// by another CPU meanwhile) counts as just seen.
 #[inline(always)]
-fn alive(key: &Ct4Key, v: &Ct4Value, now: u64) -> bool {
+fn alive<F: Family>(key: &Key<F>, v: &Value<F>, now: u64) -> bool {
     let lifetime_ns = u64::from(timeouts().lifetime_s(key.proto, v.flags)) * 1_000_000_000;
     now.saturating_sub(v.last_seen_ns) <= lifetime_ns
 }
 
 /// The other entry of the flow `key` belongs to.
 #[inline(always)]
-fn sibling(key: &Ct4Key, v: &Ct4Value) -> Ct4Key {
+fn sibling<F: Family>(key: &Key<F>, v: &Value<F>) -> Key<F> {
     if key.dir == CT_DIR_FORWARD {
         // client → frontend; the reply is backend → client.
-        Ct4Key::new(
+        CtKey::new(
             v.address_be,
             v.port_be,
             key.saddr_be,
@@ -154,7 +166,7 @@ fn sibling(key: &Ct4Key, v: &Ct4Value) -> Ct4Key {
         )
     } else {
         // backend → client; the request was client → frontend.
-        Ct4Key::new(
+        CtKey::new(
             key.daddr_be,
             key.dport_be,
             v.address_be,
@@ -167,14 +179,14 @@ fn sibling(key: &Ct4Key, v: &Ct4Value) -> Ct4Key {
 
 /// Removes the flow `key` belongs to (both entries).
 #[inline(always)]
-fn remove_flow(found: &Found, key: &Ct4Key) {
-    found.table.remove(&sibling(key, &found.value));
-    found.table.remove(key);
+fn remove_flow<F: Family>(found: &Found<F>, key: &Key<F>) {
+    found.table.remove::<F>(&sibling::<F>(key, found.value()));
+    found.table.remove::<F>(key);
 }
 
 /// Writes `flags` and `now` into the entry and its sibling (same map).
 #[inline(always)]
-fn touch(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
+fn touch<F: Family>(found: &Found<F>, key: &Key<F>, flags: u8, slot: u16, now: u64) {
     // SAFETY: pointers to map values, valid for this program run. Another CPU may write the
     // same entries at the same time; both store the same backend and a similar time, and flags
     // only ever gain bits, so a lost update costs at most one more refresh.
@@ -183,7 +195,10 @@ fn touch(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
         (*found.ptr).last_seen_ns = now;
         (*found.ptr).slot = slot;
     }
-    if let Some(other) = found.table.get_ptr_mut(&sibling(key, &found.value)) {
+    if let Some(other) = found
+        .table
+        .get_ptr_mut::<F>(&sibling::<F>(key, found.value()))
+    {
         // SAFETY: as above.
         unsafe {
             (*other).flags = flags;
@@ -195,7 +210,7 @@ fn touch(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
 
 /// The state bits a TCP packet adds: `fin` (the sender's FIN bit) and RST.
 #[inline(always)]
-fn tcp_flags_of(pkt: &Packet, fin: u8) -> u8 {
+fn tcp_flags_of<A>(pkt: &Packet<A>, fin: u8) -> u8 {
     if pkt.proto != IPPROTO_TCP {
         return 0;
     }
@@ -210,8 +225,8 @@ fn tcp_flags_of(pkt: &Packet, fin: u8) -> u8 {
 }
 
 #[inline(always)]
-pub fn forward_key(pkt: &Packet) -> Ct4Key {
-    Ct4Key::new(
+pub fn forward_key<A: Copy>(pkt: &Packet<A>) -> CtKey<A> {
+    CtKey::new(
         pkt.saddr,
         pkt.sport,
         pkt.daddr,
@@ -223,10 +238,40 @@ pub fn forward_key(pkt: &Packet) -> Ct4Key {
 
 /// The reply as the backend sends it: the key of the reverse entry.
 #[inline(always)]
-pub fn reply_key(pkt: &Packet) -> Ct4Key {
-    Ct4Key {
+pub fn reply_key<A: Copy>(pkt: &Packet<A>) -> CtKey<A> {
+    CtKey {
         dir: CT_DIR_REVERSE,
         ..forward_key(pkt)
+    }
+}
+
+/// [`lookup`] as a function of its own (BPF-to-BPF call): see `Family::SPLIT_TC_FRAMES`.
+#[inline(never)]
+pub fn lookup_call<F: Family>(
+    pkt: &Packet<F::Addr>,
+    frontend: &(F::Addr, u16, u8, u8),
+    count_: u16,
+    now: u64,
+) -> Option<Known<F::Addr>> {
+    lookup::<F>(pkt, frontend, count_, now)
+}
+
+/// A known flow's backend, and whether the packet establishes the flow (its new state and
+/// slot): the caller moves it with [`establish_new`] then, in a call of its own where the
+/// family's frames are split (see `Family::SPLIT_TC_FRAMES`), else [`lookup`] already did.
+#[derive(Clone, Copy)]
+pub struct Known<A> {
+    pub choice: Choice<A>,
+    pub establish: Option<(u8, u16)>,
+}
+
+/// Moves the new flow of `pkt` (client → frontend) to the established map with `flags` and
+/// `slot`, as [`lookup`] decided. Not inlined: see `Family::SPLIT_TC_FRAMES`.
+#[inline(never)]
+pub fn establish_new<F: Family>(pkt: &Packet<F::Addr>, state: &(u8, u16), now: u64) {
+    let key = forward_key(pkt);
+    if let Some(found) = find_in::<F>(Table::New, &key) {
+        establish::<F>(&found, &key, state.0, state.1, now);
     }
 }
 
@@ -237,19 +282,31 @@ pub fn reply_key(pkt: &Packet) -> Ct4Key {
 /// connection, as the backend is gone). A SYN from the client port of a TCP flow that closed
 /// starts a new connection.
 #[inline(always)]
-pub fn lookup(pkt: &Packet, frontend: &Service4Key, count_: u16, now: u64) -> Option<Choice> {
+pub fn lookup<F: Family>(
+    pkt: &Packet<F::Addr>,
+    frontend: &(F::Addr, u16, u8, u8),
+    count_: u16,
+    now: u64,
+) -> Option<Known<F::Addr>> {
     let key = forward_key(pkt);
-    let found = find_alive(&key, now)?;
-    let ct = found.value;
+    let found = find_alive::<F>(&key, now)?;
+    let ct = found.value();
     if pkt.is_tcp_syn() && ct_tcp_closed(ct.flags) {
-        remove_flow(&found, &key);
+        remove_flow::<F>(&found, &key);
         return None;
     }
-    let Some(slot) = backend_slot(holds4(*frontend), count_, ct.slot, ct.backend_id) else {
-        remove_flow(&found, &key);
+    let holds = |slot: u16, backend_id: u32| {
+        matches!(
+            F::service(frontend.0, frontend.1, frontend.2, frontend.3, slot),
+            Some(v) if v.backend_id == backend_id
+        )
+    };
+    let Some(slot) = backend_slot(holds, count_, ct.slot, ct.backend_id) else {
+        remove_flow::<F>(&found, &key);
         return None;
     };
     let flags = ct.flags | tcp_flags_of(pkt, CT_FLAG_FIN_CLIENT);
+    let mut pending = None;
     if found.table == Table::New
         && pkt.proto == IPPROTO_TCP
         && ct.flags & CT_FLAG_SEEN_REPLY != 0
@@ -258,60 +315,57 @@ pub fn lookup(pkt: &Packet, frontend: &Service4Key, count_: u16, now: u64) -> Op
     {
         // The client answered the backend's SYN-ACK: the connection is established. (A RST
         // instead, as a SYN flood's spoofed or vanished clients send, ends it where it is.)
-        establish(&found, &key, flags, slot, now);
+        if F::SPLIT_TC_FRAMES {
+            pending = Some((flags, slot));
+        } else {
+            establish::<F>(&found, &key, flags, slot, now);
+        }
     } else if flags != ct.flags
         || slot != ct.slot
         || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS
     {
-        touch(&found, &key, flags, slot, now);
+        touch::<F>(&found, &key, flags, slot, now);
     }
-    Some(Choice {
-        backend_id: ct.backend_id,
-        slot,
-        address_be: ct.address_be,
-        port_be: ct.port_be,
-        masq: ct.flags & CT_FLAG_MASQ != 0,
+    Some(Known {
+        choice: Choice {
+            backend_id: ct.backend_id,
+            slot,
+            address_be: ct.address_be,
+            port_be: ct.port_be,
+            masq: ct.flags & CT_FLAG_MASQ != 0,
+        },
+        establish: pending,
     })
 }
 
 /// Moves the flow of `found` (a new flow) to the established map with `flags`. When that map
 /// is full the flow stays where it is, updated.
 #[inline(always)]
-fn establish(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
-    let value = Ct4Value {
-        flags,
-        last_seen_ns: now,
-        slot,
-        ..found.value
+fn establish<F: Family>(found: &Found<F>, key: &Key<F>, flags: u8, slot: u16, now: u64) {
+    // Both entries are updated where they are, then copied to the established map straight
+    // from the new map's values: no copies on the stack, which the IPv6 path has no room for.
+    touch::<F>(found, key, flags, slot, now);
+    let other_key = sibling::<F>(key, found.value());
+    let Some(other) = Table::New.get_ptr_mut::<F>(&other_key) else {
+        // The sibling was evicted: the flow's replies are not translated any more; it stays
+        // among the new flows and ages out.
+        return;
     };
-    let other_key = sibling(key, &found.value);
-    // The sibling's value from this one's: the address and port are the other end's.
-    let other = Ct4Value {
-        address_be: if key.dir == CT_DIR_FORWARD {
-            key.daddr_be
-        } else {
-            key.saddr_be
-        },
-        port_be: if key.dir == CT_DIR_FORWARD {
-            key.dport_be
-        } else {
-            key.sport_be
-        },
-        ..value
-    };
-    if Table::Established.insert(&other_key, &other).is_err() {
+    // SAFETY: a pointer to a map value, valid for this program run.
+    if Table::Established
+        .insert::<F>(&other_key, unsafe { &*other })
+        .is_err()
+    {
         count(Counter::CtEstablishedFull);
-        touch(found, key, flags, slot, now);
         return;
     }
-    if Table::Established.insert(key, &value).is_err() {
-        Table::Established.remove(&other_key);
+    if Table::Established.insert::<F>(key, found.value()).is_err() {
+        Table::Established.remove::<F>(&other_key);
         count(Counter::CtEstablishedFull);
-        touch(found, key, flags, slot, now);
         return;
     }
-    Table::New.remove(&other_key);
-    Table::New.remove(key);
+    Table::New.remove::<F>(&other_key);
+    Table::New.remove::<F>(key);
 }
 
 /// Records a new flow of `pkt` (client → frontend) to `choice`, among the new flows. The
@@ -321,9 +375,16 @@ fn establish(found: &Found, key: &Ct4Key, flags: u8, slot: u16, now: u64) {
 /// same reply tuple (the same client port, earlier, to another frontend of the same backend)
 /// is removed first, or its reverse entry (looked up first) would answer for the replies.
 #[inline(always)]
-pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Result<(), Counter> {
+pub fn create<F: Family>(
+    pkt: &Packet<F::Addr>,
+    choice: &Choice<F::Addr>,
+    rev_nat_id: u32,
+    now: u64,
+) -> Result<(), Counter> {
     let flags = if choice.masq { CT_FLAG_MASQ } else { 0 };
-    let reverse_key = Ct4Key::new(
+    // One key and one value on the stack, rewritten from the reverse entry into the forward
+    // one (the IPv6 path has no room for two of each).
+    let mut key: Key<F> = CtKey::new(
         choice.address_be,
         choice.port_be,
         pkt.saddr,
@@ -333,10 +394,10 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
     );
     // Only established flows need it: a new flow's reverse entry is overwritten below (its
     // forward entry, left without a reverse, ages out of the LRU).
-    if let Some(old) = find_in(Table::Established, &reverse_key) {
-        remove_flow(&old, &reverse_key);
+    if let Some(old) = find_in::<F>(Table::Established, &key) {
+        remove_flow::<F>(&old, &key);
     }
-    let reverse = Ct4Value {
+    let mut value: Value<F> = CtValue {
         last_seen_ns: now,
         backend_id: choice.backend_id,
         rev_nat_id,
@@ -344,17 +405,15 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
         port_be: pkt.dport,
         slot: choice.slot,
         flags,
-        pad: [0; 7],
+        pad: Default::default(),
     };
-    if Table::New.insert(&reverse_key, &reverse).is_err() {
+    if Table::New.insert::<F>(&key, &value).is_err() {
         return Err(Counter::CtCreateFailed);
     }
-    let forward = Ct4Value {
-        address_be: choice.address_be,
-        port_be: choice.port_be,
-        ..reverse
-    };
-    if Table::New.insert(&forward_key(pkt), &forward).is_err() {
+    key = forward_key(pkt);
+    value.address_be = choice.address_be;
+    value.port_be = choice.port_be;
+    if Table::New.insert::<F>(&key, &value).is_err() {
         return Err(Counter::CtCreateFailed);
     }
     Ok(())
@@ -364,29 +423,35 @@ pub fn create(pkt: &Packet, choice: &Choice, rev_nat_id: u32, now: u64) -> Resul
 /// translated flow: (frontend address, frontend port). The reply updates the flow's state; a
 /// UDP flow's first reply establishes it.
 #[inline(always)]
-pub fn reverse(pkt: &Packet, now: u64) -> Option<(u32, u16)> {
+pub fn reverse<F: Family>(pkt: &Packet<F::Addr>, now: u64) -> Option<(F::Addr, u16)> {
     let key = reply_key(pkt);
-    let found = find_alive(&key, now)?;
-    let ct = found.value;
+    let found = find_alive::<F>(&key, now)?;
+    let ct = found.value();
     let flags = ct.flags | CT_FLAG_SEEN_REPLY | tcp_flags_of(pkt, CT_FLAG_FIN_BACKEND);
     if found.table == Table::New && pkt.proto == IPPROTO_UDP {
-        establish(&found, &key, flags, ct.slot, now);
+        establish::<F>(&found, &key, flags, ct.slot, now);
     } else if flags != ct.flags || now.saturating_sub(ct.last_seen_ns) > REFRESH_NS {
-        touch(&found, &key, flags, ct.slot, now);
+        touch::<F>(&found, &key, flags, ct.slot, now);
     }
     Some((ct.address_be, ct.port_be))
+}
+
+/// [`replace_untranslated`] as a function of its own: see `Family::SPLIT_TC_FRAMES`.
+#[inline(never)]
+pub fn replace_untranslated_call<F: Family>(pkt: &Packet<F::Addr>) {
+    replace_untranslated::<F>(pkt)
 }
 
 /// `pkt` reached the node for an address that is not a frontend: kpr does not translate it.
 /// If it opens a connection (a TCP SYN; any UDP packet, as UDP has no opening) whose reply
 /// tuple is a translated flow's, that flow goes (see the module doc).
 #[inline(always)]
-pub fn replace_untranslated(pkt: &Packet) {
+pub fn replace_untranslated<F: Family>(pkt: &Packet<F::Addr>) {
     if !(pkt.proto == IPPROTO_UDP || pkt.is_tcp_syn()) {
         return;
     }
     // The replies of `pkt`'s connection: from its destination back to its source.
-    let key = Ct4Key::new(
+    let key: Key<F> = CtKey::new(
         pkt.daddr,
         pkt.dport,
         pkt.saddr,
@@ -394,8 +459,8 @@ pub fn replace_untranslated(pkt: &Packet) {
         pkt.proto,
         CT_DIR_REVERSE,
     );
-    if let Some(found) = find(&key) {
-        remove_flow(&found, &key);
+    if let Some(found) = find::<F>(&key) {
+        remove_flow::<F>(&found, &key);
         count(Counter::TcCtReplaced);
     }
 }

@@ -17,6 +17,7 @@
 mod conntrack;
 mod egress;
 mod events;
+mod family;
 mod packet;
 mod socklb;
 mod tc;
@@ -28,11 +29,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use kpr_common::{
-    Affinity4Key, Affinity4Value, AffinityExt4Key, Backend4Value, Backend6Value, Counter, Ct4Key,
-    Ct4Value, Service4Key, Service4Value, Service6Key, SockFwd4Key, SockFwd4Value, SockFwd6Key,
-    SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value, SrcRange4Key,
-    AFFINITY_MAP_MAX, BACKENDS_MAP_MAX, COUNTER_MAX, CT_MAP_MAX, CT_NEW_MAP_MAX, SERVICES_MAP_MAX,
-    SOCK_REVNAT_MAP_MAX, SRC_RANGE_MAP_MAX,
+    Affinity4Key, Affinity4Value, AffinityExt4Key, AffinityExt6Key, Backend4Value, Backend6Value,
+    Counter, Ct4Key, Ct4Value, Ct6Key, Ct6Value, Service4Key, Service4Value, Service6Key,
+    SockFwd4Key, SockFwd4Value, SockFwd6Key, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key,
+    SockRevNat6Value, SrcRange4Key, SrcRange6Key, AFFINITY_MAP_MAX, BACKENDS_MAP_MAX, COUNTER_MAX,
+    CT_MAP_MAX, CT_NEW_MAP_MAX, SERVICES_MAP_MAX, SOCK_REVNAT_MAP_MAX, SRC_RANGE_MAP_MAX,
 };
 
 // Map names must equal the `*_MAP` constants in kpr-common: the agent finds them by name.
@@ -91,6 +92,21 @@ static CONNTRACK_NEW: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(CT_NEW_M
 #[cfg_attr(feature = "variant", map(name = "KPR_AFFX4_V2"))]
 static AFFINITY_EXT: LruHashMap<AffinityExt4Key, Affinity4Value> =
     LruHashMap::pinned(AFFINITY_MAP_MAX, 0);
+
+// The IPv6 tc maps, as the IPv4 ones above.
+#[map(name = "KPR_CT6_V1")]
+static CONNTRACK6: HashMap<Ct6Key, Ct6Value> = HashMap::pinned(CT_MAP_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "KPR_CT6NEW_V1")]
+static CONNTRACK6_NEW: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(CT_NEW_MAP_MAX, 0);
+
+#[cfg_attr(not(feature = "variant"), map(name = "KPR_AFFX6_V1"))]
+#[cfg_attr(feature = "variant", map(name = "KPR_AFFX6_V2"))]
+static AFFINITY_EXT6: LruHashMap<AffinityExt6Key, Affinity4Value> =
+    LruHashMap::pinned(AFFINITY_MAP_MAX, 0);
+
+#[map(name = "KPR_LBSRC6_V1")]
+static SRC_RANGES6: LpmTrie<SrcRange6Key, u8> = LpmTrie::pinned(SRC_RANGE_MAP_MAX, 0);
 
 // Frontend rev-NAT id → its session-affinity group (see kpr-common).
 #[map(name = "KPR_AFFGRP_V1")]

@@ -38,22 +38,21 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{lpm_trie::Key, Array, HashMap},
+    maps::{Array, HashMap},
     programs::TcContext,
 };
 use kpr_common::{
-    Affinity4Value, AffinityExt4Key, Backend4Value, Counter, LocalNet4, Service4Key, Service4Value,
-    SrcRange4Key, KPR_MASQ_MARK, LOCAL_DETECT_CIDR, LOCAL_DETECT_INTERFACE, LOCAL_DETECT_NONE,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT,
-    SVC_FLAG_SOURCE_RANGES,
+    Affinity4Value, AffinityExtKey, Counter, LocalNet4, LocalNet6, Service4Value, KPR_MASQ_MARK,
+    LOCAL_DETECT_CIDR, LOCAL_DETECT_INTERFACE, LOCAL_DETECT_NONE, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
     affinity_group,
     conntrack::{self, Choice},
-    count, events,
-    packet::{self, End, Packet, Parsed},
-    AFFINITY_EXT, BACKENDS, SERVICES, SRC_RANGES,
+    count,
+    family::{Family, V4, V6},
+    packet::{self, End, Packet, Parsed, Wire},
 };
 
 /// What happens to a packet that is not dropped.
@@ -93,19 +92,43 @@ fn finish(r: Result<Verdict, Counter>) -> i32 {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
-    let pkt = match packet::parse(ctx) {
-        Parsed::Packet(p) => p,
-        Parsed::Fragment => return Ok(Verdict::PassCounted(Counter::TcFragment)),
-        Parsed::Other => return Ok(Verdict::Pass),
-    };
-    let Some((frontend_key, frontend)) = lookup_frontend(&pkt) else {
+    match packet::ip_version(ctx) {
+        Some(4) => ingress_family::<V4>(ctx),
+        Some(6) => ingress_family::<V6>(ctx),
+        _ => Ok(Verdict::Pass),
+    }
+}
+
+// Not inlined: each family's path gets its own stack frame (the verifier allows 512 bytes for
+// the whole call chain), instead of one frame holding both.
+#[inline(never)]
+fn ingress_family<F: Family>(ctx: &TcContext) -> Result<Verdict, Counter> {
+    // Matched by reference: moving the packet out would copy it (48 bytes for IPv6) within
+    // the same frame.
+    match &<F::Addr as Wire>::parse(ctx) {
+        Parsed::Packet(p) => ingress_packet::<F>(ctx, p),
+        Parsed::Fragment => Ok(Verdict::PassCounted(Counter::TcFragment)),
+        Parsed::Other => Ok(Verdict::Pass),
+    }
+}
+
+/// A frontend in one scope: (address, port, protocol, scope), as the services maps key it.
+type FrontendRef<A> = (A, u16, u8, u8);
+
+#[inline(always)]
+fn ingress_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result<Verdict, Counter> {
+    let Some((frontend_key, frontend)) = lookup_frontend::<F>(pkt) else {
         // Not translated, but its replies may look like a translated flow's.
-        conntrack::replace_untranslated(&pkt);
+        if F::SPLIT_TC_FRAMES {
+            conntrack::replace_untranslated_call::<F>(pkt);
+        } else {
+            conntrack::replace_untranslated::<F>(pkt);
+        }
         return Ok(Verdict::Pass);
     };
-    let r = translate(ctx, &pkt, &frontend_key, &frontend);
+    let r = translate::<F>(ctx, pkt, frontend_key, &frontend);
     if let Err(reason) = r {
-        events::flow_dropped(
+        F::flow_dropped(
             ctx,
             pkt.proto,
             (pkt.saddr, pkt.sport),
@@ -124,18 +147,17 @@ fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
 /// external scope is never served from its internal one here, and loopback addresses never
 /// (CVE-2020-8558: localhost NodePorts have an internal scope only).
 #[inline(always)]
-fn lookup_frontend(pkt: &Packet) -> Option<(Service4Key, Service4Value)> {
-    let external = Service4Key::scoped(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXTERNAL, 0);
-    // SAFETY: values are plain data, copied out at once.
-    if let Some(v) = unsafe { SERVICES.get(external) } {
-        return Some((external, *v));
+fn lookup_frontend<F: Family>(
+    pkt: &Packet<F::Addr>,
+) -> Option<(FrontendRef<F::Addr>, Service4Value)> {
+    if let Some(v) = F::service(pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXTERNAL, 0) {
+        return Some(((pkt.daddr, pkt.dport, pkt.proto, SCOPE_EXTERNAL), v));
     }
-    if kpr_common::is_loopback4_be(pkt.daddr) {
+    if F::is_loopback(pkt.daddr) {
         return None;
     }
-    let internal = Service4Key::scoped(pkt.daddr, pkt.dport, pkt.proto, SCOPE_INTERNAL, 0);
-    // SAFETY: as above.
-    unsafe { SERVICES.get(internal) }.map(|v| (internal, *v))
+    F::service(pkt.daddr, pkt.dport, pkt.proto, SCOPE_INTERNAL, 0)
+        .map(|v| ((pkt.daddr, pkt.dport, pkt.proto, SCOPE_INTERNAL), v))
 }
 
 /// Whether a new flow to `frontend_key` is source-NATed (marked for kpr's masquerade rule).
@@ -143,13 +165,13 @@ fn lookup_frontend(pkt: &Packet) -> Option<(Service4Key, Service4Value)> {
 /// kube-proxy's rule for its internal chain: `--masquerade-all`, or a source the local-traffic
 /// detector (`--detect-local-mode`) does not call local; with neither, not at all.
 #[inline(always)]
-fn masquerades(
+fn masquerades<F: Family>(
     ctx: &TcContext,
-    pkt: &Packet,
-    frontend_key: &Service4Key,
+    pkt: &Packet<F::Addr>,
+    scope: u8,
     frontend: &Service4Value,
 ) -> bool {
-    if frontend_key.scope == SCOPE_EXTERNAL {
+    if scope == SCOPE_EXTERNAL {
         return frontend.flags & (SVC_FLAG_EXT_LOCAL | SVC_FLAG_NO_SNAT) == 0;
     }
     // SAFETY: reads of read-only data set at load time.
@@ -163,11 +185,8 @@ fn masquerades(
         return true;
     }
     match detect {
-        LOCAL_DETECT_CIDR => match LOCAL_NET.get(0) {
-            Some(n) if n.set != 0 => pkt.saddr & n.mask_be != n.net_be,
-            // NodeCIDR before the Node has a pod CIDR: no detector yet.
-            _ => false,
-        },
+        // NodeCIDR before the Node has a pod CIDR (of this family): no detector yet.
+        LOCAL_DETECT_CIDR => F::local_source(pkt.saddr).is_some_and(|local| !local),
         LOCAL_DETECT_INTERFACE => {
             // A copy on the stack: the verifier takes no map key from the context.
             // SAFETY: the context is the kernel's __sk_buff for this run.
@@ -187,7 +206,10 @@ static KPR_MASQUERADE_ALL: u8 = 0;
 static KPR_LOCAL_DETECT: u8 = LOCAL_DETECT_NONE;
 
 #[map(name = "KPR_LOCNET4_V1")]
-static LOCAL_NET: Array<LocalNet4> = Array::with_max_entries(1, 0);
+pub static LOCAL_NET: Array<LocalNet4> = Array::with_max_entries(1, 0);
+
+#[map(name = "KPR_LOCNET6_V1")]
+pub static LOCAL_NET6: Array<LocalNet6> = Array::with_max_entries(1, 0);
 
 #[map(name = "KPR_LOCALDEV_V1")]
 static LOCAL_DEVS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
@@ -195,26 +217,18 @@ static LOCAL_DEVS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 /// Sends a packet to external frontend `frontend` on to its flow's backend (choosing one for
 /// a new flow), or drops it.
 #[inline(always)]
-fn translate(
+fn translate<F: Family>(
     ctx: &TcContext,
-    pkt: &Packet,
-    frontend_key: &Service4Key,
+    pkt: &Packet<F::Addr>,
+    frontend_key: FrontendRef<F::Addr>,
     frontend: &Service4Value,
 ) -> Result<Verdict, Counter> {
-    let pkt = *pkt;
     // loadBalancerSourceRanges come first: a client outside them learns nothing about the
     // service, not even whether it has endpoints.
-    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 {
-        let key = Key::new(
-            kpr_common::src_range_prefixlen(32),
-            SrcRange4Key {
-                rev_nat_id: frontend.rev_nat_id,
-                address_be: pkt.saddr,
-            },
-        );
-        if SRC_RANGES.get(&key).is_none() {
-            return Err(Counter::DropSourceRange);
-        }
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && !F::source_allowed(frontend.rev_nat_id, pkt.saddr)
+    {
+        return Err(Counter::DropSourceRange);
     }
 
     if frontend.count == 0 {
@@ -226,10 +240,18 @@ fn translate(
 
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let choice = match conntrack::lookup(&pkt, frontend_key, frontend.count, now) {
-        Some(c) => {
+    let known = if F::SPLIT_TC_FRAMES {
+        conntrack::lookup_call::<F>(pkt, &frontend_key, frontend.count, now)
+    } else {
+        conntrack::lookup::<F>(pkt, &frontend_key, frontend.count, now)
+    };
+    let choice = match known {
+        Some(k) => {
             count(Counter::TcCtReused);
-            c
+            if let Some(state) = k.establish {
+                conntrack::establish_new::<F>(pkt, &state, now);
+            }
+            k.choice
         }
         None => {
             // Only a SYN starts a TCP flow. A mid-stream segment without an entry (evicted, or
@@ -239,43 +261,109 @@ fn translate(
             if pkt.proto == kpr_common::IPPROTO_TCP && !pkt.is_tcp_syn() {
                 return Ok(Verdict::PassCounted(Counter::TcCtMissNotSyn));
             }
-            let (c, by_affinity) = select(ctx, &pkt, frontend_key, frontend, now)?;
-            conntrack::create(&pkt, &c, frontend.rev_nat_id, now)?;
-            events::flow_translated(
-                ctx,
-                pkt.proto,
-                (pkt.saddr, pkt.sport),
-                (pkt.daddr, pkt.dport),
-                (c.address_be, c.port_be),
-                frontend.rev_nat_id,
-                by_affinity,
-            );
-            c
+            let flow = NewFlow {
+                frontend_key,
+                frontend: *frontend,
+                now,
+            };
+            new_flow::<F>(ctx, pkt, &flow)?
         }
     };
 
-    packet::rewrite(ctx, &pkt, End::Dst, choice.address_be, choice.port_be)
-        .map_err(|_| Counter::DropRewrite)?;
+    if F::SPLIT_TC_FRAMES {
+        rewrite_call::<F>(ctx, pkt, End::Dst, &(choice.address_be, choice.port_be))?;
+    } else {
+        packet::rewrite(ctx, pkt, End::Dst, choice.address_be, choice.port_be)
+            .map_err(|_| Counter::DropRewrite)?;
+    }
     if choice.masq {
         packet::or_mark(ctx, KPR_MASQ_MARK);
     }
     Ok(Verdict::Translated(Counter::TcTranslated))
 }
 
+/// A new flow's frontend, as [`new_flow`] takes it (one pointer: BPF calls take at most five
+/// arguments).
+struct NewFlow<A> {
+    frontend_key: FrontendRef<A>,
+    frontend: Service4Value,
+    now: u64,
+}
+
+/// [`select`] as a function of its own (BPF-to-BPF call): see `Family::SPLIT_TC_FRAMES`.
+#[inline(never)]
+fn select_call<F: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    flow: &NewFlow<F::Addr>,
+) -> Result<(Choice<F::Addr>, bool), Counter> {
+    select::<F>(ctx, pkt, flow.frontend_key, &flow.frontend, flow.now)
+}
+
+/// [`conntrack::create`] as a function of its own: see `Family::SPLIT_TC_FRAMES`.
+#[inline(never)]
+fn create_call<F: Family>(
+    pkt: &Packet<F::Addr>,
+    choice: &Choice<F::Addr>,
+    flow: &NewFlow<F::Addr>,
+) -> Result<(), Counter> {
+    conntrack::create::<F>(pkt, choice, flow.frontend.rev_nat_id, flow.now)
+}
+
+/// [`packet::rewrite`] as a function of its own: see `Family::SPLIT_TC_FRAMES`.
+#[inline(never)]
+fn rewrite_call<F: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    end: End,
+    target: &(F::Addr, u16),
+) -> Result<(), Counter> {
+    packet::rewrite(ctx, pkt, end, target.0, target.1).map_err(|_| Counter::DropRewrite)
+}
+
+/// A new flow of `pkt`: its backend chosen and its conntrack entries written.
+#[inline(always)]
+fn new_flow<F: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    flow: &NewFlow<F::Addr>,
+) -> Result<Choice<F::Addr>, Counter> {
+    let (c, by_affinity) = if F::SPLIT_TC_FRAMES {
+        select_call::<F>(ctx, pkt, flow)?
+    } else {
+        select::<F>(ctx, pkt, flow.frontend_key, &flow.frontend, flow.now)?
+    };
+    if F::SPLIT_TC_FRAMES {
+        create_call::<F>(pkt, &c, flow)?;
+    } else {
+        conntrack::create::<F>(pkt, &c, flow.frontend.rev_nat_id, flow.now)?;
+    }
+    F::flow_translated(
+        ctx,
+        pkt.proto,
+        (pkt.saddr, pkt.sport),
+        (pkt.daddr, pkt.dport),
+        (c.address_be, c.port_be),
+        flow.frontend.rev_nat_id,
+        by_affinity,
+    );
+    Ok(c)
+}
+
 /// Chooses the backend of a new flow: the client's affinity backend if the frontend has
 /// session affinity and it is still valid (then also true), else a slot at random.
 #[inline(always)]
-fn select(
+fn select<F: Family>(
     ctx: &TcContext,
-    pkt: &Packet,
-    frontend_key: &Service4Key,
+    pkt: &Packet<F::Addr>,
+    (address, port_be, proto, scope): FrontendRef<F::Addr>,
     frontend: &Service4Value,
     now: u64,
-) -> Result<(Choice, bool), Counter> {
+) -> Result<(Choice<F::Addr>, bool), Counter> {
     let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
     // Keyed by the client's address: traffic from outside has a real one, which is what
     // kube-proxy's ClientIP affinity uses.
-    let affinity_key = AffinityExt4Key {
+    let affinity_key = AffinityExtKey {
         client_address_be: pkt.saddr,
         rev_nat_id: if affinity {
             affinity_group(frontend.rev_nat_id)
@@ -283,13 +371,11 @@ fn select(
             0
         },
     };
+    let holds = |slot: u16, backend_id: u32| matches!(F::service(address, port_be, proto, scope, slot), Some(v) if v.backend_id == backend_id);
     let mut chosen: Option<(u16, u32)> = None;
     let mut by_affinity = false;
-    let holds = crate::socklb::holds4(*frontend_key);
     if affinity {
-        // SAFETY: plain data, copied out at once.
-        if let Some(prev) = unsafe { AFFINITY_EXT.get(affinity_key) } {
-            let prev = *prev;
+        if let Some(prev) = F::affinity_ext(&affinity_key) {
             // Same semantics as the socket program: the timeout (slot 0's backend_id, in
             // seconds) runs from the client's last new connection to the frontend.
             let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
@@ -308,23 +394,21 @@ fn select(
         Some(c) => c,
         None => {
             // SAFETY: helper without preconditions.
-            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
+            let random = unsafe { bpf_get_prandom_u32() };
+            // count is not 0 here; checked_rem keeps a panic path (which the verifier
+            // rejects in a function of its own) out of the program.
+            let Some(pick) = random.checked_rem(u32::from(frontend.count)) else {
+                return Err(Counter::DropNoBackend);
+            };
             let slot = pick as u16 + 1;
-            let slot_key = Service4Key::scoped(
-                frontend_key.address_be,
-                frontend_key.port_be,
-                frontend_key.proto,
-                frontend_key.scope,
-                slot,
-            );
-            match unsafe { SERVICES.get(slot_key) } {
+            match F::service(address, port_be, proto, scope, slot) {
                 Some(v) => (slot, v.backend_id),
                 None => return Err(Counter::DropSlotMissing),
             }
         }
     };
-    let backend: Backend4Value = match unsafe { BACKENDS.get(backend_id) } {
-        Some(b) => *b,
+    let (backend_address, backend_port) = match F::backend(backend_id) {
+        Some(b) => b,
         None => return Err(Counter::DropBackendMissing),
     };
     if affinity {
@@ -334,32 +418,45 @@ fn select(
             slot,
             pad: 0,
         };
-        // Best effort: without the entry the client's next connection chooses anew.
-        let _ = AFFINITY_EXT.insert(affinity_key, v, 0);
+        F::set_affinity_ext(&affinity_key, &v);
     }
     let choice = Choice {
         backend_id,
         slot,
-        address_be: backend.address_be,
-        port_be: backend.port_be,
-        masq: masquerades(ctx, pkt, frontend_key, frontend),
+        address_be: backend_address,
+        port_be: backend_port,
+        masq: masquerades::<F>(ctx, pkt, scope, frontend),
     };
     Ok((choice, by_affinity))
 }
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Result<Verdict, Counter> {
-    let pkt = match packet::parse(ctx) {
+    match packet::ip_version(ctx) {
+        Some(4) => egress_family::<V4>(ctx),
+        Some(6) => egress_family::<V6>(ctx),
+        _ => Ok(Verdict::Pass),
+    }
+}
+
+#[inline(always)]
+fn egress_family<F: Family>(ctx: &TcContext) -> Result<Verdict, Counter> {
+    let pkt = match <F::Addr as Wire>::parse(ctx) {
         Parsed::Packet(p) => p,
         // Fragments of replies are not tracked either (see the module doc); not counted here,
         // to count each fragment once per node.
         Parsed::Fragment | Parsed::Other => return Ok(Verdict::Pass),
     };
+    egress_packet::<F>(ctx, pkt)
+}
+
+#[inline(never)]
+fn egress_packet<F: Family>(ctx: &TcContext, pkt: Packet<F::Addr>) -> Result<Verdict, Counter> {
     // netfilter undid the masquerade when the reply entered the node (nat prerouting), so a
     // reply reads backend → client here.
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some((address_be, port_be)) = conntrack::reverse(&pkt, now) else {
+    let Some((address_be, port_be)) = conntrack::reverse::<F>(&pkt, now) else {
         return Ok(Verdict::Pass);
     };
     packet::rewrite(ctx, &pkt, End::Src, address_be, port_be).map_err(|_| Counter::DropRewrite)?;

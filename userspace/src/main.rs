@@ -346,6 +346,10 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             pod_netns_dir: settings.pod_netns_dir.clone(),
             masquerade_all: settings.masquerade_all,
             local: local_detector(settings, Family::V4),
+            local6: match local_detector(settings, Family::V6) {
+                kpr::netfilter::plan::LocalDetector::Cidr(net) => Some(net),
+                _ => None,
+            },
             local_from_node: local_from_node(settings),
             drop_no_local_endpoints: !settings.reject_no_local_endpoints,
             masquerade_local_endpoints: settings.masquerade_local_endpoints,

@@ -1,7 +1,9 @@
 //! kpr's nftables table, programmed through netlink (libnftnl + libmnl, no `nft` binary).
 //!
-//! kpr owns exactly one table, `table ip kpr`, and never reads or writes any other. Every change
-//! is one nfnetlink batch, which the kernel applies atomically (all or nothing):
+//! kpr owns exactly one table per family, `table ip kpr` and `table ip6 kpr` (the same chains
+//! and rules, with `ip6 daddr` and `ipv6_addr` in the IPv6 one), and never reads or writes any
+//! other. Every change to a table is one nfnetlink batch, which the kernel applies atomically
+//! (all or nothing):
 //!
 //! ```text
 //! table ip kpr {
@@ -67,13 +69,14 @@
 //! namespace of the calling thread.
 use std::collections::BTreeSet;
 use std::ffi::{c_void, CStr};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::raw::c_char;
 
 use nftnl::nftnl_sys as sys;
 use nftnl::set::{Set, SetKey};
 use nftnl::{Chain, ChainType, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule, Table};
 
+use crate::model::Family;
 use crate::netfilter::nfnetlink::{
     NetlinkError, RawExpr, Transaction, ICMP_PORT_UNREACH, NFT_META_L4PROTO, NFT_META_MARK,
     NFT_MSG_DELSETELEM, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
@@ -81,7 +84,12 @@ use crate::netfilter::nfnetlink::{
     TYPE_INET_SERVICE, TYPE_IPADDR,
 };
 
-/// kpr's table (family ip).
+/// nft's `ipv6_addr` datatype.
+const TYPE_IP6ADDR: u32 = 8;
+/// ICMPv6 destination unreachable: port unreachable.
+const ICMPV6_PORT_UNREACH: u8 = 4;
+
+/// kpr's tables (families ip and ip6).
 pub const TABLE: &str = "kpr";
 pub const NAT_POSTROUTING_CHAIN: &str = "nat-postrouting";
 pub const FILTER_INPUT_CHAIN: &str = "filter-input";
@@ -112,11 +120,30 @@ const NFT_REG_2: u32 = 2;
 pub const MASQUERADE_PORTS: (u16, u16) = (32768, 65535);
 const NFT_REG32_01: u32 = 9;
 const NFT_REG32_02: u32 = 10;
+const NFT_REG32_04: u32 = 12;
+const NFT_REG32_05: u32 = 13;
 const NFT_REJECT_TCP_RST: u32 = 1;
 
 /// The no-endpoints set's key type as nft composes it (address . protocol . port).
 const NO_ENDPOINTS_KEY_TYPE: u32 =
     (((TYPE_IPADDR << TYPE_BITS) | TYPE_INET_PROTOCOL) << TYPE_BITS) | TYPE_INET_SERVICE;
+const NO_ENDPOINTS_KEY_TYPE6: u32 =
+    (((TYPE_IP6ADDR << TYPE_BITS) | TYPE_INET_PROTOCOL) << TYPE_BITS) | TYPE_INET_SERVICE;
+
+/// What differs between the ip and the ip6 table.
+fn proto_family(family: Family) -> ProtoFamily {
+    match family {
+        Family::V4 => ProtoFamily::Ipv4,
+        Family::V6 => ProtoFamily::Ipv6,
+    }
+}
+
+fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
 
 /// Errors of [`NftTable`] and [`delete_table`].
 #[derive(Debug, thiserror::Error)]
@@ -140,16 +167,19 @@ impl NftError {
 
 /// A Service frontend without endpoints: destination address, IP protocol number (6 TCP, 17
 /// UDP, 132 SCTP), destination port.
-pub type Frontend = (Ipv4Addr, u8, u16);
+pub type Frontend = (IpAddr, u8, u16);
 
-/// kpr's nftables table (`table ip kpr`), see the module doc.
+/// kpr's nftables tables (`table ip kpr`, `table ip6 kpr`), see the module doc.
 #[derive(Debug)]
 pub struct NftTable {
     mark: u32,
-    created: bool,
-    /// Whether the table as created has the masquerade (nat) chain.
-    masquerade: bool,
+    /// Per family (IPv4, IPv6): whether the table was created.
+    created: [bool; 2],
+    /// Whether the tables as created have the masquerade (nat) chain.
+    masquerade: [bool; 2],
 }
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
 impl NftTable {
     /// `mark`: the masquerade mark bit(s) the tc programs set ([`DEFAULT_MASQ_MARK`]). Nothing is
@@ -157,8 +187,8 @@ impl NftTable {
     pub fn new(mark: u32) -> NftTable {
         NftTable {
             mark,
-            created: false,
-            masquerade: true,
+            created: [false; 2],
+            masquerade: [true; 2],
         }
     }
 
@@ -184,51 +214,65 @@ impl NftTable {
         if self.mark == 0 {
             return Err(NftError::ZeroMark);
         }
-        let keys: BTreeSet<Key> = no_endpoints.iter().map(|&f| Key::from(f)).collect();
-        if self.created && self.masquerade != masquerade {
-            self.created = false;
-        }
-        if self.created {
-            match replace_elements(&keys) {
-                Ok(()) => return Ok(()),
-                // The table or the set was removed behind kpr's back: recreate it all.
-                Err(e) if e.errno() == Some(libc::ENOENT) => {
-                    tracing::warn!("nftables table ip {TABLE} vanished; recreating it: {e}");
-                }
-                Err(e) => return Err(e),
+        for (i, family) in FAMILIES.into_iter().enumerate() {
+            let keys: BTreeSet<Key> = no_endpoints
+                .iter()
+                .filter(|f| Family::of(f.0) == family)
+                .map(|&f| Key::from(f))
+                .collect();
+            if self.created[i] && self.masquerade[i] != masquerade {
+                self.created[i] = false;
             }
+            if self.created[i] {
+                match replace_elements(family, &keys) {
+                    Ok(()) => continue,
+                    // The table or the set was removed behind kpr's back: recreate it all.
+                    Err(e) if e.errno() == Some(libc::ENOENT) => {
+                        let f = family_name(family);
+                        tracing::warn!("nftables table {f} {TABLE} vanished; recreating it: {e}");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.created[i] = false;
+            create_table(family, self.mark, &keys, masquerade)?;
+            self.created[i] = true;
+            self.masquerade[i] = masquerade;
         }
-        self.created = false;
-        create_table(self.mark, &keys, masquerade)?;
-        self.created = true;
-        self.masquerade = masquerade;
         Ok(())
     }
 
-    /// Deletes kpr's table; true if it existed. A later [`NftTable::apply`] creates it again.
+    /// Deletes kpr's tables; true if one existed. A later [`NftTable::apply`] creates them
+    /// again.
     pub fn delete(&mut self) -> Result<bool, NftError> {
-        self.created = false;
+        self.created = [false; 2];
         delete_table()
     }
 }
 
-/// Deletes `table ip kpr` (in the calling thread's network namespace) and everything in it;
-/// true if it existed, false if there was none. Other tables are not touched.
+/// Deletes `table ip kpr` and `table ip6 kpr` (in the calling thread's network namespace) and
+/// everything in them; true if one existed, false if there was none. Other tables are not
+/// touched.
 pub fn delete_table() -> Result<bool, NftError> {
-    let table = Table::new(TABLE_C, ProtoFamily::Ipv4);
-    let mut txn = Transaction::new();
-    txn.add(&table, MsgType::Del, || format!("delete table ip {TABLE}"));
-    match txn.commit() {
-        Ok(()) => Ok(true),
-        Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
-        Err(e) => Err(e.into()),
+    let mut any = false;
+    for family in FAMILIES {
+        let table = Table::new(TABLE_C, proto_family(family));
+        let mut txn = Transaction::new();
+        let f = family_name(family);
+        txn.add(&table, MsgType::Del, || format!("delete table {f} {TABLE}"));
+        match txn.commit() {
+            Ok(()) => any = true,
+            Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ENOENT => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(any)
 }
 
 /// A set element, ordered for deduplication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Key {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     proto: u8,
     port: u16,
 }
@@ -243,23 +287,39 @@ impl SetKey for Key {
     const TYPE: u32 = NO_ENDPOINTS_KEY_TYPE;
     const LEN: u32 = 12;
 
+    /// The address, then the protocol and the port each padded to a register (4 bytes): 12
+    /// bytes for IPv4, 24 for IPv6 (the set's key type and length follow the family, see
+    /// [`no_endpoints_set`]).
     fn data(&self) -> Box<[u8]> {
-        let mut d = [0u8; 12];
-        d[..4].copy_from_slice(&self.addr.octets());
-        d[4] = self.proto;
-        d[8..10].copy_from_slice(&self.port.to_be_bytes());
-        Box::new(d)
+        let mut d = match self.addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        let at = d.len();
+        d.resize(at + 8, 0);
+        d[at] = self.proto;
+        d[at + 4..at + 6].copy_from_slice(&self.port.to_be_bytes());
+        d.into_boxed_slice()
     }
 }
 
 /// The set, holding `keys` (their messages come from [`add_elements`]).
-fn no_endpoints_set<'a>(table: &'a Table, keys: &BTreeSet<Key>) -> Set<'a, Key> {
+fn no_endpoints_set<'a>(family: Family, table: &'a Table, keys: &BTreeSet<Key>) -> Set<'a, Key> {
     let mut set = Set::new_named(
         NO_ENDPOINTS_SET_C,
         NO_ENDPOINTS_SET_ID,
         table,
-        ProtoFamily::Ipv4,
+        proto_family(family),
     );
+    if family == Family::V6 {
+        // nftnl's Set takes the key's type and length from SetKey's constants (IPv4's).
+        // SAFETY: the set object is alive; plain attribute setters.
+        unsafe {
+            let raw = set.as_ptr().as_ptr();
+            sys::nftnl_set_set_u32(raw, sys::NFTNL_SET_KEY_TYPE as u16, NO_ENDPOINTS_KEY_TYPE6);
+            sys::nftnl_set_set_u32(raw, sys::NFTNL_SET_KEY_LEN as u16, 24);
+        }
+    }
     for key in keys {
         set.add(key);
     }
@@ -271,15 +331,21 @@ fn describe(key: &Key) -> String {
 }
 
 /// One batch: the whole table, replacing any stale one.
-fn create_table(mark: u32, keys: &BTreeSet<Key>, masquerade: bool) -> Result<(), NftError> {
-    let table = Table::new(TABLE_C, ProtoFamily::Ipv4);
+fn create_table(
+    family: Family,
+    mark: u32,
+    keys: &BTreeSet<Key>,
+    masquerade: bool,
+) -> Result<(), NftError> {
+    let table = Table::new(TABLE_C, proto_family(family));
+    let f = family_name(family);
     let mut txn = Transaction::new();
     // `add` first so that `delete` cannot fail with ENOENT when there is no stale table.
-    txn.add(&table, MsgType::Add, || format!("add table ip {TABLE}"));
+    txn.add(&table, MsgType::Add, || format!("add table {f} {TABLE}"));
     txn.add(&table, MsgType::Del, || {
-        format!("delete table ip {TABLE} (stale)")
+        format!("delete table {f} {TABLE} (stale)")
     });
-    txn.add(&table, MsgType::Add, || format!("add table ip {TABLE}"));
+    txn.add(&table, MsgType::Add, || format!("add table {f} {TABLE}"));
 
     let mut nat = Chain::new(c"nat-postrouting", &table);
     nat.set_hook(Hook::PostRouting, PRIORITY_SRCNAT);
@@ -302,16 +368,16 @@ fn create_table(mark: u32, keys: &BTreeSet<Key>, masquerade: bool) -> Result<(),
     for chain in chains {
         txn.add(chain, MsgType::Add, || {
             format!(
-                "add chain ip {TABLE} {}",
+                "add chain {f} {TABLE} {}",
                 chain.get_name().to_string_lossy()
             )
         });
     }
 
     // The set message carries the set's definition only; the elements follow in their own.
-    let set = no_endpoints_set(&table, keys);
+    let set = no_endpoints_set(family, &table, keys);
     txn.add(&set, MsgType::Add, || {
-        format!("add set ip {TABLE} {NO_ENDPOINTS_SET}")
+        format!("add set {f} {TABLE} {NO_ENDPOINTS_SET}")
     });
     add_elements(&mut txn, &set, keys);
 
@@ -323,36 +389,39 @@ fn create_table(mark: u32, keys: &BTreeSet<Key>, masquerade: bool) -> Result<(),
     if masquerade {
         for rule in &masq {
             txn.add(rule, MsgType::Add, || {
-                format!("add rule ip {TABLE} {NAT_POSTROUTING_CHAIN} (masquerade)")
+                format!("add rule {f} {TABLE} {NAT_POSTROUTING_CHAIN} (masquerade)")
             });
         }
     }
     let rules = [&input, &forward].map(|chain| {
         (
             chain.get_name().to_string_lossy().into_owned(),
-            reject_rules(chain, &set),
+            reject_rules(family, chain, &set),
         )
     });
     for (chain, [tcp, other]) in &rules {
         txn.add(tcp, MsgType::Add, || {
-            format!("add rule ip {TABLE} {chain} (reject with tcp reset)")
+            format!("add rule {f} {TABLE} {chain} (reject with tcp reset)")
         });
         txn.add(other, MsgType::Add, || {
-            format!("add rule ip {TABLE} {chain} (reject)")
+            format!("add rule {f} {TABLE} {chain} (reject)")
         });
     }
     Ok(txn.commit()?)
 }
 
 /// One batch: flush the set, add the elements.
-fn replace_elements(keys: &BTreeSet<Key>) -> Result<(), NftError> {
-    let table = Table::new(TABLE_C, ProtoFamily::Ipv4);
+fn replace_elements(family: Family, keys: &BTreeSet<Key>) -> Result<(), NftError> {
+    let table = Table::new(TABLE_C, proto_family(family));
     let mut txn = Transaction::new();
-    let empty = no_endpoints_set(&table, &BTreeSet::new());
+    let empty = no_endpoints_set(family, &table, &BTreeSet::new());
     txn.add(&FlushSet(&empty), MsgType::Del, || {
-        format!("flush set ip {TABLE} {NO_ENDPOINTS_SET}")
+        format!(
+            "flush set {} {TABLE} {NO_ENDPOINTS_SET}",
+            family_name(family)
+        )
     });
-    let set = no_endpoints_set(&table, keys);
+    let set = no_endpoints_set(family, &table, keys);
     add_elements(&mut txn, &set, keys);
     Ok(txn.commit()?)
 }
@@ -364,7 +433,7 @@ fn add_elements(txn: &mut Transaction, set: &Set<'_, Key>, keys: &BTreeSet<Key>)
     }
     let (first, last) = (keys.first().unwrap(), keys.last().unwrap());
     let what = format!(
-        "add element ip {TABLE} {NO_ENDPOINTS_SET} ({} elements, {} .. {})",
+        "add element kpr table {TABLE} {NO_ENDPOINTS_SET} ({} elements, {} .. {})",
         keys.len(),
         describe(first),
         describe(last)
@@ -413,21 +482,26 @@ fn masquerade_rule<'a>(chain: &'a Chain<'a>, mark: u32, proto: Option<u8>) -> Ru
 
 /// `meta l4proto tcp <lookup> reject with tcp reset` and `<lookup> reject` (ICMP
 /// port-unreachable), where `<lookup>` is `ip daddr . meta l4proto . th dport @no-endpoints`.
-fn reject_rules<'a>(chain: &'a Chain<'a>, set: &Set<'_, Key>) -> [Rule<'a>; 2] {
+fn reject_rules<'a>(family: Family, chain: &'a Chain<'a>, set: &Set<'_, Key>) -> [Rule<'a>; 2] {
+    // ip daddr -> reg 1 (bytes 0..4), meta l4proto -> reg 9, th dport -> reg 10; ip6 daddr
+    // fills reg 1 (16 bytes, 32-bit registers 8..11), so the others go to 12 and 13.
+    let (daddr_off, daddr_len, proto_reg, port_reg, unreach) = match family {
+        Family::V4 => (16, 4, NFT_REG32_01, NFT_REG32_02, ICMP_PORT_UNREACH),
+        Family::V6 => (24, 16, NFT_REG32_04, NFT_REG32_05, ICMPV6_PORT_UNREACH),
+    };
     let lookup = |rule: &mut Rule| {
-        // ip daddr -> reg 1 (bytes 0..4), meta l4proto -> reg 9, th dport -> reg 10.
         rule.add_expr(&RawExpr::payload(
             NFT_PAYLOAD_NETWORK_HEADER,
-            16,
-            4,
+            daddr_off,
+            daddr_len,
             NFT_REG_1,
         ));
-        rule.add_expr(&RawExpr::meta_load(NFT_META_L4PROTO, NFT_REG32_01));
+        rule.add_expr(&RawExpr::meta_load(NFT_META_L4PROTO, proto_reg));
         rule.add_expr(&RawExpr::payload(
             NFT_PAYLOAD_TRANSPORT_HEADER,
             2,
             2,
-            NFT_REG32_02,
+            port_reg,
         ));
         rule.add_expr(&RawExpr::lookup(NFT_REG_1, set.get_name(), set.get_id()));
     };
@@ -439,7 +513,7 @@ fn reject_rules<'a>(chain: &'a Chain<'a>, set: &Set<'_, Key>) -> [Rule<'a>; 2] {
     let _ = tcp.set_comment(c"kpr: TCP to a Service without endpoints");
     let mut other = Rule::new(chain);
     lookup(&mut other);
-    other.add_expr(&RawExpr::reject(NFT_REJECT_ICMP_UNREACH, ICMP_PORT_UNREACH));
+    other.add_expr(&RawExpr::reject(NFT_REJECT_ICMP_UNREACH, unreach));
     let _ = other.set_comment(c"kpr: traffic to a Service without endpoints");
     [tcp, other]
 }
@@ -463,17 +537,15 @@ unsafe impl NlMsg for FlushSet<'_> {
     }
 }
 
-/// IPv4 frontends with no endpoint at all, as (address, protocol, port): the `no-endpoints`
-/// set, whose traffic kpr's table rejects (kube-proxy's "has no endpoints" REJECT).
-pub fn frontends_without_endpoints(state: &crate::model::DesiredState) -> Vec<(Ipv4Addr, u8, u16)> {
+/// Frontends of both families with no endpoint at all, as (address, protocol, port): the
+/// `no-endpoints` sets, whose traffic kpr's tables reject (kube-proxy's "has no endpoints"
+/// REJECT).
+pub fn frontends_without_endpoints(state: &crate::model::DesiredState) -> Vec<Frontend> {
     state
         .services
         .iter()
         .filter(|(_, s)| s.backends.is_empty() && s.external_backends.is_empty())
-        .filter_map(|(f, _)| match f.ip {
-            std::net::IpAddr::V4(ip) => Some((ip, f.protocol.number(), f.port)),
-            std::net::IpAddr::V6(_) => None,
-        })
+        .map(|(f, _)| (f.ip, f.protocol.number(), f.port))
         .collect()
 }
 
@@ -500,8 +572,17 @@ mod tests {
 
     #[test]
     fn key_layout_pads_each_field_to_a_register() {
-        let k = Key::from((Ipv4Addr::new(10, 0, 0, 1), 6, 8080));
+        let k = Key::from(("10.0.0.1".parse().unwrap(), 6, 8080));
         assert_eq!(&*k.data(), &[10, 0, 0, 1, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        // IPv6: the 16-byte address, then the same two padded fields (24 bytes, the set's
+        // key length in the ip6 table).
+        let k = Key::from(("fd00::1".parse().unwrap(), 17, 53));
+        let d = k.data();
+        assert_eq!(d.len(), 24);
+        assert_eq!(&d[..2], &[0xfd, 0x00]);
+        assert_eq!(&d[16..], &[17, 0, 0, 0, 0, 53, 0, 0]);
+        // `type ipv6_addr . inet_proto . inet_service`: 8 . 12 . 13.
+        assert_eq!(NO_ENDPOINTS_KEY_TYPE6, ((8 << 6 | 12) << 6) | 13);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -306,12 +306,12 @@ fn apply_creates_the_table_chains_set_and_rules() {
     ns.run(|| {
         NftTable::new(DEFAULT_MASQ_MARK)
             .apply(&[
-                (Ipv4Addr::new(10, 96, 0, 1), TCP, 80),
-                (Ipv4Addr::new(10, 96, 0, 2), UDP, 53),
-                (Ipv4Addr::new(10, 96, 0, 2), TCP, 53),
-                (Ipv4Addr::new(192, 168, 7, 9), 132, 3868),
+                (IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), TCP, 80),
+                (IpAddr::V4(Ipv4Addr::new(10, 96, 0, 2)), UDP, 53),
+                (IpAddr::V4(Ipv4Addr::new(10, 96, 0, 2)), TCP, 53),
+                (IpAddr::V4(Ipv4Addr::new(192, 168, 7, 9)), 132, 3868),
                 // A duplicate is one element.
-                (Ipv4Addr::new(10, 96, 0, 1), TCP, 80),
+                (IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), TCP, 80),
             ])
             .unwrap()
     });
@@ -341,8 +341,8 @@ fn apply_creates_the_table_chains_set_and_rules() {
 fn later_applies_replace_the_elements_in_place() {
     require();
     let ns = Netns::new();
-    let a = Ipv4Addr::new(10, 96, 0, 1);
-    let b = Ipv4Addr::new(10, 96, 0, 2);
+    let a = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
+    let b = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 2));
     let mut table = NftTable::new(DEFAULT_MASQ_MARK);
     ns.run(|| table.apply(&[(a, TCP, 80), (b, TCP, 443)]).unwrap());
     let first = ns.kpr_table().unwrap();
@@ -407,7 +407,7 @@ fn first_apply_replaces_a_stale_table() {
     );
     ns.run(|| {
         NftTable::new(DEFAULT_MASQ_MARK)
-            .apply(&[(Ipv4Addr::new(10, 2, 2, 2), TCP, 2)])
+            .apply(&[(IpAddr::V4(Ipv4Addr::new(10, 2, 2, 2)), TCP, 2)])
             .unwrap()
     });
     let json = ns.kpr_table().unwrap();
@@ -424,7 +424,13 @@ fn many_elements_in_one_transaction() {
     require();
     let ns = Netns::new();
     let many: Vec<_> = (0..40_000u32)
-        .map(|i| (Ipv4Addr::from(0x0a60_0000 + i), TCP, 80 + (i % 3) as u16))
+        .map(|i| {
+            (
+                IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i)),
+                TCP,
+                80 + (i % 3) as u16,
+            )
+        })
         .collect();
     let mut table = NftTable::new(DEFAULT_MASQ_MARK);
     ns.run(|| table.apply(&many).unwrap());
@@ -446,7 +452,7 @@ fn other_tables_are_left_alone_and_delete_removes_only_kprs() {
     let mut table = NftTable::new(DEFAULT_MASQ_MARK);
     ns.run(|| {
         table
-            .apply(&[(Ipv4Addr::new(10, 96, 0, 1), TCP, 80)])
+            .apply(&[(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), TCP, 80)])
             .unwrap();
         table.apply(&[]).unwrap();
     });
@@ -483,7 +489,8 @@ fn netlink_errors_carry_the_code() {
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Two namespaces joined by a veth: client 10.250.0.1/24, node 10.250.0.2/24.
+/// Two namespaces joined by a veth: client 10.250.0.1/24 and fd00:250::1/64, node
+/// 10.250.0.2/24 and fd00:250::2/64 (without duplicate address detection: usable at once).
 struct Pair {
     client: Netns,
     node: Netns,
@@ -500,6 +507,8 @@ impl Pair {
         client.ip(&["link", "set", "veth-c", "up"]);
         node.ip(&["addr", "add", "10.250.0.2/24", "dev", "veth-n"]);
         node.ip(&["link", "set", "veth-n", "up"]);
+        client.ip(&["addr", "add", "fd00:250::1/64", "dev", "veth-c", "nodad"]);
+        node.ip(&["addr", "add", "fd00:250::2/64", "dev", "veth-n", "nodad"]);
         Pair { client, node }
     }
 }
@@ -541,7 +550,7 @@ fn tcp_to_a_frontend_without_endpoints_is_refused_at_once() {
     let mut table = NftTable::new(DEFAULT_MASQ_MARK);
     pair.node.run(|| {
         table
-            .apply(&[(Ipv4Addr::new(10, 250, 0, 2), TCP, 8080)])
+            .apply(&[(IpAddr::V4(Ipv4Addr::new(10, 250, 0, 2)), TCP, 8080)])
             .unwrap()
     });
     let Err((kind, took)) = connect_from(&pair.client, server) else {
@@ -579,7 +588,7 @@ fn udp_to_a_frontend_without_endpoints_gets_port_unreachable() {
     let mut table = NftTable::new(DEFAULT_MASQ_MARK);
     pair.node.run(|| {
         table
-            .apply(&[(Ipv4Addr::new(10, 250, 0, 2), UDP, 5353)])
+            .apply(&[(IpAddr::V4(Ipv4Addr::new(10, 250, 0, 2)), UDP, 5353)])
             .unwrap()
     });
     sender.send(b"ping").unwrap();
@@ -592,6 +601,64 @@ fn udp_to_a_frontend_without_endpoints_gets_port_unreachable() {
     let (n, from) = receiver.recv_from(&mut buf).expect("datagram arrives");
     assert_eq!(&buf[..n], b"ping");
     assert_eq!(from.ip(), Ipv4Addr::new(10, 250, 0, 1));
+}
+
+#[test]
+fn ipv6_frontends_without_endpoints_are_refused_by_the_ip6_table() {
+    require();
+    let pair = Pair::new();
+    let server: SocketAddr = "[fd00:250::2]:8080".parse().unwrap();
+    let listener = pair.node.run(|| TcpListener::bind(server).unwrap());
+    connect_from(&pair.client, server).expect("connect without kpr's table");
+    accept_one(&listener);
+    let dns: SocketAddr = "[fd00:250::2]:5353".parse().unwrap();
+    let _receiver = pair.node.run(|| std::net::UdpSocket::bind(dns).unwrap());
+    let sender = pair.client.run(|| {
+        let s = std::net::UdpSocket::bind("[fd00:250::1]:0").unwrap();
+        s.connect(dns).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    });
+
+    let mut table = NftTable::new(DEFAULT_MASQ_MARK);
+    let v4 = IpAddr::V4(Ipv4Addr::new(10, 250, 0, 2));
+    pair.node.run(|| {
+        table
+            .apply(&[
+                (server.ip(), TCP, 8080),
+                (dns.ip(), UDP, 5353),
+                // The IPv4 element goes to the ip table, not the ip6 one.
+                (v4, TCP, 8080),
+            ])
+            .unwrap()
+    });
+    let Err((kind, took)) = connect_from(&pair.client, server) else {
+        panic!("connected although the IPv6 frontend has no endpoints");
+    };
+    assert_eq!(kind, ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_secs(1), "refused only after {took:?}");
+    sender.send(b"ping").unwrap();
+    let err = sender.recv(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "ICMPv6 port unreachable: {err}"
+    );
+    let v6 = pair.node.exec(&["nft", "list", "table", "ip6", "kpr"]);
+    let v6 = String::from_utf8_lossy(&v6.stdout);
+    assert!(v6.contains("fd00:250::2 . tcp . 8080"), "{v6}");
+    assert!(!v6.contains("10.250.0.2"), "{v6}");
+    assert!(pair
+        .node
+        .kpr_table_text()
+        .contains("10.250.0.2 . tcp . 8080"));
+
+    pair.node.run(|| table.apply(&[]).unwrap());
+    connect_from(&pair.client, server).expect("connect after the element was removed");
+    assert_eq!(
+        accept_one(&listener).ip(),
+        "fd00:250::1".parse::<IpAddr>().unwrap()
+    );
 }
 
 /// client (10.250.1.1) -- router (10.250.1.2 | 10.250.2.2) -- server (10.250.2.1); kpr's table
@@ -715,7 +782,7 @@ fn marked_traffic_is_masqueraded_and_unmarked_and_forward_rejects() {
     // Forwarded traffic to a frontend without endpoints: refused (filter-forward).
     net.router.run(|| {
         table
-            .apply(&[(Ipv4Addr::new(10, 250, 2, 1), TCP, 8080)])
+            .apply(&[(IpAddr::V4(Ipv4Addr::new(10, 250, 2, 1)), TCP, 8080)])
             .unwrap()
     });
     let Err((kind, took)) = connect_from(&net.client, server) else {

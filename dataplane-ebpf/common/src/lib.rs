@@ -67,7 +67,11 @@ pub const SOCK_REVNAT6_MAP: &str = "KPR_SKNAT6_V1";
 pub const SOCK_FWD6_MAP: &str = "KPR_SKFWD6_V1";
 /// Every map this build pins, by name (the agent checks a pin directory against it: a pin of
 /// another layout version is migrated or refused, never silently shadowed).
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 20] = [
+    CT6_MAP,
+    CT6_NEW_MAP,
+    SRC_RANGE6_MAP,
+    AFFINITY_EXT6_MAP,
     SERVICES6_MAP,
     BACKENDS6_MAP,
     SOCK_REVNAT6_MAP,
@@ -130,12 +134,17 @@ pub const LOCAL_DETECT_INTERFACE: u8 = 2;
 /// 0: none (yet), nothing is local.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LocalNet4 {
+pub struct LocalNet<A> {
     /// Network and mask, network byte order.
-    pub net_be: u32,
-    pub mask_be: u32,
+    pub net_be: A,
+    pub mask_be: A,
     pub set: u32,
 }
+pub type LocalNet4 = LocalNet<u32>;
+/// [`LOCAL_NET6_MAP`]'s value.
+pub type LocalNet6 = LocalNet<[u32; 4]>;
+/// The IPv6 local CIDR ([`LocalNet6`] at index 0), as [`LOCAL_NET_MAP`] for IPv4.
+pub const LOCAL_NET6_MAP: &str = "KPR_LOCNET6_V1";
 
 /// The datapath events' per-CPU rate limit ([`EventRate`]). Not pinned: a new agent starts
 /// a new window.
@@ -617,9 +626,9 @@ pub struct EventRate {
 /// it (backend → client). All fields in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ct4Key {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+pub struct CtKey<A> {
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
@@ -631,13 +640,25 @@ pub struct Ct4Key {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REVERSE: u8 = 1;
 
-impl Ct4Key {
+/// The IPv4 conntrack key ([`CT_MAP`], [`CT_NEW_MAP`]).
+pub type Ct4Key = CtKey<u32>;
+/// The IPv6 conntrack key ([`CT6_MAP`], [`CT6_NEW_MAP`]).
+pub type Ct6Key = CtKey<[u32; 4]>;
+/// The IPv4 conntrack value: the address is 4 bytes, 7 of padding keep it 8-byte aligned.
+pub type Ct4Value = CtValue<u32, [u8; 7]>;
+/// The IPv6 conntrack value: a 16-byte address and 11 bytes of padding.
+pub type Ct6Value = CtValue<[u32; 4], [u8; 11]>;
+/// IPv6 north-south conntrack, as [`CT_MAP`] and [`CT_NEW_MAP`] for IPv4.
+pub const CT6_MAP: &str = "KPR_CT6_V1";
+pub const CT6_NEW_MAP: &str = "KPR_CT6NEW_V1";
+
+impl<A> CtKey<A> {
     /// The key of a packet from `saddr_be:sport_be` to `daddr_be:dport_be` in direction `dir`
     /// ([`CT_DIR_FORWARD`] or [`CT_DIR_REVERSE`]); all in network byte order.
     pub const fn new(
-        saddr_be: u32,
+        saddr_be: A,
         sport_be: u16,
-        daddr_be: u32,
+        daddr_be: A,
         dport_be: u16,
         proto: u8,
         dir: u8,
@@ -663,20 +684,21 @@ impl Ct4Key {
 /// either direction refreshes both, as one netfilter conntrack entry covers both directions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct Ct4Value {
+pub struct CtValue<A, P> {
     /// bpf_ktime_get_ns() when the flow was created or last refreshed (refreshed at most about
     /// once a second, to keep writes off the per-packet path). The entry expires
     /// [`CtTimeouts::lifetime_s`] after it.
     pub last_seen_ns: u64,
     pub backend_id: u32,
     pub rev_nat_id: u32,
-    pub address_be: u32,
+    pub address_be: A,
     pub port_be: u16,
     /// Forward entry: the service slot the backend was in (checked first on reuse).
     pub slot: u16,
     /// [`CT_FLAG_*`](CT_FLAG_MASQ) bits.
     pub flags: u8,
-    pub pad: [u8; 7],
+    /// Explicit padding to the next multiple of 8 (the family's alias fixes its size).
+    pub pad: P,
 }
 
 /// The flow is masqueraded (externalTrafficPolicy: Cluster): its packets get [`KPR_MASQ_MARK`].
@@ -762,9 +784,9 @@ impl Default for CtTimeouts {
 /// which keys by network namespace), which is what kube-proxy's ClientIP affinity keys by.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AffinityExt4Key {
-    /// Client IPv4 address, network byte order.
-    pub client_address_be: u32,
+pub struct AffinityExtKey<A> {
+    /// Client address, network byte order.
+    pub client_address_be: A,
     /// The frontend's affinity group, as in [`Affinity4Key`].
     pub rev_nat_id: u32,
 }
@@ -777,11 +799,23 @@ pub struct AffinityExt4Key {
 /// its prefix bits come first.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SrcRange4Key {
+pub struct SrcRangeKey<A> {
     pub rev_nat_id: u32,
-    /// Client network IPv4 address, network byte order.
-    pub address_be: u32,
+    /// Client network address, network byte order.
+    pub address_be: A,
 }
+pub type SrcRange4Key = SrcRangeKey<u32>;
+/// The IPv6 trie's key ([`SRC_RANGE6_MAP`]): `prefixlen = 32 + CIDR prefix length` as well.
+pub type SrcRange6Key = SrcRangeKey<[u32; 4]>;
+/// loadBalancerSourceRanges of IPv6 frontends, as [`SRC_RANGE_MAP`].
+pub const SRC_RANGE6_MAP: &str = "KPR_LBSRC6_V1";
+pub type AffinityExt4Key = AffinityExtKey<u32>;
+pub type AffinityExt6Key = AffinityExtKey<[u32; 4]>;
+/// Session affinity of IPv6 clients outside the node, as [`AFFINITY_EXT_MAP`].
+#[cfg(not(feature = "variant"))]
+pub const AFFINITY_EXT6_MAP: &str = "KPR_AFFX6_V1";
+#[cfg(feature = "variant")]
+pub const AFFINITY_EXT6_MAP: &str = "KPR_AFFX6_V2";
 
 /// `prefixlen` of a [`SrcRange4Key`] for a CIDR of `prefix` bits.
 pub const fn src_range_prefixlen(prefix: u8) -> u32 {
@@ -793,6 +827,11 @@ pub const fn src_range_prefixlen(prefix: u8) -> u32 {
 const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
 const _: () = assert!(core::mem::size_of::<Service4Value>() == 12);
 const _: () = assert!(core::mem::size_of::<Service6Key>() == 24);
+const _: () = assert!(core::mem::size_of::<Ct6Key>() == 40);
+const _: () = assert!(core::mem::size_of::<Ct6Value>() == 48);
+const _: () = assert!(core::mem::size_of::<AffinityExt6Key>() == 20);
+const _: () = assert!(core::mem::size_of::<SrcRange6Key>() == 20);
+const _: () = assert!(core::mem::size_of::<LocalNet6>() == 36);
 const _: () = assert!(core::mem::size_of::<Backend6Value>() == 20);
 const _: () = assert!(core::mem::size_of::<SockRevNat6Key>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevNat6Value>() == 24);
@@ -828,6 +867,11 @@ mod user {
     // byte pattern the kernel hands back is a valid value.
     unsafe impl aya::Pod for Service4Key {}
     unsafe impl aya::Pod for Service6Key {}
+    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for Ct6Value {}
+    unsafe impl aya::Pod for AffinityExt6Key {}
+    unsafe impl aya::Pod for SrcRange6Key {}
+    unsafe impl aya::Pod for LocalNet6 {}
     unsafe impl aya::Pod for Backend6Value {}
     unsafe impl aya::Pod for SockRevNat6Key {}
     unsafe impl aya::Pod for SockRevNat6Value {}

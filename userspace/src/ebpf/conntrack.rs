@@ -7,8 +7,28 @@ use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData};
 use kpr_common::{
-    Ct4Key, Ct4Value, CtTimeouts, CT_FLAG_SEEN_REPLY, CT_MAP, CT_MAP_MAX, CT_MAP_V1, CT_NEW_MAP,
+    Ct4Key, Ct4Value, CtKey, CtTimeouts, CtValue, CT_FLAG_SEEN_REPLY, CT_MAP, CT_MAP_MAX, CT_MAP_V1,
 };
+
+/// An address of a family's conntrack maps (`u32`, `[u32; 4]`) with the padding of its value:
+/// what [`ConntrackMaps`] needs of a family.
+pub trait CtFamily: Copy + Ord + std::hash::Hash + std::fmt::Debug + 'static {
+    type Pad: Copy + PartialEq + std::fmt::Debug + 'static;
+}
+
+impl CtFamily for u32 {
+    type Pad = [u8; 7];
+}
+
+impl CtFamily for [u32; 4] {
+    type Pad = [u8; 11];
+}
+
+/// The IPv4 and IPv6 conntrack maps.
+pub type Conntrack4 = ConntrackMaps<u32>;
+pub type Conntrack6 = ConntrackMaps<[u32; 4]>;
+type Key<A> = CtKey<A>;
+type Value<A> = CtValue<A, <A as CtFamily>::Pad>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
@@ -96,28 +116,46 @@ pub struct SweepStats {
     pub stale: u64,
 }
 
-/// Handles on the two conntrack maps.
-pub struct ConntrackMaps {
-    established: HashMap<MapData, Ct4Key, Ct4Value>,
-    new: HashMap<MapData, Ct4Key, Ct4Value>,
+impl std::ops::Add for SweepStats {
+    type Output = SweepStats;
+
+    /// Both families' passes together.
+    fn add(self, o: SweepStats) -> SweepStats {
+        SweepStats {
+            established: self.established + o.established,
+            new: self.new + o.new,
+            expired: self.expired + o.expired,
+            stale: self.stale + o.stale,
+        }
+    }
+}
+
+/// Handles on the two conntrack maps of one family.
+pub struct ConntrackMaps<A: CtFamily> {
+    established: HashMap<MapData, Key<A>, Value<A>>,
+    new: HashMap<MapData, Key<A>, Value<A>>,
     established_max: u32,
     new_max: u32,
     timeouts: CtTimeouts,
 }
 
-impl ConntrackMaps {
+impl<A: CtFamily> ConntrackMaps<A>
+where
+    Key<A>: aya::Pod,
+    Value<A>: aya::Pod + PartialEq,
+{
+    /// The family's two maps, by name (`names`: established, new) for errors.
     pub fn new(
-        established: Map,
-        new: Map,
+        (established, new): (Map, Map),
+        names: (&'static str, &'static str),
         established_max: u32,
         new_max: u32,
         timeouts: CtTimeouts,
     ) -> Result<Self, ConntrackError> {
         Ok(Self {
             established: HashMap::try_from(established)
-                .map_err(|e| ConntrackError::Map(CT_MAP, e.to_string()))?,
-            new: HashMap::try_from(new)
-                .map_err(|e| ConntrackError::Map(CT_NEW_MAP, e.to_string()))?,
+                .map_err(|e| ConntrackError::Map(names.0, e.to_string()))?,
+            new: HashMap::try_from(new).map_err(|e| ConntrackError::Map(names.1, e.to_string()))?,
             established_max,
             new_max,
             timeouts,
@@ -129,7 +167,7 @@ impl ConntrackMaps {
     }
 
     /// Every entry of both maps (established first), for tests and diagnostics.
-    pub fn entries(&self) -> Vec<(Ct4Key, Ct4Value)> {
+    pub fn entries(&self) -> Vec<(Key<A>, Value<A>)> {
         let mut out = walk(&self.established, self.established_max);
         out.extend(walk(&self.new, self.new_max));
         out
@@ -147,7 +185,7 @@ impl ConntrackMaps {
     /// The first half of [`Self::sweep`]: the walk, and what it would remove. Deleting while
     /// walking would restart the walk (the kernel's next-key of a deleted key starts over):
     /// collect, then delete.
-    pub fn plan_sweep(&self, live_backends: Option<&HashSet<u32>>, now_ns: u64) -> SweepPlan {
+    pub fn plan_sweep(&self, live_backends: Option<&HashSet<u32>>, now_ns: u64) -> SweepPlan<A> {
         let mut plan = SweepPlan::default();
         for (established, map, max) in [
             (true, &self.established, self.established_max),
@@ -187,7 +225,7 @@ impl ConntrackMaps {
     /// would leave the new connection's next packet without its flow, and the node's stack
     /// would answer it with a reset. Each entry is re-read just before its delete, which
     /// shrinks the window from the walk's length to one lookup.
-    pub fn apply_sweep(&mut self, plan: SweepPlan) -> SweepStats {
+    pub fn apply_sweep(&mut self, plan: SweepPlan<A>) -> SweepStats {
         let mut stats = SweepStats {
             established: plan.kept.0,
             new: plan.kept.1,
@@ -220,14 +258,23 @@ impl ConntrackMaps {
 }
 
 /// What a garbage-collection walk found ([`ConntrackMaps::plan_sweep`]).
-#[derive(Debug, Default)]
-pub struct SweepPlan {
-    doomed: Vec<Doomed>,
+#[derive(Debug)]
+pub struct SweepPlan<A: CtFamily> {
+    doomed: Vec<Doomed<A>>,
     /// Entries kept in the established and the new-flows map.
     kept: (u64, u64),
 }
 
-impl SweepPlan {
+impl<A: CtFamily> Default for SweepPlan<A> {
+    fn default() -> Self {
+        SweepPlan {
+            doomed: Vec::new(),
+            kept: (0, 0),
+        }
+    }
+}
+
+impl<A: CtFamily> SweepPlan<A> {
     /// How many entries the walk found to remove.
     pub fn len(&self) -> usize {
         self.doomed.len()
@@ -239,17 +286,22 @@ impl SweepPlan {
 }
 
 #[derive(Debug)]
-struct Doomed {
+struct Doomed<A: CtFamily> {
     established: bool,
-    key: Ct4Key,
+    key: Key<A>,
     /// The value the walk saw: the entry goes only if it still holds it.
-    seen: Ct4Value,
+    seen: Value<A>,
     expired: bool,
 }
 
 /// Whether the entry outlived its lifetime at `now_ns` (the datapath's rule: `last_seen_ns`
 /// ahead of `now_ns` counts as just seen).
-pub fn expired(timeouts: &CtTimeouts, key: &Ct4Key, v: &Ct4Value, now_ns: u64) -> bool {
+pub fn expired<A, P>(
+    timeouts: &CtTimeouts,
+    key: &CtKey<A>,
+    v: &CtValue<A, P>,
+    now_ns: u64,
+) -> bool {
     let lifetime_ns = u64::from(timeouts.lifetime_s(key.proto, v.flags)) * 1_000_000_000;
     now_ns.saturating_sub(v.last_seen_ns) > lifetime_ns
 }
@@ -265,7 +317,11 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn walk(map: &HashMap<MapData, Ct4Key, Ct4Value>, max: u32) -> Vec<(Ct4Key, Ct4Value)> {
+fn walk<A: CtFamily>(map: &HashMap<MapData, Key<A>, Value<A>>, max: u32) -> Vec<(Key<A>, Value<A>)>
+where
+    Key<A>: aya::Pod,
+    Value<A>: aya::Pod,
+{
     let mut out = Vec::new();
     // An LRU map may evict the key an iteration stands on, which restarts the walk from the
     // first key: bound it.

@@ -4,16 +4,16 @@
 //! pinned maps; tests drive a fake that checks the datapath's invariant after every single
 //! write and can inject failures (see `sync.rs`). The same syncer code runs against both.
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::BTreeSet;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError};
 use kpr_common::{
     src_range_prefixlen, Backend4Value, Backend6Value, Service4Key, Service4Value, Service6Key,
-    SrcRange4Key, SRC_RANGE_MAP,
+    SrcRange4Key, SrcRange6Key, SRC_RANGE6_MAP, SRC_RANGE_MAP,
 };
 
 /// A services-map key of either family: the IPv4 map's or the IPv6 map's. The value
@@ -93,13 +93,13 @@ pub trait LbMaps {
     /// `SVC_FLAG_SOURCE_RANGES`, so write them before setting that flag and delete them after
     /// clearing it (or after deleting slot 0); otherwise allowed clients are dropped meanwhile.
     /// The default does nothing (maps without the LPM trie, test fakes).
-    fn put_source_ranges(&mut self, rev_nat_id: u32, ranges: &[Ipv4Net]) -> Result<(), MapOpError> {
+    fn put_source_ranges(&mut self, rev_nat_id: u32, ranges: &[IpNet]) -> Result<(), MapOpError> {
         let _ = (rev_nat_id, ranges);
         Ok(())
     }
 
     /// Every source-range entry: (rev_nat_id, network), for restoring state.
-    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, IpNet)>, MapOpError> {
         Ok(Vec::new())
     }
 
@@ -132,45 +132,90 @@ pub struct AyaLbMaps {
     pub(super) affinity_groups: HashMap<MapData, u32, u32>,
 }
 
-/// The loadBalancerSourceRanges LPM trie (`KPR_LBSRC4_V1`).
+/// The loadBalancerSourceRanges LPM tries, one per family (`KPR_LBSRC4_V1`, `KPR_LBSRC6_V1`).
 pub struct SrcRangeMap {
     pub(super) map: LpmTrie<MapData, SrcRange4Key, u8>,
+    pub(super) map6: LpmTrie<MapData, SrcRange6Key, u8>,
 }
 
 impl SrcRangeMap {
-    /// (rev_nat_id, network) of every entry.
-    pub fn dump(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
-        self.map
-            .keys()
-            .map(|key| {
-                key.map(|k| src_range_of(&k))
-                    .map_err(|e| op_error("dump", SRC_RANGE_MAP, e))
-            })
-            .collect()
+    /// (rev_nat_id, network) of every entry, IPv4 first.
+    pub fn dump(&self) -> Result<Vec<(u32, IpNet)>, MapOpError> {
+        let mut out = Vec::new();
+        for key in self.map.keys() {
+            let (id, net) = key
+                .map(|k| src_range_of(&k))
+                .map_err(|e| op_error("dump", SRC_RANGE_MAP, e))?;
+            out.push((id, IpNet::V4(net)));
+        }
+        for key in self.map6.keys() {
+            let (id, net) = key
+                .map(|k| src_range6_of(&k))
+                .map_err(|e| op_error("dump", SRC_RANGE6_MAP, e))?;
+            out.push((id, IpNet::V6(net)));
+        }
+        Ok(out)
     }
 
     /// Makes the entries of `rev_nat_id` exactly `ranges` (host bits are cleared: a range is
     /// a network). Adds before it deletes, so a client allowed before and after never sees a
     /// gap.
-    pub fn set(&mut self, rev_nat_id: u32, ranges: &[Ipv4Net]) -> Result<(), MapOpError> {
-        let want: BTreeSet<Ipv4Net> = ranges.iter().map(Ipv4Net::trunc).collect();
-        let have: BTreeSet<Ipv4Net> = self
+    pub fn set(&mut self, rev_nat_id: u32, ranges: &[IpNet]) -> Result<(), MapOpError> {
+        let want: BTreeSet<IpNet> = ranges.iter().map(IpNet::trunc).collect();
+        let have: BTreeSet<IpNet> = self
             .dump()?
             .into_iter()
             .filter(|(id, _)| *id == rev_nat_id)
             .map(|(_, net)| net)
             .collect();
         for net in want.difference(&have) {
-            self.map
-                .insert(&src_range_key(rev_nat_id, *net), 1, 0)
-                .map_err(|e| op_error("update", SRC_RANGE_MAP, e))?;
+            match *net {
+                IpNet::V4(n) => self
+                    .map
+                    .insert(&src_range_key(rev_nat_id, n), 1, 0)
+                    .map_err(|e| op_error("update", SRC_RANGE_MAP, e))?,
+                IpNet::V6(n) => self
+                    .map6
+                    .insert(&src_range6_key(rev_nat_id, n), 1, 0)
+                    .map_err(|e| op_error("update", SRC_RANGE6_MAP, e))?,
+            }
         }
         for net in have.difference(&want) {
-            absent_ok(self.map.remove(&src_range_key(rev_nat_id, *net)))
-                .map_err(|e| op_error("delete", SRC_RANGE_MAP, e))?;
+            match *net {
+                IpNet::V4(n) => absent_ok(self.map.remove(&src_range_key(rev_nat_id, n)))
+                    .map_err(|e| op_error("delete", SRC_RANGE_MAP, e))?,
+                IpNet::V6(n) => absent_ok(self.map6.remove(&src_range6_key(rev_nat_id, n)))
+                    .map_err(|e| op_error("delete", SRC_RANGE6_MAP, e))?,
+            }
         }
         Ok(())
     }
+}
+
+/// [`src_range_key`] for IPv6: the address as `[u32; 4]` in network byte order.
+fn src_range6_key(rev_nat_id: u32, net: Ipv6Net) -> LpmKey<SrcRange6Key> {
+    let o = net.network().octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    LpmKey::new(
+        src_range_prefixlen(net.prefix_len()),
+        SrcRange6Key {
+            rev_nat_id,
+            address_be: [word(0), word(4), word(8), word(12)],
+        },
+    )
+}
+
+/// (rev_nat_id, network) of a key [`src_range6_key`] wrote.
+pub(crate) fn src_range6_of(key: &LpmKey<SrcRange6Key>) -> (u32, Ipv6Net) {
+    let data = key.data();
+    let prefix = key.prefix_len().saturating_sub(32).min(128) as u8;
+    let mut o = [0u8; 16];
+    for (i, w) in data.address_be.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let addr = Ipv6Addr::from(o);
+    let net = Ipv6Net::new(addr, prefix).unwrap_or_else(|_| Ipv6Net::from(addr));
+    (data.rev_nat_id, net)
 }
 
 /// The trie key of `net` among frontend `rev_nat_id`'s ranges: the id is matched in full
@@ -282,11 +327,11 @@ impl LbMaps for AyaLbMaps {
         }
     }
 
-    fn put_source_ranges(&mut self, rev_nat_id: u32, ranges: &[Ipv4Net]) -> Result<(), MapOpError> {
+    fn put_source_ranges(&mut self, rev_nat_id: u32, ranges: &[IpNet]) -> Result<(), MapOpError> {
         self.src_ranges.set(rev_nat_id, ranges)
     }
 
-    fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
+    fn dump_source_ranges(&self) -> Result<Vec<(u32, IpNet)>, MapOpError> {
         self.src_ranges.dump()
     }
 
@@ -324,6 +369,17 @@ mod tests {
         assert_eq!(src_range_of(&k), (7, net("203.0.113.0/24")));
         for s in ["0.0.0.0/0", "203.0.113.77/32", "10.0.0.0/8"] {
             assert_eq!(src_range_of(&src_range_key(1, net(s))), (1, net(s)));
+        }
+        let net6 = |s: &str| s.parse::<Ipv6Net>().unwrap();
+        let k = src_range6_key(9, net6("2001:db8:1::77/48"));
+        assert_eq!(k.prefix_len(), 80);
+        assert_eq!(
+            k.data().address_be[0].to_ne_bytes(),
+            [0x20, 0x01, 0x0d, 0xb8]
+        );
+        assert_eq!(src_range6_of(&k), (9, net6("2001:db8:1::/48")));
+        for s in ["::/0", "fd00::1/128"] {
+            assert_eq!(src_range6_of(&src_range6_key(1, net6(s))), (1, net6(s)));
         }
     }
 }

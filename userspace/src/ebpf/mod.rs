@@ -24,11 +24,11 @@ use aya::programs::{CgroupAttachMode, CgroupSkbAttachType};
 use aya::{Ebpf, EbpfLoader};
 use kpr_common::{
     SockRevNat4Key, SockRevNat4Value, AFFINITY_GROUP_MAP, BACKENDS_MAP, COUNTERS_MAP, COUNTER_MAX,
-    CT_MAP, CT_NEW_MAP, IPPROTO_UDP, SERVICES_MAP, SOCK_CHECK_GATE_MAP, SOCK_REVNAT_MAP,
-    SRC_RANGE_MAP,
+    CT6_MAP, CT6_NEW_MAP, CT_MAP, CT_NEW_MAP, IPPROTO_UDP, SERVICES_MAP, SOCK_CHECK_GATE_MAP,
+    SOCK_REVNAT_MAP, SRC_RANGE_MAP,
 };
 
-use self::conntrack::{ConntrackConfig, ConntrackError, ConntrackMaps, SweepStats};
+use self::conntrack::{Conntrack4, Conntrack6, ConntrackConfig, ConntrackError, SweepStats};
 use self::maps::{AyaLbMaps, LbMaps, MapOpError, SrcRangeMap};
 use self::sync::{LbSyncer, SyncError, SyncStats};
 use self::tc::TcLinks;
@@ -116,6 +116,9 @@ pub struct EbpfConfig {
     pub masquerade_all: bool,
     /// The local-traffic detector (`--detect-local-mode`) for IPv4.
     pub local: crate::netfilter::plan::LocalDetector,
+    /// Its IPv6 CIDR (ClusterCIDR with an IPv6 `--cluster-cidr`); interface detectors are
+    /// `local`'s for both families.
+    pub local6: Option<ipnet::IpNet>,
     /// NodeCIDR: `local` follows the Node's pod CIDRs (refreshed on each sync).
     pub local_from_node: bool,
     /// Drop, as kube-proxy does, rather than refuse at connect() calls to a ClusterIP with
@@ -152,7 +155,8 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     syncer: LbSyncer<AyaLbMaps>,
     counters: PerCpuArray<MapData, u64>,
-    conntrack: ConntrackMaps,
+    conntrack: Conntrack4,
+    conntrack6: Conntrack6,
     /// The last garbage collection's figures (for the occupancy report).
     last_sweep: SweepStats,
     /// Entries the garbage collection removed since start: (expired, of backends that left).
@@ -182,6 +186,7 @@ pub struct EbpfDataplane {
     /// The local CIDR of the ClusterCIDR/NodeCIDR detectors (`LOCAL_NET_MAP`) and whether
     /// it follows the Node (NodeCIDR).
     local_net: Array<MapData, kpr_common::LocalNet4>,
+    local_net6: Array<MapData, kpr_common::LocalNet6>,
     local_from_node: bool,
     /// The interface detectors' local tc devices (`LOCAL_DEV_MAP`), and the detector.
     local_devs: HashMap<MapData, u32, u8>,
@@ -237,6 +242,8 @@ impl EbpfDataplane {
             .map_max_entries(BACKENDS_MAP, map_size(cfg.lb_capacity.backends))
             .map_max_entries(CT_MAP, ct.established_entries())
             .map_max_entries(CT_NEW_MAP, ct.new_entries())
+            .map_max_entries(CT6_MAP, ct.established_entries())
+            .map_max_entries(CT6_NEW_MAP, ct.new_entries())
             .override_global("CT_TIMEOUTS", &ct.timeouts, true)
             .override_global("KPR_DATAPATH_EVENTS", &u8::from(cfg.datapath_events), true)
             .override_global("KPR_HOST_NETNS_COOKIE", &host_netns_cookie, true)
@@ -332,6 +339,12 @@ impl EbpfDataplane {
             set_local_net(&mut local_net, Some(*net))
                 .map_err(|e| EbpfError::Map(kpr_common::LOCAL_NET_MAP, e.to_string()))?;
         }
+        let mut local_net6 = Array::try_from(take_map(&mut ebpf, kpr_common::LOCAL_NET6_MAP)?)
+            .map_err(|e| EbpfError::Map(kpr_common::LOCAL_NET6_MAP, e.to_string()))?;
+        if cfg.local6.is_some() {
+            set_local_net6(&mut local_net6, cfg.local6)
+                .map_err(|e| EbpfError::Map(kpr_common::LOCAL_NET6_MAP, e.to_string()))?;
+        }
         let mut local_devs: HashMap<MapData, u32, u8> =
             HashMap::try_from(take_map(&mut ebpf, kpr_common::LOCAL_DEV_MAP)?)
                 .map_err(|e| EbpfError::Map(kpr_common::LOCAL_DEV_MAP, e.to_string()))?;
@@ -347,21 +360,38 @@ impl EbpfDataplane {
                 .map(|i| i.max_entries())
                 .unwrap_or(wanted)
         };
-        let conntrack = ConntrackMaps::new(
-            take_map(&mut ebpf, CT_MAP)?,
-            take_map(&mut ebpf, CT_NEW_MAP)?,
+        let conntrack = Conntrack4::new(
+            (
+                take_map(&mut ebpf, CT_MAP)?,
+                take_map(&mut ebpf, CT_NEW_MAP)?,
+            ),
+            (CT_MAP, CT_NEW_MAP),
             pinned_size(CT_MAP, ct.established_entries()),
             pinned_size(CT_NEW_MAP, ct.new_entries()),
+            ct.timeouts,
+        )?;
+        let conntrack6 = Conntrack6::new(
+            (
+                take_map(&mut ebpf, CT6_MAP)?,
+                take_map(&mut ebpf, CT6_NEW_MAP)?,
+            ),
+            (CT6_MAP, CT6_NEW_MAP),
+            pinned_size(CT6_MAP, ct.established_entries()),
+            pinned_size(CT6_NEW_MAP, ct.new_entries()),
             ct.timeouts,
         )?;
         let src_ranges = SrcRangeMap {
             map: LpmTrie::try_from(take_map(&mut ebpf, SRC_RANGE_MAP)?)
                 .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e.to_string()))?,
+            map6: LpmTrie::try_from(take_map(&mut ebpf, kpr_common::SRC_RANGE6_MAP)?)
+                .map_err(|e| EbpfError::Map(kpr_common::SRC_RANGE6_MAP, e.to_string()))?,
         };
-        // The same trie again, for set_source_ranges (aya's map handles are not shareable).
+        // The same tries again, for set_source_ranges (aya's map handles are not shareable).
         let src_ranges_again = SrcRangeMap {
             map: maps::open_pinned(&cfg.pin_dir.join(SRC_RANGE_MAP))
                 .map_err(|e| EbpfError::Map(SRC_RANGE_MAP, e))?,
+            map6: maps::open_pinned(&cfg.pin_dir.join(kpr_common::SRC_RANGE6_MAP))
+                .map_err(|e| EbpfError::Map(kpr_common::SRC_RANGE6_MAP, e))?,
         };
         let affinity_groups = HashMap::try_from(take_map(&mut ebpf, AFFINITY_GROUP_MAP)?)
             .map_err(|e| EbpfError::Map(AFFINITY_GROUP_MAP, e.to_string()))?;
@@ -394,6 +424,7 @@ impl EbpfDataplane {
             syncer,
             counters,
             conntrack,
+            conntrack6,
             last_sweep: SweepStats::default(),
             swept_total: (0, 0),
             src_ranges: src_ranges_again,
@@ -408,10 +439,12 @@ impl EbpfDataplane {
             sock_check_gate,
             cluster_ip_masquerade: cfg.masquerade_all
                 || cfg.local.is_implemented()
+                || cfg.local6.is_some()
                 || cfg.local_from_node,
             drop_no_local_endpoints: cfg.drop_no_local_endpoints,
             masquerade_local_endpoints: cfg.masquerade_local_endpoints,
             local_net,
+            local_net6,
             local_from_node: cfg.local_from_node,
             local_devs,
             local: cfg.local.clone(),
@@ -477,7 +510,7 @@ impl EbpfDataplane {
     pub fn set_source_ranges(
         &mut self,
         rev_nat_id: u32,
-        ranges: &[ipnet::Ipv4Net],
+        ranges: &[ipnet::IpNet],
     ) -> Result<(), MapOpError> {
         self.src_ranges.set(rev_nat_id, ranges)
     }
@@ -506,9 +539,9 @@ impl EbpfDataplane {
     /// replies from a removed backend being shown as the frontend). It walks both maps: call it
     /// after syncs that removed backends, or on the full-sync period, not on every sync.
     pub fn purge_conntrack(&mut self, live_backend_ids: &HashSet<u32>) -> usize {
-        let s = self
-            .conntrack
-            .sweep(Some(live_backend_ids), conntrack::monotonic_ns());
+        let now = conntrack::monotonic_ns();
+        let s = self.conntrack.sweep(Some(live_backend_ids), now)
+            + self.conntrack6.sweep(Some(live_backend_ids), now);
         self.record_sweep(s);
         (s.stale + s.expired) as usize
     }
@@ -522,7 +555,8 @@ impl EbpfDataplane {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        let s = self.conntrack.sweep(Some(&live), conntrack::monotonic_ns());
+        let now = conntrack::monotonic_ns();
+        let s = self.conntrack.sweep(Some(&live), now) + self.conntrack6.sweep(Some(&live), now);
         self.record_sweep(s);
         Ok(s)
     }
@@ -530,19 +564,19 @@ impl EbpfDataplane {
     /// Removes the conntrack entries that are expired at `now_ns` (CLOCK_MONOTONIC), as the
     /// periodic garbage collection does.
     pub fn expire_conntrack(&mut self, now_ns: u64) -> SweepStats {
-        let s = self.conntrack.sweep(None, now_ns);
+        let s = self.conntrack.sweep(None, now_ns) + self.conntrack6.sweep(None, now_ns);
         self.record_sweep(s);
         s
     }
 
     /// [`Self::expire_conntrack`] in its two halves (the walk, then the deletes), for tests of
     /// what the datapath does in between.
-    pub fn plan_conntrack_expiry(&self, now_ns: u64) -> conntrack::SweepPlan {
+    pub fn plan_conntrack_expiry(&self, now_ns: u64) -> conntrack::SweepPlan<u32> {
         self.conntrack.plan_sweep(None, now_ns)
     }
 
     /// The second half: see [`conntrack::ConntrackMaps::apply_sweep`].
-    pub fn apply_conntrack_sweep(&mut self, plan: conntrack::SweepPlan) -> SweepStats {
+    pub fn apply_conntrack_sweep(&mut self, plan: conntrack::SweepPlan<u32>) -> SweepStats {
         let s = self.conntrack.apply_sweep(plan);
         self.record_sweep(s);
         s
@@ -556,12 +590,17 @@ impl EbpfDataplane {
 
     /// Number of conntrack entries in both maps (a walk: for tests and diagnostics).
     pub fn conntrack_entries(&self) -> usize {
-        self.conntrack.entries().len()
+        self.conntrack.entries().len() + self.conntrack6.entries().len()
     }
 
-    /// The conntrack maps (for tests and diagnostics).
-    pub fn conntrack(&self) -> &ConntrackMaps {
+    /// The IPv4 conntrack maps (for tests and diagnostics).
+    pub fn conntrack(&self) -> &Conntrack4 {
         &self.conntrack
+    }
+
+    /// The IPv6 conntrack maps (for tests and diagnostics).
+    pub fn conntrack6(&self) -> &Conntrack6 {
+        &self.conntrack6
     }
 
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats, SyncError> {
@@ -678,6 +717,8 @@ fn prepare_pins(pin_dir: &Path, ct: &ConntrackConfig) -> Result<(), EbpfError> {
     for (name, wanted) in [
         (CT_MAP, ct.established_entries()),
         (CT_NEW_MAP, ct.new_entries()),
+        (CT6_MAP, ct.established_entries()),
+        (CT6_NEW_MAP, ct.new_entries()),
     ] {
         if let Ok(info) = MapInfo::from_pin(pin_dir.join(name)) {
             if info.max_entries() != wanted {
@@ -730,7 +771,9 @@ fn local_detect_mode(cfg: &EbpfConfig) -> u8 {
     match &cfg.local {
         LocalDetector::Interface { .. } => kpr_common::LOCAL_DETECT_INTERFACE,
         LocalDetector::Cidr(_) => kpr_common::LOCAL_DETECT_CIDR,
-        LocalDetector::None if cfg.local_from_node => kpr_common::LOCAL_DETECT_CIDR,
+        LocalDetector::None if cfg.local_from_node || cfg.local6.is_some() => {
+            kpr_common::LOCAL_DETECT_CIDR
+        }
         LocalDetector::None => kpr_common::LOCAL_DETECT_NONE,
     }
 }
@@ -751,6 +794,30 @@ fn set_local_net(
     map.set(0, value, 0).map_err(|e| MapOpError {
         op: "set",
         map: kpr_common::LOCAL_NET_MAP,
+        detail: e.to_string(),
+    })
+}
+
+/// Writes the detector's IPv6 CIDR (None: none, nothing local).
+fn set_local_net6(
+    map: &mut Array<MapData, kpr_common::LocalNet6>,
+    net: Option<ipnet::IpNet>,
+) -> Result<(), MapOpError> {
+    let words = |o: [u8; 16]| -> [u32; 4] {
+        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        [w(0), w(4), w(8), w(12)]
+    };
+    let value = match net {
+        Some(ipnet::IpNet::V6(n)) => kpr_common::LocalNet6 {
+            net_be: words(n.network().octets()),
+            mask_be: words(n.netmask().octets()),
+            set: 1,
+        },
+        _ => kpr_common::LocalNet6::default(),
+    };
+    map.set(0, value, 0).map_err(|e| MapOpError {
+        op: "set",
+        map: kpr_common::LOCAL_NET6_MAP,
         detail: e.to_string(),
     })
 }
@@ -828,6 +895,12 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
                 ipnet::IpNet::V6(_) => None,
             });
             set_local_net(&mut self.local_net, net).map_err(crate::ebpf::sync::SyncError::from)?;
+            let net6 = desired.node_pod_cidrs.iter().find_map(|c| match c {
+                ipnet::IpNet::V6(v6) => Some(ipnet::IpNet::V6(v6.trunc())),
+                ipnet::IpNet::V4(_) => None,
+            });
+            set_local_net6(&mut self.local_net6, net6)
+                .map_err(crate::ebpf::sync::SyncError::from)?;
         }
         let stats = if full {
             self.full_sync(desired)?

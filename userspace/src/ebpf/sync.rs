@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use kpr_common::{
     Backend4Value, Backend6Value, Service4Key, Service4Value, Service6Key, SCOPE_EXTERNAL,
@@ -143,7 +143,7 @@ struct WantFrontend {
     flags: u8,
     affinity_timeout_s: u32,
     /// loadBalancerSourceRanges (external scope of LoadBalancer frontends only), sorted.
-    source_ranges: Vec<Ipv4Net>,
+    source_ranges: Vec<IpNet>,
 }
 
 /// A backend as the maps describe it.
@@ -196,7 +196,7 @@ struct ProgrammedFrontend {
     count: u16,
     flags: u8,
     affinity_timeout_s: u32,
-    source_ranges: Vec<Ipv4Net>,
+    source_ranges: Vec<IpNet>,
     /// Every slot > 0 present in the map → backend id (may include slots beyond `count` after
     /// a restore from maps left by an interrupted sync).
     slots: BTreeMap<u16, u32>,
@@ -308,7 +308,7 @@ impl<M: LbMaps> LbSyncer<M> {
                 f.slots.insert(k.backend_slot(), v.backend_id);
             }
         }
-        let mut ranges: HashMap<u32, Vec<Ipv4Net>> = HashMap::new();
+        let mut ranges: HashMap<u32, Vec<IpNet>> = HashMap::new();
         for (rev, net) in self.maps.dump_source_ranges()? {
             ranges.entry(rev).or_default().push(net);
         }
@@ -488,7 +488,7 @@ impl<M: LbMaps> LbSyncer<M> {
         // kube-proxy's firewall also lets the Service's own LoadBalancer IPs in as sources when
         // the node's IP is inside the ranges (traffic a cloud's LB hairpins back, or from a
         // host process bound to an LB IP assigned on the node).
-        let lb_ips_allowed: BTreeMap<&ServicePortName, Vec<Ipv4Net>> = desired
+        let lb_ips_allowed: BTreeMap<&ServicePortName, Vec<IpNet>> = desired
             .service_ports
             .iter()
             .filter(|p| {
@@ -499,10 +499,7 @@ impl<M: LbMaps> LbSyncer<M> {
                 })
             })
             .map(|p| {
-                let ips = p.load_balancer_ips.iter().filter_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(Ipv4Net::from(*v4)),
-                    IpAddr::V6(_) => None,
-                });
+                let ips = p.load_balancer_ips.iter().map(|ip| IpNet::from(*ip));
                 (&p.name, ips.collect())
             })
             .collect();
@@ -532,25 +529,26 @@ impl<M: LbMaps> LbSyncer<M> {
                 ),
                 None => (SVC_FLAG_NONE, 0),
             };
-            let mut source_ranges: Vec<Ipv4Net> = state
+            // The model keeps only this frontend's family's ranges.
+            let mut source_ranges: Vec<IpNet> = state
                 .load_balancer_source_ranges
                 .iter()
-                .filter_map(|net| match net {
-                    IpNet::V4(v4) => Some(v4.trunc()),
-                    IpNet::V6(_) => None,
-                })
+                .map(IpNet::trunc)
                 .collect();
             if !source_ranges.is_empty() {
-                source_ranges.extend(lb_ips_allowed.get(&state.name).into_iter().flatten());
+                source_ranges.extend(
+                    lb_ips_allowed
+                        .get(&state.name)
+                        .into_iter()
+                        .flatten()
+                        .filter(|net| net.addr().is_ipv4() == frontend.ip.is_ipv4()),
+                );
             }
             source_ranges.sort();
             source_ranges.dedup();
-            // IPv6 ranges are not in the (IPv4) trie: the flag without entries makes the
-            // socket path refuse every client of such a frontend (it cannot check them), never
-            // let one through unchecked.
-            let range_flag = if source_ranges.is_empty()
-                && (frontend.ip.is_ipv4() || state.load_balancer_source_ranges.is_empty())
-            {
+            // (The socket path checks IPv6 frontends' ranges for no client on the node yet: it
+            // refuses them all, never lets one through unchecked.)
+            let range_flag = if source_ranges.is_empty() {
                 SVC_FLAG_NONE
             } else {
                 SVC_FLAG_SOURCE_RANGES
@@ -861,7 +859,7 @@ mod tests {
         fail_at: Option<usize>,
         /// A full map refuses new keys, as the kernel's does (E2BIG).
         max: Option<Capacity>,
-        src_ranges: BTreeMap<u32, Vec<Ipv4Net>>,
+        src_ranges: BTreeMap<u32, Vec<IpNet>>,
         affinity_groups: BTreeMap<u32, u32>,
     }
 
@@ -933,7 +931,7 @@ mod tests {
         fn put_source_ranges(
             &mut self,
             rev_nat_id: u32,
-            ranges: &[Ipv4Net],
+            ranges: &[IpNet],
         ) -> Result<(), MapOpError> {
             self.op()?;
             if ranges.is_empty() {
@@ -956,7 +954,7 @@ mod tests {
         fn dump_affinity_groups(&self) -> Result<Vec<(u32, u32)>, MapOpError> {
             Ok(self.affinity_groups.iter().map(|(k, v)| (*k, *v)).collect())
         }
-        fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>, MapOpError> {
+        fn dump_source_ranges(&self) -> Result<Vec<(u32, IpNet)>, MapOpError> {
             Ok(self
                 .src_ranges
                 .iter()
@@ -1526,14 +1524,14 @@ mod tests {
         };
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         s.sync(&d).unwrap();
-        let only: Vec<Ipv4Net> = vec!["192.168.0.0/24".parse().unwrap()];
+        let only: Vec<IpNet> = vec!["192.168.0.0/24".parse().unwrap()];
         assert_eq!(ranges(&s, SCOPE_INTERNAL), only);
         assert_eq!(ranges(&s, SCOPE_EXTERNAL), only);
         assert!(s.has_socket_checks());
         // The node's IP inside the ranges: the LB IP is an allowed source too (allowFromNode).
         d.node_ip = Some("192.168.0.7".parse().unwrap());
         s.sync(&d).unwrap();
-        let with_lb: Vec<Ipv4Net> = vec![
+        let with_lb: Vec<IpNet> = vec![
             "192.168.0.0/24".parse().unwrap(),
             "203.0.113.60/32".parse().unwrap(),
         ];

@@ -167,6 +167,7 @@ impl Env {
                 pod_netns_dir: None,
                 masquerade_all: false,
                 local: kpr::netfilter::plan::LocalDetector::None,
+                local6: None,
                 local_from_node: false,
                 drop_no_local_endpoints: false,
                 masquerade_local_endpoints: false,
