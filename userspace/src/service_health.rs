@@ -78,7 +78,7 @@ impl ServiceHealthServers {
     }
 
     fn start(&self, name: &ServiceName, port: u16, count: usize) -> std::io::Result<Instance> {
-        let listener = std::net::TcpListener::bind(SocketAddr::new(self.bind_ip, port))?;
+        let listener = bind_any_family(self.bind_ip, port)?;
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let endpoints = Arc::new(AtomicUsize::new(count));
@@ -153,6 +153,19 @@ pub fn respond(
         q(name)
     );
     (code, body)
+}
+
+/// A listener on `ip`:`port`; the IPv4 wildcard (0.0.0.0, the default) listens on both
+/// families (`[::]`, which on Linux takes IPv4 too unless `net.ipv6.bindv6only` says otherwise),
+/// so that a load balancer health-checks a dual-stack node over either. Without IPv6, 0.0.0.0.
+fn bind_any_family(ip: IpAddr, port: u16) -> std::io::Result<std::net::TcpListener> {
+    if ip == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        let both = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), port);
+        if let Ok(l) = std::net::TcpListener::bind(both) {
+            return Ok(l);
+        }
+    }
+    std::net::TcpListener::bind(SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
