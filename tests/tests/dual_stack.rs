@@ -232,3 +232,42 @@ per_mode! {
         assert_refused(before, after, 1, "IPv6 ClusterIP without endpoints");
     }
 }
+
+per_mode! {
+    /// A dual-stack socket reaching an IPv4 ClusterIP through its IPv4-mapped IPv6 address
+    /// (`::ffff:10.96.0.20`): translated through the IPv4 tables, over TCP and unconnected UDP,
+    /// and the application sees the mapped ClusterIP as its peer and reply source.
+    fn a_v4_mapped_address_from_an_ipv6_socket_reaches_an_ipv4_clusterip(mode) {
+        let mut s = Setup::new("v4map", mode, false, &[], dual_stack);
+        s.wait_programmed(&format!("{DUAL4}:80/tcp"), 8080);
+        s.wait_programmed(&format!("{DUAL4}:53/udp"), 5353);
+        let client = s.client();
+        let backends = s.backend_names();
+        let mapped = format!("[::ffff:{DUAL4}]");
+        let r = s.lab.tcp_spread(&client, addr(&format!("{mapped}:80")), 90).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+        assert_all_answered(&r.counts, &backends, "TCP to a v4-mapped ClusterIP");
+        assert_eq!(
+            r.peers.keys().collect::<Vec<_>>(),
+            vec![&format!("{mapped}:80")],
+            "getpeername: {r:?}"
+        );
+        // The packets are IPv4: the backends see the pod's IPv4 address.
+        assert_eq!(
+            r.clients.keys().collect::<Vec<_>>(),
+            vec![&client.ip.to_string()],
+            "{r:?}"
+        );
+        let r = s
+            .lab
+            .udp_spread(&client, addr(&format!("{mapped}:53")), 90, UdpMode::SocketPerRequest)
+            .unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_all_answered(&r.counts, &backends, "UDP to a v4-mapped ClusterIP");
+        assert_eq!(
+            r.sources.keys().collect::<Vec<_>>(),
+            vec![&format!("{mapped}:53")],
+            "reply sources: {r:?}"
+        );
+    }
+}

@@ -110,10 +110,7 @@ impl Net {
     fn manifests(&self) -> String {
         let mut y = String::new();
         // Dual-stack nodes: an InternalIP of each family.
-        for (n, ip, ip6) in [
-            ("node1", V4.node1, V6.node1),
-            ("node2", V4.node2, V6.node2),
-        ] {
+        for (n, ip, ip6) in [("node1", V4.node1, V6.node1), ("node2", V4.node2, V6.node2)] {
             y += &format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {ip}}}, {{type: InternalIP, address: \"{ip6}\"}}]\n---\n");
         }
         let cip = |n| format!("  clusterIP: \"{}\"\n", self.cluster_ip(n));
@@ -156,7 +153,10 @@ impl Net {
         // Hairpin: be1's own Service.
         y += &self.svc(
             "self",
-            &format!("{}  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]\n", cip(5)),
+            &format!(
+                "{}  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]\n",
+                cip(5)
+            ),
             &all[..1],
             HTTP,
         );
@@ -315,14 +315,8 @@ fn external_traffic_policy_local(mode: ProxyMode, net: &Net) {
     let after = t.kprs[1].refusals(mode, Refusal::NoLocalEndpoints);
     assert_refused(before, after, 1, "node2 for its missing local endpoint");
     // The health-check node port tells a load balancer which node to use.
-    let h1 = t
-        .lab
-        .http_get(&ext, net.at(net.node1, 32000), "/")
-        .unwrap();
-    let h2 = t
-        .lab
-        .http_get(&ext, net.at(net.node2, 32000), "/")
-        .unwrap();
+    let h1 = t.lab.http_get(&ext, net.at(net.node1, 32000), "/").unwrap();
+    let h2 = t.lab.http_get(&ext, net.at(net.node2, 32000), "/").unwrap();
     assert_eq!(h1.status, 200, "{h1:?}");
     assert!(h1.body.contains("\"localEndpoints\": 1"), "{h1:?}");
     assert_eq!(h2.status, 503, "{h2:?}");
@@ -477,7 +471,10 @@ fn affinity_pod_to_other_node_and_hairpin(mode: ProxyMode, net: &Net) {
 
     // Hairpin: be1 → its own Service, whose only backend is be1.
     let be1 = t.lab.pod("be1").unwrap().clone();
-    let r = t.lab.tcp_spread(&be1, net.at(&net.cluster_ip(5), 80), 10).unwrap();
+    let r = t
+        .lab
+        .tcp_spread(&be1, net.at(&net.cluster_ip(5), 80), 10)
+        .unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
     assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
 }

@@ -117,6 +117,28 @@ pub(super) fn parse_service<'a>(
         }
         ips.push(ip);
     }
+    // `ipFamilies` names the family of each ClusterIP, in order (the API server keeps them
+    // alike). kube-proxy takes, per family, the ClusterIP at that family's index in
+    // `ipFamilies`; were they to disagree, its proxier of one family would be handed the other
+    // family's address. kpr serves every ClusterIP in its own family instead, and says so.
+    if let Some(families) = spec.ip_families.as_deref().filter(|f| !f.is_empty()) {
+        let named = |f: &str| match f {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        };
+        let disagree = families.len() != ips.len()
+            || families
+                .iter()
+                .zip(&ips)
+                .any(|(f, ip)| named(f) != Some(Family::of(*ip)));
+        if disagree {
+            skipped.push(fail(format!(
+                "ipFamilies {families:?} disagree with clusterIPs {ips:?}; the check is skipped \
+                 and each ClusterIP is served in its own address family"
+            )));
+        }
+    }
 
     let has_node_ports = matches!(type_, ServiceType::NodePort | ServiceType::LoadBalancer);
     let mut ports: Vec<ServicePortView<'_>> = Vec::new();

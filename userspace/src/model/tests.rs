@@ -219,6 +219,34 @@ fn assert_invalid_service(s: Service, needle: &str) {
 }
 
 #[test]
+fn ip_families_that_disagree_with_cluster_ips_are_reported_and_each_ip_keeps_its_family() {
+    let s = svc(
+        "a",
+        "mixed",
+        json!({"clusterIP": "10.96.0.5", "clusterIPs": ["10.96.0.5", "fd00:10:96::5"],
+               "ipFamilies": ["IPv6", "IPv4"], "ports": [{"port": 80}]}),
+    );
+    let state = assert_part_skipped_service(s, "ipFamilies");
+    let families: Vec<Family> = state.service_ports.iter().map(|p| p.family).collect();
+    assert_eq!(families, vec![Family::V4, Family::V6]);
+    assert!(state
+        .services
+        .contains_key(&fe("10.96.0.5", 80, Protocol::Tcp)));
+    assert!(state
+        .services
+        .contains_key(&fe("fd00:10:96::5", 80, Protocol::Tcp)));
+    // Agreeing families are silent.
+    let ok = svc(
+        "a",
+        "dual",
+        json!({"clusterIP": "10.96.0.6", "clusterIPs": ["10.96.0.6", "fd00:10:96::6"],
+               "ipFamilies": ["IPv4", "IPv6"], "ports": [{"port": 80}]}),
+    );
+    let (_, errors) = build(&[ok], &[]);
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[test]
 fn invalid_services_are_reported_and_skipped_without_affecting_others() {
     assert_invalid_service(
         cluster_ip("a", "bad-ip", &["10.96.0.300"], json!([{"port": 80}])),
