@@ -33,7 +33,7 @@ use kpr_common::{
 };
 
 use crate::family::Family;
-use crate::socklb::backend_slot;
+use crate::select::backend_slot;
 use crate::{count, packet::Packet};
 
 /// A family's conntrack key and value.

@@ -19,6 +19,7 @@ mod egress;
 mod events;
 mod family;
 mod packet;
+mod select;
 mod socklb;
 mod tc;
 

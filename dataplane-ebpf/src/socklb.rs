@@ -9,20 +9,17 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
     EbpfContext,
 };
 use kpr_common::{
-    Affinity4Key, Affinity4Value, Counter, SockFwd4Value, AFFINITY_SCAN_MAX, IPPROTO_TCP,
-    IPPROTO_UDP, SOCK_CHECK_DROP, SVC_FLAG_AFFINITY, SVC_FLAG_NO_LOCAL_DROP,
-    SVC_FLAG_SOURCE_RANGES,
+    Affinity4Key, Affinity4Value, Counter, SockFwd4Value, IPPROTO_TCP, IPPROTO_UDP,
+    SOCK_CHECK_DROP, SVC_FLAG_AFFINITY, SVC_FLAG_NO_LOCAL_DROP, SVC_FLAG_SOURCE_RANGES,
 };
 
 pub use crate::family::{Family, V4, V6};
+use crate::select::{select_backend, Remembered};
 use crate::{affinity_group, count, egress, AFFINITY, KPR_HOST_NETNS_COOKIE};
 
 /// sock_addr programs allow the call with 1 and refuse it with 0.
@@ -231,24 +228,9 @@ fn try_forward<F: Family>(
         }
         return Err(refuse(Counter::DropNoBackend));
     }
-    let holds = |slot: u16, backend_id: u32| matches!(F::service(address, port_be, proto, scope, slot), Some(v) if v.backend_id == backend_id);
-
-    // The socket's previous choice, if that backend is still in the service.
-    let mut chosen: Option<(u16, u32)> = None;
-    if sticky {
-        if let Some(prev) = F::sticky(cookie, (address, port_be), proto) {
-            if let Some(slot) = backend_slot(holds, frontend.count, prev.slot, prev.backend_id) {
-                chosen = Some((slot, prev.backend_id));
-                count(Counter::StickyReused);
-            }
-        }
-    }
-
-    // Session affinity: the client's backend for this frontend, unless the timeout passed since
-    // its last new connection or the backend left the service.
+    // Session affinity: keyed by the client's network namespace (connect() has no source
+    // address yet) and the frontend's affinity group.
     let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
-    let mut now = 0;
-    let mut by_affinity = false;
     let affinity_key = Affinity4Key {
         // SAFETY: sock_addr programs may call bpf_get_netns_cookie on their context.
         client_cookie: if affinity {
@@ -263,48 +245,34 @@ fn try_forward<F: Family>(
         },
         pad: 0,
     };
-    if affinity {
+    let remembered = Remembered {
+        sticky: if sticky {
+            F::sticky(cookie, (address, port_be), proto).map(|p| (p.slot, p.backend_id))
+        } else {
+            None
+        },
+        // SAFETY: values are plain data, copied out at once.
+        affinity: if affinity {
+            unsafe { AFFINITY.get(&affinity_key) }.copied()
+        } else {
+            None
+        },
         // SAFETY: helper without preconditions.
-        now = unsafe { bpf_ktime_get_ns() };
-        if chosen.is_none() {
-            // SAFETY: values are plain data, copied out at once.
-            if let Some(prev) = unsafe { AFFINITY.get(&affinity_key) } {
-                let prev = *prev;
-                // For slot 0, backend_id is the affinity timeout in seconds.
-                let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
-                if now.wrapping_sub(prev.last_used_ns) <= timeout_ns {
-                    if let Some(slot) =
-                        backend_slot(holds, frontend.count, prev.slot, prev.backend_id)
-                    {
-                        chosen = Some((slot, prev.backend_id));
-                        by_affinity = true;
-                        count(Counter::AffinityReused);
-                    }
-                }
-            }
-        }
-    }
-    let (slot, backend_id) = match chosen {
-        Some(c) => c,
-        None => {
-            // SAFETY: helper without preconditions.
-            let random = unsafe { bpf_get_prandom_u32() };
-            // count is not 0 here; checked_rem keeps a panic path (which the verifier
-            // rejects in a function of its own) out of the program.
-            let Some(pick) = random.checked_rem(u32::from(frontend.count)) else {
-                return Err(refuse(Counter::DropNoBackend));
-            };
-            let slot = pick as u16 + 1;
-            match F::service(address, port_be, proto, scope, slot) {
-                Some(v) => (slot, v.backend_id),
-                None => return Err(refuse(Counter::DropSlotMissing)),
-            }
-        }
+        now: if affinity {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        },
     };
-    let backend = match F::backend(backend_id) {
-        Some(b) => b,
-        None => return Err(refuse(Counter::DropBackendMissing)),
-    };
+    let now = remembered.now;
+    let chosen = select_backend::<F>(&(address, port_be, proto, scope), &frontend, &remembered)
+        .map_err(refuse)?;
+    let (slot, backend_id, backend, by_affinity) = (
+        chosen.slot,
+        chosen.backend_id,
+        chosen.backend,
+        chosen.by_affinity,
+    );
     if sticky {
         let v = SockFwd4Value {
             backend_id,
@@ -344,32 +312,6 @@ fn try_forward<F: Family>(
         by_affinity,
         rev_nat_id: frontend.rev_nat_id,
     }))
-}
-
-/// The slot of a frontend (with `count` backends) that holds `backend_id` (`holds` reads a
-/// slot): `hint` if it still does, else the first of up to AFFINITY_SCAN_MAX slots that does.
-/// None when the backend left the service. Shared by the socket and tc paths.
-#[inline(always)]
-pub fn backend_slot(
-    holds: impl Fn(u16, u32) -> bool,
-    count: u16,
-    hint: u16,
-    backend_id: u32,
-) -> Option<u16> {
-    if hint >= 1 && hint <= count && holds(hint, backend_id) {
-        return Some(hint);
-    }
-    let mut slot = 1;
-    while slot <= AFFINITY_SCAN_MAX {
-        if slot > count {
-            break;
-        }
-        if holds(slot, backend_id) {
-            return Some(slot);
-        }
-        slot += 1;
-    }
-    None
 }
 
 /// recvmsg / getpeername: the frontend to show instead of the backend the socket really talks

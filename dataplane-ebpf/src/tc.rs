@@ -36,7 +36,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{Array, HashMap},
     programs::TcContext,
@@ -53,6 +53,7 @@ use crate::{
     count,
     family::{Family, V4, V6},
     packet::{self, End, Packet, Parsed, Wire},
+    select::{select_backend, FrontendRef, Remembered},
 };
 
 /// What happens to a packet that is not dropped.
@@ -111,9 +112,6 @@ fn ingress_family<F: Family>(ctx: &TcContext) -> Result<Verdict, Counter> {
         Parsed::Other => Ok(Verdict::Pass),
     }
 }
-
-/// A frontend in one scope: (address, port, protocol, scope), as the services maps key it.
-type FrontendRef<A> = (A, u16, u8, u8);
 
 #[inline(always)]
 fn ingress_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result<Verdict, Counter> {
@@ -371,46 +369,19 @@ fn select<F: Family>(
             0
         },
     };
-    let holds = |slot: u16, backend_id: u32| matches!(F::service(address, port_be, proto, scope, slot), Some(v) if v.backend_id == backend_id);
-    let mut chosen: Option<(u16, u32)> = None;
-    let mut by_affinity = false;
-    if affinity {
-        if let Some(prev) = F::affinity_ext(&affinity_key) {
-            // Same semantics as the socket program: the timeout (slot 0's backend_id, in
-            // seconds) runs from the client's last new connection to the frontend.
-            let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
-            if now.wrapping_sub(prev.last_used_ns) <= timeout_ns {
-                if let Some(slot) =
-                    crate::socklb::backend_slot(holds, frontend.count, prev.slot, prev.backend_id)
-                {
-                    chosen = Some((slot, prev.backend_id));
-                    by_affinity = true;
-                    count(Counter::AffinityReused);
-                }
-            }
-        }
-    }
-    let (slot, backend_id) = match chosen {
-        Some(c) => c,
-        None => {
-            // SAFETY: helper without preconditions.
-            let random = unsafe { bpf_get_prandom_u32() };
-            // count is not 0 here; checked_rem keeps a panic path (which the verifier
-            // rejects in a function of its own) out of the program.
-            let Some(pick) = random.checked_rem(u32::from(frontend.count)) else {
-                return Err(Counter::DropNoBackend);
-            };
-            let slot = pick as u16 + 1;
-            match F::service(address, port_be, proto, scope, slot) {
-                Some(v) => (slot, v.backend_id),
-                None => return Err(Counter::DropSlotMissing),
-            }
-        }
+    let remembered = Remembered {
+        sticky: None,
+        affinity: if affinity {
+            F::affinity_ext(&affinity_key)
+        } else {
+            None
+        },
+        now,
     };
-    let (backend_address, backend_port) = match F::backend(backend_id) {
-        Some(b) => b,
-        None => return Err(Counter::DropBackendMissing),
-    };
+    let frontend_ref = (address, port_be, proto, scope);
+    let chosen = select_backend::<F>(&frontend_ref, frontend, &remembered)?;
+    let (slot, backend_id, by_affinity) = (chosen.slot, chosen.backend_id, chosen.by_affinity);
+    let (backend_address, backend_port) = chosen.backend;
     if affinity {
         let v = Affinity4Value {
             last_used_ns: now,
