@@ -295,3 +295,84 @@ per_mode! {
         }
     }
 }
+
+/// `demo/echo6`: [`manifest`] as a SingleStack IPv6 Service on `[fd00:10:96::10]:80`.
+fn manifest6(affinity_timeout: Option<u32>, itp_local: bool, endpoints: &[(&str, &str)]) -> String {
+    let v4 = manifest(affinity_timeout, itp_local, endpoints);
+    let mut y = v4
+        .replace("name: echo,", "name: echo6,")
+        .replace("name: echo-1", "name: echo6-1")
+        .replace("service-name: echo}", "service-name: echo6}")
+        .replace(
+            "  clusterIP: 10.96.0.10\n",
+            "  clusterIP: \"fd00:10:96::10\"\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n",
+        )
+        .replace("addressType: IPv4", "addressType: IPv6");
+    for (ip, _) in endpoints {
+        y = y.replace(&format!("addresses: [{ip}]"), &format!("addresses: [\"{}\"]", v6_of(ip)));
+    }
+    y
+}
+
+/// A lab pod's IPv6 address from its IPv4 one (10.244.N.H → fd00:10:244:N::H, hex).
+fn v6_of(ip: &str) -> String {
+    let o: Vec<u8> = ip.split('.').map(|p| p.parse().unwrap()).collect();
+    format!("fd00:10:244:{}::{:x}", o[2], o[3])
+}
+
+const FRONTEND6: &str = "[fd00:10:96::10]:80/tcp";
+const VIP6: &str = "[fd00:10:96::10]:80";
+
+per_mode! {
+    /// ClientIP affinity over IPv6: each client stays on one backend (in the eBPF mode every
+    /// connection after the first reused it, by the datapath's counter).
+    fn client_ip_affinity_over_ipv6(mode) {
+        kpr_lab::require_lab("affinity6");
+        let mut s = Setup::new("aff6", 2, &manifest6(Some(60), false, &ALL), mode);
+        s.kpr
+            .wait_for_frontend(FRONTEND6, "affinity 60 s", |f| {
+                f.affinity_timeout_s == Some(60) && f.backends.len() == 3
+            })
+            .unwrap();
+        let (c1, c2) = (s.lab.clients()[0].clone(), s.lab.clients()[1].clone());
+        let vip: SocketAddr = VIP6.parse().unwrap();
+        let ebpf = mode == ProxyMode::Ebpf;
+        let base = if ebpf { s.reused() } else { 0 };
+        let r = s.lab.tcp_spread(&c1, vip, 50).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+        assert_eq!(r.counts.len(), 1, "one client spread over backends: {r:?}");
+        let r2 = s.lab.tcp_spread(&c2, vip, 20).unwrap();
+        assert_eq!(r2.counts.len(), 1, "{r2:?}");
+        if ebpf {
+            assert_eq!(s.reused() - base, 49 + 19);
+        }
+        // Without affinity the same client spreads.
+        write_manifest(&s.file, &manifest6(None, false, &ALL));
+        s.kpr
+            .wait_for_frontend(FRONTEND6, "no affinity", |f| f.affinity_timeout_s.is_none())
+            .unwrap();
+        let spread = s.lab.tcp_spread(&c1, vip, 60).unwrap();
+        assert!(spread.counts.len() >= 2, "affinity still on: {spread:?}");
+    }
+}
+
+per_mode! {
+    /// internalTrafficPolicy: Local over IPv6: only this node's endpoint answers.
+    fn internal_traffic_policy_local_over_ipv6(mode) {
+        kpr_lab::require_lab("itp_local6");
+        let eps = [
+            ("10.244.1.11", "node1"),
+            ("10.244.1.12", "node2"),
+            ("10.244.1.13", "node2"),
+        ];
+        let mut s = Setup::new("itp6", 1, &manifest6(None, true, &eps), mode);
+        s.kpr
+            .wait_for_frontend(FRONTEND6, "the local endpoint", |f| f.backends.len() == 1)
+            .unwrap();
+        let c = s.lab.clients()[0].clone();
+        let vip: SocketAddr = VIP6.parse().unwrap();
+        let r = s.lab.tcp_spread(&c, vip, 60).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}\n{}", s.kpr.log());
+        assert_eq!(r.counts.keys().collect::<Vec<_>>(), vec!["be1"], "{r:?}");
+    }
+}
