@@ -309,7 +309,10 @@ fn manifest6(affinity_timeout: Option<u32>, itp_local: bool, endpoints: &[(&str,
         )
         .replace("addressType: IPv4", "addressType: IPv6");
     for (ip, _) in endpoints {
-        y = y.replace(&format!("addresses: [{ip}]"), &format!("addresses: [\"{}\"]", v6_of(ip)));
+        y = y.replace(
+            &format!("addresses: [{ip}]"),
+            &format!("addresses: [\"{}\"]", v6_of(ip)),
+        );
     }
     y
 }

@@ -177,3 +177,50 @@ fn without_localhost_nodeports_127_0_0_1_is_not_a_nodeport_address() {
         s.kpr.log()
     );
 }
+
+per_mode! {
+    /// A PreferDualStack NodePort Service with endpoints of both families, and
+    /// `--nodeport-addresses` as a pair of CIDRs, one per family: the NodePort is served on the
+    /// node's address of each family inside them, and an IPv6 address outside the IPv6 CIDR
+    /// is no NodePort address.
+    fn a_pair_of_nodeport_addresses_cidrs_serves_a_dual_stack_nodeport_on_both_families(mode) {
+        const NODE1_6: &str = "fd00:192:168:100::b";
+        let manifest = nodeport(30142)
+            .replace(
+                "  type: NodePort\n  clusterIP: 10.96.3.1\n",
+                "  type: NodePort\n  clusterIP: 10.96.3.1\n  clusterIPs: [10.96.3.1, \"fd00:10:96::3:1\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n",
+            )
+            + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-2\n  namespace: ns\n  labels: {kubernetes.io/service-name: np}\naddressType: IPv6\nports: [{name: http, protocol: TCP, port: 8080}]\nendpoints:\n\
+               - {addresses: [\"fd00:10:244:1::b\"], conditions: {ready: true}}\n\
+               - {addresses: [\"fd00:10:244:1::c\"], conditions: {ready: true}}\n\
+               - {addresses: [\"fd00:10:244:1::d\"], conditions: {ready: true}}\n";
+        let mut s = Setup::new(
+            "npa-pair",
+            &manifest,
+            mode,
+            &["--nodeport-addresses", "192.168.100.0/24,fd00:192:168:100::/64"],
+        );
+        let v6 = SocketAddr::new(NODE1_6.parse().unwrap(), 30142);
+        s.wait_served_from_outside(addr(NODE1, 30142));
+        s.wait_served_from_outside(v6);
+        // An IPv6 address outside the pair, routed to the node by the client.
+        s.add_address("fd00:198:51::5/128");
+        s.lab
+            .route_external_via("fd00:198:51::5/128", NODE1_6)
+            .unwrap();
+        let outside = SocketAddr::new("fd00:198:51::5".parse().unwrap(), 30142);
+        let ext = s.lab.external_client().unwrap().clone();
+        assert_eq!(
+            s.failure(&ext, outside).as_deref(),
+            Some("ECONNREFUSED"),
+            "fd00:198:51::5 is outside --nodeport-addresses\n{}",
+            s.kpr.log()
+        );
+        let status = s.kpr.status().unwrap();
+        assert!(
+            !status.frontends.contains_key(&format!("{outside}/tcp")),
+            "{:?}",
+            status.frontends.keys()
+        );
+    }
+}

@@ -36,6 +36,28 @@ pub struct PlanConfig {
     pub masquerade_mark: u32,
 }
 
+impl PlanConfig {
+    /// These settings with what follows the desired state, of this config's family only (each
+    /// family's proxier sees its own node addresses): the node's primary IP, the NodeCIDR
+    /// detector, and, with `nodeport_ips` (`--nodeport-addresses` given, or a writer that always
+    /// lists them), the NodePort addresses.
+    pub fn for_state(&self, desired: &DesiredState, nodeport_ips: bool) -> PlanConfig {
+        let mut cfg = self.clone();
+        let family = cfg.family;
+        cfg.node_ip = desired.node_ip.filter(|ip| Family::of(*ip) == family);
+        LocalDetector::refresh(&mut cfg, desired);
+        cfg.nodeport_ips = nodeport_ips.then(|| {
+            desired
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|ip| Family::of(*ip) == family)
+                .collect()
+        });
+        cfg
+    }
+}
+
 /// kube-proxy's `LocalTrafficDetector`, as the rules match it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum LocalDetector {
@@ -342,5 +364,33 @@ mod tests {
         assert!(p.uses_firewall && p.firewall_allows_lb_ips && p.uses_external_chain);
         let p = plan_port(&i, &PlanConfig::default());
         assert!(!p.firewall_allows_lb_ips);
+    }
+
+    #[test]
+    fn each_family_sees_only_its_own_node_addresses() {
+        let desired = DesiredState {
+            node_ips: vec!["192.168.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+            node_ip: Some("192.168.0.2".parse().unwrap()),
+            ..Default::default()
+        };
+        let v6 = PlanConfig {
+            family: Family::V6,
+            ..Default::default()
+        };
+        let c = v6.for_state(&desired, true);
+        assert_eq!(c.nodeport_ips, Some(vec!["fd00::2".parse().unwrap()]));
+        assert_eq!(
+            c.node_ip, None,
+            "the primary IP is IPv4: no node IP for IPv6"
+        );
+        let c = PlanConfig::default().for_state(&desired, true);
+        assert_eq!(c.nodeport_ips, Some(vec!["192.168.0.2".parse().unwrap()]));
+        assert_eq!(c.node_ip, desired.node_ip);
+        assert_eq!(
+            PlanConfig::default()
+                .for_state(&desired, false)
+                .nodeport_ips,
+            None
+        );
     }
 }

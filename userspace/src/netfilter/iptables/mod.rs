@@ -259,13 +259,8 @@ impl RuleSyncer {
     }
 
     fn plan_cfg_for(&self, desired: &DesiredState) -> PlanConfig {
-        let mut cfg = self.plan_cfg.clone();
-        cfg.node_ip = desired.node_ip;
-        crate::netfilter::plan::LocalDetector::refresh(&mut cfg, desired);
-        cfg.nodeport_ips = self
-            .nodeport_addresses_given
-            .then(|| desired.node_ips.clone());
-        cfg
+        self.plan_cfg
+            .for_state(desired, self.nodeport_addresses_given)
     }
 
     /// What was last programmed for `info`'s port, whatever its state then.

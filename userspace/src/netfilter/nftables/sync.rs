@@ -99,10 +99,7 @@ impl NftSyncer {
     /// are planned and written (a one-endpoint change costs the same at 10 or 10,000 Services);
     /// otherwise the whole table is written and compared.
     pub fn prepare(&mut self, desired: &DesiredState, full: bool, now: Instant) -> Prepared {
-        let mut cfg = self.plan_cfg.clone();
-        cfg.node_ip = desired.node_ip;
-        crate::netfilter::plan::LocalDetector::refresh(&mut cfg, desired);
-        cfg.nodeport_ips = Some(desired.node_ips.clone());
+        let cfg = self.plan_cfg.for_state(desired, true);
         let programmed = self.programmed.take();
         let full = full || programmed.is_none();
         match programmed {
