@@ -128,3 +128,70 @@ per_mode! {
         }
     }
 }
+
+per_mode! {
+    /// The same over IPv6, with dual-stack `--cluster-cidr` pairs and Nodes with a pod CIDR of
+    /// each family: each family's detector uses its own CIDR.
+    fn ipv6_clusterip_traffic_routed_to_the_node_is_masqueraded_by_its_familys_detector(mode) {
+        const CLIENT6: &str = "fd00:192:168:100::64";
+        let service = SERVICE
+            .replace(
+                "  clusterIP: 10.96.5.1\n",
+                "  clusterIP: \"fd00:10:96::5:1\"\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n",
+            )
+            .replace("addressType: IPv4", "addressType: IPv6")
+            .replace("[10.244.1.11]", "[\"fd00:10:244:1::b\"]")
+            .replace("[10.244.1.12]", "[\"fd00:10:244:1::c\"]")
+            .replace("[10.244.1.13]", "[\"fd00:10:244:1::d\"]");
+        let tag = format!("rcip6-{}", mode.name());
+        let (lab, dir) = kpr_lab::external_client_lab(&tag, &service);
+        lab.route_external_via("fd00:10:96::/64", "fd00:192:168:100::b")
+            .expect("route to the ClusterIPs");
+        let ext = lab.external_client().unwrap().clone();
+        let target: SocketAddr = "[fd00:10:96::5:1]:80".parse().unwrap();
+        let all: BTreeSet<String> = ["be1", "be2", "be3"].iter().map(|s| s.to_string()).collect();
+        let pods = "10.244.1.0/24, \"fd00:10:244:1::/64\"";
+        let fabric = "10.244.1.0/24, \"fd00:192:168:100::/64\"";
+        // (flags, the Node's pod CIDRs, masqueraded)
+        let variants: [(&[&str], &str, bool); 5] = [
+            (&[], pods, false),
+            (&["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48"], pods, true),
+            // The client is inside the IPv6 cluster CIDR: local, not masqueraded.
+            (&["--cluster-cidr", "10.244.0.0/16,fd00:192:168:100::/64"], pods, false),
+            (&["--detect-local-mode=NodeCIDR"], pods, true),
+            (&["--detect-local-mode=NodeCIDR"], fabric, false),
+        ];
+        for (flags, pod_cidrs, masqueraded) in variants {
+            kpr_lab::write_manifest(
+                &dir.join("node.yaml"),
+                &format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nspec: {{podCIDR: 10.244.1.0/24, podCIDRs: [{pod_cidrs}]}}\nstatus:\n  addresses: [{{type: InternalIP, address: 192.168.100.11}}, {{type: InternalIP, address: \"fd00:192:168:100::b\"}}]\n"),
+            );
+            let mut args = vec!["--hostname-override", "node1", "--devices", "eth0"];
+            args.extend(mode.args());
+            args.extend(flags);
+            let mut kpr = Kpr::start(&lab, &kpr_path(), &dir, "kpr", &args).expect("kpr start");
+            kpr.wait_for_frontend("[fd00:10:96::5:1]:80/tcp", "the ClusterIP", |f| {
+                f.backends.len() == 3
+            })
+            .unwrap();
+            if let Err(e) = lab.wait_until_reaching(&ext, target, &all) {
+                panic!("{flags:?} (pod CIDRs {pod_cidrs}): {e}\n{}", kpr.log());
+            }
+            let r = lab.tcp_spread(&ext, target, 30).unwrap();
+            assert_eq!(r.errors, 0, "{flags:?} (pod CIDRs {pod_cidrs}): {r:?}");
+            let seen: Vec<&String> = r.clients.keys().collect();
+            if masqueraded {
+                assert!(
+                    !seen.iter().any(|c| c.as_str() == CLIENT6),
+                    "{flags:?} (pod CIDRs {pod_cidrs}): not masqueraded: {r:?}"
+                );
+            } else {
+                assert!(
+                    seen.iter().all(|c| c.as_str() == CLIENT6),
+                    "{flags:?} (pod CIDRs {pod_cidrs}): masqueraded: {r:?}"
+                );
+            }
+            drop(kpr);
+        }
+    }
+}
