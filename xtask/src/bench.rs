@@ -40,6 +40,9 @@ pub struct Args {
     /// Number of Services for the NodePort measurement (0 skips it).
     #[arg(long, default_value_t = 10_000)]
     nodeport_services: usize,
+    /// Number of IPv6 Services for the IPv6 ClusterIP and NodePort measurements (0 skips them).
+    #[arg(long, default_value_t = 10_000)]
+    ipv6_services: usize,
 }
 
 const VIP: &str = "10.96.0.10:80";
@@ -210,6 +213,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.nodeport_services > 0 {
         rows.extend(nodeport_rows(&bins, args.nodeport_services, duration)?);
     }
+    if args.ipv6_services > 0 {
+        rows.extend(ipv6_rows(&bins, args.ipv6_services, duration)?);
+    }
 
     let table = render_table(&rows);
     println!("\n{table}");
@@ -267,12 +273,13 @@ fn median_of_runs(
     Ok(runs.swap_remove(RUNS / 2))
 }
 
-/// `r`'s figure over its direct path's figure (same N, same client) in this run.
+/// `r`'s figure over its direct path's figure (same N, same client, same family) in this run.
 fn ratio(r: &Row, rows: &[Row], f: impl Fn(&BenchConnect) -> f64) -> f64 {
-    let direct = if r.path.starts_with("external") {
-        EXT_DIRECT
-    } else {
-        "direct pod IP"
+    let direct = match (r.path.starts_with("external"), r.path.contains("IPv6")) {
+        (true, false) => EXT_DIRECT,
+        (true, true) => EXT_DIRECT6,
+        (false, false) => "direct pod IP",
+        (false, true) => DIRECT6,
     };
     rows.iter()
         .find(|d| d.services == r.services && d.path == direct)
@@ -281,6 +288,140 @@ fn ratio(r: &Row, rows: &[Row], f: impl Fn(&BenchConnect) -> f64) -> f64 {
 }
 
 const EXT_DIRECT: &str = "external client → pod IP via the node";
+const EXT_DIRECT6: &str = "external client → pod IPv6 via the node";
+const DIRECT6: &str = "direct pod IPv6";
+const VIP6: &str = "[fd00:10:96::10]:80";
+const NODE_IP6: &str = "fd00:192:168:100::b";
+
+/// IPv6, among `n` IPv6 Services: client pod → IPv6 ClusterIP in each kpr mode, and the
+/// external client → IPv6 NodePort through kpr's tc programs, as ratios to the IPv6 direct
+/// paths (pod → pod IPv6; external client → pod IPv6 routed through the node) in the same lab.
+fn ipv6_rows(bins: &build::Bins, n: usize, duration: Duration) -> Result<Vec<Row>> {
+    println!("==> IPv6, N = {n} services");
+    let lab = Lab::up(LabSpec {
+        prefix: Lab::unique_prefix("bench6"),
+        labtool: Some(bins.labtool.clone()),
+        external_client: true,
+        ..LabSpec::default()
+    })?;
+    let client = lab.clients()[0].clone();
+    let ext = lab.external_client().expect("external client").clone();
+    let backends: Vec<String> = lab.backends().iter().map(|b| b.ip6.to_string()).collect();
+    let be1 = lab.backends()[0].ip6;
+    let dir = lab.work_dir().join("bench-ipv6");
+    std::fs::create_dir_all(&dir)?;
+    let mut yaml = fillers6(n.saturating_sub(1));
+    yaml += &target6(&backends);
+    // The NodePort Service: its one endpoint on this node.
+    yaml += &format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: np6, namespace: bench}}\n\
+         spec:\n  type: NodePort\n  clusterIP: \"fd00:10:96::20\"\n  ipFamilies: [IPv6]\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np6-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: np6}}\n\
+         addressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n  - {{addresses: [\"{be1}\"], nodeName: node1}}\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}, {{type: InternalIP, address: \"{NODE_IP6}\"}}]\n"
+    );
+    std::fs::write(dir.join("services.yaml"), yaml)?;
+    let mut rows = Vec::new();
+    let measure = |from: &kpr_lab::Pod, target: SocketAddr| {
+        median_of_runs(&lab, from, target, duration)
+    };
+    let direct = measure(&client, SocketAddr::new(be1.into(), 8080))?;
+    println!("    direct IPv6       {:>9.0} conn/s", direct.per_sec);
+    rows.push(Row {
+        services: n,
+        path: DIRECT6,
+        result: direct,
+        program_ms: None,
+        note: String::new(),
+    });
+    let ext_direct = measure(&ext, SocketAddr::new(be1.into(), 8080))?;
+    rows.push(Row {
+        services: n,
+        path: EXT_DIRECT6,
+        result: ext_direct,
+        program_ms: None,
+        note: String::new(),
+    });
+    let vip: SocketAddr = VIP6.parse()?;
+    let nodeport: SocketAddr = SocketAddr::new(NODE_IP6.parse()?, 30080);
+    for mode in ProxyMode::ALL {
+        let dir_s = dir.to_str().context("path")?;
+        let mut args = vec![
+            "--manifests",
+            dir_s,
+            "--hostname-override",
+            "node1",
+            "--devices",
+            "eth0",
+        ];
+        args.extend(mode.args());
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let name = format!("kpr6-{}", mode.name());
+        let kpr = Kpr::start_with(&lab, &bins.kpr, &name, &args)?;
+        let programmed = kpr.status().unwrap_or_default();
+        let b = measure(&client, vip);
+        let np = if mode == ProxyMode::Ebpf {
+            Some(measure(&ext, nodeport))
+        } else {
+            None
+        };
+        let log = kpr.stop();
+        let b = b.with_context(|| format!("IPv6 ClusterIP via kpr {}; log:\n{log}", mode.name()))?;
+        println!("    kpr {:<13} {:>9.0} conn/s (IPv6)", mode.name(), b.per_sec);
+        rows.push(Row {
+            services: n,
+            path: match mode {
+                ProxyMode::Ebpf => "IPv6 ClusterIP via kpr ebpf",
+                ProxyMode::Iptables => "IPv6 ClusterIP via kpr iptables",
+                ProxyMode::Nftables => "IPv6 ClusterIP via kpr nftables",
+            },
+            result: b,
+            program_ms: Some(programmed.last_sync_duration_ms),
+            note: format!("programmed in {:.1} ms", programmed.last_sync_duration_ms),
+        });
+        if let Some(np) = np {
+            let np = np.with_context(|| format!("IPv6 NodePort via kpr; log:\n{log}"))?;
+            println!("    kpr NodePort IPv6 {:>9.0} conn/s", np.per_sec);
+            rows.push(Row {
+                services: n,
+                path: "external client → IPv6 NodePort via kpr (tc)",
+                result: np,
+                program_ms: None,
+                note: String::new(),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// `n` filler IPv6 Services (see [`fillers`]).
+fn fillers6(n: usize) -> String {
+    let mut y = String::with_capacity(n * 760);
+    for i in 0..n {
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc6-{i}, namespace: bench}}\n\
+             spec:\n  clusterIP: \"fd00:100::{i:x}\"\n  ipFamilies: [IPv6]\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc6-{i}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc6-{i}}}\n\
+             addressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n  - addresses: [\"fd00:245::{i:x}\"]\n---\n"
+        );
+    }
+    y
+}
+
+/// The measured IPv6 Service on [`VIP6`], backed by `backends`.
+fn target6(backends: &[String]) -> String {
+    let mut y = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: target6, namespace: bench}\n\
+         spec:\n  clusterIP: \"fd00:10:96::10\"\n  ipFamilies: [IPv6]\n  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: target6-x\n  namespace: bench\n  labels: {kubernetes.io/service-name: target6}\n\
+         addressType: IPv6\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n",
+    );
+    for b in backends {
+        let _ = writeln!(y, "  - addresses: [\"{b}\"]");
+    }
+    y
+}
 const NODE_IP: &str = "192.168.100.11";
 
 /// External client → NodePort with a local backend, among `n` Services: kpr's tc programs
