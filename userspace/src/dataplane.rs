@@ -79,9 +79,13 @@ pub struct ModeMetrics {
     /// `kubeproxy_sync_proxy_rules_iptables_total{table}`: rules in each table after the last
     /// sync (iptables mode).
     pub iptables_rules: Vec<(&'static str, u64)>,
+    /// The same per address family (`IPv4`, `IPv6`), for the metric's `ip_family` label.
+    pub iptables_rules_by_family: Vec<(&'static str, &'static str, u64)>,
     /// `kubeproxy_sync_proxy_rules_nftables_objects{...}`-style totals (nftables mode): chains,
     /// rules, set and map elements.
     pub nftables_objects: Vec<(&'static str, u64)>,
+    /// The same per address family (the `ip` and the `ip6` table).
+    pub nftables_objects_by_family: Vec<(&'static str, &'static str, u64)>,
     /// Failed restores / transactions so far (`kubeproxy_iptables_restore_failures_total`).
     pub restore_failures: u64,
     /// Failed partial restores so far (`kubeproxy_iptables_partial_restore_failures_total`).

@@ -18,8 +18,9 @@
 //!
 //! Samples, names and values are the same in both.
 //!
-//! kube-proxy ≥ 1.33 adds an `ip_family` label to its sync histograms; kpr is IPv4-only and
-//! does not add it (sums and rates over the metric are the same either way).
+//! kube-proxy ≥ 1.33 adds an `ip_family` label to its sync histograms; kpr syncs both families
+//! in one sync and does not add it there (sums and rates over the metric are the same either
+//! way). The iptables rule counts carry it, one series per family.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -283,14 +284,14 @@ impl Collector for State {
                         name: &str,
                         help: &str,
                         label: &str,
-                        values: &[(&'static str, u64)]|
+                        values: &[(&'static str, &'static str, u64)]|
          -> Result<(), std::fmt::Error> {
             let probe = Gauge::<i64>::default();
             let mut metric_encoder = e.encode_descriptor(name, help, None, probe.metric_type())?;
-            for (k, v) in values {
+            for (k, family, v) in values {
                 let g = Gauge::<i64>::default();
                 g.set(as_i64(*v));
-                g.encode(metric_encoder.encode_family(&[(label, *k), ("ip_family", "IPv4")])?)?;
+                g.encode(metric_encoder.encode_family(&[(label, *k), ("ip_family", *family)])?)?;
             }
             Ok(())
         };
@@ -313,7 +314,7 @@ impl Collector for State {
                     "kubeproxy_sync_proxy_rules_iptables_total",
                     "Total number of iptables rules owned by kube-proxy",
                     "table",
-                    &mode.iptables_rules,
+                    &mode.iptables_rules_by_family,
                 )?;
             }
             "nftables" => {
@@ -328,7 +329,7 @@ impl Collector for State {
                     "kpr_nftables_objects",
                     "Objects in kube-proxy's nftables table, by kind",
                     "kind",
-                    &mode.nftables_objects,
+                    &mode.nftables_objects_by_family,
                 )?;
             }
             _ => {}
@@ -595,7 +596,12 @@ mod tests {
         let m = Metrics::new();
         m.set_mode_metrics(&crate::dataplane::ModeMetrics {
             mode: "iptables",
-            iptables_rules: vec![("filter", 7), ("nat", 42)],
+            iptables_rules: vec![("filter", 7), ("nat", 49)],
+            iptables_rules_by_family: vec![
+                ("filter", "IPv4", 7),
+                ("nat", "IPv4", 42),
+                ("nat", "IPv6", 7),
+            ],
             restore_failures: 2,
             partial_restore_failures: 1,
             ..Default::default()
@@ -607,6 +613,10 @@ mod tests {
             (
                 "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\",ip_family=\"IPv4\"}",
                 42.0,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\",ip_family=\"IPv6\"}",
+                7.0,
             ),
         ] {
             assert_eq!(sample(&text, series), Some(want), "{series}:\n{text}");

@@ -322,9 +322,8 @@ fn ipv6_rows(bins: &build::Bins, n: usize, duration: Duration) -> Result<Vec<Row
     );
     std::fs::write(dir.join("services.yaml"), yaml)?;
     let mut rows = Vec::new();
-    let measure = |from: &kpr_lab::Pod, target: SocketAddr| {
-        median_of_runs(&lab, from, target, duration)
-    };
+    let measure =
+        |from: &kpr_lab::Pod, target: SocketAddr| median_of_runs(&lab, from, target, duration);
     let direct = measure(&client, SocketAddr::new(be1.into(), 8080))?;
     println!("    direct IPv6       {:>9.0} conn/s", direct.per_sec);
     rows.push(Row {
@@ -366,8 +365,13 @@ fn ipv6_rows(bins: &build::Bins, n: usize, duration: Duration) -> Result<Vec<Row
             None
         };
         let log = kpr.stop();
-        let b = b.with_context(|| format!("IPv6 ClusterIP via kpr {}; log:\n{log}", mode.name()))?;
-        println!("    kpr {:<13} {:>9.0} conn/s (IPv6)", mode.name(), b.per_sec);
+        let b =
+            b.with_context(|| format!("IPv6 ClusterIP via kpr {}; log:\n{log}", mode.name()))?;
+        println!(
+            "    kpr {:<13} {:>9.0} conn/s (IPv6)",
+            mode.name(),
+            b.per_sec
+        );
         rows.push(Row {
             services: n,
             path: match mode {

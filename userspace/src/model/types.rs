@@ -310,6 +310,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// The Kubernetes name (`ipFamilies`, slices' `addressType`, kube-proxy's `ip_family`).
+    pub const fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
     pub fn of(ip: IpAddr) -> Self {
         if ip.is_ipv4() {
             Family::V4

@@ -81,6 +81,10 @@ impl Dataplane for PerFamily {
             let m = mode.mode_metrics();
             out.mode = m.mode;
             add(&mut out.iptables_rules, &m.iptables_rules);
+            out.iptables_rules_by_family
+                .extend(m.iptables_rules_by_family.iter().copied());
+            out.nftables_objects_by_family
+                .extend(m.nftables_objects_by_family.iter().copied());
             add(&mut out.nftables_objects, &m.nftables_objects);
             out.restore_failures += m.restore_failures;
             out.partial_restore_failures += m.partial_restore_failures;
@@ -129,6 +133,7 @@ mod tests {
             ModeMetrics {
                 mode: "iptables",
                 iptables_rules: vec![("nat", 10), ("filter", 1)],
+                iptables_rules_by_family: vec![("nat", "IPv4", 10)],
                 ..Default::default()
             }
         }
@@ -155,6 +160,7 @@ mod tests {
         let m = both.mode_metrics();
         assert_eq!(m.mode, "iptables");
         assert_eq!(m.iptables_rules, vec![("nat", 20), ("filter", 2)]);
+        assert_eq!(m.iptables_rules_by_family.len(), 2, "one series per family");
         assert_eq!(both.families(), vec![Family::V4, Family::V6]);
     }
 

@@ -512,6 +512,13 @@ impl Dataplane for IptablesDataplane {
             ("filter", rules.filter_rules as u64),
             ("nat", (rules.nat_rules + rules.nat_rules_skipped) as u64),
         ];
+        let family = self.syncer.plan_cfg.family.label();
+        self.metrics.iptables_rules_by_family = self
+            .metrics
+            .iptables_rules
+            .iter()
+            .map(|&(table, n)| (table, family, n))
+            .collect();
         self.conntrack.cleanup(desired);
         Ok(crate::netfilter::sync_report(
             desired,

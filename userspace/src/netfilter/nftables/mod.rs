@@ -83,6 +83,13 @@ impl Dataplane for NftablesDataplane {
                 target.elements.values().map(|e| e.len() as u64).sum(),
             ),
         ];
+        let family = self.syncer.plan_cfg.family.label();
+        self.metrics.nftables_objects_by_family = self
+            .metrics
+            .nftables_objects
+            .iter()
+            .map(|&(kind, n)| (kind, family, n))
+            .collect();
         self.conntrack.cleanup(desired);
         Ok(crate::netfilter::sync_report(
             desired,
