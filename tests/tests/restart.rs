@@ -223,8 +223,8 @@ fn kill_9_and_restart_20_times_under_load_without_a_failed_connection() {
     let bin = kpr_path();
     let mut kpr = Some(start(&lab, &dir, &bin));
     let before = pinned_links(&lab);
-    // Five cgroup hooks (four socket calls, egress), ingress and egress on eth0.
-    assert_eq!(before.len(), 7, "{before:?}");
+    // Nine cgroup hooks (four socket calls per family, egress), ingress and egress on eth0.
+    assert_eq!(before.len(), 11, "{before:?}");
     let mut adopted_ms = Vec::new();
     let mut first_sync_ms = Vec::new();
     let loads = under_load(&lab, |udp_progress| {

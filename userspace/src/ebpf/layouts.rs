@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData};
-use kpr_common::{Affinity4Value, AFFINITY_EXT_MAP, AFFINITY_MAP};
+use kpr_common::{Affinity4Value, AFFINITY_EXT6_MAP, AFFINITY_EXT_MAP, AFFINITY_MAP};
 
 use super::maps::open_pinned;
 
@@ -68,7 +68,7 @@ fn affinity_sources(ours: &str) -> Option<(String, Decoder)> {
 
 /// The pins of other layouts this build converts (besides conntrack's `_V1`).
 pub fn convertible_pins() -> Vec<String> {
-    [AFFINITY_MAP, AFFINITY_EXT_MAP]
+    [AFFINITY_MAP, AFFINITY_EXT_MAP, AFFINITY_EXT6_MAP]
         .iter()
         .filter_map(|m| affinity_sources(m).map(|(p, _)| p))
         .collect()
@@ -78,7 +78,11 @@ pub fn convertible_pins() -> Vec<String> {
 /// (already created there by the loader) and removes their pins. Returns (old pin, entries).
 pub fn convert(pin_dir: &Path) -> Result<Vec<(String, usize)>, LayoutError> {
     let mut done = Vec::new();
-    for (ours, key_len) in [(AFFINITY_MAP, 16usize), (AFFINITY_EXT_MAP, 8)] {
+    for (ours, key_len) in [
+        (AFFINITY_MAP, 16usize),
+        (AFFINITY_EXT_MAP, 8),
+        (AFFINITY_EXT6_MAP, 20),
+    ] {
         let Some((theirs, decode)) = affinity_sources(ours) else {
             continue;
         };
@@ -88,6 +92,7 @@ pub fn convert(pin_dir: &Path) -> Result<Vec<(String, usize)>, LayoutError> {
         }
         let n = match key_len {
             16 => move_entries::<16>(&old_pin, &pin_dir.join(ours), decode),
+            20 => move_entries::<20>(&old_pin, &pin_dir.join(ours), decode),
             _ => move_entries::<8>(&old_pin, &pin_dir.join(ours), decode),
         }
         .map_err(|detail| LayoutError::Convert {
@@ -170,9 +175,9 @@ mod tests {
     fn each_build_converts_the_other_layout() {
         let pins = convertible_pins();
         if AFFINITY_MAP.ends_with("_V1") {
-            assert_eq!(pins, ["KPR_AFF4_V2", "KPR_AFFX4_V2"]);
+            assert_eq!(pins, ["KPR_AFF4_V2", "KPR_AFFX4_V2", "KPR_AFFX6_V2"]);
         } else {
-            assert_eq!(pins, ["KPR_AFF4_V1", "KPR_AFFX4_V1"]);
+            assert_eq!(pins, ["KPR_AFF4_V1", "KPR_AFFX4_V1", "KPR_AFFX6_V1"]);
         }
     }
 }
