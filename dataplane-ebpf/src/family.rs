@@ -84,11 +84,12 @@ pub trait Family {
         rev_nat_id: u32,
     ) -> Result<(), ()>;
     fn forget_revnat(cookie: u64, backend: (Self::Addr, u16));
-    /// Whether the cgroup egress program checks this family's sockets (IPv4 only for now).
-    const HAS_CHECKS: bool;
     /// Notes the socket's packets to `dest` for the cgroup egress program (`value`: the
     /// frontend's rev-NAT id to check source ranges against, or SOCK_CHECK_DROP).
     fn note_check(cookie: u64, dest: (Self::Addr, u16), value: u32) -> Result<(), ()>;
+    /// The note of the socket's packets to `dest`, if any; and its removal.
+    fn sock_check(cookie: u64, dest: (Self::Addr, u16)) -> Option<u32>;
+    fn clear_check(cookie: u64, dest: (Self::Addr, u16));
     fn event_translated(
         ctx: &SockAddrContext,
         proto: u8,
@@ -104,6 +105,28 @@ pub trait Family {
         rev_nat_id: u32,
         reason: Counter,
     );
+}
+
+/// The key of a socket and its peer (address, port), as the reverse-NAT and check maps key
+/// them.
+#[inline(always)]
+fn sock_key4(cookie: u64, address_be: u32, port_be: u16) -> SockRevNat4Key {
+    SockRevNat4Key {
+        cookie,
+        address_be,
+        port_be,
+        pad: 0,
+    }
+}
+
+#[inline(always)]
+fn sock_key6(cookie: u64, address_be: [u32; 4], port_be: u16) -> SockRevNat6Key {
+    SockRevNat6Key {
+        cookie,
+        address_be,
+        port_be,
+        pad: [0; 6],
+    }
 }
 
 /// IPv4: `KPR_SVC4_V1` and friends.
@@ -241,12 +264,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn revnat(cookie: u64, (address_be, port_be): (u32, u16)) -> Option<(u32, u16, u32)> {
-        let key = SockRevNat4Key {
-            cookie,
-            address_be,
-            port_be,
-            pad: 0,
-        };
+        let key = sock_key4(cookie, address_be, port_be);
         // SAFETY: as above.
         unsafe { SOCK_REVNAT.get(&key) }.map(|v| (v.address_be, v.port_be, v.rev_nat_id))
     }
@@ -258,12 +276,7 @@ impl Family for V4 {
         frontend: (u32, u16),
         rev_nat_id: u32,
     ) -> Result<(), ()> {
-        let key = SockRevNat4Key {
-            cookie,
-            address_be,
-            port_be,
-            pad: 0,
-        };
+        let key = sock_key4(cookie, address_be, port_be);
         let value = SockRevNat4Value {
             address_be: frontend.0,
             port_be: frontend.1,
@@ -281,26 +294,27 @@ impl Family for V4 {
 
     #[inline(always)]
     fn forget_revnat(cookie: u64, (address_be, port_be): (u32, u16)) {
-        let key = SockRevNat4Key {
-            cookie,
-            address_be,
-            port_be,
-            pad: 0,
-        };
+        let key = sock_key4(cookie, address_be, port_be);
         let _ = SOCK_REVNAT.remove(&key);
     }
 
-    const HAS_CHECKS: bool = true;
-
     #[inline(always)]
     fn note_check(cookie: u64, (address_be, port_be): (u32, u16), value: u32) -> Result<(), ()> {
-        let key = SockRevNat4Key {
-            cookie,
-            address_be,
-            port_be,
-            pad: 0,
-        };
+        let key = sock_key4(cookie, address_be, port_be);
         egress::SOCK_CHECKS.insert(&key, &value, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn sock_check(cookie: u64, (address_be, port_be): (u32, u16)) -> Option<u32> {
+        let key = sock_key4(cookie, address_be, port_be);
+        // SAFETY: a plain value, copied out at once.
+        unsafe { egress::SOCK_CHECKS.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn clear_check(cookie: u64, (address_be, port_be): (u32, u16)) {
+        let key = sock_key4(cookie, address_be, port_be);
+        let _ = egress::SOCK_CHECKS.remove(&key);
     }
 
     #[inline(always)]
@@ -463,12 +477,7 @@ impl Family for V6 {
 
     #[inline(always)]
     fn revnat(cookie: u64, (address_be, port_be): ([u32; 4], u16)) -> Option<([u32; 4], u16, u32)> {
-        let key = SockRevNat6Key {
-            cookie,
-            address_be,
-            port_be,
-            pad: [0; 6],
-        };
+        let key = sock_key6(cookie, address_be, port_be);
         // SAFETY: as above.
         unsafe { SOCK_REVNAT6.get(&key) }.map(|v| (v.address_be, v.port_be, v.rev_nat_id))
     }
@@ -480,12 +489,7 @@ impl Family for V6 {
         frontend: ([u32; 4], u16),
         rev_nat_id: u32,
     ) -> Result<(), ()> {
-        let key = SockRevNat6Key {
-            cookie,
-            address_be,
-            port_be,
-            pad: [0; 6],
-        };
+        let key = sock_key6(cookie, address_be, port_be);
         let value = SockRevNat6Value {
             address_be: frontend.0,
             port_be: frontend.1,
@@ -501,22 +505,31 @@ impl Family for V6 {
 
     #[inline(always)]
     fn forget_revnat(cookie: u64, (address_be, port_be): ([u32; 4], u16)) {
-        let key = SockRevNat6Key {
-            cookie,
-            address_be,
-            port_be,
-            pad: [0; 6],
-        };
+        let key = sock_key6(cookie, address_be, port_be);
         let _ = SOCK_REVNAT6.remove(&key);
     }
 
-    /// No IPv6 egress program yet: the agent does not give IPv6 frontends checks, and a
-    /// frontend that has one anyway is refused.
-    const HAS_CHECKS: bool = false;
+    #[inline(always)]
+    fn note_check(
+        cookie: u64,
+        (address_be, port_be): ([u32; 4], u16),
+        value: u32,
+    ) -> Result<(), ()> {
+        let key = sock_key6(cookie, address_be, port_be);
+        egress::SOCK_CHECKS6.insert(&key, &value, 0).map_err(|_| ())
+    }
 
     #[inline(always)]
-    fn note_check(_: u64, _: ([u32; 4], u16), _: u32) -> Result<(), ()> {
-        Err(())
+    fn sock_check(cookie: u64, (address_be, port_be): ([u32; 4], u16)) -> Option<u32> {
+        let key = sock_key6(cookie, address_be, port_be);
+        // SAFETY: a plain value, copied out at once.
+        unsafe { egress::SOCK_CHECKS6.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn clear_check(cookie: u64, (address_be, port_be): ([u32; 4], u16)) {
+        let key = sock_key6(cookie, address_be, port_be);
+        let _ = egress::SOCK_CHECKS6.remove(&key);
     }
 
     /// aya-log has no IPv6 formatting of `[u32; 4]` in kpr's event layout yet: IPv6

@@ -30,13 +30,13 @@ const IP6_HLEN: usize = 40;
 /// The fixed IPv6 header, as on the wire.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Ipv6Hdr {
-    version_class_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    saddr: [u32; 4],
-    daddr: [u32; 4],
+pub struct Ipv6Hdr {
+    pub version_class_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
 }
 
 /// Offsets inside the IPv4 header.

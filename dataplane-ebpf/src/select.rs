@@ -22,15 +22,26 @@ pub struct Selected<A> {
     pub by_affinity: bool,
 }
 
-/// What the caller remembers of the client, each (slot, backend id) as last recorded.
+/// What the caller remembers of the client, each as last recorded. Backend id 0 (never a
+/// backend's) means nothing is remembered: plain values, not `Option`s, because an `Option`'s
+/// payload is undefined when it is `None`, and copying undefined bytes is something the
+/// verifier refuses (it reads them as uninitialised registers).
 pub struct Remembered {
-    /// The backend this socket used for the frontend before (unconnected UDP).
-    pub sticky: Option<(u16, u32)>,
+    /// (slot, backend id) this socket used for the frontend before (unconnected UDP).
+    pub sticky: (u16, u32),
     /// The client's session-affinity entry, when the frontend has affinity.
-    pub affinity: Option<Affinity4Value>,
+    pub affinity: Affinity4Value,
     /// Now (`bpf_ktime_get_ns`), for the affinity timeout.
     pub now: u64,
 }
+
+/// No affinity entry.
+pub const NO_AFFINITY: Affinity4Value = Affinity4Value {
+    last_used_ns: 0,
+    backend_id: 0,
+    slot: 0,
+    pad: 0,
+};
 
 /// Chooses the backend of `frontend` (slot 0's value `svc`, `svc.count > 0`): the remembered
 /// sticky backend, else the client's affinity backend (unless its timeout, slot 0's
@@ -51,14 +62,16 @@ pub fn select_backend<F: Family>(
     };
     let mut chosen: Option<(u16, u32)> = None;
     let mut by_affinity = false;
-    if let Some((slot, backend_id)) = remembered.sticky {
-        if let Some(slot) = backend_slot(holds, svc.count, slot, backend_id) {
-            chosen = Some((slot, backend_id));
+    let (sticky_slot, sticky_id) = remembered.sticky;
+    if sticky_id != 0 {
+        if let Some(slot) = backend_slot(holds, svc.count, sticky_slot, sticky_id) {
+            chosen = Some((slot, sticky_id));
             count(Counter::StickyReused);
         }
     }
-    if chosen.is_none() {
-        if let Some(prev) = remembered.affinity {
+    if chosen.is_none() && remembered.affinity.backend_id != 0 {
+        {
+            let prev = remembered.affinity;
             let timeout_ns = u64::from(svc.backend_id) * 1_000_000_000;
             if remembered.now.wrapping_sub(prev.last_used_ns) <= timeout_ns {
                 if let Some(slot) = backend_slot(holds, svc.count, prev.slot, prev.backend_id) {

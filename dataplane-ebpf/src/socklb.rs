@@ -19,7 +19,7 @@ use kpr_common::{
 };
 
 pub use crate::family::{Family, V4, V6};
-use crate::select::{select_backend, Remembered};
+use crate::select::{select_backend, Remembered, NO_AFFINITY};
 use crate::{affinity_group, count, egress, AFFINITY, KPR_HOST_NETNS_COOKIE};
 
 /// sock_addr programs allow the call with 1 and refuse it with 0.
@@ -220,7 +220,6 @@ fn try_forward<F: Family>(
         // (when asked to do the same): the call goes on untranslated, and the egress program
         // drops the socket's packets to the frontend.
         if frontend.flags & SVC_FLAG_NO_LOCAL_DROP != 0
-            && F::HAS_CHECKS
             && egress::checks_on()
             && F::note_check(cookie, (address, port_be), SOCK_CHECK_DROP).is_ok()
         {
@@ -246,16 +245,23 @@ fn try_forward<F: Family>(
         pad: 0,
     };
     let remembered = Remembered {
+        // Looked up only where they apply (each is a map lookup per call).
         sticky: if sticky {
-            F::sticky(cookie, (address, port_be), proto).map(|p| (p.slot, p.backend_id))
+            match F::sticky(cookie, (address, port_be), proto) {
+                Some(p) => (p.slot, p.backend_id),
+                None => (0, 0),
+            }
         } else {
-            None
+            (0, 0)
         },
-        // SAFETY: values are plain data, copied out at once.
         affinity: if affinity {
-            unsafe { AFFINITY.get(&affinity_key) }.copied()
+            // SAFETY: values are plain data, copied out at once.
+            match unsafe { AFFINITY.get(&affinity_key) } {
+                Some(a) => *a,
+                None => NO_AFFINITY,
+            }
         } else {
-            None
+            NO_AFFINITY
         },
         // SAFETY: helper without preconditions.
         now: if affinity {
@@ -298,14 +304,12 @@ fn try_forward<F: Family>(
     }
     // loadBalancerSourceRanges: the source address is known only once the packet is routed, so
     // the egress program checks it (see the egress module). Without the note the socket would
-    // pass unchecked: refuse rather (and in a family without the check, always).
-    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 {
-        if !F::HAS_CHECKS {
-            return Err(refuse(Counter::DropSourceRange));
-        }
-        if egress::checks_on() && F::note_check(cookie, backend, frontend.rev_nat_id).is_err() {
-            return Err(refuse(Counter::DropRevNatUpdate));
-        }
+    // pass unchecked: refuse rather.
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && egress::checks_on()
+        && F::note_check(cookie, backend, frontend.rev_nat_id).is_err()
+    {
+        return Err(refuse(Counter::DropRevNatUpdate));
     }
     Ok(Some(Translation {
         backend,

@@ -53,7 +53,7 @@ use crate::{
     count,
     family::{Family, V4, V6},
     packet::{self, End, Packet, Parsed, Wire},
-    select::{select_backend, FrontendRef, Remembered},
+    select::{select_backend, FrontendRef, Remembered, NO_AFFINITY},
 };
 
 /// What happens to a packet that is not dropped.
@@ -370,11 +370,11 @@ fn select<F: Family>(
         },
     };
     let remembered = Remembered {
-        sticky: None,
+        sticky: (0, 0),
         affinity: if affinity {
-            F::affinity_ext(&affinity_key)
+            F::affinity_ext(&affinity_key).unwrap_or(NO_AFFINITY)
         } else {
-            None
+            NO_AFFINITY
         },
         now,
     };

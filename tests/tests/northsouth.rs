@@ -407,41 +407,62 @@ per_mode! {
     }
 }
 
+/// loadBalancerSourceRanges hold for clients on the node too (kube-proxy's TestLoadBalancer
+/// "pod to LB1 blocked"): a pod or host process outside the ranges is dropped, one inside them
+/// is served. The eBPF mode checks the source of a socket's first packet to its backend in a
+/// cgroup egress program (the source is not known at connect()).
+fn source_ranges_for_clients_on_the_node(mode: ProxyMode, net: &Net) {
+    kpr_lab::require_lab("northsouth_ranges_local");
+    let mut t = two_nodes("nsl", mode, net);
+    let pod = t.lab.clients()[0].clone();
+    let host = t.lab.host_network_pod(1).unwrap();
+    let counter = |t: &mut TwoNodes| t.kprs[0].refusals(mode, Refusal::SourceRange);
+    // lb-no allows the pods' network: the control.
+    let ok = t.lab.tcp_spread(&pod, net.at(net.lb_no, 80), 10).unwrap();
+    assert_eq!(
+        ok.errors,
+        0,
+        "a pod inside the ranges refused: {ok:?}\n{}",
+        t.logs()
+    );
+    // lb-ok allows only the external client: not the pod, not the node itself.
+    for (client, what) in [(&pod, "a pod"), (&host, "a host process")] {
+        let before = counter(&mut t);
+        let no = t
+            .lab
+            .connect_once(client, net.at(net.lb_ok, 80), Duration::from_millis(500))
+            .unwrap();
+        assert_eq!(
+            no.error.as_deref(),
+            Some("ETIMEDOUT"),
+            "{what} outside loadBalancerSourceRanges: {no:?}\n{}",
+            t.logs()
+        );
+        let after = counter(&mut t);
+        assert_refused(
+            before,
+            after,
+            1,
+            &format!("node1, {what} outside the ranges"),
+        );
+    }
+    // The ClusterIP of the same Service has no ranges.
+    let ok = t
+        .lab
+        .tcp_spread(&pod, net.at(&net.cluster_ip(6), 80), 10)
+        .unwrap();
+    assert_eq!(ok.errors, 0, "ClusterIP of a Service with ranges: {ok:?}");
+}
+
 per_mode! {
-    /// loadBalancerSourceRanges hold for clients on the node too (kube-proxy's TestLoadBalancer
-    /// "pod to LB1 blocked"): a pod or host process outside the ranges is dropped, one inside
-    /// them is served. The eBPF mode checks the source of a socket's first packet to its
-    /// backend in a cgroup egress program (the source is not known at connect()). IPv4 only:
-    /// the eBPF mode has no IPv6 egress check yet (docs/DESIGN.md).
     fn source_ranges_hold_for_clients_on_the_node(mode) {
-        kpr_lab::require_lab("northsouth_ranges_local");
-        let net = &V4;
-        let mut t = two_nodes("nsl", mode, net);
-        let pod = t.lab.clients()[0].clone();
-        let host = t.lab.host_network_pod(1).unwrap();
-        let counter = |t: &mut TwoNodes| t.kprs[0].refusals(mode, Refusal::SourceRange);
-        // lb-no allows 10.0.0.0/8, the pods' network: the control.
-        let ok = t.lab.tcp_spread(&pod, net.at(net.lb_no, 80), 10).unwrap();
-        assert_eq!(ok.errors, 0, "a pod inside the ranges refused: {ok:?}\n{}", t.logs());
-        // lb-ok allows only the external client: not the pod, not the node itself.
-        for (client, what) in [(&pod, "a pod"), (&host, "a host process")] {
-            let before = counter(&mut t);
-            let no = t
-                .lab
-                .connect_once(client, net.at(net.lb_ok, 80), Duration::from_millis(500))
-                .unwrap();
-            assert_eq!(
-                no.error.as_deref(),
-                Some("ETIMEDOUT"),
-                "{what} outside loadBalancerSourceRanges: {no:?}\n{}",
-                t.logs()
-            );
-            let after = counter(&mut t);
-            assert_refused(before, after, 1, &format!("node1, {what} outside the ranges"));
-        }
-        // The ClusterIP of the same Service has no ranges.
-        let ok = t.lab.tcp_spread(&pod, net.at(&net.cluster_ip(6), 80), 10).unwrap();
-        assert_eq!(ok.errors, 0, "ClusterIP of a Service with ranges: {ok:?}");
+        source_ranges_for_clients_on_the_node(mode, &V4)
+    }
+}
+
+per_mode! {
+    fn source_ranges_hold_for_clients_on_the_node_over_ipv6(mode) {
+        source_ranges_for_clients_on_the_node(mode, &V6)
     }
 }
 

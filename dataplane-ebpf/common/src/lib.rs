@@ -67,7 +67,8 @@ pub const SOCK_REVNAT6_MAP: &str = "KPR_SKNAT6_V1";
 pub const SOCK_FWD6_MAP: &str = "KPR_SKFWD6_V1";
 /// Every map this build pins, by name (the agent checks a pin directory against it: a pin of
 /// another layout version is migrated or refused, never silently shadowed).
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 21] = [
+    SOCK_CHECK6_MAP,
     CT6_MAP,
     CT6_NEW_MAP,
     SRC_RANGE6_MAP,
@@ -107,6 +108,8 @@ pub const AFFINITY_GROUP_MAP: &str = "KPR_AFFGRP_V1";
 /// [`SOCK_CHECK_DROP`] when its packets are to be dropped ([`SVC_FLAG_NO_LOCAL_DROP`]). LRU:
 /// entries of sockets that closed before sending are evicted.
 pub const SOCK_CHECK_MAP: &str = "KPR_SKCHK4_V1";
+/// [`SOCK_CHECK_MAP`] for IPv6 sockets: [`SockRevNat6Key`] → `u32`.
+pub const SOCK_CHECK6_MAP: &str = "KPR_SKCHK6_V1";
 pub const SOCK_CHECK_MAP_MAX: u32 = 65_536;
 /// The [`SOCK_CHECK_MAP`] value that drops (rev-NAT ids start at 1).
 pub const SOCK_CHECK_DROP: u32 = 0;
