@@ -271,3 +271,80 @@ per_mode! {
         );
     }
 }
+
+per_mode! {
+    /// A connected UDP socket to an IPv6 ClusterIP does not stay on a backend that left (see
+    /// `clusterip::a_connected_udp_socket_leaves_a_removed_backend`): the netfilter modes delete
+    /// its conntrack entry, the eBPF mode destroys the socket (its next call fails with
+    /// ECONNABORTED or EDESTADDRREQ) and the client's reconnect is balanced anew.
+    fn a_connected_udp_socket_to_an_ipv6_clusterip_leaves_a_removed_backend(mode) {
+        let mut s = Setup::new("v6udpc", mode, false, &[], single_stack6);
+        let dns = format!("[{VIP6}]:53/udp");
+        s.wait_programmed(&dns, 5353);
+        let client = s.client();
+        let stop = s.lab.work_dir().join("stop-flow");
+        let progress = s.lab.work_dir().join("flow-progress");
+        let read = || -> (usize, String) {
+            let t = std::fs::read_to_string(&progress).unwrap_or_default();
+            let (n, b) = t.trim().split_once(' ').unwrap_or(("0", "-"));
+            (n.parse().unwrap_or(0), b.to_string())
+        };
+        let wait_for = |at_least: usize| -> (usize, String) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let p = read();
+                if p.0 >= at_least || std::time::Instant::now() > deadline {
+                    return p;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let target = format!("[{VIP6}]:53");
+        let (first, programmed, r) = std::thread::scope(|scope| {
+            let running = scope.spawn(|| {
+                s.lab.labtool_json::<kpr_lab::tool::UdpSpread>(
+                    &client,
+                    &[
+                        "udp-spread", "--target", &target, "--count", "1200", "--connected",
+                        "--interval-ms", "25", "--timeout-ms", "500",
+                        "--stop-file", stop.to_str().unwrap(),
+                        "--progress-file", progress.to_str().unwrap(),
+                    ],
+                    Duration::from_secs(60),
+                )
+            });
+            let (n, first) = wait_for(10);
+            assert!(n >= 10, "the flow made {n} requests");
+            let keep: Vec<&Pod> = s.lab.backends().iter().filter(|p| p.name != first).collect();
+            assert_eq!(keep.len(), 2, "{first}");
+            let want: Vec<String> = keep.iter().map(|p| format!("[{}]:5353", p.ip6)).collect();
+            write_manifest(&s.dir.join("svc.yaml"), &single_stack6(&keep));
+            let want: Vec<&str> = want.iter().map(String::as_str).collect();
+            s.kpr.wait_for_backends(&dns, &want).unwrap();
+            let (programmed, _) = read();
+            wait_for(programmed + 10);
+            std::fs::write(&stop, "").unwrap();
+            (first, programmed, running.join().unwrap().unwrap())
+        });
+        let after: Vec<&String> = r.sequence[programmed..].iter().filter(|b| !b.is_empty()).collect();
+        let Some(&moved) = after.first() else {
+            panic!("no answer after the change: {r:?}\n{}", s.kpr.log());
+        };
+        assert_ne!(moved, &first, "the flow stayed on {first}: {r:?}");
+        assert!(after.iter().all(|b| *b == moved), "{r:?}");
+        let allowed: &[&str] = match mode {
+            ProxyMode::Ebpf => &["ECONNABORTED", "EDESTADDRREQ"],
+            _ => &["ETIMEDOUT"],
+        };
+        let explained: u64 = allowed
+            .iter()
+            .map(|k| r.error_kinds.get(*k).copied().unwrap_or(0))
+            .sum();
+        assert!(r.errors <= 1 && r.errors == explained, "{r:?}");
+        if mode == ProxyMode::Ebpf {
+            // The move was the agent's doing: it destroyed the IPv6 socket.
+            let destroyed = s.kpr.counters_now().unwrap()["udp_sockets_destroyed"];
+            assert!(destroyed >= 1, "udp_sockets_destroyed {destroyed}\n{}", s.kpr.log());
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Connected IPv4 UDP sockets, listed and destroyed through sock_diag (`NETLINK_SOCK_DIAG`),
+//! Connected UDP sockets of both families, listed and destroyed through sock_diag (`NETLINK_SOCK_DIAG`),
 //! in this network namespace or in others.
 //!
 //! The eBPF mode translates a connected UDP socket once, at connect(): when its backend leaves,
@@ -15,7 +15,7 @@
 //! in, so pods' sockets are reached by entering each pod's namespace from a thread of its own.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -31,23 +31,26 @@ pub enum SockDiagError {
     Netns(PathBuf, io::Error),
 }
 
-/// One connected UDP socket, as sock_diag names it (the id destroys exactly this socket).
+/// One connected UDP socket, as sock_diag names it (the family and id destroy exactly this
+/// socket). An IPv6 socket connected to an IPv4 address has a v4-mapped peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UdpSocket4 {
-    pub local: SocketAddrV4,
-    pub peer: SocketAddrV4,
+pub struct UdpSocket {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
     /// The kernel's socket cookie, as `bpf_get_socket_cookie` returns it.
     pub cookie: u64,
+    family: u8,
     id: [u8; SOCKID_LEN],
 }
 
-impl UdpSocket4 {
+impl UdpSocket {
     #[cfg(test)]
-    pub(crate) fn for_test(cookie: u64, peer: SocketAddrV4) -> Self {
+    pub(crate) fn for_test(cookie: u64, peer: SocketAddr) -> Self {
         Self {
-            local: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1),
+            local: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
             peer,
             cookie,
+            family: libc::AF_INET as u8,
             id: [0; SOCKID_LEN],
         }
     }
@@ -76,9 +79,22 @@ impl SockDiag {
         })
     }
 
-    /// Every connected IPv4 UDP socket of this namespace.
-    pub fn connected_udp4(&mut self) -> Result<Vec<UdpSocket4>, SockDiagError> {
-        let req = request(libc::AF_INET as u8, 1 << TCP_ESTABLISHED, &[0; SOCKID_LEN]);
+    /// Every connected UDP socket of this namespace, of both families (an IPv6 dump only
+    /// where the kernel has IPv6).
+    pub fn connected_udp(&mut self) -> Result<Vec<UdpSocket>, SockDiagError> {
+        let mut out = self.connected_udp_of(libc::AF_INET as u8)?;
+        match self.connected_udp_of(libc::AF_INET6 as u8) {
+            Ok(v6) => out.extend(v6),
+            Err(SockDiagError::Netlink(NetlinkError::Kernel(
+                libc::EAFNOSUPPORT | libc::ENOENT,
+            ))) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(out)
+    }
+
+    fn connected_udp_of(&mut self, family: u8) -> Result<Vec<UdpSocket>, SockDiagError> {
+        let req = request(family, 1 << TCP_ESTABLISHED, &[0; SOCKID_LEN]);
         let mut out = Vec::new();
         let mut malformed = None;
         self.socket.request(
@@ -104,8 +120,8 @@ impl SockDiag {
 
     /// Destroys `socket`: its next receive fails with ECONNABORTED, a send with EDESTADDRREQ.
     /// A socket that closed in the meantime is no error.
-    pub fn destroy(&mut self, socket: &UdpSocket4) -> Result<(), SockDiagError> {
-        let req = request(libc::AF_INET as u8, u32::MAX, &socket.id);
+    pub fn destroy(&mut self, socket: &UdpSocket) -> Result<(), SockDiagError> {
+        let req = request(socket.family, u32::MAX, &socket.id);
         match self
             .socket
             .request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req, |_, _| {})
@@ -125,22 +141,32 @@ fn request(family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> [u8; REQ_LEN] {
     req
 }
 
-fn parse_msg(payload: &[u8]) -> Result<Option<UdpSocket4>, SockDiagError> {
+fn parse_msg(payload: &[u8]) -> Result<Option<UdpSocket>, SockDiagError> {
     if payload.len() < MSG_LEN {
         return Err(SockDiagError::Malformed("inet_diag_msg"));
     }
-    if payload[0] != libc::AF_INET as u8 {
-        return Ok(None);
-    }
+    let family = payload[0];
     let mut id = [0u8; SOCKID_LEN];
     id.copy_from_slice(&payload[4..4 + SOCKID_LEN]);
     let port = |at: usize| u16::from_be_bytes([id[at], id[at + 1]]);
-    let ip = |at: usize| Ipv4Addr::new(id[at], id[at + 1], id[at + 2], id[at + 3]);
+    // The sockid's addresses are 16 bytes each; IPv4 uses the first 4.
+    let ip = |at: usize| -> IpAddr {
+        if family == libc::AF_INET as u8 {
+            Ipv4Addr::new(id[at], id[at + 1], id[at + 2], id[at + 3]).into()
+        } else {
+            let o: [u8; 16] = id[at..at + 16].try_into().unwrap();
+            Ipv6Addr::from(o).into()
+        }
+    };
+    if family != libc::AF_INET as u8 && family != libc::AF_INET6 as u8 {
+        return Ok(None);
+    }
     let word = |at: usize| u64::from(u32::from_ne_bytes(id[at..at + 4].try_into().unwrap()));
-    Ok(Some(UdpSocket4 {
-        local: SocketAddrV4::new(ip(4), port(0)),
-        peer: SocketAddrV4::new(ip(20), port(2)),
+    Ok(Some(UdpSocket {
+        local: SocketAddr::new(ip(4), port(0)),
+        peer: SocketAddr::new(ip(20), port(2)),
         cookie: word(40) | word(44) << 32,
+        family,
         id,
     }))
 }
@@ -215,20 +241,14 @@ mod tests {
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.connect(peer.local_addr().unwrap()).unwrap();
-        let local = match s.local_addr().unwrap() {
-            std::net::SocketAddr::V4(a) => a,
-            other => panic!("{other}"),
-        };
+        let local = s.local_addr().unwrap();
         let mut diag = SockDiag::open().unwrap();
-        let all = diag.connected_udp4().unwrap();
+        let all = diag.connected_udp().unwrap();
         let found = all
             .iter()
             .find(|x| x.local == local)
             .unwrap_or_else(|| panic!("{local} not among {all:?}"));
-        assert_eq!(
-            std::net::SocketAddr::V4(found.peer),
-            peer.local_addr().unwrap()
-        );
+        assert_eq!(found.peer, peer.local_addr().unwrap());
         let mut cookie = 0u64;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SAFETY: SO_COOKIE writes a u64 into `cookie`.
@@ -250,9 +270,34 @@ mod tests {
         // Gone: destroying again is no error, and it is no longer listed.
         diag.destroy(found).unwrap();
         assert!(!diag
-            .connected_udp4()
+            .connected_udp()
             .unwrap()
             .iter()
             .any(|x| x.local == local));
+    }
+
+    /// The same for an IPv6 socket, and for one connected to a v4-mapped address (listed with
+    /// its mapped peer).
+    #[test]
+    fn ipv6_connected_udp_sockets_are_listed_and_destroyed() {
+        let mut diag = SockDiag::open().unwrap();
+        for (bind, peer_bind) in [("[::1]:0", "[::1]:0"), ("[::]:0", "127.0.0.1:0")] {
+            let peer = std::net::UdpSocket::bind(peer_bind).unwrap();
+            let s = std::net::UdpSocket::bind(bind).unwrap();
+            let to = match peer.local_addr().unwrap() {
+                SocketAddr::V4(a) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+                v6 => v6,
+            };
+            s.connect(to).unwrap();
+            let local = s.local_addr().unwrap();
+            let all = diag.connected_udp().unwrap();
+            let found = *all
+                .iter()
+                .find(|x| x.local.port() == local.port() && x.peer == to)
+                .unwrap_or_else(|| panic!("{local} → {to} not among {all:?}"));
+            diag.destroy(&found).unwrap();
+            let err = s.recv(&mut [0u8; 8]).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{to}: {err}");
+        }
     }
 }

@@ -173,6 +173,7 @@ pub struct EbpfDataplane {
     event_names: Option<events::FrontendNames>,
     /// The socket reverse-NAT map: which sockets kpr translated, to which backend.
     sock_revnat: HashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    sock_revnat6: HashMap<MapData, kpr_common::SockRevNat6Key, kpr_common::SockRevNat6Value>,
     /// See [`EbpfConfig::pod_netns_dir`].
     pod_netns_dir: Option<PathBuf>,
     /// Turns the egress program's source-range checks on (see `SOCK_CHECK_GATE_MAP`).
@@ -353,6 +354,8 @@ impl EbpfDataplane {
             .map_err(|e| EbpfError::Map(SOCK_CHECK_GATE_MAP, e.to_string()))?;
         let sock_revnat = HashMap::try_from(take_map(&mut ebpf, SOCK_REVNAT_MAP)?)
             .map_err(|e| EbpfError::Map(SOCK_REVNAT_MAP, e.to_string()))?;
+        let sock_revnat6 = HashMap::try_from(take_map(&mut ebpf, kpr_common::SOCK_REVNAT6_MAP)?)
+            .map_err(|e| EbpfError::Map(kpr_common::SOCK_REVNAT6_MAP, e.to_string()))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
             .map_err(|e| EbpfError::Map(COUNTERS_MAP, e.to_string()))?;
         let pinned_size = |name: &str, wanted: u32| {
@@ -433,6 +436,7 @@ impl EbpfDataplane {
             cleaned: false,
             event_names,
             sock_revnat,
+            sock_revnat6,
             pod_netns_dir: cfg.pod_netns_dir.clone(),
             udp_sockets_destroyed: 0,
             destroy_supported: true,
@@ -632,12 +636,16 @@ impl EbpfDataplane {
         if !self.destroy_supported || !self.syncer.has_udp_frontends() {
             return sockterm::TerminationStats::default();
         }
-        let (revnat, syncer) = (&self.sock_revnat, &self.syncer);
-        let stats = sockterm::terminate_stale(
-            self.pod_netns_dir.as_deref(),
-            |k| revnat.get(k, 0).ok(),
-            |r, b| syncer.still_serves(r, IPPROTO_UDP, b),
-        );
+        let (v4, v6, syncer) = (&self.sock_revnat, &self.sock_revnat6, &self.syncer);
+        let revnat = sockterm::RevNatLookups {
+            v4: |k: &SockRevNat4Key| v4.get(k, 0).ok(),
+            v6: |k: &kpr_common::SockRevNat6Key| v6.get(k, 0).ok(),
+        };
+        let stats = sockterm::terminate_stale(self.pod_netns_dir.as_deref(), |socket| {
+            sockterm::socket_is_stale(socket, &revnat, |frontend, id, backend| {
+                syncer.still_serves(frontend, id, IPPROTO_UDP, backend)
+            })
+        });
         self.udp_sockets_destroyed += stats.destroyed;
         if stats.unsupported {
             self.destroy_supported = false;

@@ -14,10 +14,71 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kpr_common::{SockRevNat4Key, SockRevNat4Value};
+use std::net::IpAddr;
 
+use kpr_common::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value};
+
+use super::sync::MapAddr;
 use crate::netlink::NetlinkError;
-use crate::sockdiag::{self, SockDiagError, UdpSocket4};
+use crate::sockdiag::{self, SockDiagError, UdpSocket};
+
+/// The reverse-NAT maps of both families, as lookups.
+pub struct RevNatLookups<F4, F6> {
+    pub v4: F4,
+    pub v6: F6,
+}
+
+/// Whether kpr translated `socket` to a backend its frontend no longer serves: its
+/// reverse-NAT entry (IPv4 map for IPv4 peers and v4-mapped ones, IPv6 map otherwise) names the
+/// frontend, and `still_serves(frontend, rev_nat_id, backend)` says whether that frontend still
+/// has the backend.
+pub fn socket_is_stale<F4, F6>(
+    socket: &UdpSocket,
+    revnat: &RevNatLookups<F4, F6>,
+    still_serves: impl Fn((MapAddr, u16), u32, (MapAddr, u16)) -> bool,
+) -> bool
+where
+    F4: Fn(&SockRevNat4Key) -> Option<SockRevNat4Value>,
+    F6: Fn(&SockRevNat6Key) -> Option<SockRevNat6Value>,
+{
+    let port_be = socket.peer.port().to_be();
+    let v4 = match socket.peer.ip() {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    };
+    if let Some(a) = v4 {
+        let address_be = u32::from_ne_bytes(a.octets());
+        let key = SockRevNat4Key {
+            cookie: socket.cookie,
+            address_be,
+            port_be,
+            pad: 0,
+        };
+        return (revnat.v4)(&key).is_some_and(|v| {
+            !still_serves(
+                (MapAddr::V4(v.address_be), v.port_be),
+                v.rev_nat_id,
+                (MapAddr::V4(address_be), port_be),
+            )
+        });
+    }
+    let MapAddr::V6(address_be) = MapAddr::of(socket.peer.ip()) else {
+        return false;
+    };
+    let key = SockRevNat6Key {
+        cookie: socket.cookie,
+        address_be,
+        port_be,
+        pad: [0; 6],
+    };
+    (revnat.v6)(&key).is_some_and(|v| {
+        !still_serves(
+            (MapAddr::V6(v.address_be), v.port_be),
+            v.rev_nat_id,
+            (MapAddr::V6(address_be), port_be),
+        )
+    })
+}
 
 /// What one pass found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,33 +94,18 @@ pub struct TerminationStats {
     pub unsupported: bool,
 }
 
-/// The stale sockets among `listed`, by namespace: those with a reverse-NAT entry (kpr
-/// translated them) whose frontend no longer serves their backend. A socket without an entry
-/// was not translated by kpr (or its entry was evicted: then nothing tells, and it is left).
+/// The stale sockets among `listed`, by namespace, as `is_stale` judges each: one with a
+/// reverse-NAT entry (kpr translated it) whose frontend no longer serves its backend. A socket
+/// without an entry was not translated by kpr (or its entry was evicted: then nothing tells,
+/// and it is left).
 pub fn stale_sockets(
-    listed: Vec<(Option<PathBuf>, Vec<UdpSocket4>)>,
-    revnat: impl Fn(&SockRevNat4Key) -> Option<SockRevNat4Value>,
-    still_serves: impl Fn(&SockRevNat4Value, (u32, u16)) -> bool,
-) -> BTreeMap<Option<PathBuf>, Vec<UdpSocket4>> {
-    let mut out: BTreeMap<Option<PathBuf>, Vec<UdpSocket4>> = BTreeMap::new();
+    listed: Vec<(Option<PathBuf>, Vec<UdpSocket>)>,
+    is_stale: impl Fn(&UdpSocket) -> bool,
+) -> BTreeMap<Option<PathBuf>, Vec<UdpSocket>> {
+    let mut out: BTreeMap<Option<PathBuf>, Vec<UdpSocket>> = BTreeMap::new();
     for (netns, sockets) in listed {
-        for s in sockets {
-            let backend = (
-                u32::from_ne_bytes(s.peer.ip().octets()),
-                s.peer.port().to_be(),
-            );
-            let key = SockRevNat4Key {
-                cookie: s.cookie,
-                address_be: backend.0,
-                port_be: backend.1,
-                pad: 0,
-            };
-            match revnat(&key) {
-                Some(v) if !still_serves(&v, backend) => {
-                    out.entry(netns.clone()).or_default().push(s)
-                }
-                _ => {}
-            }
+        for s in sockets.into_iter().filter(|s| is_stale(s)) {
+            out.entry(netns.clone()).or_default().push(s);
         }
     }
     out
@@ -69,13 +115,12 @@ pub fn stale_sockets(
 /// `netns_dir`, and destroys the stale ones.
 pub fn terminate_stale(
     netns_dir: Option<&Path>,
-    revnat: impl Fn(&SockRevNat4Key) -> Option<SockRevNat4Value>,
-    still_serves: impl Fn(&SockRevNat4Value, (u32, u16)) -> bool,
+    is_stale: impl Fn(&UdpSocket) -> bool,
 ) -> TerminationStats {
     let mut stats = TerminationStats::default();
     let others = netns_dir.map(sockdiag::named_netns).unwrap_or_default();
     let mut listed = Vec::new();
-    for (netns, r) in sockdiag::in_each_netns(&others, |_, diag| diag.connected_udp4()) {
+    for (netns, r) in sockdiag::in_each_netns(&others, |_, diag| diag.connected_udp()) {
         match r {
             Ok(sockets) => {
                 stats.listed += sockets.len() as u64;
@@ -86,7 +131,7 @@ pub fn terminate_stale(
             Err(e) => stats.failures.push(describe(netns.as_deref(), &e)),
         }
     }
-    let stale = stale_sockets(listed, revnat, still_serves);
+    let stale = stale_sockets(listed, is_stale);
     stats.stale = stale.values().map(|v| v.len() as u64).sum();
     if stale.is_empty() {
         return stats;
@@ -151,7 +196,7 @@ mod tests {
 
     #[test]
     fn only_sockets_kpr_translated_to_a_backend_that_left_are_stale() {
-        let sock = |cookie, peer: &str| UdpSocket4::for_test(cookie, peer.parse().unwrap());
+        let sock = |cookie, peer: &str| UdpSocket::for_test(cookie, peer.parse().unwrap());
         let pod = Some(PathBuf::from("/var/run/netns/pod"));
         let listed = vec![
             (
@@ -163,21 +208,77 @@ mod tests {
                 vec![sock(3, "10.244.1.11:5353"), sock(4, "192.0.2.1:53")],
             ),
         ];
-        let gone = u32::from_ne_bytes([10, 244, 1, 11]);
-        let revnat = |k: &SockRevNat4Key| {
+        let gone = MapAddr::of("10.244.1.11".parse().unwrap());
+        let revnat = RevNatLookups {
             // Socket 4 talks to an address directly: kpr never translated it.
-            (k.cookie != 4).then_some(SockRevNat4Value {
-                address_be: 0,
-                port_be: 0,
-                pad: 0,
-                rev_nat_id: 7,
-            })
+            v4: |k: &SockRevNat4Key| {
+                (k.cookie != 4).then_some(SockRevNat4Value {
+                    address_be: 0,
+                    port_be: 0,
+                    pad: 0,
+                    rev_nat_id: 7,
+                })
+            },
+            v6: |_: &SockRevNat6Key| None,
         };
-        let stale = stale_sockets(listed, revnat, |_, (address_be, _)| address_be != gone);
+        let stale = stale_sockets(listed, |s| {
+            socket_is_stale(s, &revnat, |_, _, (backend, _)| backend != gone)
+        });
         let cookies: Vec<(Option<PathBuf>, Vec<u64>)> = stale
             .into_iter()
             .map(|(ns, v)| (ns, v.iter().map(|s| s.cookie).collect()))
             .collect();
         assert_eq!(cookies, vec![(None, vec![1]), (pod, vec![3])]);
+    }
+
+    #[test]
+    fn ipv6_and_v4_mapped_sockets_are_judged_through_their_familys_map() {
+        let v6_backend: std::net::SocketAddr = "[fd00:10:244:1::b]:5353".parse().unwrap();
+        let mapped: std::net::SocketAddr = "[::ffff:10.244.1.11]:5353".parse().unwrap();
+        let revnat = RevNatLookups {
+            v4: |k: &SockRevNat4Key| {
+                (k.address_be == u32::from_ne_bytes([10, 244, 1, 11])).then_some(SockRevNat4Value {
+                    address_be: u32::from_ne_bytes([10, 96, 0, 10]),
+                    port_be: 53u16.to_be(),
+                    pad: 0,
+                    rev_nat_id: 1,
+                })
+            },
+            v6: |k: &SockRevNat6Key| {
+                (k.cookie == 6).then_some(SockRevNat6Value {
+                    address_be: [0; 4],
+                    port_be: 53u16.to_be(),
+                    pad: 0,
+                    rev_nat_id: 2,
+                })
+            },
+        };
+        // Nothing is served any more: every translated socket is stale.
+        let none = |_, _, _| false;
+        assert!(socket_is_stale(
+            &UdpSocket::for_test(6, v6_backend),
+            &revnat,
+            none
+        ));
+        assert!(!socket_is_stale(
+            &UdpSocket::for_test(7, v6_backend),
+            &revnat,
+            none
+        ));
+        // The v4-mapped peer is looked up in the IPv4 map, by its IPv4 address.
+        assert!(socket_is_stale(
+            &UdpSocket::for_test(9, mapped),
+            &revnat,
+            none
+        ));
+        let seen = std::cell::Cell::new(None);
+        socket_is_stale(&UdpSocket::for_test(9, mapped), &revnat, |f, id, b| {
+            seen.set(Some((f, id, b)));
+            true
+        });
+        let (frontend, id, backend) = seen.get().unwrap();
+        assert_eq!(id, 1);
+        assert_eq!(frontend.0, MapAddr::of("10.96.0.10".parse().unwrap()));
+        assert_eq!(backend.0, MapAddr::of("10.244.1.11".parse().unwrap()));
     }
 }

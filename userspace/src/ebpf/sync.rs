@@ -70,13 +70,13 @@ impl Default for Capacity {
 
 /// An address as the maps hold it (network byte order): the family picks the map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) enum MapAddr {
+pub enum MapAddr {
     V4(u32),
     V6([u32; 4]),
 }
 
 impl MapAddr {
-    fn of(ip: IpAddr) -> MapAddr {
+    pub fn of(ip: IpAddr) -> MapAddr {
         match ip {
             IpAddr::V4(ip) => MapAddr::V4(u32::from_ne_bytes(ip.octets())),
             IpAddr::V6(ip) => {
@@ -385,24 +385,25 @@ impl<M: LbMaps> LbSyncer<M> {
     /// (`address_be`, `port_be`, as the maps key them).
     pub fn still_serves(
         &self,
-        revnat: &kpr_common::SockRevNat4Value,
+        (frontend_address, frontend_port_be): (MapAddr, u16),
+        rev_nat_id: u32,
         proto: u8,
-        (address_be, port_be): (u32, u16),
+        (address, port_be): (MapAddr, u16),
     ) -> bool {
         let key = FrontendKey {
-            address: MapAddr::V4(revnat.address_be),
-            port_be: revnat.port_be,
+            address: frontend_address,
+            port_be: frontend_port_be,
             proto,
             scope: kpr_common::SCOPE_INTERNAL,
         };
         let Some(frontend) = self.frontends.get(&key) else {
             return false;
         };
-        if frontend.rev_nat_id != Some(revnat.rev_nat_id) {
+        if frontend.rev_nat_id != Some(rev_nat_id) {
             return false;
         }
         let backend = BackendKey {
-            address: MapAddr::V4(address_be),
+            address,
             port_be,
             proto,
         };
@@ -1484,7 +1485,15 @@ mod tests {
             let backend = (u32::from_ne_bytes([10, 244, 1, last]), 8080u16.to_be());
             (revnat, backend)
         };
-        let serves = |s: &LbSyncer<FakeMaps>, (r, b)| s.still_serves(&r, fk.proto, b);
+        let serves = |s: &LbSyncer<FakeMaps>,
+                      (r, b): (kpr_common::SockRevNat4Value, (u32, u16))| {
+            s.still_serves(
+                (MapAddr::V4(r.address_be), r.port_be),
+                r.rev_nat_id,
+                fk.proto,
+                (MapAddr::V4(b.0), b.1),
+            )
+        };
         assert!(serves(&s, socket(11, rev_nat_id)));
         // Another frontend's backend, or the same frontend re-created under another id.
         assert!(!serves(&s, socket(13, rev_nat_id)));
