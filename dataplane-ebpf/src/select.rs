@@ -22,6 +22,19 @@ pub struct Selected<A> {
     pub by_affinity: bool,
 }
 
+impl<A> Selected<A> {
+    /// The client's affinity entry for this choice, as of `now`: what every path stores.
+    #[inline(always)]
+    pub fn affinity_entry(&self, now: u64) -> Affinity4Value {
+        Affinity4Value {
+            last_used_ns: now,
+            backend_id: self.backend_id,
+            slot: self.slot,
+            pad: 0,
+        }
+    }
+}
+
 /// What the caller remembers of the client, each as last recorded. Backend id 0 (never a
 /// backend's) means nothing is remembered: plain values, not `Option`s, because an `Option`'s
 /// payload is undefined when it is `None`, and copying undefined bytes is something the

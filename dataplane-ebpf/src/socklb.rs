@@ -288,14 +288,8 @@ fn try_forward<F: Family>(
         F::set_sticky(cookie, (address, port_be), proto, &v);
     }
     if affinity {
-        let v = Affinity4Value {
-            last_used_ns: now,
-            backend_id,
-            slot,
-            pad: 0,
-        };
         // Best effort: without the entry the client's next connection chooses anew.
-        let _ = AFFINITY.insert(&affinity_key, &v, 0);
+        let _ = AFFINITY.insert(&affinity_key, &chosen.affinity_entry(now), 0);
     }
 
     // Remember what this socket asked for, so recvmsg/getpeername can show it again.

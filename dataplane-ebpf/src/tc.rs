@@ -383,13 +383,7 @@ fn select<F: Family>(
     let (slot, backend_id, by_affinity) = (chosen.slot, chosen.backend_id, chosen.by_affinity);
     let (backend_address, backend_port) = chosen.backend;
     if affinity {
-        let v = Affinity4Value {
-            last_used_ns: now,
-            backend_id,
-            slot,
-            pad: 0,
-        };
-        F::set_affinity_ext(&affinity_key, &v);
+        F::set_affinity_ext(&affinity_key, &chosen.affinity_entry(now));
     }
     let choice = Choice {
         backend_id,

@@ -42,9 +42,6 @@ pub struct SyncStats {
     pub backends: usize,
     pub writes: usize,
     pub deletes: usize,
-    /// Frontends the eBPF dataplane cannot serve, skipped (none since it serves both
-    /// families; kept for the status' shape).
-    pub skipped: usize,
     /// Service ports refused because the maps cannot hold them (see [`Capacity`]).
     pub refused: usize,
 }
@@ -505,10 +502,7 @@ impl<M: LbMaps> LbSyncer<M> {
             })
             .collect();
         for (frontend, state) in &desired.services {
-            let Some(fk) = frontend_key(frontend, SCOPE_INTERNAL) else {
-                stats.skipped += 1;
-                continue;
-            };
+            let fk = frontend_key(frontend, SCOPE_INTERNAL);
             // Traffic from outside the node meets the tc path's external scope. A loopback
             // NodePort address (localhost NodePorts) has none, so only the node's own
             // sockets reach it: never a packet that arrives addressed to 127.0.0.1 from
@@ -816,13 +810,13 @@ fn next_free(next: &mut u32, in_use: impl Fn(u32) -> bool) -> Option<u32> {
     None
 }
 
-fn frontend_key(f: &Frontend, scope: u8) -> Option<FrontendKey> {
-    Some(FrontendKey {
+fn frontend_key(f: &Frontend, scope: u8) -> FrontendKey {
+    FrontendKey {
         address: MapAddr::of(f.ip),
         port_be: f.port.to_be(),
         proto: f.protocol.number(),
         scope,
-    })
+    }
 }
 
 /// Backends as the maps key them, sorted and de-duplicated. The slot count is 16 bits;
@@ -1008,7 +1002,7 @@ mod tests {
         }
     }
 
-    fn frontend_key_int(f: &Frontend) -> Option<FrontendKey> {
+    fn frontend_key_int(f: &Frontend) -> FrontendKey {
         frontend_key(f, SCOPE_INTERNAL)
     }
 
@@ -1074,9 +1068,7 @@ mod tests {
         };
         let mut out = BTreeMap::new();
         for (f, st) in &desired.services {
-            let Some(fk) = frontend_key(f, SCOPE_INTERNAL) else {
-                continue;
-            };
+            let fk = frontend_key(f, SCOPE_INTERNAL);
             let affinity = st.session_affinity.map(|t| t.as_secs() as u32);
             out.insert(fk.tuple(SCOPE_INTERNAL), (pairs(&st.backends), affinity));
             // Loopback NodePorts serve only the node's sockets (CVE-2020-8558).
@@ -1156,7 +1148,7 @@ mod tests {
     fn a_frontend_without_backends_is_programmed_with_count_zero() {
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         s.sync(&state(&[(fe(3, 443), &[])])).unwrap();
-        let slot0 = s.maps().services[&frontend_key_int(&fe(3, 443)).unwrap().slot(0)];
+        let slot0 = s.maps().services[&frontend_key_int(&fe(3, 443)).slot(0)];
         assert_eq!(slot0.count, 0);
         assert_ne!(slot0.rev_nat_id, 0);
     }
@@ -1243,7 +1235,7 @@ mod tests {
     fn restore_cleans_junk_left_in_the_maps() {
         let mut maps = FakeMaps::default();
         // A stray slot beyond count, a frontend without slot 0, and a duplicate backend.
-        let fk = frontend_key_int(&fe(1, 80)).unwrap();
+        let fk = frontend_key_int(&fe(1, 80));
         let b = BackendKey {
             address: MapAddr::V4(u32::from_ne_bytes([10, 244, 1, 11])),
             port_be: 8080u16.to_be(),
@@ -1275,7 +1267,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let orphan = frontend_key_int(&fe(9, 99)).unwrap();
+        let orphan = frontend_key_int(&fe(9, 99));
         maps.services.insert(
             orphan.slot(1),
             Service4Value {
@@ -1313,9 +1305,9 @@ mod tests {
         d.services.insert(v6, st);
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         let stats = s.sync(&d).unwrap();
-        assert_eq!((stats.frontends, stats.backends, stats.skipped), (2, 2, 0));
+        assert_eq!((stats.frontends, stats.backends), (2, 2));
         assert_eq!(s.maps().resolve(), expected(&d));
-        let key = frontend_key_int(&v6).unwrap().slot(0);
+        let key = frontend_key_int(&v6).slot(0);
         assert!(matches!(key, ServiceKey::V6(_)), "{key:?}");
         // One id space: the two backends and the two frontends have distinct ids.
         let ids: BTreeSet<u32> = s.maps().backends.keys().copied().collect();
@@ -1376,11 +1368,11 @@ mod tests {
         s.sync(&d).unwrap();
         let r = s.maps().resolve();
         assert_eq!(r, expected(&d));
-        let np = frontend_key(&nodeport, SCOPE_INTERNAL).unwrap();
+        let np = frontend_key(&nodeport, SCOPE_INTERNAL);
         assert_eq!(r[&np.tuple(SCOPE_INTERNAL)].0.len(), 3);
         assert_eq!(r[&np.tuple(SCOPE_EXTERNAL)].0.len(), 1);
         // The ClusterIP has no external entry.
-        let c = frontend_key(&fe(1, 80), SCOPE_INTERNAL).unwrap();
+        let c = frontend_key(&fe(1, 80), SCOPE_INTERNAL);
         assert!(!r.contains_key(&c.tuple(SCOPE_EXTERNAL)));
         // Back to ClusterIP only: the NodePort's entries in both scopes go.
         let only = state(&[(fe(1, 80), &[11, 12, 13])]);
@@ -1404,7 +1396,7 @@ mod tests {
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         s.sync(&d).unwrap();
         let r = s.maps().resolve();
-        let k = frontend_key(&localhost, SCOPE_INTERNAL).unwrap();
+        let k = frontend_key(&localhost, SCOPE_INTERNAL);
         let key = |scope| k.tuple(scope);
         assert_eq!(
             r[&key(SCOPE_INTERNAL)].0.len(),
@@ -1434,7 +1426,7 @@ mod tests {
             st.external_backends.clear();
             let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
             s.sync(&d).unwrap();
-            let k = frontend_key(&nodeport, SCOPE_EXTERNAL).unwrap();
+            let k = frontend_key(&nodeport, SCOPE_EXTERNAL);
             s.maps().services[&k.slot(0)].flags
         };
         // Endpoints on other nodes: dropped here (SVC_FLAG_EXT_LOCAL).
@@ -1457,7 +1449,7 @@ mod tests {
         let on = s.sync(&sticky).unwrap();
         assert_eq!((on.writes, on.deletes), (1, 0));
         assert_eq!(s.maps().resolve(), expected(&sticky));
-        let key = frontend_key(&fe(1, 80), SCOPE_INTERNAL).unwrap().slot(0);
+        let key = frontend_key(&fe(1, 80), SCOPE_INTERNAL).slot(0);
         assert_eq!(s.maps().services[&key].flags, SVC_FLAG_AFFINITY);
         assert_eq!(s.maps().services[&key].backend_id, 2);
         // A restart restores the affinity setting: nothing to write.
@@ -1473,7 +1465,7 @@ mod tests {
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         s.sync(&state(&[(fe(1, 80), &[11, 12]), (fe(2, 81), &[13])]))
             .unwrap();
-        let fk = frontend_key_int(&fe(1, 80)).unwrap();
+        let fk = frontend_key_int(&fe(1, 80));
         let rev_nat_id = s.maps().services[&fk.slot(0)].rev_nat_id;
         let socket = |last: u8, rev_nat_id| {
             let revnat = kpr_common::SockRevNat4Value {
@@ -1526,7 +1518,7 @@ mod tests {
             ..Default::default()
         }];
         let ranges = |s: &LbSyncer<FakeMaps>, scope| {
-            let key = frontend_key(&lb, scope).unwrap().slot(0);
+            let key = frontend_key(&lb, scope).slot(0);
             let v = s.maps().services[&key];
             assert_ne!(v.flags & SVC_FLAG_SOURCE_RANGES, 0, "scope {scope}");
             s.maps().src_ranges[&v.rev_nat_id].clone()
@@ -1588,7 +1580,7 @@ mod tests {
         let mut s = LbSyncer::restore(FakeMaps::default()).unwrap();
         s.sync(&d).unwrap();
         let rev = |s: &LbSyncer<FakeMaps>, f: &Frontend, scope| {
-            s.maps().services[&frontend_key(f, scope).unwrap().slot(0)].rev_nat_id
+            s.maps().services[&frontend_key(f, scope).slot(0)].rev_nat_id
         };
         let group =
             |s: &LbSyncer<FakeMaps>, id: u32| *s.maps().affinity_groups.get(&id).unwrap_or(&id);
