@@ -14,9 +14,11 @@ use kpr_common::{
 };
 
 use crate::{
-    egress, events, packet::Wire, AFFINITY_EXT, AFFINITY_EXT6, BACKENDS, BACKENDS6, CONNTRACK,
-    CONNTRACK6, CONNTRACK6_NEW, CONNTRACK_NEW, SERVICES, SERVICES6, SOCK_FWD, SOCK_FWD6,
-    SOCK_REVNAT, SOCK_REVNAT6, SRC_RANGES, SRC_RANGES6,
+    egress, events,
+    packet::{Packet, Wire},
+    AFFINITY_EXT, AFFINITY_EXT6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CONNTRACK6_NEW,
+    CONNTRACK_NEW, SERVICES, SERVICES6, SOCK_FWD, SOCK_FWD6, SOCK_REVNAT, SOCK_REVNAT6, SRC_RANGES,
+    SRC_RANGES6,
 };
 
 /// One address family's maps, as the socket programs use them.
@@ -41,21 +43,19 @@ pub trait Family {
     /// The local-traffic detector's CIDR of this family: whether `saddr` is in it (None:
     /// no CIDR set).
     fn local_source(saddr: Self::Addr) -> Option<bool>;
-    /// tc events (see the events module): IPv4 only for now.
+    /// tc events (see the events module): a new flow of `pkt` sent to `backend`, a packet
+    /// dropped. The packet goes by reference, so an IPv6 event can be a BPF call of its own
+    /// (five arguments at most) with its own frame.
     fn flow_translated(
         ctx: &aya_ebpf::programs::TcContext,
-        proto: u8,
-        client: (Self::Addr, u16),
-        frontend: (Self::Addr, u16),
-        backend: (Self::Addr, u16),
+        pkt: &Packet<Self::Addr>,
+        backend: &(Self::Addr, u16),
         rev_nat_id: u32,
         affinity: bool,
     );
     fn flow_dropped(
         ctx: &aya_ebpf::programs::TcContext,
-        proto: u8,
-        client: (Self::Addr, u16),
-        frontend: (Self::Addr, u16),
+        pkt: &Packet<Self::Addr>,
         rev_nat_id: u32,
         reason: Counter,
     );
@@ -185,26 +185,37 @@ impl Family for V4 {
     #[inline(always)]
     fn flow_translated(
         ctx: &aya_ebpf::programs::TcContext,
-        proto: u8,
-        client: (u32, u16),
-        frontend: (u32, u16),
-        backend: (u32, u16),
+        pkt: &Packet<u32>,
+        backend: &(u32, u16),
         rev_nat_id: u32,
         affinity: bool,
     ) {
-        events::flow_translated(ctx, proto, client, frontend, backend, rev_nat_id, affinity);
+        events::flow_translated(
+            ctx,
+            pkt.proto,
+            (pkt.saddr, pkt.sport),
+            (pkt.daddr, pkt.dport),
+            *backend,
+            rev_nat_id,
+            affinity,
+        );
     }
 
     #[inline(always)]
     fn flow_dropped(
         ctx: &aya_ebpf::programs::TcContext,
-        proto: u8,
-        client: (u32, u16),
-        frontend: (u32, u16),
+        pkt: &Packet<u32>,
         rev_nat_id: u32,
         reason: Counter,
     ) {
-        events::flow_dropped(ctx, proto, client, frontend, rev_nat_id, reason);
+        events::flow_dropped(
+            ctx,
+            pkt.proto,
+            (pkt.saddr, pkt.sport),
+            (pkt.daddr, pkt.dport),
+            rev_nat_id,
+            reason,
+        );
     }
 
     #[inline(always)]
@@ -392,29 +403,25 @@ impl Family for V6 {
         }
     }
 
-    /// aya-log prints `[u32; 4]` addresses in no form the agent reads back yet: IPv6 flows
-    /// are counted, not logged.
     #[inline(always)]
     fn flow_translated(
         _: &aya_ebpf::programs::TcContext,
-        _: u8,
-        _: ([u32; 4], u16),
-        _: ([u32; 4], u16),
-        _: ([u32; 4], u16),
-        _: u32,
-        _: bool,
+        pkt: &Packet<[u32; 4]>,
+        backend: &([u32; 4], u16),
+        rev_nat_id: u32,
+        affinity: bool,
     ) {
+        events::flow_translated6(pkt, backend, rev_nat_id, affinity);
     }
 
     #[inline(always)]
     fn flow_dropped(
         _: &aya_ebpf::programs::TcContext,
-        _: u8,
-        _: ([u32; 4], u16),
-        _: ([u32; 4], u16),
-        _: u32,
-        _: Counter,
+        pkt: &Packet<[u32; 4]>,
+        rev_nat_id: u32,
+        reason: Counter,
     ) {
+        events::flow_dropped6(pkt, rev_nat_id, reason);
     }
 
     #[inline(always)]
@@ -532,19 +539,26 @@ impl Family for V6 {
         let _ = egress::SOCK_CHECKS6.remove(&key);
     }
 
-    /// aya-log has no IPv6 formatting of `[u32; 4]` in kpr's event layout yet: IPv6
-    /// translations are counted, not logged.
     #[inline(always)]
     fn event_translated(
-        _: &SockAddrContext,
-        _: u8,
-        _: ([u32; 4], u16),
-        _: ([u32; 4], u16),
-        _: u32,
-        _: bool,
+        ctx: &SockAddrContext,
+        proto: u8,
+        frontend: ([u32; 4], u16),
+        backend: ([u32; 4], u16),
+        rev_nat_id: u32,
+        affinity: bool,
     ) {
+        events::socket_translated6(ctx, proto, frontend, backend, rev_nat_id, affinity);
     }
 
     #[inline(always)]
-    fn event_refused(_: &SockAddrContext, _: u8, _: ([u32; 4], u16), _: u32, _: Counter) {}
+    fn event_refused(
+        ctx: &SockAddrContext,
+        proto: u8,
+        frontend: ([u32; 4], u16),
+        rev_nat_id: u32,
+        reason: Counter,
+    ) {
+        events::socket_refused6(ctx, proto, frontend, rev_nat_id, reason);
+    }
 }

@@ -95,7 +95,13 @@ fn finish(r: Result<Verdict, Counter>) -> i32 {
 fn ingress(ctx: &TcContext) -> Result<Verdict, Counter> {
     match packet::ip_version(ctx) {
         Some(4) => ingress_family::<V4>(ctx),
-        Some(6) => ingress_family::<V6>(ctx),
+        Some(6) => {
+            let r = ingress_family::<V6>(ctx);
+            if crate::events::enabled() {
+                crate::events::flush6(ctx);
+            }
+            r
+        }
         _ => Ok(Verdict::Pass),
     }
 }
@@ -126,14 +132,7 @@ fn ingress_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> Result<V
     };
     let r = translate::<F>(ctx, pkt, frontend_key, &frontend);
     if let Err(reason) = r {
-        F::flow_dropped(
-            ctx,
-            pkt.proto,
-            (pkt.saddr, pkt.sport),
-            (pkt.daddr, pkt.dport),
-            frontend.rev_nat_id,
-            reason,
-        );
+        F::flow_dropped(ctx, pkt, frontend.rev_nat_id, reason);
     }
     r
 }
@@ -338,10 +337,8 @@ fn new_flow<F: Family>(
     }
     F::flow_translated(
         ctx,
-        pkt.proto,
-        (pkt.saddr, pkt.sport),
-        (pkt.daddr, pkt.dport),
-        (c.address_be, c.port_be),
+        pkt,
+        &(c.address_be, c.port_be),
         flow.frontend.rev_nat_id,
         by_affinity,
     );

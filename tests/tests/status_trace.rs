@@ -4,7 +4,8 @@
 //! (`--datapath-events`, issue 14), which show the same decisions as they happen.
 //!
 //! Lab: node1 192.168.100.11 (be1 10.244.1.11, be2 .12, be3 .13, cl1 10.244.1.21), external
-//! client 192.168.100.100.
+//! client 192.168.100.100; over IPv6 node1 fd00:192:168:100::b, pods fd00:10:244:1::<host in
+//! hex>, external client fd00:192:168:100::64.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,7 +29,7 @@ fn manifests() -> String {
         )
     };
     let mut y = format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE1}}}]\n---\n"
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE1}}}, {{type: InternalIP, address: \"{NODE1_6}\"}}]\n---\n"
     );
     y += &svc(
         "web",
@@ -56,8 +57,24 @@ fn manifests() -> String {
         "nodePort: 30090}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.60}]\n---\n",
         1,
     );
+    // IPv6: a SingleStack ClusterIP, and a NodePort with affinity.
+    let eps6: String = ALL6
+        .iter()
+        .map(|b| {
+            let ip = b.trim_start_matches('[').split(']').next().unwrap();
+            format!("  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: node1}}\n")
+        })
+        .collect();
+    for (name, spec) in [
+        ("web6", "  clusterIP: \"fd00:10:96::10\"\n  ipFamilies: [IPv6]\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]\n".to_string()),
+        ("sticky6", "  type: NodePort\n  clusterIP: \"fd00:10:96::20\"\n  ipFamilies: [IPv6]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30081}]\n".to_string()),
+    ] {
+        y += &svc(name, &spec, &format!("\n{eps6}")).replace("addressType: IPv4", "addressType: IPv6");
+    }
     y
 }
+
+const NODE1_6: &str = "fd00:192:168:100::b";
 
 struct Setup {
     lab: Lab,
@@ -146,6 +163,11 @@ fn backends(f: &Value) -> Vec<String> {
 }
 
 const ALL: [&str; 3] = ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"];
+const ALL6: [&str; 3] = [
+    "[fd00:10:244:1::b]:8080",
+    "[fd00:10:244:1::c]:8080",
+    "[fd00:10:244:1::d]:8080",
+];
 
 #[test]
 fn status_shows_the_live_maps_with_service_names_and_without_the_agent() {
@@ -277,6 +299,70 @@ fn trace_explains_where_a_flow_goes() {
     );
 }
 
+#[test]
+fn status_and_trace_cover_ipv6_frontends() {
+    kpr_lab::require_lab("status and trace over IPv6");
+    let t = setup();
+    let v = t.json(&["status"]);
+    let web6 = frontend(&v, "[fd00:10:96::10]:80/tcp", "internal");
+    assert_eq!(web6["service"], "ns/web6:http", "{v:#}");
+    assert_eq!(backends(web6), ALL6);
+    let np6 = frontend(&v, &format!("[{NODE1_6}]:30081/tcp"), "external");
+    assert_eq!(np6["kind"], "NodePort", "{v:#}");
+    assert_eq!(np6["affinity_timeout_s"], 600);
+    for map in ["KPR_SVC6_V1", "KPR_BE6_V1", "KPR_CT6_V1"] {
+        assert!(
+            v["maps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["map"] == map),
+            "{map} missing: {v:#}"
+        );
+    }
+
+    // A pod to the IPv6 ClusterIP: the socket path, the three IPv6 backends.
+    let v = t.json(&["trace", "fd00:10:244:1::15", "[fd00:10:96::10]:80"]);
+    assert!(
+        v["scope"].as_str().unwrap().starts_with("internal"),
+        "{v:#}"
+    );
+    let mut c: Vec<String> = serde_json::from_value(v["candidates"].clone()).unwrap();
+    c.sort();
+    assert_eq!(c, ALL6, "{v:#}");
+
+    // A v4-mapped destination goes through the IPv4 maps, as the socket programs do.
+    let v = t.json(&["trace", "::ffff:10.244.1.21", "[::ffff:10.96.0.10]:80"]);
+    let mut c: Vec<String> = serde_json::from_value(v["candidates"].clone()).unwrap();
+    c.sort();
+    assert_eq!(c, ALL, "{v:#}");
+
+    // Affinity from outside over IPv6: the backend of the first connection.
+    let ext = t.lab.external_client().unwrap().clone();
+    let target: SocketAddr = format!("[{NODE1_6}]:30081").parse().unwrap();
+    let once = t
+        .lab
+        .connect_once(&ext, target, Duration::from_secs(2))
+        .unwrap();
+    assert!(once.ok, "{once:?}");
+    let want = match once.backend.unwrap().as_str() {
+        "be1" => ALL6[0],
+        "be2" => ALL6[1],
+        _ => ALL6[2],
+    };
+    let v = t.json(&["trace", "fd00:192:168:100::64", &target.to_string()]);
+    assert!(
+        v["scope"].as_str().unwrap().starts_with("external"),
+        "{v:#}"
+    );
+    assert_eq!(v["backend"], want, "{v:#}");
+    assert!(v["verdict"].as_str().unwrap().contains("affinity"), "{v:#}");
+
+    // Families that no packet mixes.
+    let v = t.json(&["trace", "10.244.1.21", "[fd00:10:96::10]:80"]);
+    assert_eq!(v["verdict"], "not traced", "{v:#}");
+}
+
 /// Waits until the agent's log has a `kpr::datapath` line holding every one of `parts`.
 fn wait_for_event(kpr: &Kpr, parts: &[&str]) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -351,6 +437,33 @@ fn datapath_events_name_translations_and_drops_with_their_reason() {
             "client=192.168.100.100:",
             "service=ns/guarded:http",
             "reason=drop_source_range",
+        ],
+    );
+
+    // Over IPv6: a pod's connect to the ClusterIP, and a NodePort flow from outside.
+    let once = connect(&client, "[fd00:10:96::10]:80");
+    assert!(once.ok, "{once:?}");
+    let line = wait_for_event(
+        kpr,
+        &[
+            "socket translated",
+            "frontend=[fd00:10:96::10]:80",
+            "service=ns/web6:http",
+        ],
+    );
+    assert!(
+        ALL6.iter().any(|b| line.contains(&format!("backend={b}"))),
+        "{line}"
+    );
+    let once = connect(&ext, &format!("[{NODE1_6}]:30081"));
+    assert!(once.ok, "{once:?}");
+    wait_for_event(
+        kpr,
+        &[
+            "flow translated",
+            "client=[fd00:192:168:100::64]:",
+            &format!("frontend=[{NODE1_6}]:30081"),
+            "service=ns/sticky6:http",
         ],
     );
 

@@ -86,7 +86,7 @@ fn trace(
         &pinned,
         flow,
         scope,
-        &kpr::inspect::local_ipv4_addresses(),
+        &kpr::localaddr::list().unwrap_or_default(),
         kpr::ebpf::conntrack::monotonic_ns(),
     );
     if json {

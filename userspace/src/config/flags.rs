@@ -63,11 +63,11 @@ pub enum CliCommand {
     /// frontend, scope, source ranges, endpoints, a known flow's conntrack entry, the client's
     /// affinity entry, and the slots a new flow is chosen from.
     Trace {
-        /// The client address, optionally with its port (`ADDR` or `ADDR:PORT`; the port
-        /// finds a known flow's conntrack entry).
+        /// The client address, optionally with its port (`ADDR`, `ADDR:PORT` or
+        /// `[IPv6]:PORT`; the port finds a known flow's conntrack entry).
         src: String,
-        /// The destination, `ADDR:PORT`.
-        dst: std::net::SocketAddrV4,
+        /// The destination, `ADDR:PORT` or `[IPv6]:PORT`.
+        dst: std::net::SocketAddr,
         /// `tcp` or `udp`.
         #[arg(default_value = "tcp")]
         proto: String,

@@ -562,11 +562,11 @@ where
             scope,
             inspect,
         }) => {
-            let (src_ip, sport) = match src.parse::<std::net::SocketAddrV4>() {
-                Ok(a) => (*a.ip(), Some(a.port())),
+            let (src_ip, sport) = match src.parse::<std::net::SocketAddr>() {
+                Ok(a) => (a.ip(), Some(a.port())),
                 Err(_) => (
                     src.parse().map_err(|_| {
-                        flag_error("trace SRC", &src, "not ADDR or ADDR:PORT (IPv4)")
+                        flag_error("trace SRC", &src, "not ADDR, ADDR:PORT or [IPv6]:PORT")
                     })?,
                     None,
                 ),

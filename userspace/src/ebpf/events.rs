@@ -194,6 +194,11 @@ mod tests {
         assert_eq!(e.what, "flow translated");
         assert_eq!(e.frontend, Some("192.0.2.10:30053".parse().unwrap()));
         assert_eq!(e.reason, None);
+        // IPv6 addresses are bracketed, so the frontend reads back as a socket address.
+        let e = Event::parse(
+            "flow dropped proto=6 client=[fd00::64]:5000 frontend=[fd00:10:96::10]:80 rev_nat=3 reason=2",
+        );
+        assert_eq!(e.frontend, Some("[fd00:10:96::10]:80".parse().unwrap()));
         // A reason this build does not know is not named.
         assert_eq!(Event::parse("flow dropped reason=999").reason, None);
     }

@@ -1,22 +1,26 @@
 //! `kpr status` and `kpr trace`: what this node's eBPF dataplane holds, read from the live
 //! pinned maps, so they work while the agent is down too. The Service each frontend belongs
-//! to is not in the maps; it comes from the agent's admin socket when the agent runs.
+//! to is not in the maps; it comes from the agent's admin socket when the agent runs. Both
+//! families' maps are read through one generic path ([`family::Family`]).
 
+pub mod family;
 pub mod render;
 pub mod trace;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
+use ipnet::IpNet;
 use kpr_common::{
-    Affinity4Value, AffinityExt4Key, Backend4Value, Ct4Key, Ct4Value, Service4Key, Service4Value,
-    SrcRange4Key, AFFINITY_EXT_MAP, AFFINITY_GROUP_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP,
-    CT_NEW_MAP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SERVICES_MAP, SRC_RANGE_MAP,
-    SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT, SVC_FLAG_SOURCE_RANGES,
+    Affinity4Value, Service4Value, AFFINITY_GROUP_MAP, COUNTERS_MAP, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_NO_SNAT,
+    SVC_FLAG_SOURCE_RANGES,
 };
+
+use family::{AffinityExt, Ct, CtVal, Family, ServiceKeyParts, SrcRange, V4, V6};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -28,18 +32,25 @@ pub enum InspectError {
     },
 }
 
+/// One family's pinned maps, opened.
+pub struct FamilyMaps<F: Family> {
+    services: HashMap<MapData, F::ServiceKey, Service4Value>,
+    backends: HashMap<MapData, u32, F::Backend>,
+    src_ranges: LpmTrie<MapData, SrcRange<F>, u8>,
+    affinity_ext: HashMap<MapData, AffinityExt<F>, Affinity4Value>,
+    ct: HashMap<MapData, Ct<F>, CtVal<F>>,
+    ct_new: HashMap<MapData, Ct<F>, CtVal<F>>,
+}
+
 /// The pinned maps, opened.
 pub struct Pinned {
     pin_dir: PathBuf,
-    services: HashMap<MapData, Service4Key, Service4Value>,
-    backends: HashMap<MapData, u32, Backend4Value>,
-    src_ranges: LpmTrie<MapData, SrcRange4Key, u8>,
-    affinity_ext: HashMap<MapData, AffinityExt4Key, Affinity4Value>,
+    v4: FamilyMaps<V4>,
+    /// None: pins of an agent older than IPv6 support.
+    v6: Option<FamilyMaps<V6>>,
     /// None: pins of an agent older than affinity groups (every frontend its own group).
     affinity_groups: Option<HashMap<MapData, u32, u32>>,
     counters: PerCpuArray<MapData, u64>,
-    ct: HashMap<MapData, Ct4Key, Ct4Value>,
-    ct_new: HashMap<MapData, Ct4Key, Ct4Value>,
 }
 
 /// The map `name` pinned in `pin_dir`, as the typed handle `T`.
@@ -55,35 +66,37 @@ where
     })
 }
 
-impl Pinned {
-    pub fn open(pin_dir: &Path) -> Result<Pinned, InspectError> {
-        Ok(Pinned {
-            pin_dir: pin_dir.to_path_buf(),
-            services: typed(pin_dir, SERVICES_MAP)?,
-            backends: typed(pin_dir, BACKENDS_MAP)?,
-            src_ranges: typed(pin_dir, SRC_RANGE_MAP)?,
-            affinity_ext: typed(pin_dir, AFFINITY_EXT_MAP)?,
-            affinity_groups: typed(pin_dir, AFFINITY_GROUP_MAP).ok(),
-            counters: typed(pin_dir, COUNTERS_MAP)?,
-            ct: typed(pin_dir, CT_MAP)?,
-            ct_new: typed(pin_dir, CT_NEW_MAP)?,
+// The kernel's map types are Pod for each family's concrete keys (kpr-common), so the
+// generic code names them.
+impl<F: Family> FamilyMaps<F>
+where
+    Ct<F>: aya::Pod,
+    CtVal<F>: aya::Pod,
+    AffinityExt<F>: aya::Pod,
+    SrcRange<F>: aya::Pod,
+{
+    fn open(pin_dir: &Path) -> Result<Self, InspectError> {
+        Ok(FamilyMaps {
+            services: typed(pin_dir, F::SERVICES_MAP)?,
+            backends: typed(pin_dir, F::BACKENDS_MAP)?,
+            src_ranges: typed(pin_dir, F::SRC_RANGE_MAP)?,
+            affinity_ext: typed(pin_dir, F::AFFINITY_EXT_MAP)?,
+            ct: typed(pin_dir, F::CT_MAP)?,
+            ct_new: typed(pin_dir, F::CT_NEW_MAP)?,
         })
     }
 
-    fn service(&self, key: &Service4Key) -> Option<Service4Value> {
-        self.services.get(key, 0).ok()
+    fn service(&self, key: ServiceKeyParts<F::Addr>) -> Option<Service4Value> {
+        self.services.get(&F::service_key(key), 0).ok()
     }
 
-    /// The session-affinity group of frontend `rev_nat_id` (see `AFFINITY_GROUP_MAP`).
-    fn affinity_group(&self, rev_nat_id: u32) -> u32 {
-        self.affinity_groups
-            .as_ref()
-            .and_then(|m| m.get(&rev_nat_id, 0).ok())
-            .unwrap_or(rev_nat_id)
-    }
-
-    fn backend(&self, id: u32) -> Option<Backend4Value> {
-        self.backends.get(&id, 0).ok()
+    fn backend(&self, id: u32) -> Option<SocketAddr> {
+        let b = self.backends.get(&id, 0).ok()?;
+        let (address_be, port_be) = F::backend(&b);
+        Some(SocketAddr::new(
+            F::ip(address_be).into(),
+            u16::from_be(port_be),
+        ))
     }
 
     /// The source ranges of frontend `rev_nat_id`, as CIDRs.
@@ -92,9 +105,14 @@ impl Pinned {
             .src_ranges
             .keys()
             .filter_map(Result::ok)
-            .map(|k| crate::ebpf::maps::src_range_of(&k))
-            .filter(|(id, _)| *id == rev_nat_id)
-            .map(|(_, net)| net.to_string())
+            .filter(|k| k.data().rev_nat_id == rev_nat_id)
+            .map(|k| {
+                let prefix = k.prefix_len().saturating_sub(32).min(F::BITS) as u8;
+                let ip: IpAddr = F::ip(k.data().address_be).into();
+                IpNet::new(ip, prefix)
+                    .unwrap_or_else(|_| IpNet::from(ip))
+                    .to_string()
+            })
             .collect();
         out.sort();
         out
@@ -102,93 +120,75 @@ impl Pinned {
 
     /// Whether `client` is inside frontend `rev_nat_id`'s source ranges (the tc program's
     /// LPM lookup).
-    fn source_allowed(&self, rev_nat_id: u32, client: Ipv4Addr) -> bool {
+    fn source_allowed(&self, rev_nat_id: u32, client: F::Ip) -> bool {
         let key = LpmKey::new(
-            kpr_common::src_range_prefixlen(32),
-            SrcRange4Key {
+            kpr_common::src_range_prefixlen(F::BITS as u8),
+            SrcRange::<F> {
                 rev_nat_id,
-                address_be: u32::from_ne_bytes(client.octets()),
+                address_be: F::addr(client),
             },
         );
         self.src_ranges.get(&key, 0).is_ok()
     }
 
-    /// Datapath counters summed over CPUs.
-    pub fn counters(&self) -> BTreeMap<String, u64> {
-        crate::ebpf::maps::datapath_counters(&self.counters)
-            .into_iter()
-            .map(|(name, n)| (name.to_string(), n))
-            .collect()
-    }
-
-    /// (map, entries, capacity) of every map kpr sizes.
-    pub fn occupancy(&self) -> Vec<MapUse> {
-        let count = |keys: usize| keys as u64;
+    fn occupancy(&self, pin_dir: &Path) -> Vec<MapUse> {
         let cap = |name: &str| {
-            MapInfo::from_pin(self.pin_dir.join(name))
+            MapInfo::from_pin(pin_dir.join(name))
                 .map(|i| u64::from(i.max_entries()))
                 .unwrap_or(0)
         };
+        let entry = |map: &'static str, entries: usize| MapUse {
+            map,
+            entries: entries as u64,
+            capacity: cap(map),
+        };
         vec![
-            MapUse {
-                map: SERVICES_MAP,
-                entries: count(self.services.keys().filter(Result::is_ok).count()),
-                capacity: cap(SERVICES_MAP),
-            },
-            MapUse {
-                map: BACKENDS_MAP,
-                entries: count(self.backends.keys().filter(Result::is_ok).count()),
-                capacity: cap(BACKENDS_MAP),
-            },
-            MapUse {
-                map: CT_MAP,
-                entries: count(self.ct.keys().filter(Result::is_ok).count()),
-                capacity: cap(CT_MAP),
-            },
-            MapUse {
-                map: CT_NEW_MAP,
-                entries: count(self.ct_new.keys().filter(Result::is_ok).count()),
-                capacity: cap(CT_NEW_MAP),
-            },
+            entry(
+                F::SERVICES_MAP,
+                self.services.keys().filter(Result::is_ok).count(),
+            ),
+            entry(
+                F::BACKENDS_MAP,
+                self.backends.keys().filter(Result::is_ok).count(),
+            ),
+            entry(F::CT_MAP, self.ct.keys().filter(Result::is_ok).count()),
+            entry(
+                F::CT_NEW_MAP,
+                self.ct_new.keys().filter(Result::is_ok).count(),
+            ),
         ]
     }
 
     /// Every frontend (slot 0 entries), sorted by scope, address, port and protocol.
-    pub fn frontends(&self) -> Vec<FrontendView> {
-        let mut keys: Vec<Service4Key> = self
+    fn frontends(&self) -> Vec<FrontendView> {
+        let mut keys: Vec<ServiceKeyParts<F::Addr>> = self
             .services
             .keys()
             .filter_map(Result::ok)
+            .map(|k| F::service_key_parts(&k))
             .filter(|k| k.backend_slot == 0)
             .collect();
-        keys.sort_by_key(|k| {
-            (
-                k.scope,
-                u32::from_be(k.address_be),
-                u16::from_be(k.port_be),
-                k.proto,
-            )
-        });
-        keys.iter()
+        keys.sort();
+        keys.into_iter()
             .filter_map(|k| Some(self.frontend(k, self.service(k)?)))
             .collect()
     }
 
-    fn frontend(&self, key: &Service4Key, v: Service4Value) -> FrontendView {
+    fn frontend(&self, key: ServiceKeyParts<F::Addr>, v: Service4Value) -> FrontendView {
         let backends = (1..=v.count)
             .map(|slot| {
-                let slot_key = Service4Key {
+                let slot_key = ServiceKeyParts {
                     backend_slot: slot,
-                    ..*key
+                    ..key
                 };
                 match self
-                    .service(&slot_key)
+                    .service(slot_key)
                     .and_then(|s| self.backend(s.backend_id).map(|b| (s.backend_id, b)))
                 {
-                    Some((id, b)) => BackendView {
+                    Some((id, address)) => BackendView {
                         slot,
                         id,
-                        address: backend_addr(&b).to_string(),
+                        address: address.to_string(),
                     },
                     None => BackendView {
                         slot,
@@ -206,7 +206,7 @@ impl Pinned {
             flags.push("no-snat");
         }
         FrontendView {
-            frontend: frontend_name(key),
+            frontend: frontend_name::<F>(key),
             scope: if key.scope == SCOPE_EXTERNAL {
                 "external"
             } else {
@@ -224,6 +224,52 @@ impl Pinned {
             },
             flags,
         }
+    }
+}
+
+impl Pinned {
+    pub fn open(pin_dir: &Path) -> Result<Pinned, InspectError> {
+        Ok(Pinned {
+            pin_dir: pin_dir.to_path_buf(),
+            v4: FamilyMaps::open(pin_dir)?,
+            v6: FamilyMaps::open(pin_dir).ok(),
+            affinity_groups: typed(pin_dir, AFFINITY_GROUP_MAP).ok(),
+            counters: typed(pin_dir, COUNTERS_MAP)?,
+        })
+    }
+
+    /// The session-affinity group of frontend `rev_nat_id` (see `AFFINITY_GROUP_MAP`).
+    fn affinity_group(&self, rev_nat_id: u32) -> u32 {
+        self.affinity_groups
+            .as_ref()
+            .and_then(|m| m.get(&rev_nat_id, 0).ok())
+            .unwrap_or(rev_nat_id)
+    }
+
+    /// Datapath counters summed over CPUs.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        crate::ebpf::maps::datapath_counters(&self.counters)
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), n))
+            .collect()
+    }
+
+    /// (map, entries, capacity) of every map kpr sizes, IPv4's then IPv6's.
+    pub fn occupancy(&self) -> Vec<MapUse> {
+        let mut out = self.v4.occupancy(&self.pin_dir);
+        if let Some(v6) = &self.v6 {
+            out.extend(v6.occupancy(&self.pin_dir));
+        }
+        out
+    }
+
+    /// Every frontend, IPv4's then IPv6's, each sorted by scope, address, port and protocol.
+    pub fn frontends(&self) -> Vec<FrontendView> {
+        let mut out = self.v4.frontends();
+        if let Some(v6) = &self.v6 {
+            out.extend(v6.frontends());
+        }
+        out
     }
 }
 
@@ -312,50 +358,13 @@ pub fn node_view(pin_dir: &Path, admin_socket: &Path) -> Result<NodeView, Inspec
     })
 }
 
-/// The IPv4 addresses of this network namespace's interfaces (getifaddrs(3)).
-pub fn local_ipv4_addresses() -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills ifap with a list freed below.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return out;
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: a node of the list, not yet freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr points at a sockaddr whose family says what follows.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
-            // SAFETY: AF_INET entries carry a sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-        }
-    }
-    // SAFETY: from getifaddrs, freed once.
-    unsafe { libc::freeifaddrs(ifap) };
-    out
-}
-
-/// `ip:port/proto` of a services key.
-pub fn frontend_name(k: &Service4Key) -> String {
+/// `ip:port/proto` of a services key, as the agent's status names frontends (`[ip]:port/proto`
+/// for IPv6).
+pub fn frontend_name<F: Family>(k: ServiceKeyParts<F::Addr>) -> String {
     format!(
         "{}/{}",
-        SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(k.address_be)),
-            u16::from_be(k.port_be)
-        ),
+        SocketAddr::new(F::ip(k.address_be).into(), u16::from_be(k.port_be)),
         proto_name(k.proto)
-    )
-}
-
-fn backend_addr(b: &Backend4Value) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(b.address_be)),
-        u16::from_be(b.port_be),
     )
 }
 

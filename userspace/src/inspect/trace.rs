@@ -4,14 +4,15 @@
 //! frontend lookup, source ranges, endpoints, the conntrack entry of a known flow, the
 //! client's affinity entry, and the slots a new flow is chosen from.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use kpr_common::{
-    AffinityExt4Key, Ct4Key, CtTimeouts, Service4Key, CT_DIR_FORWARD, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXT_LOCAL, SVC_FLAG_SOURCE_RANGES,
+    CtTimeouts, CT_DIR_FORWARD, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_EXT_LOCAL, SVC_FLAG_SOURCE_RANGES,
 };
 
-use super::{frontend_name, Pinned};
+use super::family::{AffinityExt, Ct, CtVal, Family, ServiceKeyParts, SrcRange, V4, V6};
+use super::{frontend_name, FamilyMaps, Pinned};
 
 /// Which path to trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -48,38 +49,91 @@ pub struct Trace {
 /// The flow to trace.
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// The client's port, to find a known flow's conntrack entry (external path).
     pub sport: Option<u16>,
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     pub proto: u8,
 }
 
-pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now_ns: u64) -> Trace {
-    let key = |scope| {
-        Service4Key::scoped(
-            u32::from_ne_bytes(flow.dst.ip().octets()),
-            flow.dst.port().to_be(),
-            flow.proto,
-            scope,
-            0,
-        )
+/// Traces `flow` through its family's maps. A v4-mapped IPv6 address (`::ffff:a.b.c.d`, from
+/// a dual-stack socket) is traced as its IPv4 address, as the socket programs translate it.
+pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[IpAddr], now_ns: u64) -> Trace {
+    let src = flow.src.to_canonical();
+    let src_is_local = local_addrs.contains(&src) || local_addrs.contains(&flow.src);
+    match (src, flow.dst.ip().to_canonical()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            trace_family::<V4>(p, &p.v4, flow, (src, dst), scope, src_is_local, now_ns)
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => match &p.v6 {
+            Some(maps) => {
+                trace_family::<V6>(p, maps, flow, (src, dst), scope, src_is_local, now_ns)
+            }
+            None => not_a_flow(
+                flow,
+                "this node's pins have no IPv6 maps (an agent older than IPv6 support)",
+            ),
+        },
+        _ => not_a_flow(
+            flow,
+            "SRC and DST are of different address families: no packet carries both",
+        ),
+    }
+}
+
+fn not_a_flow(flow: Flow, why: &str) -> Trace {
+    Trace {
+        flow: flow_name(&flow),
+        scope: "none",
+        steps: vec![Step {
+            step: "family",
+            detail: why.to_string(),
+        }],
+        verdict: "not traced".into(),
+        backend: None,
+        candidates: Vec::new(),
+    }
+}
+
+fn flow_name(flow: &Flow) -> String {
+    let src = match flow.sport {
+        Some(port) => SocketAddr::new(flow.src, port).to_string(),
+        None => flow.src.to_string(),
     };
-    let external = p.service(&key(SCOPE_EXTERNAL));
+    format!("{src} -> {}/{}", flow.dst, super::proto_name(flow.proto))
+}
+
+fn trace_family<F: Family>(
+    p: &Pinned,
+    maps: &FamilyMaps<F>,
+    flow: Flow,
+    (src, dst): (F::Ip, F::Ip),
+    scope: Scope,
+    src_is_local: bool,
+    now_ns: u64,
+) -> Trace
+where
+    Ct<F>: aya::Pod,
+    CtVal<F>: aya::Pod,
+    AffinityExt<F>: aya::Pod,
+    SrcRange<F>: aya::Pod,
+{
+    let key = |scope| ServiceKeyParts {
+        scope,
+        address_be: F::addr(dst),
+        port_be: flow.dst.port().to_be(),
+        proto: flow.proto,
+        backend_slot: 0,
+    };
+    let external = maps.service(key(SCOPE_EXTERNAL));
     let scope = match scope {
         Scope::Internal => SCOPE_INTERNAL,
         Scope::External => SCOPE_EXTERNAL,
-        Scope::Auto if external.is_some() && !local_addrs.contains(&flow.src) => SCOPE_EXTERNAL,
+        Scope::Auto if external.is_some() && !src_is_local => SCOPE_EXTERNAL,
         Scope::Auto => SCOPE_INTERNAL,
     };
     let mut t = Trace {
-        flow: format!(
-            "{}{} -> {}/{}",
-            flow.src,
-            flow.sport.map(|p| format!(":{p}")).unwrap_or_default(),
-            flow.dst,
-            super::proto_name(flow.proto)
-        ),
+        flow: flow_name(&flow),
         scope: if scope == SCOPE_EXTERNAL {
             "external (tc programs)"
         } else {
@@ -96,15 +150,18 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
     // loopback address), as kube-proxy's PREROUTING rules do.
     if scope == SCOPE_EXTERNAL && external.is_none() && !flow.dst.ip().is_loopback() {
         let internal = key(SCOPE_INTERNAL);
-        if p.service(&internal).is_some() {
+        if maps.service(internal).is_some() {
             fkey = internal;
         }
     }
-    let Some(fe) = p.service(&fkey) else {
+    let Some(fe) = maps.service(fkey) else {
         step(
             &mut t,
             "frontend",
-            format!("{} is not a frontend in this scope", frontend_name(&fkey)),
+            format!(
+                "{} is not a frontend in this scope",
+                frontend_name::<F>(fkey)
+            ),
         );
         t.verdict = if scope == SCOPE_EXTERNAL {
             "not translated: the packet passes to the stack untouched".into()
@@ -118,19 +175,19 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
         "frontend",
         format!(
             "{} found: rev-NAT id {}, {} backend slot(s), flags {:#04x}",
-            frontend_name(&fkey),
+            frontend_name::<F>(fkey),
             fe.rev_nat_id,
             fe.count,
             fe.flags
         ),
     );
     if scope == SCOPE_EXTERNAL && fe.flags & SVC_FLAG_SOURCE_RANGES != 0 {
-        let ranges = p.source_ranges(fe.rev_nat_id);
-        if !p.source_allowed(fe.rev_nat_id, flow.src) {
+        let ranges = maps.source_ranges(fe.rev_nat_id);
+        if !maps.source_allowed(fe.rev_nat_id, src) {
             step(
                 &mut t,
                 "source ranges",
-                format!("{} is outside {ranges:?}", flow.src),
+                format!("{src} is outside {ranges:?}"),
             );
             t.verdict = "dropped (drop_source_range)".into();
             return t;
@@ -138,7 +195,7 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
         step(
             &mut t,
             "source ranges",
-            format!("{} is inside {ranges:?}", flow.src),
+            format!("{src} is inside {ranges:?}"),
         );
     }
     if fe.count == 0 {
@@ -152,12 +209,12 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
     }
     let slots: Vec<(u16, u32, String)> = (1..=fe.count)
         .filter_map(|slot| {
-            let s = p.service(&Service4Key {
+            let s = maps.service(ServiceKeyParts {
                 backend_slot: slot,
                 ..fkey
             })?;
-            let b = p.backend(s.backend_id)?;
-            Some((slot, s.backend_id, super::backend_addr(&b).to_string()))
+            let b = maps.backend(s.backend_id)?;
+            Some((slot, s.backend_id, b.to_string()))
         })
         .collect();
     t.candidates = slots.iter().map(|(_, _, a)| a.clone()).collect();
@@ -170,18 +227,19 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
 
     if scope == SCOPE_EXTERNAL {
         if let Some(sport) = flow.sport {
-            let ck = Ct4Key::new(
-                u32::from_ne_bytes(flow.src.octets()),
+            let ck = Ct::<F>::new(
+                F::addr(src),
                 sport.to_be(),
                 fkey.address_be,
                 fkey.port_be,
                 flow.proto,
                 CT_DIR_FORWARD,
             );
-            let found =
-                p.ct.get(&ck, 0)
-                    .map(|v| (v, "established"))
-                    .or_else(|_| p.ct_new.get(&ck, 0).map(|v| (v, "new")));
+            let found = maps
+                .ct
+                .get(&ck, 0)
+                .map(|v| (v, "established"))
+                .or_else(|_| maps.ct_new.get(&ck, 0).map(|v| (v, "new")));
             match found {
                 Ok((v, table)) => {
                     let alive =
@@ -219,11 +277,11 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
     }
     if fe.flags & SVC_FLAG_AFFINITY != 0 {
         if scope == SCOPE_EXTERNAL {
-            let ak = AffinityExt4Key {
-                client_address_be: u32::from_ne_bytes(flow.src.octets()),
+            let ak = AffinityExt::<F> {
+                client_address_be: F::addr(src),
                 rev_nat_id: p.affinity_group(fe.rev_nat_id),
             };
-            match p.affinity_ext.get(&ak, 0) {
+            match maps.affinity_ext.get(&ak, 0) {
                 Ok(a) => {
                     let age_s = now_ns.saturating_sub(a.last_used_ns) / 1_000_000_000;
                     let valid = age_s <= u64::from(fe.backend_id);
@@ -232,8 +290,7 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
                         &mut t,
                         "affinity",
                         format!(
-                            "entry for {}: backend id {}, last new connection {age_s} s ago (timeout {} s){}",
-                            flow.src,
+                            "entry for {src}: backend id {}, last new connection {age_s} s ago (timeout {} s){}",
                             a.backend_id,
                             fe.backend_id,
                             if valid { "" } else { ": expired" }
@@ -248,10 +305,7 @@ pub fn trace(p: &Pinned, flow: Flow, scope: Scope, local_addrs: &[Ipv4Addr], now
                 Err(_) => step(
                     &mut t,
                     "affinity",
-                    format!(
-                        "no entry for {}: one is made by the first connection",
-                        flow.src
-                    ),
+                    format!("no entry for {src}: one is made by the first connection"),
                 ),
             }
         } else {
