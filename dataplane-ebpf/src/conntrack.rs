@@ -368,14 +368,45 @@ fn establish<F: Family>(found: &Found<F>, key: &Key<F>, flags: u8, slot: u16, no
     Table::New.remove::<F>(key);
 }
 
-/// Records a new flow of `pkt` (client → frontend) to `choice`, among the new flows. The
-/// reverse entry is written first: a forward entry without its reverse would translate
-/// requests whose replies are then not translated back. A reverse entry without a forward one
-/// (the second write failed) is harmless and evicted by the LRU. An established flow with the
-/// same reply tuple (the same client port, earlier, to another frontend of the same backend)
-/// is removed first, or its reverse entry (looked up first) would answer for the replies.
+/// Records a new flow of `pkt` (client → frontend) to `choice`, among the new flows: the
+/// established flow it would shadow goes ([`evict_shadowed`]), then its entries are written
+/// ([`insert_new`]).
 #[inline(always)]
 pub fn create<F: Family>(
+    pkt: &Packet<F::Addr>,
+    choice: &Choice<F::Addr>,
+    rev_nat_id: u32,
+    now: u64,
+) -> Result<(), Counter> {
+    evict_shadowed::<F>(pkt, choice);
+    insert_new::<F>(pkt, choice, rev_nat_id, now)
+}
+
+/// An established flow with the reply tuple of a new flow of `pkt` to `choice` (the same
+/// client port, earlier, to another frontend of the same backend) is removed, or its reverse
+/// entry (looked up first) would answer for the new flow's replies. Only established flows
+/// need it: a new flow's reverse entry is overwritten by [`insert_new`] (its forward entry,
+/// left without a reverse, ages out of the LRU).
+#[inline(always)]
+pub fn evict_shadowed<F: Family>(pkt: &Packet<F::Addr>, choice: &Choice<F::Addr>) {
+    let key: Key<F> = CtKey::new(
+        choice.address_be,
+        choice.port_be,
+        pkt.saddr,
+        pkt.sport,
+        pkt.proto,
+        CT_DIR_REVERSE,
+    );
+    if let Some(old) = find_in::<F>(Table::Established, &key) {
+        remove_flow::<F>(&old, &key);
+    }
+}
+
+/// Writes a new flow's entries. The reverse entry is written first: a forward entry without
+/// its reverse would translate requests whose replies are then not translated back. A reverse
+/// entry without a forward one (the second write failed) is harmless and evicted by the LRU.
+#[inline(always)]
+pub fn insert_new<F: Family>(
     pkt: &Packet<F::Addr>,
     choice: &Choice<F::Addr>,
     rev_nat_id: u32,
@@ -392,11 +423,6 @@ pub fn create<F: Family>(
         pkt.proto,
         CT_DIR_REVERSE,
     );
-    // Only established flows need it: a new flow's reverse entry is overwritten below (its
-    // forward entry, left without a reverse, ages out of the LRU).
-    if let Some(old) = find_in::<F>(Table::Established, &key) {
-        remove_flow::<F>(&old, &key);
-    }
     let mut value: Value<F> = CtValue {
         last_seen_ns: now,
         backend_id: choice.backend_id,

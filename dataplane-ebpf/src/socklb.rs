@@ -14,8 +14,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use kpr_common::{
-    Affinity4Key, Affinity4Value, Counter, SockFwd4Value, IPPROTO_TCP, IPPROTO_UDP,
-    SOCK_CHECK_DROP, SVC_FLAG_AFFINITY, SVC_FLAG_NO_LOCAL_DROP, SVC_FLAG_SOURCE_RANGES,
+    Affinity4Key, Counter, SockFwd4Value, IPPROTO_TCP, IPPROTO_UDP, SOCK_CHECK_DROP,
+    SVC_FLAG_AFFINITY, SVC_FLAG_NO_LOCAL_DROP, SVC_FLAG_SOURCE_RANGES,
 };
 
 pub use crate::family::{Family, V4, V6};

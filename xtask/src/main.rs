@@ -7,6 +7,7 @@ mod image;
 mod lab;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Task {
     Demo,
     /// Every check: fmt, clippy, unit tests, integration tests in namespaces (needs root).
     Test,
+    /// Only the VM stage of `test`: the lab subset on Debian's 6.1 and 6.12 kernels.
+    Vm,
     /// kpr's container image from scratch (OCI layout and archive under target/image).
     Image,
     /// Connection rate and latency: direct pod IP vs kpr vs kube-proxy's iptables rules.
@@ -48,6 +51,7 @@ fn main() -> Result<()> {
         Task::Lab { action } => lab::run(action),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Vm => test::vm_only(),
         Task::Goldens => test::goldens(),
         Task::Bench(args) => bench::run(args),
         Task::Image => image::run(),

@@ -49,8 +49,9 @@ const NIGHTLY_LIBLLVM_PREFIX: &str = "libLLVM.so.22.";
 
 /// Runs every setup step in order; stops at the first failing one.
 pub fn run(opts: &SetupOptions) -> Result<()> {
-    let steps: [(&str, Step); 4] = [
+    let steps: [(&str, Step); 5] = [
         ("apt packages", apt_packages),
+        ("VM kernels, qemu, virtme-ng", vm_tools),
         ("nightly toolchain with rust-src", nightly_toolchain),
         ("bpf-linker", bpf_linker),
         ("kernel (bpffs, BTF)", kernel),
@@ -160,6 +161,71 @@ fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
         })
         .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1b. the VM stage's tools: qemu, Debian's kernels of the matrix, virtme-ng
+
+fn vm_tools(opts: &SetupOptions) -> Result<Outcome> {
+    let mut packages: Vec<&str> = crate::vm::APT_PACKAGES.to_vec();
+    packages.extend(crate::vm::KERNELS.iter().map(|k| k.package));
+    let missing = missing_apt_packages(&packages)?;
+    let mut changed = Vec::new();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "packages {} (the VM stage's) are missing and installing them needs root",
+                missing.join(" ")
+            );
+        }
+        announce(
+            opts,
+            "VM kernels, qemu, virtme-ng",
+            &format!("installing {}", missing.join(" ")),
+        );
+        let install = |opts: &SetupOptions| {
+            run_cmd(
+                opts,
+                Command::new("apt-get")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&missing),
+                "see apt-get's output above; fix the package state and re-run",
+            )
+        };
+        // The package lists may predate a kernel's security update: refresh once and retry.
+        if install(opts).is_err() {
+            run_cmd(
+                opts,
+                Command::new("apt-get").arg("update"),
+                "check the network and /etc/apt/sources.list, then re-run",
+            )?;
+            install(opts)?;
+        }
+        changed.push(format!("installed {}", missing.join(" ")));
+    }
+    if crate::vm::vng().is_err() {
+        announce(
+            opts,
+            "VM kernels, qemu, virtme-ng",
+            &format!("pip install {}", crate::vm::VIRTME_NG),
+        );
+        run_cmd(
+            opts,
+            Command::new("python3").args(["-m", "pip", "install", "--quiet", crate::vm::VIRTME_NG]),
+            "check that PyPI is reachable, then re-run",
+        )?;
+        crate::vm::vng().context("virtme-ng was installed but `vng` is not found")?;
+        changed.push(format!("installed {}", crate::vm::VIRTME_NG));
+    }
+    for k in &crate::vm::KERNELS {
+        crate::vm::image(k)?;
+    }
+    Ok(if changed.is_empty() {
+        Outcome::Unchanged("already installed".into())
+    } else {
+        Outcome::Changed(changed.join(", "))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

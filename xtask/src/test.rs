@@ -5,7 +5,8 @@
 //! - datapath: kpr's programs and netfilter code against the real kernel, in throw-away
 //!   network namespaces and bpffs mounts, without the lab;
 //! - lab: the real `kpr` binary serving real traffic in the lab (namespaces, cgroup, bpffs);
-//! - VM: other kernels (not yet: the kernel-matrix issue).
+//! - VM: a functional subset of the lab suite on Debian's 6.1 and 6.12 kernels, in qemu
+//!   guests sharing the host's filesystem (`vm.rs`), after the host groups.
 //!
 //! A missing precondition (not root, a tool missing) fails the run up front, naming it; every
 //! datapath and lab test also fails on its own when run without them, so nothing passes
@@ -121,11 +122,24 @@ pub fn run() -> Result<()> {
         results.push((group.name, counts, status.success()));
     }
 
+    step("VM tests");
+    let vm_runs = crate::vm::run_all(&crate::vm::Binaries {
+        kpr: &bins.kpr,
+        labtool: &bins.labtool,
+        variant: &variant,
+    })?;
+
     println!("==> tests run per group");
     for (name, c, _) in &results {
         println!("    {name:<9} {:>4} run, {:>4} failed", c.run, c.failed);
     }
-    println!("    VM           0 run (no VM stage yet: the kernel-matrix issue)");
+    for r in &vm_runs {
+        let (run, failed) = r.counts();
+        let name = format!("VM {}", r.kernel);
+        println!("    {name:<9} {run:>4} run, {failed:>4} failed");
+    }
+    println!("==> kernel matrix (VM stage)");
+    print!("{}", crate::vm::matrix(&vm_runs));
 
     let mut problems = Vec::new();
     for (name, c, ok) in &results {
@@ -137,6 +151,12 @@ pub fn run() -> Result<()> {
             ));
         }
     }
+    for r in &vm_runs {
+        if let Some(log) = &r.log {
+            eprintln!("==> VM {} failed\n{log}", r.kernel);
+            problems.push(format!("the VM stage failed on kernel {}", r.kernel));
+        }
+    }
     let left = Leftovers::now().since(&before);
     if !left.is_empty() {
         problems.push(format!("tests left behind: {}", left.join("; ")));
@@ -145,6 +165,34 @@ pub fn run() -> Result<()> {
         bail!("{}", problems.join("; "));
     }
     println!("xtask test: all checks passed");
+    Ok(())
+}
+
+/// `cargo xtask vm`: the VM stage alone, for work on one kernel's failure.
+pub fn vm_only() -> Result<()> {
+    require(&[])?;
+    setup::run(&setup::SetupOptions { quiet: true })?;
+    let variant = build::variant_binary()?;
+    let bins = build::binaries(false)?;
+    let runs = crate::vm::run_all(&crate::vm::Binaries {
+        kpr: &bins.kpr,
+        labtool: &bins.labtool,
+        variant: &variant,
+    })?;
+    print!("{}", crate::vm::matrix(&runs));
+    let failed: Vec<&str> = runs
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| r.kernel)
+        .collect();
+    for r in &runs {
+        if let Some(log) = &r.log {
+            eprintln!("==> VM {} failed\n{log}", r.kernel);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the VM stage failed on kernel {}", failed.join(", "));
+    }
     Ok(())
 }
 
