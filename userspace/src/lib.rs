@@ -12,6 +12,7 @@ mod golden;
 pub mod health;
 mod http_server;
 pub mod inspect;
+pub mod ipvs;
 pub mod localaddr;
 pub mod metrics;
 pub mod model;
