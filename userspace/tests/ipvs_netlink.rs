@@ -333,3 +333,64 @@ fn each_namespace_has_its_own_virtual_servers() {
     let here = std::fs::read_to_string("/proc/net/ip_vs").unwrap_or_default();
     assert!(!here.contains("0A600707:20FB"), "{here}");
 }
+
+/// An address as /proc/net/ip_vs prints it: IPv4 as 8 hex digits, IPv6 in full, bracketed.
+fn proc_addr(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{:08X}:{port:04X}", u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let groups: Vec<String> = v6.segments().iter().map(|g| format!("{g:04x}")).collect();
+            format!("[{}]:{port:04X}", groups.join(":"))
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a kernel with IPVS (ip_vs): runs in the VM stage"]
+fn the_kernels_proc_listing_shows_what_netlink_wrote() {
+    let (ns, ipvs) = ipvs_in_netns();
+    // Persistence with a /24 netmask (the byte order of an IPv4 mask shows here), one-packet
+    // scheduling, a drained real server, and IPv6.
+    let persistent = VirtualServer {
+        persistence_timeout: Some(600),
+        netmask: 24,
+        ..vs(Protocol::Tcp, "10.96.0.20", 9000, "sh")
+    };
+    let one_packet = VirtualServer {
+        flags: kpr::ipvs::SVC_F_ONEPACKET,
+        ..vs(Protocol::Udp, "10.96.0.10", 53, "rr")
+    };
+    let v6 = vs(Protocol::Tcp, "fd00::1", 80, "mh");
+    let drained = RealServer::new(ip("10.244.1.2"), 8080, 0);
+    let weighted = RealServer::new(ip("10.244.1.3"), 8081, 3);
+    let v6_backend = RealServer::new(ip("fd00::2"), 8080, 1);
+    for s in [&persistent, &one_packet, &v6] {
+        ipvs.add_service(s).unwrap();
+    }
+    ipvs.add_destination(&persistent, &drained).unwrap();
+    ipvs.add_destination(&persistent, &weighted).unwrap();
+    ipvs.add_destination(&v6, &v6_backend).unwrap();
+
+    let out = ns.exec(&["cat", "/proc/net/ip_vs"], None);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let text = lines.join("\n");
+    let has = |want: &str| lines.iter().any(|l| l.starts_with(want));
+    let pa = |s: &VirtualServer| proc_addr(s.address, s.port);
+    let ra = |r: &RealServer| proc_addr(r.address, r.port);
+
+    let head = format!("TCP {} sh persistent ", pa(&persistent));
+    let line = lines.iter().find(|l| l.starts_with(&head));
+    assert!(
+        line.is_some_and(|l| l.ends_with(" FFFFFF00")),
+        "no {head}… FFFFFF00 in\n{text}"
+    );
+    assert!(has(&format!("UDP {} rr ops", pa(&one_packet))), "{text}");
+    assert!(has(&format!("TCP {} mh", pa(&v6))), "{text}");
+    assert!(has(&format!("-> {} Masq 0 0 0", ra(&drained))), "{text}");
+    assert!(has(&format!("-> {} Masq 3 0 0", ra(&weighted))), "{text}");
+    assert!(has(&format!("-> {} Masq 1 0 0", ra(&v6_backend))), "{text}");
+}
