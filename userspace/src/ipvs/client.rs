@@ -2,7 +2,10 @@
 //! time.
 
 use super::attr::{genl_reply, Attrs, Writer};
-use super::codec::{self, *};
+use super::codec::{
+    self, request, CMD_DEL_DEST, CMD_DEL_SERVICE, CMD_FLUSH, CMD_GET_CONFIG, CMD_GET_DEST,
+    CMD_GET_INFO, CMD_GET_SERVICE, CMD_NEW_DEST, CMD_NEW_SERVICE, CMD_SET_DEST, CMD_SET_SERVICE,
+};
 use super::types::{RealServer, Timeouts, Version, VirtualServer};
 use super::IpvsError;
 use crate::netlink::{NetlinkError, NetlinkSocket, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
@@ -16,7 +19,8 @@ const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const CTRL_ATTR_FAMILY_NAME: u16 = 2;
 const IPVS_GENL_NAME: &str = "IPVS";
 
-/// IPVS of the network namespace the socket was opened in.
+/// IPVS of the network namespace the socket was opened in. One request at a time: it can
+/// move between threads (`Send`) but not be shared by them.
 pub struct Ipvs {
     socket: NetlinkSocket,
     /// The id the kernel gave the "IPVS" family when the module loaded.

@@ -184,7 +184,7 @@ pub(super) fn parse_service(reply: &Attrs<'_>) -> Result<Option<VirtualServer>, 
 }
 
 /// A destination of a `GET_DEST` reply for a service of `family` (the destination's own
-/// family attribute is missing before Linux 4.13).
+/// family attribute is missing before Linux 3.18).
 pub(super) fn parse_destination(
     reply: &Attrs<'_>,
     family: Family,
