@@ -159,6 +159,31 @@ impl Kpr {
         Self::start_on_env(lab, node, bin, name, args, &[])
     }
 
+    /// One kpr on each of the lab's nodes `node1`..`nodeN`, serving the manifest directory
+    /// `dir` in `mode` as its node, north-south on the node's fabric device (`eth0`).
+    pub fn start_on_every_node(lab: &Lab, dir: &Path, mode: ProxyMode) -> Result<Vec<Kpr>> {
+        (1..=lab.nodes().len())
+            .map(|n| {
+                let node = format!("node{n}");
+                let dir = dir.to_string_lossy();
+                let args = [
+                    "--manifests",
+                    &dir,
+                    "--hostname-override",
+                    &node,
+                    "--devices",
+                    "eth0",
+                    "--healthz-bind-address",
+                    "127.0.0.1:10256",
+                    mode.args()[0],
+                    mode.args()[1],
+                ];
+                let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+                Kpr::start_on(lab, n, &kpr_path(), "kpr", &args)
+            })
+            .collect()
+    }
+
     /// [`Kpr::start_on`] with extra environment variables.
     pub fn start_on_env(
         lab: &Lab,
@@ -376,6 +401,8 @@ pub enum ProxyMode {
     Ebpf,
     Iptables,
     Nftables,
+    /// Needs a kernel with IPVS: its tests run in the VM stage (ignored on the host).
+    Ipvs,
 }
 
 /// Why a connection that must not succeed did not: each mode counts it in its own layer.
@@ -392,6 +419,7 @@ pub enum Refusal {
 }
 
 impl ProxyMode {
+    /// The modes the host kernel can run (IPVS needs the VM stage's kernels).
     pub const ALL: [ProxyMode; 3] = [ProxyMode::Ebpf, ProxyMode::Iptables, ProxyMode::Nftables];
 
     pub fn name(self) -> &'static str {
@@ -399,6 +427,7 @@ impl ProxyMode {
             ProxyMode::Ebpf => "ebpf",
             ProxyMode::Iptables => "iptables",
             ProxyMode::Nftables => "nftables",
+            ProxyMode::Ipvs => "ipvs",
         }
     }
 
@@ -419,7 +448,10 @@ impl ProxyMode {
     /// modes").
     pub fn refusal_counter(self, reason: Refusal) -> Option<&'static str> {
         Some(match (self, reason) {
-            (ProxyMode::Nftables, _) => return None,
+            // IPVS counts nothing either: a frontend without real servers is refused by the
+            // local stack (its address is on kube-ipvs0), and drops are iptables DROPs it
+            // does not count per reason.
+            (ProxyMode::Nftables | ProxyMode::Ipvs, _) => return None,
             (ProxyMode::Ebpf, Refusal::NoEndpoints) => "drop_no_backend",
             (ProxyMode::Ebpf, Refusal::NoEndpointsFromOutside) => "tc_no_backend_passed",
             (ProxyMode::Ebpf, Refusal::NoLocalEndpoints) => "drop_no_local_backend",
@@ -432,10 +464,42 @@ impl ProxyMode {
 }
 
 /// Defines one test per proxy mode: `per_mode! { fn name(mode) { ... } }` makes the tests
-/// `name::ebpf`, `name::iptables` and `name::nftables`, each running the body with `mode` set,
-/// so that no mode can drift from the others.
+/// `name::ebpf`, `name::iptables`, `name::nftables` and `name::ipvs`, each running the body
+/// with `mode` set, so that no mode can drift from the others. The `ipvs` one is ignored on
+/// the host (no IPVS there) and run by the VM stage with `--include-ignored`.
+///
+/// `#[ignore = "why"]` first marks every mode's test ignored: for tests that need what only
+/// the VM stage's kernels have (SCTP), which it runs with `--include-ignored`.
 #[macro_export]
 macro_rules! per_mode {
+    (#[ignore = $why:literal] $(#[$meta:meta])* fn $name:ident($mode:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn run($mode: $crate::kpr::ProxyMode) $body
+            #[test]
+            #[ignore = $why]
+            fn ebpf() {
+                run($crate::kpr::ProxyMode::Ebpf)
+            }
+            #[test]
+            #[ignore = $why]
+            fn iptables() {
+                run($crate::kpr::ProxyMode::Iptables)
+            }
+            #[test]
+            #[ignore = $why]
+            fn nftables() {
+                run($crate::kpr::ProxyMode::Nftables)
+            }
+            #[test]
+            #[ignore = $why]
+            fn ipvs() {
+                run($crate::kpr::ProxyMode::Ipvs)
+            }
+        }
+    };
     ($(#[$meta:meta])* fn $name:ident($mode:ident) $body:block) => {
         $(#[$meta])*
         mod $name {
@@ -453,6 +517,11 @@ macro_rules! per_mode {
             #[test]
             fn nftables() {
                 run($crate::kpr::ProxyMode::Nftables)
+            }
+            #[test]
+            #[ignore = "--proxy-mode ipvs needs a kernel with IPVS (ip_vs): runs in the VM stage"]
+            fn ipvs() {
+                run($crate::kpr::ProxyMode::Ipvs)
             }
         }
     };

@@ -34,6 +34,8 @@ pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);
 pub const EXTERNAL_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x100, 0, 0, 0, 100);
 /// The most nodes a lab can have (fabric addresses .11 to .60).
 pub const MAX_NODES: usize = 50;
+/// The SCTP port every backend serves, on kernels with SCTP (the VM stage's).
+pub const SCTP_PORT: u16 = 9090;
 /// The bridge in the fabric namespace.
 const BRIDGE: &str = "br0";
 /// The external client's name (pod name, namespace suffix, bridge port, cgroup directory).
@@ -707,7 +709,9 @@ impl Lab {
                 .try_clone()
                 .map_err(|e| LabError::io("dup log file", e))?;
             let mut cmd = Command::new(&self.state.labtool);
+            let sctp = SCTP_PORT.to_string();
             cmd.args(["serve", "--name", &pod.name, "--tcp", &tcp, "--udp", &udp])
+                .args(["--sctp", &sctp])
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err);
@@ -1105,14 +1109,30 @@ impl Lab {
         }
     }
 
+    /// `kpr-labtool sctp-spread` from `pod` (per-association timeout 1 s).
+    pub fn sctp_spread(&self, pod: &Pod, target: SocketAddr, count: u64) -> Result<TcpSpread> {
+        self.stream_spread("sctp-spread", pod, target, count)
+    }
+
     /// `kpr-labtool tcp-spread` from `pod` (per-connection timeout 1 s).
     pub fn tcp_spread(&self, pod: &Pod, target: SocketAddr, count: u64) -> Result<TcpSpread> {
+        self.stream_spread("tcp-spread", pod, target, count)
+    }
+
+    /// `kpr-labtool <spread>` (a stream protocol's spread) from `pod`.
+    fn stream_spread(
+        &self,
+        spread: &str,
+        pod: &Pod,
+        target: SocketAddr,
+        count: u64,
+    ) -> Result<TcpSpread> {
         let t = target.to_string();
         let c = count.to_string();
         self.labtool_json(
             pod,
             &[
-                "tcp-spread",
+                spread,
                 "--target",
                 &t,
                 "--count",

@@ -54,7 +54,7 @@ pub mod tool;
 pub use error::LabError;
 pub use lab::{
     external_client_lab, node_fabric_ip, write_manifest, Lab, LabNode, LabSpec, Pod, PodRole,
-    EXTERNAL_CLIENT_IP, MAX_NODES,
+    EXTERNAL_CLIENT_IP, MAX_NODES, SCTP_PORT,
 };
 pub use netns::{in_netns, TestNetns};
 pub use preconditions::{is_root, require_lab};

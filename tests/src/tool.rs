@@ -157,6 +157,17 @@ pub fn unspecified_like(ip: IpAddr) -> SocketAddr {
 /// IPv6 (the servers keep one socket per family, so that an IPv4 client's address is shown
 /// as IPv4).
 fn bound_socket(family: Family, ty: nix::sys::socket::SockType, port: u16) -> io::Result<OwnedFd> {
+    bound_socket_of(family, ty, None, port)
+}
+
+/// A socket of `family`, type `ty` and `protocol` (`None`: the type's default) bound to `port`
+/// on every address.
+fn bound_socket_of(
+    family: Family,
+    ty: nix::sys::socket::SockType,
+    protocol: Option<nix::sys::socket::SockProtocol>,
+    port: u16,
+) -> io::Result<OwnedFd> {
     use nix::sys::socket::{
         bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockaddrIn, SockaddrIn6,
     };
@@ -164,7 +175,7 @@ fn bound_socket(family: Family, ty: nix::sys::socket::SockType, port: u16) -> io
         Family::V4 => AddressFamily::Inet,
         Family::V6 => AddressFamily::Inet6,
     };
-    let fd: OwnedFd = socket(af, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd: OwnedFd = socket(af, ty, SockFlag::SOCK_CLOEXEC, protocol)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     match family {
         Family::V4 => bind(
@@ -200,6 +211,31 @@ fn tcp_listener(family: Family, port: u16) -> io::Result<TcpListener> {
     // -1: the namespace's net.core.somaxconn (4096 by default).
     listen(&fd, Backlog::MAXALLOWABLE)?;
     Ok(TcpListener::from(fd))
+}
+
+/// An SCTP one-to-one (stream) listener: accepted associations read and write like TCP
+/// streams, so [`handle_tcp`] answers them. `None` when the kernel has no SCTP.
+fn sctp_listener(family: Family, port: u16) -> io::Result<Option<TcpListener>> {
+    use nix::sys::socket::{listen, Backlog, SockProtocol, SockType};
+    let fd = match bound_socket_of(family, SockType::Stream, Some(SockProtocol::Sctp), port) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    listen(&fd, Backlog::MAXALLOWABLE)?;
+    Ok(Some(TcpListener::from(fd)))
+}
+
+/// Whether this kernel can open SCTP sockets (the `sctp` module is built and loadable).
+pub fn sctp_available() -> bool {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+    socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        Some(SockProtocol::Sctp),
+    )
+    .is_ok()
 }
 
 fn handle_tcp(mut s: TcpStream, reply: &[u8]) {
@@ -248,7 +284,13 @@ fn answer(prefix: &[u8], client: &str) -> Vec<u8> {
 /// each UDP datagram gets `NAME\n` back to its sender. `workers` threads accept on each
 /// TCP port and handle each short connection inline. Never returns unless a socket cannot
 /// be set up (the process is meant to be killed).
-pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -> io::Result<()> {
+pub fn serve(
+    name: &str,
+    tcp_ports: &[u16],
+    udp_ports: &[u16],
+    sctp_ports: &[u16],
+    workers: usize,
+) -> io::Result<()> {
     // The answer names the backend and the port that served it, so a test can tell which
     // target port a service port was translated to.
     let reply = |port: u16| -> Arc<[u8]> { Arc::from(format!("{name} {port}").into_bytes()) };
@@ -261,6 +303,12 @@ pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16], workers: usize) -
         for &port in udp_ports {
             let fd = bound_socket(family, nix::sys::socket::SockType::Datagram, port)?;
             udp.push((UdpSocket::from(fd), reply(port)));
+        }
+        for &port in sctp_ports {
+            match sctp_listener(family, port)? {
+                Some(l) => listeners.push((l, reply(port))),
+                None => eprintln!("no SCTP in this kernel: not serving SCTP port {port}"),
+            }
         }
     }
     for (l, reply) in listeners {
@@ -368,6 +416,45 @@ pub fn tcp_transaction(
     Ok((name?, peer))
 }
 
+/// One SCTP association (one-to-one style): connect, send "x", read the answer, close.
+/// Returns the answer and the peer address the socket reports.
+pub fn sctp_transaction(target: SocketAddr, timeout: Duration) -> io::Result<(String, SocketAddr)> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockProtocol, SockType,
+        SockaddrIn, SockaddrIn6,
+    };
+    let af = match target {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        af,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        Some(SockProtocol::Sctp),
+    )?;
+    // A blocking connect() gives up after the send timeout, as TCP's connect_timeout does.
+    let tv =
+        nix::sys::time::TimeVal::new(timeout.as_secs() as i64, i64::from(timeout.subsec_micros()));
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    match target {
+        SocketAddr::V4(a) => connect(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => connect(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
+    }
+    let mut s = TcpStream::from(fd);
+    let peer = s.peer_addr()?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"x")?;
+    let name = read_answer(&mut s);
+    drop(s);
+    Ok((name?, peer))
+}
+
+/// `count` sequential SCTP associations, reported as [`TcpSpread`] is.
+pub fn sctp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSpread {
+    spread(target, count, None, || sctp_transaction(target, timeout))
+}
+
 /// `count` sequential TCP transactions.
 pub fn tcp_spread(target: SocketAddr, count: u64, timeout: Duration) -> TcpSpread {
     tcp_spread_until(target, count, timeout, None)
@@ -380,6 +467,19 @@ pub fn tcp_spread_until(
     timeout: Duration,
     stop_file: Option<&std::path::Path>,
 ) -> TcpSpread {
+    spread(target, count, stop_file, || {
+        tcp_transaction(target, timeout, false)
+    })
+}
+
+/// `count` sequential `transaction`s (of any stream protocol), ending early once `stop_file`
+/// exists: who answered, on which port, as which client, through which peer address.
+fn spread(
+    target: SocketAddr,
+    count: u64,
+    stop_file: Option<&std::path::Path>,
+    mut transaction: impl FnMut() -> io::Result<(String, SocketAddr)>,
+) -> TcpSpread {
     let mut r = TcpSpread {
         target: target.to_string(),
         count,
@@ -390,7 +490,7 @@ pub fn tcp_spread_until(
         if stop_file.is_some_and(|f| f.exists()) {
             break;
         }
-        match tcp_transaction(target, timeout, false) {
+        match transaction() {
             Ok((answer, peer)) => {
                 let (name, port, client) = answer_parts(&answer);
                 bump(&mut r.counts, name.to_string());

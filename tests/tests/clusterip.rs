@@ -420,7 +420,7 @@ per_mode! {
         let counters: &[&str] = match mode {
             ProxyMode::Ebpf => &["translated", "drop_no_backend", "sticky_reused"],
             ProxyMode::Iptables => &["reject_no_endpoints"],
-            ProxyMode::Nftables => &[],
+            ProxyMode::Nftables | ProxyMode::Ipvs => &[],
         };
         for &counter in counters {
             assert_eq!(

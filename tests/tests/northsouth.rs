@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kpr_lab::kpr::{assert_refused, kpr_path, Kpr, ProxyMode, Refusal};
+use kpr_lab::kpr::{assert_refused, Kpr, ProxyMode, Refusal};
 use kpr_lab::tool::UdpMode;
 use kpr_lab::{per_mode, Lab, LabSpec};
 
@@ -204,24 +204,7 @@ fn two_nodes(tag: &str, mode: ProxyMode, net: &Net) -> TwoNodes {
     // The external client reaches LoadBalancer and external IPs through node1.
     lab.route_external_via(net.lb_route, net.node1)
         .expect("route to the LB IPs");
-    let mut kprs = Vec::new();
-    for n in 1..=2 {
-        let node = format!("node{n}");
-        let args = [
-            "--manifests",
-            dir.to_str().unwrap(),
-            "--hostname-override",
-            &node,
-            "--devices",
-            "eth0",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            mode.args()[0],
-            mode.args()[1],
-        ];
-        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        kprs.push(Kpr::start_on(&lab, n, &kpr_path(), "kpr", &args).expect("kpr start"));
-    }
+    let kprs = Kpr::start_on_every_node(&lab, &dir, mode).expect("kpr start");
     TwoNodes { lab, kprs }
 }
 

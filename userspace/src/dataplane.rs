@@ -41,6 +41,8 @@ pub enum DataplaneError {
     Iptables(#[from] crate::netfilter::iptables::IptablesError),
     #[error("nftables mode: {0}")]
     Nftables(#[from] crate::netfilter::nftables::NftablesError),
+    #[error("ipvs mode: {0}")]
+    Ipvs(#[from] crate::netfilter::ipvs::IpvsModeError),
 }
 
 /// A proxy mode.

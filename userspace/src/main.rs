@@ -240,8 +240,48 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
             }
             Ok(Box::new(kpr::netfilter::families::PerFamily::new(modes)))
         }
-        ProxyMode::Ipvs => bail!("--proxy-mode ipvs: this kernel has no IPVS"),
+        ProxyMode::Ipvs => {
+            tracing::info!(scheduler = %settings.ipvs.scheduler, "proxy mode ipvs");
+            let mut modes: Vec<(Family, Box<dyn Dataplane>)> = Vec::new();
+            for family in families(|family| {
+                kpr::netfilter::iptables::Tools {
+                    backend: kpr::netfilter::iptables::Backend::detect(),
+                    family,
+                }
+                .work()
+            }) {
+                let cfg = kpr::netfilter::ipvs::IpvsConfig {
+                    scheduler: settings.ipvs.scheduler.clone(),
+                    exclude_cidrs: settings.ipvs.exclude_cidrs.clone(),
+                    strict_arp: settings.ipvs.strict_arp,
+                    timeouts: (
+                        secs(settings.ipvs.tcp_timeout),
+                        secs(settings.ipvs.tcp_fin_timeout),
+                        secs(settings.ipvs.udp_timeout),
+                    ),
+                };
+                match kpr::netfilter::ipvs::IpvsDataplane::new(plan_config(settings, family)?, cfg)
+                {
+                    Ok(d) => modes.push((family, Box::new(d))),
+                    // kube-proxy's mode exits when the kernel cannot do IPVS; so does kpr's,
+                    // with the usage status and the module's name.
+                    Err(kpr::netfilter::ipvs::IpvsModeError::Ipvs(
+                        e @ kpr::ipvs::IpvsError::NotAvailable,
+                    )) => {
+                        eprintln!("kpr: --proxy-mode ipvs: {e}");
+                        std::process::exit(2);
+                    }
+                    Err(e) => bail!("--proxy-mode ipvs: {e}"),
+                }
+            }
+            Ok(Box::new(kpr::netfilter::families::PerFamily::new(modes)))
+        }
     }
+}
+
+/// Whole seconds of an IPVS timeout (IPVS counts in seconds).
+fn secs(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// The families a netfilter mode proxies: IPv4, and IPv6 where the kernel has it and `works`
@@ -274,7 +314,12 @@ fn plan_config(
             );
         }
     }
-    Ok(kpr::netfilter::plan::PlanConfig {
+    Ok(planner_settings(settings, family))
+}
+
+/// The netfilter planner's settings for `family`, from the flags.
+fn planner_settings(settings: &Settings, family: Family) -> kpr::netfilter::plan::PlanConfig {
+    kpr::netfilter::plan::PlanConfig {
         family,
         masquerade_all: settings.masquerade_all,
         local: local_detector(settings, family),
@@ -282,7 +327,7 @@ fn plan_config(
         masquerade_mark: 1 << settings.masquerade_bit,
         localhost_nodeports: settings.localhost_nodeports,
         ..Default::default()
-    })
+    }
 }
 
 /// The local-traffic detector `--detect-local-mode` configures for `family`, as every mode
@@ -353,6 +398,13 @@ fn ebpf_dataplane(settings: &Settings) -> anyhow::Result<EbpfDataplane> {
             local_from_node: local_from_node(settings),
             drop_no_local_endpoints: !settings.reject_no_local_endpoints,
             masquerade_local_endpoints: settings.masquerade_local_endpoints,
+            sctp: Some(kpr::ebpf::sctp::SctpConfig {
+                plans: families(|_| true)
+                    .into_iter()
+                    .map(|family| planner_settings(settings, family))
+                    .collect(),
+                nodeport_addresses_given: !settings.nodeport_addresses.is_empty(),
+            }),
         },
         &kpr::ebpf::TcConfig {
             devices,
@@ -573,6 +625,10 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         Ok(false) => {}
         Err(e) => errors.push(format!("nftables table ip {}: {e}", kpr::nft::TABLE)),
     }
+    match kpr::netfilter::cleanup::delete_tables(kpr::ebpf::sctp::TABLE) {
+        Ok(r) => removed.extend(r.0),
+        Err(e) => errors.push(format!("nftables tables kpr-sctp: {e}")),
+    }
     removed.extend(kpr::netfilter::cleanup::ebpf_forward_chain().0);
     // The netfilter modes' state (kube-proxy's own, which those modes write).
     removed.extend(kpr::netfilter::cleanup::iptables().0);
@@ -580,6 +636,8 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         Ok(r) => removed.extend(r.0),
         Err(e) => errors.push(format!("nftables tables kube-proxy: {e}")),
     }
+    // The IPVS mode's (after the iptables rules that match its ipsets).
+    removed.extend(kpr::netfilter::ipvs::cleanup());
 
     let pins = |removed: &mut Vec<String>| -> anyhow::Result<()> {
         let shown = pin_dir.display();

@@ -30,6 +30,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "iputils-ping",
+    // The IPVS mode's sets (kube-proxy runs the same tool).
+    "ipset",
     "libnftnl-dev",
     "libmnl-dev",
     "pkg-config",

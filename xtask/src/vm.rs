@@ -6,7 +6,8 @@
 //! the kernel differs: its verifier, helpers, attach types and modules (IPVS, SCTP). The guest
 //! is slow (no KVM), so the subset is functional checks, one test at a time, no benchmarks.
 //!
-//! What runs where is one table, [`VM_TESTS`]; the kernels are [`KERNELS`]. A kernel's run
+//! What runs where is one table, [`VM_TESTS`] (and the IPVS client's tests); the kernels,
+//! with the modes each runs, are [`KERNELS`]. A kernel's run
 //! writes one line per test to its output directory, which the host reads back; a failing run
 //! prints the guest's console and the failing tests' output.
 use std::collections::BTreeMap;
@@ -28,6 +29,10 @@ pub struct Kernel {
     pub package: &'static str,
     /// `/boot/vmlinuz-<prefix>…`: the newest matching image is booted.
     pub image_prefix: &'static str,
+    /// The modes the per-mode tests run in on this kernel (the stage's time is bounded: the
+    /// oldest kernel runs every mode, the other the eBPF mode and the netfilter modes whose
+    /// kernel parts differ most, nftables and IPVS).
+    pub modes: &'static [&'static str],
 }
 
 pub const KERNELS: [Kernel; 2] = [
@@ -35,11 +40,13 @@ pub const KERNELS: [Kernel; 2] = [
         name: "6.1",
         package: "linux-image-6.1.0-50-amd64",
         image_prefix: "6.1.0-50-amd64",
+        modes: &["ebpf", "iptables", "nftables", "ipvs"],
     },
     Kernel {
         name: "6.12",
         package: "linux-image-6.12-amd64",
         image_prefix: "6.12.",
+        modes: &["ebpf", "nftables", "ipvs"],
     },
 ];
 
@@ -51,16 +58,19 @@ pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
 pub const VIRTME_NG: &str = "virtme-ng";
 const VNG: &str = "vng";
 
-/// Which modes a VM test runs in: every mode (a `per_mode!` test, named `test::mode`) or the
-/// eBPF mode only (a plain test, about pins or programs).
+/// Which modes a VM test runs in: every mode of the kernel (a `per_mode!` test, named
+/// `test::mode`), the eBPF mode only (a plain test, about pins or programs), or none (a test
+/// of kernel parts, such as the IPVS netlink client).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Modes {
     All,
     EbpfOnly,
+    Kernel,
 }
 
 /// One row of the matrix: a group name (as the closing table prints it), the lab test binary
 /// and the test's name in it.
+#[derive(Clone, Copy)]
 struct VmTest {
     group: &'static str,
     binary: &'static str,
@@ -101,6 +111,12 @@ const VM_TESTS: &[VmTest] = &[
         modes: Modes::All,
     },
     VmTest {
+        group: "SCTP ClusterIP and NodePort",
+        binary: "sctp",
+        test: "sctp_clusterip_and_nodeport_reach_all_backends",
+        modes: Modes::All,
+    },
+    VmTest {
         group: "restart with pins",
         binary: "clusterip",
         test: "restarting_kpr_keeps_the_programmed_state",
@@ -114,17 +130,43 @@ const VM_TESTS: &[VmTest] = &[
     },
 ];
 
-const MODES: [&str; 3] = ["ebpf", "iptables", "nftables"];
+/// The IPVS netlink client's tests against the guest's IPVS (`userspace/tests/ipvs_netlink.rs`).
+const IPVS_NETLINK_TESTS: &[&str] = &[
+    "each_namespace_has_its_own_virtual_servers",
+    "flush_deletes_every_virtual_server_and_its_real_servers",
+    "ipv4_real_servers_read_back_as_written_drained_and_deleted",
+    "ipv4_virtual_servers_read_back_as_written_and_updated",
+    "ipv6_real_servers_read_back_as_written_drained_and_deleted",
+    "ipv6_virtual_servers_read_back_as_written_and_updated",
+    "long_lists_span_several_dump_messages",
+    "refusals_say_whether_the_object_exists",
+    "the_kernels_proc_listing_shows_what_netlink_wrote",
+    "timeouts_read_back_and_zero_leaves_one_as_it_is",
+    "version_is_the_kernels",
+];
+
+/// Every row of the stage: the lab tests, then the IPVS client's, one row each.
+fn vm_tests() -> Vec<VmTest> {
+    let mut all: Vec<VmTest> = VM_TESTS.to_vec();
+    all.extend(IPVS_NETLINK_TESTS.iter().map(|test| VmTest {
+        group: "IPVS netlink client",
+        binary: "ipvs_netlink",
+        test,
+        modes: Modes::Kernel,
+    }));
+    all
+}
 
 impl VmTest {
-    /// `(mode, libtest name)` of each test this row runs.
-    fn cases(&self) -> Vec<(&'static str, String)> {
+    /// `(mode, libtest name)` of each test this row runs on a kernel that runs `modes`.
+    fn cases(&self, modes: &[&'static str]) -> Vec<(&'static str, String)> {
         match self.modes {
-            Modes::All => MODES
+            Modes::All => modes
                 .iter()
                 .map(|m| (*m, format!("{}::{m}", self.test)))
                 .collect(),
             Modes::EbpfOnly => vec![("ebpf", self.test.to_string())],
+            Modes::Kernel => vec![("-", self.test.to_string())],
         }
     }
 }
@@ -190,8 +232,9 @@ pub fn matrix(runs: &[KernelRun]) -> String {
     }
     out.push('\n');
     let mut rows: Vec<(&str, &str)> = Vec::new();
-    for t in VM_TESTS {
-        for (mode, _) in t.cases() {
+    let all_modes: Vec<&'static str> = ["ebpf", "iptables", "nftables", "ipvs"].to_vec();
+    for t in vm_tests() {
+        for (mode, _) in t.cases(&all_modes) {
             if !rows.contains(&(t.group, mode)) {
                 rows.push((t.group, mode));
             }
@@ -203,7 +246,9 @@ pub fn matrix(runs: &[KernelRun]) -> String {
             let cell = match r.results.get(&(group, mode)) {
                 Some(v) if v.iter().all(|o| *o == Outcome::Passed) => "pass",
                 Some(v) if v.contains(&Outcome::Failed) => "FAIL",
-                _ => "not run",
+                Some(_) => "not run",
+                // A mode this kernel's share of the stage leaves out.
+                None => "-",
             };
             let _ = write!(out, " {cell:<8}");
         }
@@ -249,7 +294,7 @@ fn test_binaries() -> Result<BTreeMap<String, PathBuf>> {
         .context("cargo nextest list: no rust-suites")?;
     let mut found = BTreeMap::new();
     for (id, suite) in suites {
-        if !id.starts_with("kpr-lab::") {
+        if !id.starts_with("kpr-lab::") && !id.starts_with("kpr::") {
             continue;
         }
         if let (Some(name), Some(path)) =
@@ -258,7 +303,7 @@ fn test_binaries() -> Result<BTreeMap<String, PathBuf>> {
             found.insert(name.to_string(), PathBuf::from(path));
         }
     }
-    for t in VM_TESTS {
+    for t in vm_tests() {
         if !found.contains_key(t.binary) {
             bail!(
                 "the VM test {} is in the lab binary `{}`, which nextest does not list",
@@ -339,7 +384,7 @@ fn run_kernel(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let script = dir.join("run.sh");
-    std::fs::write(&script, guest_script(&dir, tests, bins))
+    std::fs::write(&script, guest_script(&dir, kernel.modes, tests, bins))
         .with_context(|| format!("writing {}", script.display()))?;
     let console = dir.join("console.log");
     let started = Instant::now();
@@ -382,8 +427,8 @@ fn run_kernel(
 
     let mut results: BTreeMap<(&'static str, &'static str), Vec<Outcome>> = BTreeMap::new();
     let mut failed_bins = Vec::new();
-    for t in VM_TESTS {
-        for (mode, name) in t.cases() {
+    for t in vm_tests() {
+        for (mode, name) in t.cases(kernel.modes) {
             let o = outcomes.get(&(t.binary.to_string(), name)).cloned();
             let o = o.unwrap_or(Outcome::NotRun);
             if o != Outcome::Passed && !failed_bins.contains(&t.binary) {
@@ -425,7 +470,12 @@ fn run_kernel(
 
 /// The shell script the guest runs: each test binary once, with its tests of the subset, one
 /// at a time; a line `result <binary> <test> ok|FAILED` per test goes to `results`.
-fn guest_script(dir: &Path, tests: &BTreeMap<String, PathBuf>, bins: &Binaries) -> String {
+fn guest_script(
+    dir: &Path,
+    modes: &[&'static str],
+    tests: &BTreeMap<String, PathBuf>,
+    bins: &Binaries,
+) -> String {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let mut s = String::new();
     let _ = writeln!(s, "set -u");
@@ -444,20 +494,26 @@ fn guest_script(dir: &Path, tests: &BTreeMap<String, PathBuf>, bins: &Binaries) 
     let _ = writeln!(s, "export RUST_BACKTRACE=1");
     let _ = writeln!(s, "cd {}", q(&build::root()));
     let _ = writeln!(s, "echo \"guest kernel $(uname -r)\"");
+    // What the host kernel lacks, the guest's modules have; tests that need them are ignored
+    // on the host, so they are included here.
+    let _ = writeln!(
+        s,
+        "for m in sctp ip_vs ip_vs_rr ip_vs_sh ip_vs_mh; do modprobe $m || echo \"no module $m\"; done"
+    );
     let _ = writeln!(s, "out={}", q(dir));
     let mut by_binary: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for t in VM_TESTS {
+    for t in vm_tests() {
         by_binary
             .entry(t.binary)
             .or_default()
-            .extend(t.cases().into_iter().map(|(_, n)| n));
+            .extend(t.cases(modes).into_iter().map(|(_, n)| n));
     }
     for (binary, names) in by_binary {
         let path = &tests[binary];
         let names: Vec<String> = names.iter().map(|n| shell_quote(n)).collect();
         let _ = writeln!(
             s,
-            "echo \"== {binary}\"; timeout {TEST_TIMEOUT_SECS} {} --exact --test-threads 1 {} \
+            "echo \"== {binary}\"; timeout {TEST_TIMEOUT_SECS} {} --exact --include-ignored --test-threads 1 {} \
              > \"$out/{binary}.log\" 2>&1; echo \"== {binary}: exit $?\"",
             q(path),
             names.join(" ")
@@ -541,8 +597,8 @@ mod tests {
     #[test]
     fn every_mode_runs_a_per_mode_test() {
         let t = &VM_TESTS[0];
-        let cases = t.cases();
-        assert_eq!(cases.len(), 3);
+        let cases = t.cases(KERNELS[0].modes);
+        assert_eq!(cases.len(), 4);
         assert_eq!(cases[1], ("iptables", format!("{}::iptables", t.test)));
     }
 }

@@ -26,6 +26,9 @@ enum Cmd {
         /// Comma-separated UDP ports.
         #[arg(long, default_value = "5353")]
         udp: String,
+        /// Comma-separated SCTP ports (not served, with a note, on kernels without SCTP).
+        #[arg(long, default_value = "")]
+        sctp: String,
         /// Accepting threads per TCP port.
         #[arg(long, default_value_t = 8)]
         workers: usize,
@@ -41,6 +44,15 @@ enum Cmd {
         /// Stop early (before `count`) once this file exists.
         #[arg(long)]
         stop_file: Option<std::path::PathBuf>,
+    },
+    /// N sequential SCTP associations: connect, send "x", read the name, close.
+    SctpSpread {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
     },
     /// N UDP requests: each from a new unconnected socket (its own flow, sendto/recvfrom); with
     /// --one-socket all from one unconnected socket; with --connected over one connected socket.
@@ -139,12 +151,19 @@ fn main() -> anyhow::Result<()> {
             name,
             tcp,
             udp,
+            sctp,
             workers,
         } => {
             let tcp = tool::parse_ports(&tcp).map_err(anyhow::Error::msg)?;
             let udp = tool::parse_ports(&udp).map_err(anyhow::Error::msg)?;
-            tool::serve(&name, &tcp, &udp, workers)?
+            let sctp = tool::parse_ports(&sctp).map_err(anyhow::Error::msg)?;
+            tool::serve(&name, &tcp, &udp, &sctp, workers)?
         }
+        Cmd::SctpSpread {
+            target,
+            count,
+            timeout_ms,
+        } => print(&tool::sctp_spread(target, count, ms(timeout_ms))),
         Cmd::TcpSpread {
             target,
             count,

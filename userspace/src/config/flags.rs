@@ -166,6 +166,40 @@ pub struct RunArgs {
     /// requiring SNAT with. Must be within the range [0, 31].
     #[arg(long, value_name = "INT", help_heading = USED)]
     pub iptables_masquerade_bit: Option<i32>,
+    /// The IPVS scheduler (`--proxy-mode ipvs`): rr (default), wrr, lc, wlc, sh, mh (Maglev
+    /// hashing), ... as the kernel has them.
+    #[arg(long, value_name = "NAME", help_heading = USED)]
+    pub ipvs_scheduler: Option<String>,
+    /// CIDRs whose virtual servers the IPVS mode leaves alone when cleaning up.
+    #[arg(
+        long,
+        value_name = "CIDRS",
+        value_delimiter = ',',
+        action = ArgAction::Append,
+        help_heading = USED
+    )]
+    pub ipvs_exclude_cidrs: Option<Vec<String>>,
+    /// Strict ARP (arp_ignore=1, arp_announce=2), so the service addresses on kube-ipvs0 are
+    /// not answered for (IPVS mode).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool,
+        help_heading = USED
+    )]
+    pub ipvs_strict_arp: Option<bool>,
+    /// IPVS idle timeout of TCP connections (0: leave as it is).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub ipvs_tcp_timeout: Option<Duration>,
+    /// IPVS timeout of TCP connections after a FIN (0: leave as it is).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub ipvs_tcpfin_timeout: Option<Duration>,
+    /// IPVS timeout of UDP flows (0: leave as it is).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = USED)]
+    pub ipvs_udp_timeout: Option<Duration>,
     /// If false, kube-proxy (iptables mode) will not accept NodePort traffic on localhost
     /// (IPv4 only; route_localnet is set when true).
     #[arg(
@@ -436,12 +470,6 @@ pub const OTHER_FLAGS: &[OtherFlag] = &[
     ignore("show-hidden-metrics-for-version", false, "show metrics hidden in this version"),
     ignore("ipvs-sync-period", false, "IPVS mode's sync period"),
     ignore("ipvs-min-sync-period", false, "IPVS mode's minimum sync period"),
-    ignore("ipvs-scheduler", false, "IPVS scheduler"),
-    ignore("ipvs-exclude-cidrs", false, "CIDRs the IPVS proxier leaves alone"),
-    ignore("ipvs-strict-arp", true, "strict ARP for kube-ipvs0"),
-    ignore("ipvs-tcp-timeout", false, "IPVS TCP idle timeout"),
-    ignore("ipvs-tcpfin-timeout", false, "IPVS TCP FIN timeout"),
-    ignore("ipvs-udp-timeout", false, "IPVS UDP timeout"),
     ignore("oom-score-adj", false, "oom-score-adj of the process"),
     ignore("config-sync-period", false, "how often configuration from the apiserver is refreshed"),
     ignore("vmodule", false, "per-file log verbosity"),

@@ -76,8 +76,6 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
-    #[error("--proxy-mode ipvs: this kernel has no IPVS (CONFIG_IP_VS is not set); use --proxy-mode ebpf")]
-    Ipvs,
     #[error("--{flag} is not supported: {reason}")]
     Unsupported {
         flag: &'static str,
@@ -215,6 +213,8 @@ pub struct Settings {
     pub masquerade_bit: u32,
     /// `--iptables-localhost-nodeports` / `iptables.localhostNodePorts` (iptables mode).
     pub localhost_nodeports: bool,
+    /// The IPVS mode's settings (`--ipvs-*`, the file's `ipvs:`).
+    pub ipvs: IpvsSettings,
     pub kubeconfig: Option<PathBuf>,
     /// API server URL, overriding the kubeconfig's.
     pub master: Option<String>,
@@ -383,6 +383,7 @@ impl Default for Settings {
             nodeport_addresses: Vec::new(),
             masquerade_all: false,
             masquerade_bit: DEFAULT_MASQUERADE_BIT,
+            ipvs: IpvsSettings::default(),
             localhost_nodeports: true,
             kubeconfig: None,
             master: None,
@@ -770,10 +771,28 @@ fn flag_error(flag: &'static str, value: &str, reason: impl Into<String>) -> Con
 }
 
 fn from_flags(s: &mut Settings, a: &RunArgs) -> Result<(), ConfigError> {
-    s.proxy_mode = match a.proxy_mode.unwrap_or(ProxyMode::Ebpf) {
-        ProxyMode::Ipvs => return Err(ConfigError::Ipvs),
-        m => m,
-    };
+    s.proxy_mode = a.proxy_mode.unwrap_or(ProxyMode::Ebpf);
+    if let Some(name) = &a.ipvs_scheduler {
+        s.ipvs.scheduler =
+            ipvs_scheduler(name).map_err(|e| flag_error("ipvs-scheduler", name, e))?;
+    }
+    if let Some(list) = &a.ipvs_exclude_cidrs {
+        let joined = list.join(",");
+        s.ipvs.exclude_cidrs =
+            parse_cidr_list(&joined).map_err(|e| flag_error("ipvs-exclude-cidrs", &joined, e))?;
+    }
+    if let Some(on) = a.ipvs_strict_arp {
+        s.ipvs.strict_arp = on;
+    }
+    for (given, to) in [
+        (a.ipvs_tcp_timeout, &mut s.ipvs.tcp_timeout),
+        (a.ipvs_tcpfin_timeout, &mut s.ipvs.tcp_fin_timeout),
+        (a.ipvs_udp_timeout, &mut s.ipvs.udp_timeout),
+    ] {
+        if let Some(d) = given {
+            *to = d;
+        }
+    }
     if let Some(c) = &a.cluster_cidr {
         s.cluster_cidrs = parse_cidrs(c).map_err(|e| flag_error("cluster-cidr", c, e))?;
     }
@@ -892,10 +911,28 @@ fn from_file(
         message,
     };
     let mode = cfg.mode_str();
-    s.proxy_mode = match ProxyMode::parse(mode).map_err(|e| field("mode", e))? {
-        ProxyMode::Ipvs => return Err(ConfigError::Ipvs),
-        m => m,
-    };
+    s.proxy_mode = ProxyMode::parse(mode).map_err(|e| field("mode", e))?;
+    if let Some(ipvs) = &cfg.ipvs {
+        if let Some(name) = ipvs.scheduler.as_deref().filter(|n| !n.is_empty()) {
+            s.ipvs.scheduler = ipvs_scheduler(name).map_err(|e| field("ipvs.scheduler", e))?;
+        }
+        if let Some(list) = &ipvs.exclude_cidrs {
+            s.ipvs.exclude_cidrs =
+                parse_cidr_list(&list.join(",")).map_err(|e| field("ipvs.excludeCIDRs", e))?;
+        }
+        if let Some(on) = ipvs.strict_arp {
+            s.ipvs.strict_arp = on;
+        }
+        for (given, to) in [
+            (&ipvs.tcp_timeout, &mut s.ipvs.tcp_timeout),
+            (&ipvs.tcp_fin_timeout, &mut s.ipvs.tcp_fin_timeout),
+            (&ipvs.udp_timeout, &mut s.ipvs.udp_timeout),
+        ] {
+            if let Some(d) = given {
+                *to = d.0;
+            }
+        }
+    }
     if let Some(h) = cfg.hostname_override.as_deref().map(str::trim) {
         if !h.is_empty() {
             s.hostname_override = Some(h.to_lowercase());
@@ -973,6 +1010,57 @@ fn from_file(
         }
     }
     Ok(())
+}
+
+/// An IPVS scheduler name as IPVS takes it (at most 15 bytes, a word).
+fn ipvs_scheduler(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if name.is_empty()
+        || name.len() > 15
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(format!(
+            "{name:?} is not an IPVS scheduler name (rr, wrr, lc, wlc, sh, mh, ...)"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// A comma-separated list of CIDRs (`--ipvs-exclude-cidrs`), any number of either family.
+fn parse_cidr_list(s: &str) -> Result<Vec<IpNet>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse::<IpNet>().map_err(|e| format!("{c:?}: {e}")))
+        .collect()
+}
+
+/// The IPVS mode's settings, kube-proxy's `--ipvs-*` flags.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct IpvsSettings {
+    pub scheduler: String,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub strict_arp: bool,
+    /// 0: leave the kernel's as they are.
+    #[serde(serialize_with = "duration::serialize")]
+    pub tcp_timeout: Duration,
+    #[serde(serialize_with = "duration::serialize")]
+    pub tcp_fin_timeout: Duration,
+    #[serde(serialize_with = "duration::serialize")]
+    pub udp_timeout: Duration,
+}
+
+impl Default for IpvsSettings {
+    fn default() -> Self {
+        IpvsSettings {
+            scheduler: "rr".into(),
+            exclude_cidrs: Vec::new(),
+            strict_arp: false,
+            tcp_timeout: Duration::ZERO,
+            tcp_fin_timeout: Duration::ZERO,
+            udp_timeout: Duration::ZERO,
+        }
+    }
 }
 
 /// kube-proxy's default `--iptables-masquerade-bit`.

@@ -375,9 +375,30 @@ fn mode_rules_for_the_file() {
         assert_eq!(s.proxy_mode, want, "{mode}");
         assert!(w.is_empty(), "{mode}: {w:?}");
     }
-    let f = config_file("mode: ipvs\n");
-    let e = err(&["--config", f.path().to_str().unwrap()]);
-    assert!(matches!(e, ConfigError::Ipvs), "{e}");
+    let f = config_file(
+        "mode: ipvs\nipvs: {scheduler: mh, strictARP: true, excludeCIDRs: [10.1.0.0/16], tcpTimeout: 900s}\n",
+    );
+    let (s, _) = run(&["--config", f.path().to_str().unwrap()]);
+    assert_eq!(s.proxy_mode, ProxyMode::Ipvs);
+    assert_eq!(s.ipvs.scheduler, "mh");
+    assert!(s.ipvs.strict_arp);
+    assert_eq!(
+        s.ipvs.exclude_cidrs,
+        vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(s.ipvs.tcp_timeout, Duration::from_secs(900));
+    let (s, _) = run(&[
+        "--proxy-mode",
+        "ipvs",
+        "--ipvs-scheduler",
+        "sh",
+        "--ipvs-udp-timeout",
+        "30s",
+    ]);
+    assert_eq!(s.ipvs.scheduler, "sh");
+    assert_eq!(s.ipvs.udp_timeout, Duration::from_secs(30));
+    let e = err(&["--ipvs-scheduler", "no such"]).to_string();
+    assert!(e.contains("not an IPVS scheduler name"), "{e}");
     let f = config_file("mode: kernelspace\n");
     let e = err(&["--config", f.path().to_str().unwrap()]).to_string();
     assert!(

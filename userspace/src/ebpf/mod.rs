@@ -7,6 +7,7 @@ pub mod events;
 pub mod layouts;
 pub mod links;
 pub mod maps;
+pub mod sctp;
 pub mod sockterm;
 pub mod sync;
 pub mod tc;
@@ -130,6 +131,10 @@ pub struct EbpfConfig {
     /// traffic keeps the client's address, as with Cilium: its replies come back through this
     /// node anyway.
     pub masquerade_local_endpoints: bool,
+    /// Serve SCTP service ports through nftables rules in the tables `kpr-sctp` (see
+    /// [`sctp`]), in the calling thread's network namespace. The agent does; `None` leaves
+    /// them unserved (tests in the host's namespace).
+    pub sctp: Option<sctp::SctpConfig>,
 }
 
 /// The north-south (tc) part of the dataplane.
@@ -165,6 +170,8 @@ pub struct EbpfDataplane {
     src_ranges: SrcRangeMap,
     /// kpr's nftables table, when this dataplane programs it ([`EbpfConfig::nftables_mark`]).
     table: Option<crate::nft::NftTable>,
+    /// The SCTP service ports' rules ([`EbpfConfig::sctp`]).
+    sctp: Option<sctp::SctpRules>,
     /// See [`EbpfConfig::forward_accept`].
     forward_accept: Option<crate::netfilter::iptables::forward::ForwardAccept>,
     /// Other modes' leftovers were removed (at the first sync).
@@ -432,6 +439,7 @@ impl EbpfDataplane {
             swept_total: (0, 0),
             src_ranges: src_ranges_again,
             table: cfg.nftables_mark.map(crate::nft::NftTable::new),
+            sctp: cfg.sctp.clone().map(sctp::SctpRules::new),
             forward_accept: cfg.forward_accept.clone(),
             cleaned: false,
             event_names,
@@ -961,6 +969,13 @@ impl crate::dataplane::Dataplane for EbpfDataplane {
                 crate::nft::needs_masquerade(desired, self.masquerade_local_endpoints)
                     || self.cluster_ip_masquerade,
             )?;
+        }
+        match &mut self.sctp {
+            Some(rules) => rules.sync(desired, full)?,
+            None if full && sctp::has_sctp_ports(desired) => tracing::warn!(
+                "SCTP service ports are not served: this eBPF dataplane programs no SCTP rules"
+            ),
+            None => {}
         }
         if let Some(forward) = self.forward_accept.as_ref().filter(|_| full) {
             forward.ensure()?;

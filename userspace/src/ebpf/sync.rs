@@ -502,6 +502,11 @@ impl<M: LbMaps> LbSyncer<M> {
             })
             .collect();
         for (frontend, state) in &desired.services {
+            // SCTP frontends are served by netfilter rules (see `ebpf::sctp`), never by the
+            // programs, which would pass them untranslated.
+            if frontend.protocol == crate::model::Protocol::Sctp {
+                continue;
+            }
             let fk = frontend_key(frontend, SCOPE_INTERNAL);
             // Traffic from outside the node meets the tc path's external scope. A loopback
             // NodePort address (localhost NodePorts) has none, so only the node's own

@@ -24,6 +24,10 @@ const KUBE_PROXY_CHAINS: &[&str] = &[
     "KUBE-FORWARD",
     "KUBE-PROXY-FIREWALL",
     "KUBE-PROXY-CANARY",
+    // The IPVS mode's.
+    "KUBE-NODE-PORT",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-SOURCE-RANGES-FIREWALL",
 ];
 
 fn is_kube_proxy_chain(chain: &str) -> bool {
@@ -40,11 +44,16 @@ pub struct Removed(pub Vec<String>);
 /// Removes kube-proxy's iptables chains and jumps, for both backends and both families, in the
 /// calling process's network namespace.
 pub fn iptables() -> Removed {
+    let jumps: Vec<JumpRule> = JUMP_RULES
+        .iter()
+        .chain(super::ipvs::write::JUMP_RULES)
+        .copied()
+        .collect();
     remove_chains(
         "kube-proxy",
         &["iptables", "ip6tables"],
         &[Table::Nat, Table::Filter],
-        JUMP_RULES,
+        &jumps,
         is_kube_proxy_chain,
     )
 }
@@ -142,18 +151,25 @@ fn remove_chains(
 /// Deletes kube-proxy's nftables tables (`ip kube-proxy`, `ip6 kube-proxy`) in the calling
 /// thread's network namespace.
 pub fn nftables() -> Result<Removed, NetlinkError> {
+    delete_tables(c"kube-proxy")
+}
+
+/// Deletes the nftables tables `name` of both families (`ip`, `ip6`) in the calling thread's
+/// network namespace; a table that is not there is no error.
+pub fn delete_tables(name: &std::ffi::CStr) -> Result<Removed, NetlinkError> {
     let mut removed = Removed::default();
-    for (family, name) in [
+    let shown = name.to_string_lossy();
+    for (family, fam) in [
         (nftnl::ProtoFamily::Ipv4, "ip"),
         (nftnl::ProtoFamily::Ipv6, "ip6"),
     ] {
-        let table = nftnl::Table::new(c"kube-proxy", family);
+        let table = nftnl::Table::new(name, family);
         let mut txn = Transaction::new();
         txn.add(&table, nftnl::MsgType::Del, || {
-            format!("delete table {name} kube-proxy")
+            format!("delete table {fam} {shown}")
         });
         match txn.commit() {
-            Ok(()) => removed.0.push(format!("nftables table {name} kube-proxy")),
+            Ok(()) => removed.0.push(format!("nftables table {fam} {shown}")),
             Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ENOENT => {}
             Err(e) => return Err(e),
         }
@@ -164,12 +180,15 @@ pub fn nftables() -> Result<Removed, NetlinkError> {
 /// A proxy mode, for what it leaves behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Leftovers {
-    /// kpr's eBPF mode: its table `ip kpr` and its iptables chain `KPR-FORWARD` (its programs
-    /// leave with the process; its pinned maps are reused by the next eBPF run, and `kpr
-    /// cleanup` removes them).
+    /// kpr's eBPF mode: its tables `ip kpr` and `ip/ip6 kpr-sctp` and its iptables chain
+    /// `KPR-FORWARD` (its programs leave with the process; its pinned maps are reused by the
+    /// next eBPF run, and `kpr cleanup` removes them).
     Ebpf,
     Iptables,
     Nftables,
+    /// The IPVS mode: kube-ipvs0, the virtual servers, kube-proxy's ipsets (its iptables
+    /// chains are kube-proxy's, removed with the iptables mode's).
+    Ipvs,
 }
 
 /// Removes what every mode but `keep` left, logging what went; errors are logged, not fatal
@@ -178,6 +197,10 @@ pub fn other_modes(keep: Leftovers) {
     let mut removed = Vec::new();
     if keep != Leftovers::Iptables {
         removed.extend(iptables().0);
+    }
+    // After the iptables chains: an ipset cannot go while a rule matches it.
+    if keep != Leftovers::Ipvs {
+        removed.extend(super::ipvs::cleanup());
     }
     if keep != Leftovers::Nftables {
         match nftables() {
@@ -190,6 +213,10 @@ pub fn other_modes(keep: Leftovers) {
             Ok(true) => removed.push(format!("nftables table ip {}", crate::nft::TABLE)),
             Ok(false) => {}
             Err(e) => tracing::warn!("removing kpr's eBPF-mode table: {e}"),
+        }
+        match delete_tables(crate::ebpf::sctp::TABLE) {
+            Ok(r) => removed.extend(r.0),
+            Err(e) => tracing::warn!("removing kpr's eBPF-mode SCTP tables: {e}"),
         }
         removed.extend(ebpf_forward_chain().0);
     }

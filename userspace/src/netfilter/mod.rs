@@ -6,6 +6,8 @@
 //! - [`chains`]: chain names, kube-proxy's hashes;
 //! - [`iptables`]: the plan as `iptables-restore` input, and the mode that loads it;
 //! - [`nftables`]: the plan as one nftables netlink transaction, and the mode that sends it;
+//! - [`ipvs`]: the plan as kube-proxy's IPVS mode programs it (virtual servers, ipsets, the
+//!   rules that match them), and the mode that applies it;
 //! - [`families`]: one instance of a mode per address family, as kube-proxy's meta-proxier;
 //! - [`cleanup`]: removing what other modes (and kube-proxy) left on the node;
 //! - [`conntrack`]: deleting the conntrack entries of UDP endpoints that went away, so flows
@@ -16,6 +18,7 @@ pub mod cleanup;
 pub mod conntrack;
 pub mod families;
 pub mod iptables;
+pub mod ipvs;
 pub mod nfnetlink;
 pub mod nftables;
 pub mod plan;
@@ -25,11 +28,11 @@ use std::process::{Command, Stdio};
 use crate::dataplane::SyncReport;
 use crate::model::{DesiredState, Family};
 
-/// A netfilter mode's sync report for its `family`: `writes` and `deletes` as the mode counts
-/// them.
+/// A netfilter mode's sync report for the ports `cfg` serves: `writes` and `deletes` as the
+/// mode counts them.
 fn sync_report(
     desired: &DesiredState,
-    family: Family,
+    cfg: &plan::PlanConfig,
     writes: usize,
     deletes: usize,
 ) -> SyncReport {
@@ -37,12 +40,14 @@ fn sync_report(
         frontends: desired
             .services
             .keys()
-            .filter(|f| Family::of(f.ip) == family)
+            .filter(|f| {
+                Family::of(f.ip) == cfg.family && cfg.only_protocol.is_none_or(|p| p == f.protocol)
+            })
             .count(),
         backends: desired
             .service_ports
             .iter()
-            .filter(|p| p.family == family)
+            .filter(|p| cfg.serves(p))
             .map(|p| p.cluster_endpoints.len().max(p.local_endpoints.len()))
             .sum(),
         writes,

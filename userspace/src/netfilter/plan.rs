@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Backend, DesiredState, Family, ServicePortInfo};
+use crate::model::{Backend, DesiredState, Family, Protocol, ServicePortInfo};
 
 /// kube-proxy's `largeClusterEndpointsThreshold`: above this many endpoints in total, the
 /// iptables writer leaves out per-endpoint comments.
@@ -34,9 +34,18 @@ pub struct PlanConfig {
     pub nodeport_ips: Option<Vec<IpAddr>>,
     /// The masquerade mark bit value (`1 << --iptables-masquerade-bit`).
     pub masquerade_mark: u32,
+    /// Plan only the service ports of this protocol (`None`: all). The eBPF mode serves its
+    /// SCTP ports through the nftables writer with `Some(Sctp)` (see `ebpf::sctp`).
+    pub only_protocol: Option<Protocol>,
 }
 
 impl PlanConfig {
+    /// Whether the rules of this config include `port`: its family, and its protocol if the
+    /// config is for one protocol only. Every writer selects its ports through this.
+    pub fn serves(&self, port: &ServicePortInfo) -> bool {
+        port.family == self.family && self.only_protocol.is_none_or(|p| p == port.protocol)
+    }
+
     /// These settings with what follows the desired state, of this config's family only (each
     /// family's proxier sees its own node addresses): the node's primary IP, the NodeCIDR
     /// detector, and, with `nodeport_ips` (`--nodeport-addresses` given, or a writer that always
@@ -122,6 +131,7 @@ impl Default for PlanConfig {
             localhost_nodeports: true,
             nodeport_ips: None,
             masquerade_mark: 0x4000,
+            only_protocol: None,
         }
     }
 }
@@ -226,7 +236,7 @@ pub fn plan<'a>(state: &'a DesiredState, cfg: &PlanConfig) -> Plan<'a> {
     let ports: Vec<PortPlan<'a>> = state
         .service_ports
         .iter()
-        .filter(|p| p.family == cfg.family)
+        .filter(|p| cfg.serves(p))
         .map(|p| plan_port(p, cfg))
         .collect();
     // kube-proxy counts the endpoints of its endpoints map, i.e. every endpoint of the

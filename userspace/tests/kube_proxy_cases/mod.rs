@@ -210,6 +210,7 @@ impl Case {
             localhost_nodeports: self.bool("localhostNodePorts", true),
             nodeport_ips,
             masquerade_mark: 0x4000,
+            only_protocol: None,
         };
         Ok((state, cfg))
     }

@@ -171,6 +171,7 @@ impl Env {
                 local_from_node: false,
                 drop_no_local_endpoints: false,
                 masquerade_local_endpoints: false,
+                sctp: None,
             },
             &TcConfig { devices, conntrack },
         );

@@ -370,11 +370,8 @@ fn ports_of<'a>(
     desired: &'a DesiredState,
     cfg: &PlanConfig,
 ) -> impl Iterator<Item = &'a ServicePortInfo> {
-    let family = cfg.family;
-    desired
-        .service_ports
-        .iter()
-        .filter(move |p| p.family == family)
+    let cfg = cfg.clone();
+    desired.service_ports.iter().filter(move |p| cfg.serves(p))
 }
 
 /// The iptables mode.
@@ -522,7 +519,7 @@ impl Dataplane for IptablesDataplane {
         self.conntrack.cleanup(desired);
         Ok(crate::netfilter::sync_report(
             desired,
-            self.syncer.plan_cfg.family,
+            &self.syncer.plan_cfg,
             writes,
             rules.deleted_chains,
         ))

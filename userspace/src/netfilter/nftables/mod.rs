@@ -28,22 +28,40 @@ pub enum NftablesError {
 pub struct NftablesDataplane {
     syncer: NftSyncer,
     metrics: ModeMetrics,
-    conntrack: crate::netfilter::conntrack::StaleFlows,
-    /// Other modes' leftovers were removed (at the first sync).
+    /// The mode's own UDP conntrack cleanup; `None` in another mode's table (that mode has its
+    /// own).
+    conntrack: Option<crate::netfilter::conntrack::StaleFlows>,
+    /// The table written: kube-proxy's, or the eBPF mode's SCTP table.
+    table: &'static str,
+    /// Other modes' leftovers were removed (at the first sync); `true` from the start in
+    /// another mode's table (that mode removes them).
     cleaned: bool,
 }
 
 impl NftablesDataplane {
+    /// `--proxy-mode nftables`: kube-proxy's table.
     pub fn new(syncer: NftSyncer) -> Self {
-        let syncer_family = syncer.plan_cfg.family;
+        let conntrack = crate::netfilter::conntrack::StaleFlows::new(syncer.plan_cfg.family);
         NftablesDataplane {
+            conntrack: Some(conntrack),
+            table: self::ruleset::TABLE,
             cleaned: false,
+            ..NftablesDataplane::in_table(syncer, self::ruleset::TABLE)
+        }
+    }
+
+    /// kube-proxy's ruleset for the ports `syncer` plans, in the table `table` of another
+    /// mode, which owns it (the eBPF mode's SCTP ports: see `ebpf::sctp`).
+    pub fn in_table(syncer: NftSyncer, table: &'static str) -> Self {
+        NftablesDataplane {
             syncer,
             metrics: ModeMetrics {
                 mode: "nftables",
                 ..Default::default()
             },
-            conntrack: crate::netfilter::conntrack::StaleFlows::new(syncer_family),
+            conntrack: None,
+            table,
+            cleaned: true,
         }
     }
 }
@@ -61,7 +79,7 @@ impl Dataplane for NftablesDataplane {
             }
             _ => (w + 1, d),
         });
-        let txn = Encoder::new(&prepared.target).encode(&prepared.ops);
+        let txn = Encoder::for_table(&prepared.target, self.table).encode(&prepared.ops);
         if let Err(e) = txn.commit() {
             self.metrics.restore_failures += 1;
             if !full {
@@ -90,10 +108,12 @@ impl Dataplane for NftablesDataplane {
             .iter()
             .map(|&(kind, n)| (kind, family, n))
             .collect();
-        self.conntrack.cleanup(desired);
+        if let Some(conntrack) = &mut self.conntrack {
+            conntrack.cleanup(desired);
+        }
         Ok(crate::netfilter::sync_report(
             desired,
-            self.syncer.plan_cfg.family,
+            &self.syncer.plan_cfg,
             writes,
             deletes,
         ))

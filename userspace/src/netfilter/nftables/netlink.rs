@@ -437,6 +437,8 @@ pub struct Encoder<'a> {
     target: &'a Ruleset,
     family: u16,
     table: CString,
+    /// The table's name, for the messages' descriptions.
+    table_name: &'static str,
     txn: Transaction,
     /// Sets created in this batch, by name: rules and elements refer to them by id too.
     set_ids: BTreeMap<String, u32>,
@@ -444,11 +446,18 @@ pub struct Encoder<'a> {
 }
 
 impl<'a> Encoder<'a> {
+    /// The transaction that writes `target` into kube-proxy's table.
     pub fn new(target: &'a Ruleset) -> Encoder<'a> {
+        Encoder::for_table(target, TABLE)
+    }
+
+    /// The same into the table `table` (the eBPF mode's SCTP table).
+    pub fn for_table(target: &'a Ruleset, table: &'static str) -> Encoder<'a> {
         Encoder {
             target,
             family: family_proto(target.family),
-            table: cstr(TABLE),
+            table: cstr(table),
+            table_name: table,
             txn: Transaction::new(),
             set_ids: BTreeMap::new(),
             next_id: 1,
@@ -473,6 +482,7 @@ impl<'a> Encoder<'a> {
     /// The transaction for `ops`.
     pub fn encode(mut self, ops: &[Op]) -> Transaction {
         let fam = self.target.family_name();
+        let table = self.table_name;
         for op in ops {
             match op {
                 Op::ReplaceTable => {
@@ -483,21 +493,21 @@ impl<'a> Encoder<'a> {
                             del: false,
                             comment: None,
                         },
-                        || format!("add table {fam} {TABLE}"),
+                        || format!("add table {fam} {table}"),
                     );
                     self.push(
                         Msg::Table {
                             del: true,
                             comment: None,
                         },
-                        || format!("delete table {fam} {TABLE}"),
+                        || format!("delete table {fam} {table}"),
                     );
                     self.push(
                         Msg::Table {
                             del: false,
                             comment,
                         },
-                        || format!("add table {fam} {TABLE}"),
+                        || format!("add table {fam} {table}"),
                     );
                 }
                 Op::AddChain(name) => {
@@ -527,11 +537,11 @@ impl<'a> Encoder<'a> {
                             comment,
                             del: false,
                         },
-                        || format!("add chain {fam} {TABLE} {name}"),
+                        || format!("add chain {fam} {table} {name}"),
                     );
                 }
                 Op::FlushChain(name) => self.push(Msg::FlushChain(cstr(name)), || {
-                    format!("flush chain {fam} {TABLE} {name}")
+                    format!("flush chain {fam} {table} {name}")
                 }),
                 Op::DeleteChain(name) => self.push(
                     Msg::Chain {
@@ -540,7 +550,7 @@ impl<'a> Encoder<'a> {
                         comment: None,
                         del: true,
                     },
-                    || format!("delete chain {fam} {TABLE} {name}"),
+                    || format!("delete chain {fam} {table} {name}"),
                 ),
                 Op::AddRule(chain, rule) => self.rule(chain, rule),
                 Op::AddSet(name) => {
@@ -569,10 +579,10 @@ impl<'a> Encoder<'a> {
                             .as_deref()
                             .map(|c| comment_udata(UDATA_SET_COMMENT, c)),
                     };
-                    self.push(Msg::NewSet(def), || format!("add set {fam} {TABLE} {name}"));
+                    self.push(Msg::NewSet(def), || format!("add set {fam} {table} {name}"));
                 }
                 Op::DeleteSet(name) => self.push(Msg::DelSet(cstr(name)), || {
-                    format!("delete set {fam} {TABLE} {name}")
+                    format!("delete set {fam} {table} {name}")
                 }),
                 Op::AddElement(set, e) => {
                     let set_id = self.set_ids.get(set).copied();
@@ -583,7 +593,7 @@ impl<'a> Encoder<'a> {
                             elems: vec![Elem::of(e)],
                             del: false,
                         },
-                        || format!("add element {fam} {TABLE} {set} {{ {} }}", e.key),
+                        || format!("add element {fam} {table} {set} {{ {} }}", e.key),
                     );
                 }
                 Op::DeleteElement(set, k) => self.push(
@@ -598,7 +608,7 @@ impl<'a> Encoder<'a> {
                         }],
                         del: true,
                     },
-                    || format!("delete element {fam} {TABLE} {set} {{ {k} }}"),
+                    || format!("delete element {fam} {table} {set} {{ {k} }}"),
                 ),
             }
         }
@@ -648,13 +658,14 @@ impl<'a> Encoder<'a> {
             .map(|c| comment_udata(UDATA_RULE_COMMENT, c));
         let text = self.target.rule_text(rule);
         let fam = self.target.family_name();
+        let table = self.table_name;
         self.push(
             Msg::Rule {
                 chain: cstr(chain),
                 exprs,
                 comment,
             },
-            || format!("add rule {fam} {TABLE} {chain} {text}"),
+            || format!("add rule {fam} {table} {chain} {text}"),
         );
     }
 

@@ -171,11 +171,7 @@ impl NftSyncer {
         let mut before = Ruleset::new(cfg.family);
         let mut after = Ruleset::new(cfg.family);
         let mut seen: HashSet<PortKey> = HashSet::new();
-        for info in desired
-            .service_ports
-            .iter()
-            .filter(|p| p.family == cfg.family)
-        {
+        for info in desired.service_ports.iter().filter(|p| cfg.serves(p)) {
             let k = key(info);
             let old = index.ports.get(&k);
             if old != Some(info) {
