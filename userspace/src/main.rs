@@ -183,6 +183,14 @@ fn render(writer: config::RenderWriter, args: &config::flags::RenderArgs) -> any
 
 /// The dataplane of the configured proxy mode: the one place that knows which modes exist.
 fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    // Before anything changes on the node: kube-proxy's IPVS mode exits when the kernel cannot
+    // do IPVS; so does kpr's, with the usage status and the module's name.
+    if settings.proxy_mode == ProxyMode::Ipvs {
+        if let Err(e @ kpr::ipvs::IpvsError::NotAvailable) = kpr::ipvs::Ipvs::open() {
+            eprintln!("kpr: --proxy-mode ipvs: {e}");
+            std::process::exit(2);
+        }
+    }
     if settings.proxy_mode != ProxyMode::Ebpf {
         // The eBPF mode's programs stay attached after it exits (pinned links): a netfilter
         // mode would translate every connection twice. Its maps stay for `kpr cleanup`.
@@ -260,17 +268,14 @@ fn dataplane(settings: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
                         secs(settings.ipvs.udp_timeout),
                     ),
                 };
-                match kpr::netfilter::ipvs::IpvsDataplane::new(plan_config(settings, family)?, cfg)
-                {
+                // No route_localnet: the IPVS mode has no localhost NodePorts (kube-proxy's
+                // has none either).
+                let planner = kpr::netfilter::plan::PlanConfig {
+                    localhost_nodeports: false,
+                    ..planner_settings(settings, family)
+                };
+                match kpr::netfilter::ipvs::IpvsDataplane::new(planner, cfg) {
                     Ok(d) => modes.push((family, Box::new(d))),
-                    // kube-proxy's mode exits when the kernel cannot do IPVS; so does kpr's,
-                    // with the usage status and the module's name.
-                    Err(kpr::netfilter::ipvs::IpvsModeError::Ipvs(
-                        e @ kpr::ipvs::IpvsError::NotAvailable,
-                    )) => {
-                        eprintln!("kpr: --proxy-mode ipvs: {e}");
-                        std::process::exit(2);
-                    }
                     Err(e) => bail!("--proxy-mode ipvs: {e}"),
                 }
             }

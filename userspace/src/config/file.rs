@@ -490,16 +490,27 @@ impl KubeProxyConfiguration {
         }
         if let Some(s) = &self.ipvs {
             let p = "ipvs";
-            l.str(p, "scheduler", &s.scheduler, &["rr"]);
-            l.unsupported(
-                "ipvs.excludeCIDRs",
-                s.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty()),
-            );
-            l.val(p, "strictARP", &s.strict_arp, &[false]);
-            l.dur(p, "tcpTimeout", &s.tcp_timeout, &[]);
-            l.dur(p, "tcpFinTimeout", &s.tcp_fin_timeout, &[]);
-            l.dur(p, "udpTimeout", &s.udp_timeout, &[]);
+            // The IPVS mode's settings; in another mode they are the other section's.
             if section != Section::Ipvs {
+                let set = |d: &Option<GoDuration>| dur(d).is_some();
+                for (name, given) in [
+                    (
+                        "scheduler",
+                        s.scheduler
+                            .as_deref()
+                            .is_some_and(|n| !n.is_empty() && n != "rr"),
+                    ),
+                    (
+                        "excludeCIDRs",
+                        s.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty()),
+                    ),
+                    ("strictARP", s.strict_arp == Some(true)),
+                    ("tcpTimeout", set(&s.tcp_timeout)),
+                    ("tcpFinTimeout", set(&s.tcp_fin_timeout)),
+                    ("udpTimeout", set(&s.udp_timeout)),
+                ] {
+                    l.other_section(p, name, mode, given);
+                }
                 l.other_section_dur(p, "syncPeriod", mode, &s.sync_period, 30);
                 l.other_section_dur(p, "minSyncPeriod", mode, &s.min_sync_period, 1);
             }
