@@ -65,6 +65,9 @@ const VNG: &str = "vng";
 enum Modes {
     All,
     EbpfOnly,
+    /// These modes, where the kernel runs them: the rest of the acceptance suite for the
+    /// IPVS mode, whose other modes run it on the host.
+    Only(&'static [&'static str]),
     Kernel,
 }
 
@@ -109,6 +112,24 @@ const VM_TESTS: &[VmTest] = &[
         binary: "affinity_policy",
         test: "client_ip_affinity_keeps_a_client_on_its_backend_until_the_timeout",
         modes: Modes::All,
+    },
+    VmTest {
+        group: "eTP Local, health-check ports",
+        binary: "northsouth",
+        test: "external_traffic_policy_local_keeps_the_client_address_and_health_checks",
+        modes: Modes::Only(&["ipvs"]),
+    },
+    VmTest {
+        group: "source ranges, no endpoints from outside",
+        binary: "northsouth",
+        test: "no_endpoints_refused_fast_and_source_ranges_enforced",
+        modes: Modes::Only(&["ipvs"]),
+    },
+    VmTest {
+        group: "iTP Local",
+        binary: "affinity_policy",
+        test: "internal_traffic_policy_local_uses_only_this_nodes_endpoints",
+        modes: Modes::Only(&["ipvs"]),
     },
     VmTest {
         group: "SCTP ClusterIP and NodePort",
@@ -166,6 +187,11 @@ impl VmTest {
                 .map(|m| (*m, format!("{}::{m}", self.test)))
                 .collect(),
             Modes::EbpfOnly => vec![("ebpf", self.test.to_string())],
+            Modes::Only(only) => only
+                .iter()
+                .filter(|m| modes.contains(m))
+                .map(|m| (*m, format!("{}::{m}", self.test)))
+                .collect(),
             Modes::Kernel => vec![("-", self.test.to_string())],
         }
     }

@@ -104,11 +104,27 @@ fn interface_names() -> Vec<String> {
 }
 
 /// Whether tc programs attach with TCX links (kernel >= 6.6, unless `KPR_TC_ATTACH=netlink`).
+/// The fallback is said once, naming the kernel and what it means for restarts.
 fn use_tcx() -> bool {
     if std::env::var("KPR_TC_ATTACH").is_ok_and(|v| v == "netlink") {
         return false;
     }
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+    let current = KernelVersion::current();
+    let tcx = current
+        .as_ref()
+        .is_ok_and(|v| *v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                kernel = ?current.ok(),
+                "this kernel has no TCX links (6.6 and later): the tc programs attach as \
+                 netlink filters on a clsact qdisc instead, which stay attached across restarts \
+                 until `kpr cleanup` or another mode removes them"
+            )
+        });
+    }
+    tcx
 }
 
 fn dir_name(ty: TcAttachType) -> &'static str {
