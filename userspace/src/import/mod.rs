@@ -38,7 +38,7 @@ pub fn import(text: &str, node: &str) -> Result<Imported, ImportError> {
     let mut imported = interpret::interpret(&dump)?;
     if !imported.ports.is_empty() {
         let general = [
-            "endpoints: all written ready; the dump shows the endpoints kube-proxy used, serving-terminating ones included when none was ready, not their conditions".to_string(),
+            "endpoints: written ready, except this node's endpoints missing from a non-empty cluster chain (those can only be serving-terminating); the dump shows the endpoints kube-proxy used, not their conditions, so a cluster chain of serving-terminating endpoints (used when none is ready) is written ready".to_string(),
             "zones: topology hints are not in the dump and none are written; the endpoints are those this node used after any zone filtering".to_string(),
             format!("node names: endpoints of KUBE-SVL- chains (Local policies) are this node's and are written with nodeName {node:?}; the other endpoints' nodes are unknown and none is written"),
             "EndpointSlices: one per service port and target port, named <service>-imported-N; the slices' names and the pods behind the endpoints are not in the dump".to_string(),
@@ -65,10 +65,7 @@ pub fn import(text: &str, node: &str) -> Result<Imported, ImportError> {
 }
 
 /// The service ports of `desired` in the dump's address family (all when the dump has none).
-pub fn same_family<'a>(
-    imported: &Imported,
-    desired: &'a [ServicePortInfo],
-) -> Vec<ServicePortInfo> {
+pub fn same_family(imported: &Imported, desired: &[ServicePortInfo]) -> Vec<ServicePortInfo> {
     desired
         .iter()
         .filter(|p| imported.family.is_none_or(|f| f == p.family))

@@ -543,7 +543,7 @@ COMMIT
         assert!(matches!(
             parse(&truncated),
             Err(ParseError::Truncated {
-                line: 8,
+                line: 9,
                 table_line: 2,
                 ..
             })

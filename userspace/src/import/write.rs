@@ -104,28 +104,34 @@ pub fn objects(
         "ClusterIP"
     };
     let policy = |local: bool| Some(if local { "Local" } else { "Cluster" }.to_string());
-    let mut slices: BTreeMap<(String, Protocol, u16), Vec<(Backend, bool)>> = BTreeMap::new();
+    // (endpoint, this node's, serving-terminating).
+    type Written = (Backend, bool, bool);
+    let mut slices: BTreeMap<(String, Protocol, u16), Vec<Written>> = BTreeMap::new();
     let mut spec_ports = Vec::new();
     for p in ports {
         // Endpoints of the port: cluster and local chains together; a local chain's are this
         // node's.
-        let mut endpoints: Vec<(Backend, bool)> = Vec::new();
+        // A local endpoint missing from a non-empty cluster chain cannot be ready (every ready
+        // endpoint is a cluster endpoint): it is serving-terminating, which kube-proxy uses
+        // locally only when no local endpoint is ready.
+        let mut endpoints: Vec<Written> = Vec::new();
         for b in &p.local_endpoints {
-            endpoints.push((*b, true));
+            let terminating = !p.cluster_endpoints.is_empty() && !p.cluster_endpoints.contains(b);
+            endpoints.push((*b, true, terminating));
         }
         for b in &p.cluster_endpoints {
             if !p.local_endpoints.contains(b) {
-                endpoints.push((*b, false));
+                endpoints.push((*b, false, false));
             }
         }
-        let mut target_ports: Vec<u16> = endpoints.iter().map(|(b, _)| b.port).collect();
+        let mut target_ports: Vec<u16> = endpoints.iter().map(|(b, _, _)| b.port).collect();
         target_ports.sort_unstable();
         target_ports.dedup();
-        for (b, local) in endpoints {
+        for (b, local, terminating) in endpoints {
             slices
                 .entry((p.name.port.clone(), p.protocol, b.port))
                 .or_default()
-                .push((b, local));
+                .push((b, local, terminating));
         }
         spec_ports.push(ServicePort {
             name: (!p.name.port.is_empty()).then(|| p.name.port.clone()),
@@ -209,12 +215,12 @@ pub fn objects(
                 endpoints: Some(
                     endpoints
                         .into_iter()
-                        .map(|(b, local)| Endpoint {
+                        .map(|(b, local, terminating)| Endpoint {
                             addresses: vec![b.ip.to_string()],
                             conditions: Some(EndpointConditions {
-                                ready: Some(true),
+                                ready: Some(!terminating),
                                 serving: Some(true),
-                                terminating: Some(false),
+                                terminating: Some(terminating),
                             }),
                             node_name: local.then(|| node.to_string()),
                             ..Endpoint::default()
