@@ -11,6 +11,7 @@ pub mod ebpf;
 mod golden;
 pub mod health;
 mod http_server;
+pub mod import;
 pub mod inspect;
 pub mod ipvs;
 pub mod localaddr;

@@ -32,6 +32,8 @@ fn main() -> ExitCode {
     }
     let result = match resolved.action {
         Action::Render { writer, args } => render(writer, &args),
+        Action::Import(args) => import(&args),
+        Action::Diff(args) => return diff(&args),
         Action::Cleanup { bpf_pin_dir } => cleanup(&bpf_pin_dir),
         Action::Status {
             bpf_pin_dir,
@@ -57,6 +59,74 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `kpr import iptables-save`: the manifests a dump implies, on stdout or into `--out`; what
+/// the dump cannot say on stderr. Nothing is written unless the whole dump was understood.
+fn import(args: &config::flags::ImportArgs) -> anyhow::Result<()> {
+    use kpr::import;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let mut imported =
+        import::import(&text, &args.node).with_context(|| format!("{}", args.file.display()))?;
+    let files = import::write::manifests(&imported.ports, &args.node, &mut imported.notes)?;
+    match &args.out {
+        Some(dir) => import::write::write_dir(dir, &files)?,
+        None => {
+            for (i, f) in files.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", f.text);
+            }
+        }
+    }
+    eprintln!(
+        "kpr: imported {} service ports of {} Services; guessed or left out:",
+        imported.ports.len(),
+        files.len()
+    );
+    for n in &imported.notes {
+        eprintln!("  - {n}");
+    }
+    Ok(())
+}
+
+/// `kpr diff iptables-save`: exit 0 when the dump and the manifests agree, 1 when they differ
+/// (one line per difference on stdout), 2 when either cannot be read.
+fn diff(args: &config::flags::DiffArgs) -> ExitCode {
+    match diff_lines(args) {
+        Ok(lines) if lines.is_empty() => ExitCode::SUCCESS,
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("kpr: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn diff_lines(args: &config::flags::DiffArgs) -> anyhow::Result<Vec<String>> {
+    use kpr::import;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let imported =
+        import::import(&text, &args.node).with_context(|| format!("{}", args.file.display()))?;
+    let (snapshot, errors) = manifest::load_dir(&args.manifests)?;
+    for e in &errors {
+        tracing::warn!("skipped: {e}");
+    }
+    let context = kpr::model::NodeContext {
+        node_name: Some(args.node.clone()),
+        ..Default::default()
+    };
+    let (state, _) = kpr::model::build_for_node(&snapshot.services, &snapshot.slices, &context);
+    let desired = import::same_family(&imported, &state.service_ports);
+    Ok(import::diff::diff(&imported.ports, &desired))
 }
 
 /// `kpr status`: the live maps (and the agent's names for them).

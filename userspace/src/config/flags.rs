@@ -43,6 +43,20 @@ pub enum CliCommand {
     /// Print the `nft -f` input kube-proxy (nftables mode) would load for the Services in a
     /// manifest directory. The benchmark's baseline for the nftables mode.
     RenderNftables(RenderArgs),
+    /// Read back what a node's kube-proxy (iptables mode) implements, from its rules, as
+    /// Service and EndpointSlice manifests that `kpr --manifests DIR` serves. What the rules
+    /// cannot say is listed on stderr.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
+    /// Compare the state kube-proxy's rules implement with a manifest directory's Services,
+    /// frontend by frontend (endpoints, traffic policies, affinity, source ranges): one line
+    /// per difference; exit status 1 if there is any, 0 if none, 2 on errors.
+    Diff {
+        #[command(subcommand)]
+        from: DiffFrom,
+    },
     /// Remove what any proxy mode left on this node, in this network namespace: the eBPF
     /// mode's nftables table (`table ip kpr`), pinned maps and program attachments (the
     /// `KPR_*` pins under --bpf-pin-dir, then the directory if it is left empty; removing the
@@ -77,6 +91,46 @@ pub enum CliCommand {
         #[command(flatten)]
         inspect: InspectArgs,
     },
+}
+
+/// What `kpr import` reads.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum ImportFrom {
+    /// The output of `iptables-save` (or `ip6tables-save`) on a node running kube-proxy in
+    /// iptables mode.
+    IptablesSave(ImportArgs),
+}
+
+/// What `kpr diff` compares.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum DiffFrom {
+    /// The output of `iptables-save` (or `ip6tables-save`) against --manifests.
+    IptablesSave(DiffArgs),
+}
+
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct ImportArgs {
+    /// The iptables-save output.
+    pub file: PathBuf,
+    /// Write one manifest per Service into this directory (created if missing) instead of
+    /// printing them on stdout. Nothing is written when the dump cannot be imported.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The name of the dump's node: the nodeName of its own endpoints (KUBE-SVL- chains).
+    #[arg(long, value_name = "NAME", default_value = crate::import::DEFAULT_NODE)]
+    pub node: String,
+}
+
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct DiffArgs {
+    /// The iptables-save output.
+    pub file: PathBuf,
+    /// The desired state: a manifest directory, as `kpr --manifests` reads it.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// The dump's node: endpoints of the manifests with this nodeName are its local ones.
+    #[arg(long, value_name = "NAME", default_value = crate::import::DEFAULT_NODE)]
+    pub node: String,
 }
 
 /// Where `kpr status` and `kpr trace` read from, and how they print.

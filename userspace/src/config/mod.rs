@@ -454,6 +454,10 @@ pub enum Action {
         writer: RenderWriter,
         args: flags::RenderArgs,
     },
+    /// `kpr import iptables-save`.
+    Import(flags::ImportArgs),
+    /// `kpr diff iptables-save`.
+    Diff(flags::DiffArgs),
     /// `kpr cleanup`: remove kpr's nftables table and the `KPR_*` pins under `bpf_pin_dir`.
     Cleanup { bpf_pin_dir: PathBuf },
     /// `kpr status`.
@@ -530,6 +534,24 @@ where
                     writer: RenderWriter::Nftables,
                     args,
                 },
+                warnings,
+                verbosity: cli.run.verbosity.unwrap_or(0),
+            });
+        }
+        Some(CliCommand::Import {
+            from: flags::ImportFrom::IptablesSave(args),
+        }) => {
+            return Ok(Resolved {
+                action: Action::Import(args),
+                warnings,
+                verbosity: cli.run.verbosity.unwrap_or(0),
+            });
+        }
+        Some(CliCommand::Diff {
+            from: flags::DiffFrom::IptablesSave(args),
+        }) => {
+            return Ok(Resolved {
+                action: Action::Diff(args),
                 warnings,
                 verbosity: cli.run.verbosity.unwrap_or(0),
             });
