@@ -1109,14 +1109,17 @@ impl Lab {
         }
     }
 
-    /// `kpr-labtool sctp-spread` from `pod` (per-association timeout 1 s).
+    /// `kpr-labtool sctp-spread` from `pod` (per-association timeout 5 s). SCTP picks client
+    /// ports at random, so among many associations one reuses a port still in IPVS's table,
+    /// whose first INIT IPVS drops (its connection-reuse handling, as for a TCP SYN); the
+    /// retransmission comes after SCTP's initial RTO of 3 s, past TCP's 1 s.
     pub fn sctp_spread(&self, pod: &Pod, target: SocketAddr, count: u64) -> Result<TcpSpread> {
-        self.stream_spread("sctp-spread", pod, target, count)
+        self.stream_spread("sctp-spread", pod, target, count, 5000)
     }
 
     /// `kpr-labtool tcp-spread` from `pod` (per-connection timeout 1 s).
     pub fn tcp_spread(&self, pod: &Pod, target: SocketAddr, count: u64) -> Result<TcpSpread> {
-        self.stream_spread("tcp-spread", pod, target, count)
+        self.stream_spread("tcp-spread", pod, target, count, 1000)
     }
 
     /// `kpr-labtool <spread>` (a stream protocol's spread) from `pod`.
@@ -1126,21 +1129,15 @@ impl Lab {
         pod: &Pod,
         target: SocketAddr,
         count: u64,
+        timeout_ms: u64,
     ) -> Result<TcpSpread> {
         let t = target.to_string();
         let c = count.to_string();
+        let ms = timeout_ms.to_string();
         self.labtool_json(
             pod,
-            &[
-                spread,
-                "--target",
-                &t,
-                "--count",
-                &c,
-                "--timeout-ms",
-                "1000",
-            ],
-            Duration::from_secs(10 + 3 * count),
+            &[spread, "--target", &t, "--count", &c, "--timeout-ms", &ms],
+            Duration::from_secs(10 + 3 * count + timeout_ms / 1000),
         )
     }
 

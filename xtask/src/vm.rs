@@ -416,7 +416,9 @@ fn run_kernel(
     let started = Instant::now();
     let console_file = std::fs::File::create(&console)?;
     let mut child = Command::new(vng)
+        // -v: the guest kernel's messages go to the console log too (an oops, a panic).
         .args([
+            "-v",
             "--disable-kvm",
             "--disable-microvm",
             "--memory",

@@ -105,15 +105,23 @@ impl IpvsDataplane {
                 None,
             )?;
         }
-        // kube-proxy's IPVS sysctls: conntrack for the masquerade rules, connection reuse
-        // and expiry so a removed real server's flows move on.
+        // kube-proxy's IPVS sysctls: conntrack for the masquerade rules, expiry so a removed
+        // real server's flows move on. kube-proxy turns connection reuse handling off only
+        // before 5.9, whose reuse handling delayed new connections by a second; from 5.9 on
+        // it is left on, so that a new connection from a client port still in the table (SCTP
+        // picks its ports at random: among 60 associations one repeats often enough) is
+        // scheduled afresh instead of riding the old entry.
+        let old_kernel = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 9, 0));
         let mut sysctls = vec![
             ("net/ipv4/vs/conntrack", "1"),
-            ("net/ipv4/vs/conn_reuse_mode", "0"),
             ("net/ipv4/vs/expire_nodest_conn", "1"),
             ("net/ipv4/vs/expire_quiescent_template", "1"),
             ("net/ipv4/ip_forward", "1"),
         ];
+        if old_kernel {
+            sysctls.push(("net/ipv4/vs/conn_reuse_mode", "0"));
+        }
         if self.cfg.strict_arp {
             sysctls.push(("net/ipv4/conf/all/arp_ignore", "1"));
             sysctls.push(("net/ipv4/conf/all/arp_announce", "2"));
