@@ -389,17 +389,23 @@ pub fn create<F: Family>(
 /// left without a reverse, ages out of the LRU).
 #[inline(always)]
 pub fn evict_shadowed<F: Family>(pkt: &Packet<F::Addr>, choice: &Choice<F::Addr>) {
-    let key: Key<F> = CtKey::new(
+    let key = reverse_key::<F>(pkt, choice);
+    if let Some(old) = find_in::<F>(Table::Established, &key) {
+        remove_flow::<F>(&old, &key);
+    }
+}
+
+/// The reverse (backend → client) key of a new flow of `pkt` to `choice`.
+#[inline(always)]
+fn reverse_key<F: Family>(pkt: &Packet<F::Addr>, choice: &Choice<F::Addr>) -> Key<F> {
+    CtKey::new(
         choice.address_be,
         choice.port_be,
         pkt.saddr,
         pkt.sport,
         pkt.proto,
         CT_DIR_REVERSE,
-    );
-    if let Some(old) = find_in::<F>(Table::Established, &key) {
-        remove_flow::<F>(&old, &key);
-    }
+    )
 }
 
 /// Writes a new flow's entries. The reverse entry is written first: a forward entry without
@@ -415,14 +421,7 @@ pub fn insert_new<F: Family>(
     let flags = if choice.masq { CT_FLAG_MASQ } else { 0 };
     // One key and one value on the stack, rewritten from the reverse entry into the forward
     // one (the IPv6 path has no room for two of each).
-    let mut key: Key<F> = CtKey::new(
-        choice.address_be,
-        choice.port_be,
-        pkt.saddr,
-        pkt.sport,
-        pkt.proto,
-        CT_DIR_REVERSE,
-    );
+    let mut key = reverse_key::<F>(pkt, choice);
     let mut value: Value<F> = CtValue {
         last_seen_ns: now,
         backend_id: choice.backend_id,

@@ -111,14 +111,7 @@ fn apt_packages(opts: &SetupOptions) -> Result<Outcome> {
         Command::new("apt-get").arg("update"),
         "check the network and /etc/apt/sources.list, then re-run",
     )?;
-    run_cmd(
-        opts,
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-        "see apt-get's output above; fix the package state (e.g. `apt-get -f install`) and re-run",
-    )?;
+    apt_install(opts, &missing)?;
     let still = missing_apt_packages(APT_PACKAGES)?;
     if !still.is_empty() {
         bail!(
@@ -127,6 +120,18 @@ fn apt_packages(opts: &SetupOptions) -> Result<Outcome> {
         );
     }
     Ok(Outcome::Changed(format!("installed {}", missing.join(" "))))
+}
+
+/// `apt-get install` of `packages`, without recommends, non-interactively.
+fn apt_install(opts: &SetupOptions, packages: &[String]) -> Result<()> {
+    run_cmd(
+        opts,
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages),
+        "see apt-get's output above; fix the package state (e.g. `apt-get -f install`) and re-run",
+    )
 }
 
 /// The packages of `pkgs` whose dpkg status is not "install ok installed".
@@ -185,24 +190,14 @@ fn vm_tools(opts: &SetupOptions) -> Result<Outcome> {
             "VM kernels, qemu, virtme-ng",
             &format!("installing {}", missing.join(" ")),
         );
-        let install = |opts: &SetupOptions| {
-            run_cmd(
-                opts,
-                Command::new("apt-get")
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .args(["install", "-y", "--no-install-recommends"])
-                    .args(&missing),
-                "see apt-get's output above; fix the package state and re-run",
-            )
-        };
         // The package lists may predate a kernel's security update: refresh once and retry.
-        if install(opts).is_err() {
+        if apt_install(opts, &missing).is_err() {
             run_cmd(
                 opts,
                 Command::new("apt-get").arg("update"),
                 "check the network and /etc/apt/sources.list, then re-run",
             )?;
-            install(opts)?;
+            apt_install(opts, &missing)?;
         }
         changed.push(format!("installed {}", missing.join(" ")));
     }
