@@ -144,6 +144,10 @@ fn bump(map: &mut BTreeMap<String, u64>, key: String) {
 
 /// Request/read timeout of the TCP server for one connection.
 const SERVE_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// The same for an SCTP association: a lost DATA chunk comes again only after SCTP's
+/// retransmission timeout (at least 1 s, 3 s before the first RTT sample), so waiting 1 s
+/// turned one lost chunk into an empty answer.
+const SCTP_SERVE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Port 0 on the unspecified address of `ip`'s family (what a client binds to reach `ip`).
 pub fn unspecified_like(ip: IpAddr) -> SocketAddr {
@@ -238,9 +242,9 @@ pub fn sctp_available() -> bool {
     .is_ok()
 }
 
-fn handle_tcp(mut s: TcpStream, reply: &[u8]) {
-    let _ = s.set_read_timeout(Some(SERVE_READ_TIMEOUT));
-    let _ = s.set_write_timeout(Some(SERVE_READ_TIMEOUT));
+fn handle_tcp(mut s: TcpStream, reply: &[u8], timeout: Duration) {
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
     let mut buf = [0u8; 64];
     // Answer after the first read: with >= 1 byte of request, or on half-close (0 bytes).
     // n == 0 (the client half-closed without a request) is answered too.
@@ -298,7 +302,7 @@ pub fn serve(
     let mut udp = Vec::new();
     for family in [Family::V4, Family::V6] {
         for &port in tcp_ports {
-            listeners.push((tcp_listener(family, port)?, reply(port)));
+            listeners.push((tcp_listener(family, port)?, reply(port), SERVE_READ_TIMEOUT));
         }
         for &port in udp_ports {
             let fd = bound_socket(family, nix::sys::socket::SockType::Datagram, port)?;
@@ -306,18 +310,18 @@ pub fn serve(
         }
         for &port in sctp_ports {
             match sctp_listener(family, port)? {
-                Some(l) => listeners.push((l, reply(port))),
+                Some(l) => listeners.push((l, reply(port), SCTP_SERVE_READ_TIMEOUT)),
                 None => eprintln!("no SCTP in this kernel: not serving SCTP port {port}"),
             }
         }
     }
-    for (l, reply) in listeners {
+    for (l, reply, timeout) in listeners {
         for _ in 0..workers.max(1) {
             let l = l.try_clone()?;
             let reply = reply.clone();
             std::thread::spawn(move || loop {
                 match l.accept() {
-                    Ok((s, _)) => handle_tcp(s, &reply),
+                    Ok((s, _)) => handle_tcp(s, &reply, timeout),
                     // EMFILE and friends: back off briefly.
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -983,7 +987,7 @@ mod tests {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, l.local_addr().unwrap().port()));
         std::thread::spawn(move || {
             for s in l.incoming().take(3).flatten() {
-                handle_tcp(s, b"t1 8080");
+                handle_tcp(s, b"t1 8080", SERVE_READ_TIMEOUT);
             }
         });
         let r = tcp_spread(addr, 2, Duration::from_secs(1));
