@@ -231,6 +231,8 @@ pub async fn run<D: Dataplane + ?Sized>(
     let mut local_open = local_addresses.is_some();
     // The snapshot last programmed successfully, to tell what changed since.
     let mut programmed: Option<Arc<ClusterSnapshot>> = None;
+    // Each Service's model as last built: a change rebuilds only the Services it touches.
+    let mut model_cache = model::ModelCache::default();
     // The model errors logged so far (see below).
     let mut logged_errors: HashSet<String> = HashSet::new();
     let notify = |f: &dyn Fn(&dyn SyncObserver)| {
@@ -301,7 +303,7 @@ pub async fn run<D: Dataplane + ?Sized>(
             zone: crate::nodeaddr::zone(snapshot.node.as_ref()),
             pod_cidrs: crate::nodeaddr::pod_cidrs(snapshot.node.as_ref()),
         };
-        let (desired, errors) = model::build_for_node(&snapshot.services, &snapshot.slices, &node);
+        let (desired, errors) = model_cache.build(&snapshot, &node);
         // Each skipped object (or part) once, when it first shows up, not at every sync.
         let now_errors: HashSet<String> = errors.iter().map(ToString::to_string).collect();
         for e in now_errors.difference(&logged_errors) {

@@ -2,6 +2,7 @@
 //! the desired state, with conflicts between Services settled.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -61,12 +62,8 @@ pub fn build_for_node(
     }
     // Processing in name order makes the winner of any conflict independent of input order.
     views.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
-
-    let mut state = DesiredState::default();
+    let mut built = Vec::new();
     let mut seen = BTreeSet::new();
-    // Round one: ClusterIP frontends. Two Services claiming one ClusterIP:port is something the
-    // API server prevents; from hand-written manifests it can happen.
-    let mut kept = Vec::new();
     for view in &views {
         if !seen.insert((view.namespace, view.name)) {
             errors.push(view.error("defined more than once; the first definition is used"));
@@ -76,32 +73,89 @@ pub fn build_for_node(
             .get(&(view.namespace, view.name))
             .map(Vec::as_slice)
             .unwrap_or_default();
+        built.push(Arc::new(BuiltService::of(view, slices, ctx)));
+    }
+    settle(&built, ctx, &mut errors)
+}
+
+/// One Service's frontends and ports as built from its objects alone, before conflicts with
+/// other Services are settled: what [`crate::model::ModelCache`] keeps between builds.
+#[derive(Debug)]
+pub(super) struct BuiltService {
+    pub namespace: String,
+    pub name: String,
+    pub frontends: BTreeMap<Frontend, ServicePortState>,
+    pub ports: Vec<ServicePortInfo>,
+}
+
+impl BuiltService {
+    pub fn of(view: &ServiceView<'_>, slices: &[SliceView<'_>], ctx: &NodeContext) -> Self {
         let (frontends, ports) = service_ports(view, slices, ctx);
-        let (internal, external): (Vec<_>, Vec<_>) = frontends
-            .into_iter()
+        BuiltService {
+            namespace: view.namespace.to_owned(),
+            name: view.name.to_owned(),
+            frontends,
+            ports,
+        }
+    }
+
+    fn error(&self, reason: &str) -> ModelError {
+        ModelError::InvalidService {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// The desired state from every Service's own model, in namespace/name order (each name
+/// once), with conflicts between Services settled.
+pub(super) fn settle(
+    built: &[Arc<BuiltService>],
+    ctx: &NodeContext,
+    errors: &mut Vec<ModelError>,
+) -> (DesiredState, Vec<ModelError>) {
+    let mut state = DesiredState::default();
+    // Round one: ClusterIP frontends. Two Services claiming one ClusterIP:port is something the
+    // API server prevents; from hand-written manifests it can happen.
+    let mut kept = Vec::new();
+    for service in built {
+        let (internal, external): (Vec<_>, Vec<_>) = service
+            .frontends
+            .iter()
             .partition(|(_, s)| s.kind == FrontendKind::ClusterIp);
-        if let Some(e) = conflict(&state, view, &internal) {
+        if let Some(e) = conflict(&state, service, &internal) {
             errors.push(e);
             continue;
         }
-        state.services.extend(internal);
-        kept.push((view, external, ports));
+        state
+            .services
+            .extend(internal.into_iter().map(|(f, s)| (*f, s.clone())));
+        kept.push((service, external));
     }
     // Round two: external frontends. One another Service already serves is skipped alone
     // (kube-proxy keeps the rest of the Service, its ClusterIP above all).
-    for (view, external, mut ports) in kept {
+    for (service, external) in kept {
+        let mut ports = None;
         for (f, s) in external {
-            if let Some(owner) = state.services.get(&f) {
-                errors.push(view.error(&format!(
+            if let Some(owner) = state.services.get(f) {
+                errors.push(service.error(&format!(
                     "frontend {f} is already used by {}; that frontend is skipped",
                     owner.name
                 )));
-                without_frontend(&mut ports, &f, s.kind);
+                without_frontend(
+                    ports.get_or_insert_with(|| service.ports.clone()),
+                    f,
+                    s.kind,
+                );
             } else {
-                state.services.insert(f, s);
+                state.services.insert(*f, s.clone());
             }
         }
-        state.service_ports.extend(ports);
+        match ports {
+            Some(ports) => state.service_ports.extend(ports),
+            None => state.service_ports.extend(service.ports.iter().cloned()),
+        }
     }
     state.node_ips = ctx.node_ips.clone();
     state.node_ip = ctx.node_ip;
@@ -109,7 +163,7 @@ pub fn build_for_node(
     state
         .service_ports
         .sort_by(|a, b| (a.family, &a.name, a.protocol).cmp(&(b.family, &b.name, b.protocol)));
-    (state, errors)
+    (state, std::mem::take(errors))
 }
 
 /// Takes external frontend `f` (of `kind`) out of a Service's ports, so that the netfilter
@@ -133,16 +187,16 @@ fn without_frontend(ports: &mut [ServicePortInfo], f: &Frontend, kind: FrontendK
 }
 
 /// The error for the first of `ports` that `state` already serves.
-pub(super) fn conflict(
+fn conflict(
     state: &DesiredState,
-    view: &ServiceView<'_>,
-    ports: &[(Frontend, ServicePortState)],
+    service: &BuiltService,
+    ports: &[(&Frontend, &ServicePortState)],
 ) -> Option<ModelError> {
     ports.iter().find_map(|(f, _)| {
         state
             .services
             .get(f)
-            .map(|owner| view.error(&format!("frontend {f} is already used by {}", owner.name)))
+            .map(|owner| service.error(&format!("frontend {f} is already used by {}", owner.name)))
     })
 }
 

@@ -19,6 +19,7 @@
 
 mod build;
 mod categorize;
+mod incremental;
 mod service;
 mod slice;
 #[cfg(test)]
@@ -26,6 +27,7 @@ mod tests;
 mod types;
 
 pub use build::{build, build_for_node};
+pub use incremental::ModelCache;
 pub use service::validate_service;
 pub use slice::validate_slice;
 pub use types::*;

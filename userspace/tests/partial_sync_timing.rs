@@ -1,0 +1,94 @@
+//! Where a one-endpoint change's sync spends its time at 10,000 Services, without the kernel:
+//! the model built from every object, then each netfilter writer's partial sync. A
+//! measurement, not a test (ignored); run it in release:
+//!
+//!     cargo test --release -p kpr --test partial_sync_timing -- --ignored --nocapture
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use std::sync::Arc;
+
+use kpr::model::{build_for_node, ModelCache, NodeContext};
+use kpr::netfilter::iptables::{IptablesConfig, RuleSyncer};
+use kpr::netfilter::nftables::sync::NftSyncer;
+use kpr::netfilter::plan::PlanConfig;
+
+fn services(n: usize, target_endpoints: usize) -> String {
+    let mut y = String::new();
+    for i in 0..n {
+        let (hi, lo) = (i / 250, i % 250 + 1);
+        let endpoints = if i == 0 { target_endpoints } else { 1 };
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
+             spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+        );
+        for e in 0..endpoints {
+            let _ = writeln!(y, "  - addresses: [10.245.{hi}.{}]", lo + e);
+        }
+        y.push_str("---\n");
+    }
+    y
+}
+
+#[test]
+#[ignore]
+fn partial_sync_timing() {
+    let n = 10_000;
+    let (before, _) = kpr::source::manifest::load_text(Path::new("m.yaml"), &services(n, 3), None);
+    let (after, _) = kpr::source::manifest::load_text(Path::new("m.yaml"), &services(n, 2), None);
+    let ctx = NodeContext::default();
+    let t = Instant::now();
+    let (d0, _) = build_for_node(&before.services, &before.slices, &ctx);
+    println!("model, {n} services: {:?}", t.elapsed());
+    let t = Instant::now();
+    let (d1, _) = build_for_node(&after.services, &after.slices, &ctx);
+    println!("model again: {:?}", t.elapsed());
+    let (before, after) = (Arc::new(before), Arc::new(after));
+    let mut cache = ModelCache::default();
+    cache.build(&before, &ctx);
+    let t = Instant::now();
+    let (cached, _) = cache.build(&after, &ctx);
+    println!(
+        "model from the cache: {:?} ({} Services reused)",
+        t.elapsed(),
+        cache.reused()
+    );
+    assert_eq!(cached, d1);
+    // KPR_MODEL_LOOPS=N: build N more times, for a profiler.
+    let loops: usize = std::env::var("KPR_MODEL_LOOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for _ in 0..loops {
+        std::hint::black_box(cache.build(&after, &ctx));
+    }
+
+    let mut ipt = RuleSyncer::new(
+        PlanConfig::default(),
+        false,
+        IptablesConfig::for_mark_bit(14),
+    );
+    let p = ipt.prepare(&d0, true, None);
+    ipt.commit(p);
+    let t = Instant::now();
+    let p = ipt.prepare(&d1, false, None);
+    println!(
+        "iptables partial prepare: {:?} ({} bytes, {} rewritten)",
+        t.elapsed(),
+        p.rules.text.len(),
+        p.rewritten
+    );
+
+    let mut nft = NftSyncer::new(PlanConfig::default(), false, Default::default());
+    let p = nft.prepare(&d0, true, Instant::now());
+    nft.commit(p);
+    let t = Instant::now();
+    let p = nft.prepare(&d1, false, Instant::now());
+    println!("nftables partial prepare: {:?}", t.elapsed());
+    drop(p);
+}
