@@ -2,6 +2,7 @@
 //! behind its network-programming latency (pkg/proxy/metrics, endpointschangetracker.go).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Service;
@@ -9,7 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::Metadata;
 
-use crate::source::ClusterSnapshot;
+use crate::source::{same_object, ClusterSnapshot};
 
 /// The EndpointSlice controller stamps a slice with the time of the Pod or Service change that
 /// caused it; kube-proxy's network-programming latency is "programmed" minus this.
@@ -49,22 +50,23 @@ fn key(meta: &ObjectMeta) -> (&str, &str) {
 }
 
 /// Number of objects added, changed or removed, and the added or changed ones.
-fn diff<'a, T>(old: &'a [T], new: &'a [T]) -> (usize, Vec<&'a T>)
+fn diff<'a, T>(old: &'a [Arc<T>], new: &'a [Arc<T>]) -> (usize, Vec<&'a T>)
 where
     T: Metadata<Ty = ObjectMeta> + PartialEq,
 {
-    let before: HashMap<(&str, &str), &T> = old.iter().map(|o| (key(o.metadata()), o)).collect();
+    let before: HashMap<(&str, &str), &Arc<T>> =
+        old.iter().map(|o| (key(o.metadata()), o)).collect();
     let mut seen = 0;
     let mut changed = Vec::new();
     for o in new {
         match before.get(&key(o.metadata())) {
             Some(prev) => {
                 seen += 1;
-                if *prev != o {
-                    changed.push(o);
+                if !same_object(prev, o) {
+                    changed.push(&**o);
                 }
             }
-            None => changed.push(o),
+            None => changed.push(&**o),
         }
     }
     let removed = before.len() - seen.min(before.len());
@@ -115,10 +117,13 @@ mod tests {
     #[test]
     fn counts_adds_changes_and_removals_and_collects_trigger_times() {
         let old = ClusterSnapshot {
-            services: vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+            services: vec![
+                Arc::new(svc("a", "10.96.0.1")),
+                Arc::new(svc("b", "10.96.0.2")),
+            ],
             slices: vec![
-                slice("a-1", "10.0.0.1", None),
-                slice("b-1", "10.0.0.2", None),
+                Arc::new(slice("a-1", "10.0.0.1", None)),
+                Arc::new(slice("b-1", "10.0.0.2", None)),
             ],
             node: None,
             rejected: Vec::new(),
@@ -126,12 +131,16 @@ mod tests {
         let new = ClusterSnapshot {
             // a unchanged, b changed, c added.
             services: vec![
-                svc("a", "10.96.0.1"),
-                svc("b", "10.96.0.9"),
-                svc("c", "10.96.0.3"),
+                Arc::new(svc("a", "10.96.0.1")),
+                Arc::new(svc("b", "10.96.0.9")),
+                Arc::new(svc("c", "10.96.0.3")),
             ],
             // a-1 changed (with a trigger time), b-1 removed.
-            slices: vec![slice("a-1", "10.0.0.7", Some("2026-11-23T10:00:00Z"))],
+            slices: vec![Arc::new(slice(
+                "a-1",
+                "10.0.0.7",
+                Some("2026-11-23T10:00:00Z"),
+            ))],
             node: None,
             rejected: Vec::new(),
         };
@@ -146,8 +155,8 @@ mod tests {
     #[test]
     fn the_first_snapshot_counts_everything_as_added() {
         let new = ClusterSnapshot {
-            services: vec![svc("a", "10.96.0.1")],
-            slices: vec![slice("a-1", "10.0.0.1", Some("not a time"))],
+            services: vec![Arc::new(svc("a", "10.96.0.1"))],
+            slices: vec![Arc::new(slice("a-1", "10.0.0.1", Some("not a time")))],
             node: None,
             rejected: Vec::new(),
         };

@@ -548,7 +548,7 @@ mod tests {
             }))
             .unwrap();
         tx.send(Some(Arc::new(ClusterSnapshot {
-            slices: vec![slice],
+            slices: vec![Arc::new(slice)],
             ..Default::default()
         })))
         .unwrap();

@@ -1,5 +1,6 @@
 //! The builder: checked Services and slices, categorised endpoints and the node's context →
 //! the desired state, with conflicts between Services settled.
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,7 +17,10 @@ use super::*;
 /// frontends, no NodePort frontends (no node addresses), and no endpoint is local (so
 /// `internalTrafficPolicy: Local` ClusterIPs and `externalTrafficPolicy: Local` external traffic
 /// have no backends). Same as [`build_for_node`] with an empty [`NodeContext`].
-pub fn build(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<ModelError>) {
+pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
+) -> (DesiredState, Vec<ModelError>) {
     build_for_node(services, slices, &NodeContext::default())
 }
 
@@ -33,16 +37,16 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, V
 /// them are not reconsidered. Within one Service, an address listed under two kinds (an
 /// externalIP equal to its own ClusterIP, say) is served once, as the first of ClusterIP,
 /// externalIP, load-balancer IP, NodePort (the order of kube-proxy's rules).
-pub fn build_for_node(
-    services: &[Service],
-    slices: &[EndpointSlice],
+pub fn build_for_node<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
     ctx: &NodeContext,
 ) -> (DesiredState, Vec<ModelError>) {
     let mut errors = Vec::new();
 
     let mut slices_by_service: BTreeMap<(&str, &str), Vec<SliceView<'_>>> = BTreeMap::new();
     for slice in slices {
-        match parse_slice(slice, &mut errors) {
+        match parse_slice(slice.borrow(), &mut errors) {
             Ok(Some(view)) => slices_by_service
                 .entry((view.namespace, view.service))
                 .or_default()
@@ -54,7 +58,7 @@ pub fn build_for_node(
 
     let mut views = Vec::new();
     for svc in services {
-        match parse_service(svc, &mut errors) {
+        match parse_service(svc.borrow(), &mut errors) {
             Ok(Some(view)) => views.push(view),
             Ok(None) => {}
             Err(e) => errors.push(e),

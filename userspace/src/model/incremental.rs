@@ -7,7 +7,8 @@
 //! reused while the Service, the slices naming it and the node are equal to them. Settling the
 //! conflicts still looks at every Service: it is cheap, and a change in one Service can free
 //! or take a frontend another one wants. Objects are compared whole, not by `resourceVersion`:
-//! manifests copied from `kubectl get -o yaml` keep theirs when edited.
+//! manifests copied from `kubectl get -o yaml` keep theirs when edited. Objects a source kept
+//! from its last snapshot are the same allocations, so most comparisons are of addresses.
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use super::build::{build_for_node, settle, BuiltService};
 use super::service::parse_service;
 use super::slice::parse_slice;
 use super::{namespace_of, DesiredState, ModelError, NodeContext, LABEL_SERVICE_NAME};
-use crate::source::ClusterSnapshot;
+use crate::source::{same_object, ClusterSnapshot};
 
 /// What the last build made of each Service, and the snapshot it was made from.
 #[derive(Default)]
@@ -122,12 +123,12 @@ impl ModelCache {
                 .filter(|_| last.is_some());
             let kept = candidate.filter(|e| {
                 let Some(last) = &last else { return false };
-                last.services[e.service] == services[i]
+                same_object(&last.services[e.service], &services[i])
                     && e.slices.len() == mine.len()
                     && e.slices
                         .iter()
                         .zip(&mine)
-                        .all(|(&a, &b)| last.slices[a] == slices[b])
+                        .all(|(&a, &b)| same_object(&last.slices[a], &slices[b]))
             });
             let entry = match kept {
                 Some(e) => {
@@ -313,8 +314,8 @@ mod tests {
         for (n, (services, slices, ctx)) in steps.into_iter().enumerate() {
             let (fresh, fresh_errors) = build_for_node(&services, &slices, &ctx);
             let snapshot = Arc::new(ClusterSnapshot {
-                services,
-                slices,
+                services: services.into_iter().map(Arc::new).collect(),
+                slices: slices.into_iter().map(Arc::new).collect(),
                 ..ClusterSnapshot::default()
             });
             let (cached, cached_errors) = cache.build(&snapshot, &ctx);

@@ -6,6 +6,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::*;
 use serde_json::{json, Value};
 
+/// No EndpointSlices (the builder takes owned or shared objects, so `&[]` needs a type).
+const NO_SLICES: &[EndpointSlice] = &[];
+
 fn svc(ns: &str, name: &str, spec: Value) -> Service {
     svc_obj(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
 }
@@ -122,7 +125,7 @@ fn headless_and_unset_cluster_ip_are_skipped_silently() {
     for s in &services {
         assert_eq!(validate_service(s), Ok(()));
     }
-    let (state, errors) = build(&services, &[]);
+    let (state, errors) = build(&services, NO_SLICES);
     assert_eq!(errors, vec![]);
     assert!(state.services.is_empty(), "{:?}", state.services);
 }
@@ -134,7 +137,7 @@ fn external_name_is_skipped_silently() {
         "ext",
         json!({"type": "ExternalName", "externalName": "example.com", "clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
     );
-    let (state, errors) = build(&[s], &[]);
+    let (state, errors) = build(&[s], NO_SLICES);
     assert_eq!(errors, vec![]);
     assert!(state.services.is_empty());
 }
@@ -146,7 +149,7 @@ fn services_labelled_for_other_proxies_are_skipped() {
             "metadata": {"namespace": "a", "name": "x", "labels": {label: ""}},
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
         }));
-        let (state, errors) = build(&[s], &[]);
+        let (state, errors) = build(&[s], NO_SLICES);
         assert_eq!(errors, vec![], "{label}");
         assert!(state.services.is_empty(), "{label}");
     }
@@ -160,7 +163,7 @@ fn protocol_defaults_to_tcp_and_udp_sctp_are_kept_apart() {
         &["10.96.0.1"],
         json!([{"name": "a", "port": 53}, {"name": "b", "port": 53, "protocol": "UDP"}, {"name": "c", "port": 53, "protocol": "SCTP"}]),
     );
-    let (state, errors) = build(&[s], &[]);
+    let (state, errors) = build(&[s], NO_SLICES);
     assert_eq!(errors, vec![]);
     let keys: Vec<Frontend> = state.services.keys().copied().collect();
     assert_eq!(
@@ -176,7 +179,7 @@ fn protocol_defaults_to_tcp_and_udp_sctp_are_kept_apart() {
 #[test]
 fn frontend_without_endpoints_exists_with_no_backends() {
     let (s, _) = web();
-    let (state, errors) = build(&[s], &[]);
+    let (state, errors) = build(&[s], NO_SLICES);
     assert_eq!(errors, vec![]);
     assert_eq!(
         backends(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
@@ -187,7 +190,7 @@ fn frontend_without_endpoints_exists_with_no_backends() {
 /// `s` is served without the one entry `needle` names, which is reported as skipped.
 fn assert_part_skipped_service(s: Service, needle: &str) -> DesiredState {
     assert_eq!(validate_service(&s), Ok(()), "{needle}");
-    let (state, errors) = build(&[s], &[]);
+    let (state, errors) = build(&[s], NO_SLICES);
     assert_eq!(errors.len(), 1, "{needle}: {errors:?}");
     let e = errors[0].to_string();
     assert!(
@@ -213,7 +216,7 @@ fn assert_invalid_service(s: Service, needle: &str) {
         other => panic!("unexpected {other:?}"),
     }
     let (good, _) = web();
-    let (state, errors) = build(&[s, good], &[]);
+    let (state, errors) = build(&[s, good], NO_SLICES);
     assert_eq!(errors, vec![err]);
     assert_eq!(state.services.len(), 1, "the valid Service is kept");
 }
@@ -242,7 +245,7 @@ fn ip_families_that_disagree_with_cluster_ips_are_reported_and_each_ip_keeps_its
         json!({"clusterIP": "10.96.0.6", "clusterIPs": ["10.96.0.6", "fd00:10:96::6"],
                "ipFamilies": ["IPv4", "IPv6"], "ports": [{"port": 80}]}),
     );
-    let (_, errors) = build(&[ok], &[]);
+    let (_, errors) = build(&[ok], NO_SLICES);
     assert!(errors.is_empty(), "{errors:?}");
 }
 
@@ -301,7 +304,7 @@ fn cluster_ip_is_used_when_cluster_ips_is_absent() {
         "old",
         json!({"clusterIP": "10.96.0.7", "ports": [{"port": 80}]}),
     );
-    let (state, errors) = build(&[s], &[]);
+    let (state, errors) = build(&[s], NO_SLICES);
     assert_eq!(errors, vec![]);
     assert!(state
         .services
@@ -755,7 +758,7 @@ fn conflicting_frontends_keep_the_first_service_by_name() {
         json!([{"port": 80}, {"name": "other", "port": 81}]),
     );
     for input in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
-        let (state, errors) = build(&input, &[]);
+        let (state, errors) = build(&input, NO_SLICES);
         assert_eq!(state.services.len(), 1, "all of b is dropped");
         assert_eq!(
             state.services[&fe("10.96.0.1", 80, Protocol::Tcp)]
@@ -820,7 +823,7 @@ fn build_does_not_depend_on_input_order() {
 #[test]
 fn a_service_defined_twice_is_reported_once_and_kept_once() {
     let (s, _) = web();
-    let (state, errors) = build(&[s.clone(), s], &[]);
+    let (state, errors) = build(&[s.clone(), s], NO_SLICES);
     assert_eq!(state.services.len(), 1);
     assert_eq!(errors.len(), 1, "{errors:?}");
 }
@@ -1126,21 +1129,21 @@ fn node_ports_are_served_on_each_node_ip_of_the_services_families() {
     );
 
     // Without node addresses (`build`), no NodePort frontends.
-    let (state, _) = build(&[web_with(json!({"type": "NodePort"}))], &[]);
+    let (state, _) = build(&[web_with(json!({"type": "NodePort"}))], NO_SLICES);
     assert_eq!(state.services.len(), 1);
 }
 
 #[test]
 fn node_ports_need_a_nodeport_or_loadbalancer_type_and_an_allocated_port() {
     // A ClusterIP Service cannot have a nodePort; one in a manifest is ignored.
-    let state = build_ok(&[web_with(json!({}))], &[]);
+    let state = build_ok(&[web_with(json!({}))], NO_SLICES);
     assert_eq!(
         kinds(&state),
         vec![(tcp("10.96.0.10", 80), FrontendKind::ClusterIp)]
     );
 
     let lb = web_with(json!({"type": "LoadBalancer"}));
-    let state = build_ok(&[lb], &[]);
+    let state = build_ok(&[lb], NO_SLICES);
     assert_eq!(state.services.len(), 3, "a LoadBalancer has NodePorts too");
 
     for port in [
@@ -1151,7 +1154,7 @@ fn node_ports_need_a_nodeport_or_loadbalancer_type_and_an_allocated_port() {
             json!({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
                                  "ports": [port]}),
         );
-        let state = build_ok(&[lb], &[]);
+        let state = build_ok(&[lb], NO_SLICES);
         assert_eq!(
             kinds(&state),
             vec![(tcp("10.96.0.10", 80), FrontendKind::ClusterIp)]
@@ -1205,7 +1208,7 @@ fn load_balancer_ingress_ips_in_vip_mode_are_frontends() {
     // The status of a Service that is not a LoadBalancer is not used.
     let mut s = lb_with_ingress(json!([{"ip": "203.0.113.1"}]));
     s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-    let state = build_ok(&[s], &[]);
+    let state = build_ok(&[s], NO_SLICES);
     assert_eq!(state.services.len(), 1);
 
     let state = assert_part_skipped_service(
@@ -1271,7 +1274,7 @@ fn an_address_listed_twice_in_one_service_is_served_once_as_its_first_kind() {
     let mut s = web_with(json!({"type": "LoadBalancer",
                                 "externalIPs": ["10.96.0.10", "198.51.100.1", "198.51.100.1"]}));
     s.status = lb_with_ingress(json!([{"ip": "198.51.100.1"}])).status;
-    let state = build_ok(&[s], &[]);
+    let state = build_ok(&[s], NO_SLICES);
     assert_eq!(
         kinds(&state),
         vec![
@@ -1301,7 +1304,7 @@ fn an_external_address_never_takes_another_services_cluster_ip() {
         vec![thief.clone(), victim.clone()],
         vec![victim.clone(), thief.clone()],
     ] {
-        let (state, errors) = build_for_node(&input, &[], &ctx());
+        let (state, errors) = build_for_node(&input, NO_SLICES, &ctx());
         // The thief keeps its own ClusterIP; only the stolen address is skipped, in every
         // mode (the netfilter modes' port info loses it too).
         assert_eq!(
@@ -1337,7 +1340,7 @@ fn an_external_address_never_takes_another_services_cluster_ip() {
         json!({"clusterIP": "10.96.0.2", "externalIPs": ["198.51.100.1"],
                                  "ports": [{"port": 80}]}),
     );
-    let (state, errors) = build_for_node(&[b, a], &[], &ctx());
+    let (state, errors) = build_for_node(&[b, a], NO_SLICES, &ctx());
     assert_eq!(
         kinds(&state),
         vec![
@@ -1367,7 +1370,7 @@ fn load_balancer_source_ranges_are_parsed_per_family_onto_lb_frontends() {
     s.status = serde_json::from_value(json!({"loadBalancer": {"ingress": [
         {"ip": "203.0.113.7"}, {"ip": "2001:db8:1::7"}]}}))
     .unwrap();
-    let state = build_ok(&[s], &[]);
+    let state = build_ok(&[s], NO_SLICES);
     let nets = |v: &[&str]| -> Vec<ipnet::IpNet> { v.iter().map(|s| s.parse().unwrap()).collect() };
     assert_eq!(
         port_state(&state, tcp("203.0.113.7", 443)).load_balancer_source_ranges,
@@ -1418,7 +1421,7 @@ fn load_balancer_source_ranges_are_parsed_per_family_onto_lb_frontends() {
 #[test]
 fn session_affinity_client_ip() {
     let s = web_with(json!({"type": "NodePort", "sessionAffinity": "ClientIP"}));
-    let state = build_ok(&[s], &[]);
+    let state = build_ok(&[s], NO_SLICES);
     assert_eq!(state.services.len(), 3);
     for st in state.services.values() {
         assert_eq!(st.session_affinity, Some(Duration::from_secs(10_800)));
@@ -1426,7 +1429,7 @@ fn session_affinity_client_ip() {
     for secs in [1, 60, 86_400] {
         let s = web_with(json!({"sessionAffinity": "ClientIP",
             "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": secs}}}));
-        let state = build_ok(&[s], &[]);
+        let state = build_ok(&[s], NO_SLICES);
         assert_eq!(
             state.services[&tcp("10.96.0.10", 80)].session_affinity,
             Some(Duration::from_secs(secs))
@@ -1438,7 +1441,7 @@ fn session_affinity_client_ip() {
         // The config means nothing without ClientIP.
         json!({"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}}}),
     ] {
-        let state = build_ok(&[web_with(none)], &[]);
+        let state = build_ok(&[web_with(none)], NO_SLICES);
         assert_eq!(
             state.services[&tcp("10.96.0.10", 80)].session_affinity,
             None
@@ -1473,7 +1476,7 @@ fn health_check_node_port_only_for_local_load_balancers() {
         json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}),
         json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
     ] {
-        let state = build_ok(&[web_with(other.clone())], &[]);
+        let state = build_ok(&[web_with(other.clone())], NO_SLICES);
         assert!(
             state
                 .services
@@ -1559,7 +1562,7 @@ fn every_kind_of_a_skipped_service_is_skipped() {
     let mut labelled = lb_with_ingress(json!([{"ip": "203.0.113.1"}]));
     labelled.metadata.labels =
         Some([(LABEL_SERVICE_PROXY_NAME.to_string(), "x".to_string())].into());
-    let (state, errors) = build_for_node(&[headless, labelled], &[], &ctx());
+    let (state, errors) = build_for_node(&[headless, labelled], NO_SLICES, &ctx());
     assert_eq!(errors, vec![]);
     assert!(state.services.is_empty(), "{:?}", state.services);
 }

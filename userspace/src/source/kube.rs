@@ -332,7 +332,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// The objects of `store` that decoded, sorted by namespace and name; the others go to
 /// `rejected` as (a key naming the object's version, `Kind namespace/name: reason`).
-fn decoded<K>(store: &Store<Lenient<K>>, rejected: &mut Vec<(String, String)>) -> Vec<K>
+fn decoded<K>(store: &Store<Lenient<K>>, rejected: &mut Vec<(String, String)>) -> Vec<Arc<K>>
 where
     K: Resource<DynamicType = ()> + Clone,
 {
@@ -350,7 +350,7 @@ where
             }
         }
     }
-    objects.sort_by(|a: &K, b: &K| {
+    objects.sort_by(|a: &Arc<K>, b: &Arc<K>| {
         (a.meta().namespace.as_deref(), a.meta().name.as_deref())
             .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
     });
@@ -358,13 +358,14 @@ where
     objects
 }
 
-fn trim_lenient<K: Resource>(obj: &mut Lenient<K>)
+fn trim_lenient<K: Resource + Clone>(obj: &mut Lenient<K>)
 where
     Lenient<K>: Resource,
 {
     trim_meta(obj);
     if let Ok(k) = obj.decoded.as_mut() {
-        trim_meta(k);
+        // Just decoded, so not shared yet: make_mut does not copy.
+        trim_meta(Arc::make_mut(k));
     }
 }
 
@@ -538,12 +539,10 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// Sends the snapshot unless it equals the one published last. False once nobody listens.
 fn publish(tx: &watch::Sender<Option<Arc<ClusterSnapshot>>>, snapshot: ClusterSnapshot) -> bool {
-    let unchanged = tx.borrow().as_deref().is_some_and(|old| {
-        old.services == snapshot.services
-            && old.slices == snapshot.slices
-            && old.node == snapshot.node
-            && old.rejected == snapshot.rejected
-    });
+    let unchanged = tx
+        .borrow()
+        .as_deref()
+        .is_some_and(|old| old.same_as(&snapshot));
     if unchanged {
         return !tx.is_closed();
     }

@@ -9,17 +9,19 @@
 //! as kube-proxy skips what it cannot use.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-/// An object as the API server sent it: decoded as `K`, or why not.
+/// An object as the API server sent it: decoded as `K` (shared with the snapshots made from
+/// the store), or why not.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lenient<K> {
     meta: ObjectMeta,
-    pub decoded: Result<K, String>,
+    pub decoded: Result<Arc<K>, String>,
 }
 
 impl<K> Lenient<K> {
@@ -41,10 +43,12 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
             .get("metadata")
             .and_then(|m| ObjectMeta::deserialize(m).ok())
             .unwrap_or_default();
-        let decoded = serde_path_to_error::deserialize::<_, K>(&value).map_err(|e| {
-            let path = e.path().to_string();
-            format!("{path}: {}", e.into_inner())
-        });
+        let decoded = serde_path_to_error::deserialize::<_, K>(&value)
+            .map(Arc::new)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                format!("{path}: {}", e.into_inner())
+            });
         Ok(Lenient { meta, decoded })
     }
 }
