@@ -85,6 +85,7 @@ pub struct Kpr {
     process: ProcessGuard,
     status_file: PathBuf,
     log_file: PathBuf,
+    admin_socket: PathBuf,
 }
 
 /// The agent built with the `variant` kernel programs (`cargo xtask test` builds it):
@@ -233,6 +234,7 @@ impl Kpr {
             process,
             status_file,
             log_file,
+            admin_socket,
         };
         kpr.wait_for_syncs(1, FIRST_SYNC_TIMEOUT)?;
         Ok(kpr)
@@ -373,6 +375,12 @@ impl Kpr {
     }
 
     /// The file kpr writes its status to (`--status-file`).
+    /// The agent's admin socket (`--admin-socket`), which `kpr status`, `kpr trace` and
+    /// `kpr diff` ask.
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
     pub fn status_path(&self) -> &Path {
         &self.status_file
     }

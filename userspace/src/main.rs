@@ -92,8 +92,9 @@ fn import(args: &config::flags::ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kpr diff iptables-save`: exit 0 when the dump and the manifests agree, 1 when they differ
-/// (one line per difference on stdout), 2 when either cannot be read.
+/// `kpr diff iptables-save`: exit 0 when the dump and kpr's state (the running agent's, or a
+/// manifest directory's) agree, 1 when they differ (one line per difference on stdout), 2 when
+/// either cannot be read.
 fn diff(args: &config::flags::DiffArgs) -> ExitCode {
     match diff_lines(args) {
         Ok(lines) if lines.is_empty() => ExitCode::SUCCESS,
@@ -116,7 +117,22 @@ fn diff_lines(args: &config::flags::DiffArgs) -> anyhow::Result<Vec<String>> {
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let imported =
         import::import(&text, &args.node).with_context(|| format!("{}", args.file.display()))?;
-    let (snapshot, errors) = manifest::load_dir(&args.manifests)?;
+    let Some(manifests) = &args.manifests else {
+        // The running agent's programmed frontends, whatever its proxy mode.
+        let body = kpr::admin::query(&args.admin_socket, std::time::Duration::from_secs(10))
+            .context("is the agent running? (or give --manifests DIR)")?;
+        #[derive(serde::Deserialize)]
+        struct Frontends {
+            #[serde(default)]
+            frontends: std::collections::BTreeMap<String, import::diff::LiveFrontend>,
+        }
+        let live: Frontends = serde_json::from_slice(&body)
+            .with_context(|| format!("the agent's status on {}", args.admin_socket.display()))?;
+        let live = import::diff::live_frontends(&live.frontends, imported.family)?;
+        let dump = import::diff::frontends(&imported.ports);
+        return Ok(import::diff::diff_views(&dump, &live, "agent"));
+    };
+    let (snapshot, errors) = manifest::load_dir(manifests)?;
     for e in &errors {
         tracing::warn!("skipped: {e}");
     }

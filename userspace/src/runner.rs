@@ -116,6 +116,10 @@ pub struct FrontendStatus {
     /// (`externalTrafficPolicy: Local`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_backends: Option<Vec<String>>,
+    /// The frontend's traffic policy is `Local` (`internalTrafficPolicy` on a ClusterIP,
+    /// `externalTrafficPolicy` on the others).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub policy_local: bool,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_s: Option<u64>,
@@ -138,6 +142,7 @@ impl FrontendStatus {
             backends: names(&state.backends),
             external_backends: (state.external_backends != state.backends)
                 .then(|| names(&state.external_backends)),
+            policy_local: state.internal_policy_local || state.external_policy_local,
             affinity_timeout_s: state.session_affinity.map(|d| d.as_secs()),
             source_ranges: state
                 .load_balancer_source_ranges

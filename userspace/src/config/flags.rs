@@ -125,9 +125,14 @@ pub struct ImportArgs {
 pub struct DiffArgs {
     /// The iptables-save output.
     pub file: PathBuf,
-    /// The desired state: a manifest directory, as `kpr --manifests` reads it.
+    /// Compare with a manifest directory (as `kpr --manifests` reads it) instead of the
+    /// running agent.
     #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// The running agent's admin socket: what it programmed (in any proxy mode) is compared,
+    /// unless `--manifests` is given.
+    #[arg(long, value_name = "PATH", default_value = crate::admin::DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
     /// The dump's node: endpoints of the manifests with this nodeName are its local ones.
     #[arg(long, value_name = "NAME", default_value = crate::import::DEFAULT_NODE)]
     pub node: String,

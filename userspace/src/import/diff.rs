@@ -132,12 +132,135 @@ fn policy(local: bool) -> &'static str {
     }
 }
 
+/// A frontend as a running agent reports it (its status's `frontends`, over the admin
+/// socket): what it programmed, in any proxy mode.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct LiveFrontend {
+    pub service: String,
+    pub kind: String,
+    #[serde(default)]
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub external_backends: Option<Vec<String>>,
+    #[serde(default)]
+    pub policy_local: bool,
+    #[serde(default)]
+    pub affinity_timeout_s: Option<u64>,
+    #[serde(default)]
+    pub source_ranges: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LiveError {
+    #[error("the agent's frontend {key:?}: {reason}")]
+    Frontend { key: String, reason: String },
+}
+
+/// The frontends of a live agent's status (by `ip:port/proto`), in `family` when given, as the
+/// views [`frontends`] makes of service ports. NodePorts, one entry per node address there, are
+/// one frontend here, as in a dump.
+pub fn live_frontends(
+    live: &BTreeMap<String, LiveFrontend>,
+    family: Option<crate::model::Family>,
+) -> Result<BTreeMap<FrontendKey, FrontendView>, LiveError> {
+    let bad = |key: &str, reason: String| LiveError::Frontend {
+        key: key.to_owned(),
+        reason,
+    };
+    // kube-proxy's rules tell "no endpoint anywhere" (reject) from "none for this policy"
+    // (drop); the status tells it by whether any frontend of the service port has endpoints.
+    let mut has_endpoints: BTreeMap<&str, bool> = BTreeMap::new();
+    for f in live.values() {
+        let any =
+            !f.backends.is_empty() || f.external_backends.as_ref().is_some_and(|b| !b.is_empty());
+        *has_endpoints.entry(f.service.as_str()).or_default() |= any;
+    }
+    let mut out = BTreeMap::new();
+    for (key, f) in live {
+        let (addr, proto) = key
+            .rsplit_once('/')
+            .ok_or_else(|| bad(key, "no /protocol".into()))?;
+        let addr: std::net::SocketAddr = addr.parse().map_err(|e| bad(key, format!("{e}")))?;
+        if family.is_some_and(|fam| crate::model::Family::of(addr.ip()) != fam) {
+            continue;
+        }
+        let protocol = match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "sctp" => Protocol::Sctp,
+            other => return Err(bad(key, format!("protocol {other:?}"))),
+        };
+        let external = f.kind != "ClusterIP";
+        let address = if f.kind == "NodePort" {
+            Address::NodePort
+        } else {
+            Address::Ip(addr.ip())
+        };
+        let names = if external {
+            f.external_backends.as_ref().unwrap_or(&f.backends)
+        } else {
+            &f.backends
+        };
+        let mut endpoints = names
+            .iter()
+            .map(|b| {
+                let a: std::net::SocketAddr = b
+                    .parse()
+                    .map_err(|e| bad(key, format!("backend {b:?}: {e}")))?;
+                Ok(Backend {
+                    ip: a.ip(),
+                    port: a.port(),
+                })
+            })
+            .collect::<Result<Vec<_>, LiveError>>()?;
+        endpoints.sort();
+        endpoints.dedup();
+        let mut source_ranges = f
+            .source_ranges
+            .iter()
+            .map(|r| {
+                r.parse::<IpNet>()
+                    .map_err(|e| bad(key, format!("source range {r:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, LiveError>>()?;
+        source_ranges.sort();
+        let known = has_endpoints
+            .get(f.service.as_str())
+            .copied()
+            .unwrap_or_default();
+        out.entry(FrontendKey {
+            address,
+            port: addr.port(),
+            protocol,
+        })
+        .or_insert(FrontendView {
+            service_port: f.service.clone(),
+            drops: endpoints.is_empty() && known,
+            endpoints,
+            policy_local: f.policy_local,
+            affinity: f.affinity_timeout_s.map(Duration::from_secs),
+            source_ranges,
+            policies_known: known,
+        });
+    }
+    Ok(out)
+}
+
 /// One line per difference between the dump's frontends and the desired state's; empty when
 /// they agree.
 pub fn diff(dump: &[ServicePortInfo], desired: &[ServicePortInfo]) -> Vec<String> {
-    let (a, b) = (frontends(dump), frontends(desired));
+    diff_views(&frontends(dump), &frontends(desired), "manifests")
+}
+
+/// One line per difference between the dump's frontends `a` and `b`'s (named `other` in the
+/// lines: where `b` came from).
+pub fn diff_views(
+    a: &BTreeMap<FrontendKey, FrontendView>,
+    b: &BTreeMap<FrontendKey, FrontendView>,
+    other: &str,
+) -> Vec<String> {
     let mut out = Vec::new();
-    for (key, d) in &a {
+    for (key, d) in a {
         let Some(m) = b.get(key) else {
             out.push(format!("{key} ({}): only in the dump", d.service_port));
             continue;
@@ -145,7 +268,7 @@ pub fn diff(dump: &[ServicePortInfo], desired: &[ServicePortInfo]) -> Vec<String
         let name = if d.service_port == m.service_port {
             d.service_port.clone()
         } else {
-            format!("dump {}, manifests {}", d.service_port, m.service_port)
+            format!("dump {}, {other} {}", d.service_port, m.service_port)
         };
         if d.endpoints != m.endpoints {
             let only = |x: &[Backend], y: &[Backend]| {
@@ -155,14 +278,14 @@ pub fn diff(dump: &[ServicePortInfo], desired: &[ServicePortInfo]) -> Vec<String
                     .collect::<Vec<_>>()
             };
             out.push(format!(
-                "{key} ({name}): endpoints differ: only in the dump {}; only in the manifests {}",
+                "{key} ({name}): endpoints differ: only in the dump {}; only in the {other} {}",
                 list(&only(&d.endpoints, &m.endpoints)),
                 list(&only(&m.endpoints, &d.endpoints)),
             ));
         } else if d.endpoints.is_empty() && d.drops != m.drops {
             let verdict = |drops| if drops { "dropped" } else { "rejected" };
             out.push(format!(
-                "{key} ({name}): without endpoints: dump {}, manifests {}",
+                "{key} ({name}): without endpoints: dump {}, {other} {}",
                 verdict(d.drops),
                 verdict(m.drops)
             ));
@@ -172,29 +295,29 @@ pub fn diff(dump: &[ServicePortInfo], desired: &[ServicePortInfo]) -> Vec<String
         }
         if d.policy_local != m.policy_local {
             out.push(format!(
-                "{key} ({name}): traffic policy: dump {}, manifests {}",
+                "{key} ({name}): traffic policy: dump {}, {other} {}",
                 policy(d.policy_local),
                 policy(m.policy_local)
             ));
         }
         if d.affinity != m.affinity {
             out.push(format!(
-                "{key} ({name}): session affinity: dump {}, manifests {}",
+                "{key} ({name}): session affinity: dump {}, {other} {}",
                 affinity(d.affinity),
                 affinity(m.affinity)
             ));
         }
         if d.source_ranges != m.source_ranges {
             out.push(format!(
-                "{key} ({name}): loadBalancerSourceRanges: dump {}, manifests {}",
+                "{key} ({name}): loadBalancerSourceRanges: dump {}, {other} {}",
                 list(&d.source_ranges),
                 list(&m.source_ranges)
             ));
         }
     }
-    for (key, m) in &b {
+    for (key, m) in b {
         if !a.contains_key(key) {
-            out.push(format!("{key} ({}): only in the manifests", m.service_port));
+            out.push(format!("{key} ({}): only in the {other}", m.service_port));
         }
     }
     out
@@ -251,6 +374,68 @@ mod tests {
                 "10.0.0.2:80/tcp (ns/svc:p): only in the manifests",
             ]
         );
+    }
+
+    fn live(entries: &[(&str, &str, &[&str])]) -> BTreeMap<String, LiveFrontend> {
+        entries
+            .iter()
+            .map(|(key, kind, backends)| {
+                let f = LiveFrontend {
+                    service: "ns/svc:p".into(),
+                    kind: kind.to_string(),
+                    backends: backends.iter().map(|b| b.to_string()).collect(),
+                    ..LiveFrontend::default()
+                };
+                (key.to_string(), f)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_live_agent_is_compared_as_the_manifests_are() {
+        let mut dump = port("10.0.0.1", &["10.1.0.1:8080"]);
+        dump.node_port = Some(30080);
+        let eps: &[&str] = &["10.1.0.1:8080"];
+        // One NodePort entry per node address, and an IPv6 frontend the IPv4 dump leaves out.
+        let agent = live(&[
+            ("10.0.0.1:80/tcp", "ClusterIP", eps),
+            ("192.168.1.1:30080/tcp", "NodePort", eps),
+            ("192.168.1.2:30080/tcp", "NodePort", eps),
+            ("[fd00::1]:80/tcp", "ClusterIP", eps),
+        ]);
+        let v4 = live_frontends(&agent, Some(crate::model::Family::V4)).unwrap();
+        let lines = diff_views(&frontends(&[dump.clone()]), &v4, "agent");
+        assert!(lines.is_empty(), "{lines:?}");
+
+        let mut moved = agent.clone();
+        moved.get_mut("10.0.0.1:80/tcp").unwrap().backends = vec!["10.1.0.2:8080".into()];
+        moved.get_mut("10.0.0.1:80/tcp").unwrap().policy_local = true;
+        let v4 = live_frontends(&moved, Some(crate::model::Family::V4)).unwrap();
+        assert_eq!(
+            diff_views(&frontends(&[dump]), &v4, "agent"),
+            [
+                "10.0.0.1:80/tcp (ns/svc:p): endpoints differ: only in the dump 10.1.0.1:8080; only in the agent 10.1.0.2:8080",
+                "10.0.0.1:80/tcp (ns/svc:p): traffic policy: dump Cluster, agent Local",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_status_that_does_not_read_names_its_frontend() {
+        for (key, want) in [
+            ("10.0.0.1:80", "no /protocol"),
+            ("10.0.0.1:80/icmp", "protocol \"icmp\""),
+            ("10.0.0.300:80/tcp", "invalid socket address"),
+        ] {
+            let e = live_frontends(&live(&[(key, "ClusterIP", &[])]), None).unwrap_err();
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains(want),
+                "{e}"
+            );
+        }
+        let e =
+            live_frontends(&live(&[("10.0.0.1:80/tcp", "ClusterIP", &["x"])]), None).unwrap_err();
+        assert!(e.to_string().contains("backend \"x\""), "{e}");
     }
 
     #[test]

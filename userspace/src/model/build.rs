@@ -277,6 +277,7 @@ pub(super) fn service_ports(
                 backends,
                 external_backends,
                 external_policy_local: kind.is_external() && view.external_local,
+                internal_policy_local: !kind.is_external() && view.internal_local,
                 external_snat,
                 session_affinity: view.session_affinity,
                 load_balancer_source_ranges: if kind == FrontendKind::LoadBalancer {

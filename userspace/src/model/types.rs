@@ -133,6 +133,9 @@ pub struct ServicePortState {
     /// `externalTrafficPolicy: Local` on an external frontend: outside traffic keeps its client
     /// address (no masquerade) and is dropped when this node has no endpoint.
     pub external_policy_local: bool,
+    /// `internalTrafficPolicy: Local` on a ClusterIP frontend: `backends` are this node's
+    /// endpoints only.
+    pub internal_policy_local: bool,
     /// Traffic from outside must be source-NATed to the node: `externalTrafficPolicy: Cluster`
     /// and some external backend lives on another node (its reply would not come back through
     /// this node). Like Cilium, and unlike kube-proxy, traffic to a backend on this node keeps
