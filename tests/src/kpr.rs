@@ -138,6 +138,21 @@ impl Kpr {
         Self::start_with(lab, bin, name, &args)
     }
 
+    /// [`Kpr::start`], waiting up to `timeout` for the first sync (large benchmarks); a
+    /// [`LabError::Timeout`] when it did not come.
+    pub fn start_within(
+        lab: &Lab,
+        bin: &Path,
+        manifests: &Path,
+        name: &str,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<Kpr> {
+        let mut args: Vec<&OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        Self::spawn(lab, 1, bin, name, &args, &[], timeout)
+    }
+
     /// Starts kpr for `lab` (on node 1) with its source given in `args` (e.g. `--master
     /// URL`), and waits until it has completed its first sync.
     pub fn start_with(lab: &Lab, bin: &Path, name: &str, args: &[&OsStr]) -> Result<Kpr> {
@@ -194,6 +209,18 @@ impl Kpr {
         args: &[&OsStr],
         env: &[(&str, &str)],
     ) -> Result<Kpr> {
+        Self::spawn(lab, node, bin, name, args, env, FIRST_SYNC_TIMEOUT)
+    }
+
+    fn spawn(
+        lab: &Lab,
+        node: usize,
+        bin: &Path,
+        name: &str,
+        args: &[&OsStr],
+        env: &[(&str, &str)],
+        first_sync: Duration,
+    ) -> Result<Kpr> {
         let n = lab.node(node).ok_or_else(|| {
             LabError::Other(format!(
                 "Kpr::start_on: the lab has no node {node} (it has {})",
@@ -236,8 +263,15 @@ impl Kpr {
             log_file,
             admin_socket,
         };
-        kpr.wait_for_syncs(1, FIRST_SYNC_TIMEOUT)?;
-        Ok(kpr)
+        match kpr.wait_for_syncs(1, first_sync) {
+            Ok(_) => Ok(kpr),
+            // Still running: it was slow, not broken.
+            Err(e) if matches!(kpr.process.try_wait(), Ok(None)) => Err(LabError::Timeout {
+                what: format!("kpr's first sync: {e}"),
+                timeout: first_sync,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Kills kpr with SIGKILL, as a crash or the OOM killer would: nothing of it runs on the

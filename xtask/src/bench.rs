@@ -43,6 +43,16 @@ pub struct Args {
     /// Number of IPv6 Services for the IPv6 ClusterIP and NodePort measurements (0 skips them).
     #[arg(long, default_value_t = 10_000)]
     ipv6_services: usize,
+    /// kpr's proxy modes to measure (`none`: only the baselines).
+    #[arg(long, value_delimiter = ',', default_value = "ebpf,iptables,nftables")]
+    modes: Vec<String>,
+    /// kube-proxy's rules to measure as baselines (`iptables`, `nftables`; `none`).
+    #[arg(long, value_delimiter = ',', default_value = "iptables,nftables")]
+    kube_proxy: Vec<String>,
+    /// Bound on loading kube-proxy's rules (and on kpr's first sync): a path that takes
+    /// longer is reported as not fitting, and the run goes on.
+    #[arg(long, default_value_t = 600)]
+    load_timeout_s: u64,
 }
 
 const VIP: &str = "10.96.0.10:80";
@@ -65,6 +75,24 @@ pub fn run(args: Args) -> Result<()> {
     if args.services.iter().any(|n| *n == 0 || *n > 200_000) {
         bail!("--services: each N must be in 1..=200000");
     }
+    let modes: Vec<ProxyMode> = ProxyMode::ALL
+        .into_iter()
+        .filter(|m| args.modes.iter().any(|a| a == m.name()))
+        .collect();
+    for a in &args.modes {
+        if a != "none" && !ProxyMode::ALL.iter().any(|m| m.name() == a) {
+            bail!("--modes: {a:?} is not one of ebpf, iptables, nftables, none");
+        }
+    }
+    for a in &args.kube_proxy {
+        if !["iptables", "nftables", "none"].contains(&a.as_str()) {
+            bail!("--kube-proxy: {a:?} is not one of iptables, nftables, none");
+        }
+    }
+    let baseline = |what: &str| args.kube_proxy.iter().any(|a| a == what);
+    let load_timeout = Duration::from_secs(args.load_timeout_s);
+    // Paths that did not fit the bounds, with why: reported with the table.
+    let mut unmeasured: Vec<String> = Vec::new();
     setup::run(&setup::SetupOptions { quiet: false })?;
     println!("==> building kpr and the lab tool (release)");
     let bins = build::binaries(true)?;
@@ -103,13 +131,24 @@ pub fn run(args: Args) -> Result<()> {
         });
 
         // (b) kpr, each mode.
-        for mode in ProxyMode::ALL {
+        for &mode in &modes {
             let mut args = mode.args().to_vec();
             if mode.is_netfilter() {
                 args.extend(["--cluster-cidr", CLUSTER_CIDR]);
             }
             let name = format!("kpr-{}-{n}", mode.name());
-            let mut kpr = Kpr::start(&lab, &bins.kpr, &dir, &name, &args)?;
+            let mut kpr = match Kpr::start_within(&lab, &bins.kpr, &dir, &name, &args, load_timeout)
+            {
+                Ok(kpr) => kpr,
+                Err(kpr_lab::LabError::Timeout { timeout, .. }) => {
+                    unmeasured.push(format!(
+                        "{n} Services, kpr {}: not programmed within {timeout:?}",
+                        mode.name()
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let programmed = kpr.status().unwrap_or_default();
             let rss = rss_kib(kpr.pid());
             let b = measure(vip);
@@ -154,61 +193,81 @@ pub fn run(args: Args) -> Result<()> {
         }
 
         // (c) kube-proxy's iptables rules for the same services.
-        let rules = render(
-            &bins.kpr,
-            "render-iptables",
-            &dir,
-            &["--last", TARGET_SERVICE],
-        )?;
-        let rule_count = rules.lines().filter(|l| l.starts_with("-A ")).count();
-        let t0 = Instant::now();
-        lab.exec_in_node(&["iptables-restore"], Some(rules.as_bytes()))
-            .context("loading kube-proxy's rules with iptables-restore")?;
-        let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let c = measure(vip);
-        // (d) direct while the rules are loaded.
-        let d = measure(direct);
-        lab.exec_in_node(&["iptables-restore"], Some(EMPTY_TABLES.as_bytes()))
-            .context("flushing the node's tables")?;
-        let (c, d) = (c?, d?);
-        println!("    kube-proxy rules  {:>9.0} conn/s ({rule_count} rules, restored in {restore_ms:.0} ms)", c.per_sec);
-        rows.push(Row {
-            services: n,
-            path: "ClusterIP via kube-proxy iptables",
-            result: c,
-            program_ms: Some(restore_ms),
-            note: format!("{rule_count} rules; iptables-restore {restore_ms:.0} ms"),
-        });
-        rows.push(Row {
-            services: n,
-            path: "direct pod IP, kube-proxy rules loaded",
-            result: d,
-            program_ms: None,
-            note: String::new(),
-        });
+        if baseline("iptables") {
+            let rules = render(
+                &bins.kpr,
+                "render-iptables",
+                &dir,
+                &["--last", TARGET_SERVICE],
+            )?;
+            let rule_count = rules.lines().filter(|l| l.starts_with("-A ")).count();
+            let t0 = Instant::now();
+            if let Some(why) = load_bounded(&lab, &["iptables-restore"], &rules, load_timeout)
+                .context("loading kube-proxy's rules with iptables-restore")?
+            {
+                lab.exec_in_node(&["iptables-restore"], Some(EMPTY_TABLES.as_bytes()))
+                    .context("flushing the node's tables")?;
+                unmeasured.push(format!(
+                    "{n} Services, kube-proxy iptables ({rule_count} rules): {why}"
+                ));
+            } else {
+                let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
+                let c = measure(vip);
+                // (d) direct while the rules are loaded.
+                let d = measure(direct);
+                lab.exec_in_node(&["iptables-restore"], Some(EMPTY_TABLES.as_bytes()))
+                    .context("flushing the node's tables")?;
+                let (c, d) = (c?, d?);
+                println!("    kube-proxy rules  {:>9.0} conn/s ({rule_count} rules, restored in {restore_ms:.0} ms)", c.per_sec);
+                rows.push(Row {
+                    services: n,
+                    path: "ClusterIP via kube-proxy iptables",
+                    result: c,
+                    program_ms: Some(restore_ms),
+                    note: format!("{rule_count} rules; iptables-restore {restore_ms:.0} ms"),
+                });
+                rows.push(Row {
+                    services: n,
+                    path: "direct pod IP, kube-proxy rules loaded",
+                    result: d,
+                    program_ms: None,
+                    note: String::new(),
+                });
+            }
+        }
 
         // (e) kube-proxy's nftables rules for the same services.
-        let ruleset = render(&bins.kpr, "render-nftables", &dir, &[])?;
-        let t0 = Instant::now();
-        lab.exec_in_node(&["nft", "-f", "-"], Some(ruleset.as_bytes()))
-            .context("loading kube-proxy's nftables rules with nft -f")?;
-        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let e = measure(vip);
-        lab.exec_in_node(&["nft", "delete", "table", "ip", "kube-proxy"], None)
-            .context("deleting kube-proxy's nftables table")?;
-        let e = e?;
-        let lines = ruleset.lines().count();
-        println!(
+        if baseline("nftables") {
+            let ruleset = render(&bins.kpr, "render-nftables", &dir, &[])?;
+            let lines = ruleset.lines().count();
+            let t0 = Instant::now();
+            if let Some(why) = load_bounded(&lab, &["nft", "-f", "-"], &ruleset, load_timeout)
+                .context("loading kube-proxy's nftables rules with nft -f")?
+            {
+                // One transaction: a killed nft loaded nothing, but make sure.
+                let _ = lab.exec_in_node(&["nft", "delete", "table", "ip", "kube-proxy"], None);
+                unmeasured.push(format!(
+                    "{n} Services, kube-proxy nftables ({lines} nft commands): {why}"
+                ));
+            } else {
+                let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+                let e = measure(vip);
+                lab.exec_in_node(&["nft", "delete", "table", "ip", "kube-proxy"], None)
+                    .context("deleting kube-proxy's nftables table")?;
+                let e = e?;
+                println!(
             "    kube-proxy nft    {:>9.0} conn/s ({lines} nft commands, loaded in {load_ms:.0} ms)",
             e.per_sec
         );
-        rows.push(Row {
-            services: n,
-            path: "ClusterIP via kube-proxy nftables",
-            result: e,
-            program_ms: Some(load_ms),
-            note: format!("{lines} nft commands; nft -f {load_ms:.0} ms"),
-        });
+                rows.push(Row {
+                    services: n,
+                    path: "ClusterIP via kube-proxy nftables",
+                    result: e,
+                    program_ms: Some(load_ms),
+                    note: format!("{lines} nft commands; nft -f {load_ms:.0} ms"),
+                });
+            }
+        }
     }
     drop(lab);
     if args.nodeport_services > 0 {
@@ -218,7 +277,10 @@ pub fn run(args: Args) -> Result<()> {
         rows.extend(ipv6_rows(&bins, args.ipv6_services, duration)?);
     }
 
-    let table = render_table(&rows);
+    let mut table = render_table(&rows);
+    for u in &unmeasured {
+        let _ = writeln!(table, "\nNot measured: {u}");
+    }
     println!("\n{table}");
     let out_dir = build::root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -228,6 +290,7 @@ pub fn run(args: Args) -> Result<()> {
         "unix_time": stamp,
         "duration_ms": args.duration_ms,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "unmeasured": unmeasured,
         "rows": rows.iter().map(|r| json!({
             "services": r.services,
             "path": r.path,
@@ -250,6 +313,24 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::write(out_dir.join("clusterip-latest.md"), &table)?;
     println!("results: {}", file.display());
     Ok(())
+}
+
+/// Loads `input` with `cmd` in the node, within `timeout`: `Some(why)` when it did not fit.
+fn load_bounded(lab: &Lab, cmd: &[&str], input: &str, timeout: Duration) -> Result<Option<String>> {
+    let mut c = Command::new(cmd[0]);
+    c.args(&cmd[1..]);
+    match lab.run_in_node(c, Some(input.as_bytes()), timeout) {
+        Ok(out) if out.status.success() => Ok(None),
+        Ok(out) => bail!(
+            "{}: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(kpr_lab::LabError::Timeout { timeout, .. }) => {
+            Ok(Some(format!("not loaded within {timeout:?}")))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Runs of each measurement; the run with the median rate is reported, so one noisy run
@@ -538,13 +619,16 @@ fn render_table(rows: &[Row]) -> String {
 fn fillers(n: usize) -> String {
     let mut y = String::with_capacity(n * 700);
     for i in 0..n {
+        // From 10.100.0.1 and 10.245.0.1 on, 250 per /24: 200,000 fit below 10.104 and 10.249.
         let (hi, lo) = (i / 250, i % 250 + 1);
+        let (b, c) = (100 + hi / 256, hi % 256);
+        let (eb, ec) = (245 + hi / 256, hi % 256);
         let _ = write!(
             y,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
-             spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
+             spec:\n  clusterIP: 10.{b}.{c}.{lo}\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n  - addresses: [10.245.{hi}.{lo}]\n---\n"
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n  - addresses: [10.{eb}.{ec}.{lo}]\n---\n"
         );
     }
     y
