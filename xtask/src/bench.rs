@@ -27,7 +27,7 @@ use kpr_lab::tool::BenchConnect;
 use kpr_lab::{Lab, LabSpec};
 use serde_json::json;
 
-use crate::{build, setup};
+use crate::{build, chart, setup};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -311,7 +311,19 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::write(&file, &text)?;
     std::fs::write(out_dir.join("clusterip-latest.json"), &text)?;
     std::fs::write(out_dir.join("clusterip-latest.md"), &table)?;
-    println!("results: {}", file.display());
+    let points: Vec<chart::Point<'_>> = rows
+        .iter()
+        .map(|r| chart::Point {
+            path: r.path,
+            services: r.services,
+            per_sec: r.result.per_sec,
+            p99_us: r.result.p99_us,
+        })
+        .collect();
+    let svg = out_dir.join(format!("clusterip-{stamp}.svg"));
+    chart::write_svg(&points, &svg)?;
+    std::fs::copy(&svg, out_dir.join("clusterip-latest.svg"))?;
+    println!("results: {} (chart: {})", file.display(), svg.display());
     Ok(())
 }
 

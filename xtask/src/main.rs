@@ -2,6 +2,7 @@
 //! first, so the README's two commands work on a fresh Debian 12 machine.
 mod bench;
 mod build;
+mod chart;
 mod demo;
 mod image;
 mod lab;
