@@ -54,6 +54,21 @@ fn diff<'a, T>(old: &'a [Arc<T>], new: &'a [Arc<T>]) -> (usize, Vec<&'a T>)
 where
     T: Metadata<Ty = ObjectMeta> + PartialEq,
 {
+    // Sources keep unchanged objects (the same allocations) in their places: what is the same
+    // at both ends is unchanged, and only the middle, where the change is, needs the names.
+    let prefix = old
+        .iter()
+        .zip(new)
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let (old, new) = (&old[prefix..], &new[prefix..]);
+    let suffix = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let (old, new) = (&old[..old.len() - suffix], &new[..new.len() - suffix]);
     let before: HashMap<(&str, &str), &Arc<T>> =
         old.iter().map(|o| (key(o.metadata()), o)).collect();
     let mut seen = 0;
@@ -150,6 +165,31 @@ mod tests {
         let expected = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_428_000);
         assert_eq!(c.trigger_times[0], expected);
         assert_eq!(between(Some(&new), &new), Changes::default());
+    }
+
+    #[test]
+    fn shared_objects_count_as_unchanged_wherever_the_change_is() {
+        let services: Vec<_> = (0..5)
+            .map(|i| Arc::new(svc(&format!("s{i}"), &format!("10.96.0.{i}"))))
+            .collect();
+        let old = ClusterSnapshot {
+            services: services.clone(),
+            ..ClusterSnapshot::default()
+        };
+        for at in 0..5 {
+            let mut new = old.clone();
+            new.services[at] = Arc::new(svc(&format!("s{at}"), "10.96.1.1"));
+            assert_eq!(between(Some(&old), &new).services, 1, "changed at {at}");
+            // Removed, and another added in its place.
+            new.services[at] = Arc::new(svc("other", "10.96.1.2"));
+            assert_eq!(between(Some(&old), &new).services, 2, "replaced at {at}");
+            new.services.remove(at);
+            assert_eq!(between(Some(&old), &new).services, 1, "removed at {at}");
+        }
+        // Equal contents in new allocations are unchanged too.
+        let mut copied = old.clone();
+        copied.services[2] = Arc::new((*services[2]).clone());
+        assert_eq!(between(Some(&old), &copied), Changes::default());
     }
 
     #[test]

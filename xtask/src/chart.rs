@@ -108,7 +108,11 @@ mod tests {
         let svg = std::fs::read_to_string(&file).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
-        for name in ["direct pod IP", "ClusterIP via kpr ebpf", "NodePort via kpr (tc)"] {
+        for name in [
+            "direct pod IP",
+            "ClusterIP via kpr ebpf",
+            "NodePort via kpr (tc)",
+        ] {
             // Once in each panel's legend.
             assert_eq!(svg.matches(name).count(), 2, "{name}");
         }

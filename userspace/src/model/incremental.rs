@@ -29,6 +29,12 @@ pub struct ModelCache {
     /// sorted Services instead of hashing 10,000 names.
     entries: Vec<Entry>,
     reused: usize,
+    /// The last snapshot's Services in namespace/name order, and its slices that name a
+    /// Service in that order (and those that do not): while every position holds the same
+    /// key, the next snapshot sorts the same, and is not sorted again.
+    service_order: Vec<usize>,
+    slice_order: Vec<usize>,
+    slice_orphans: Vec<usize>,
 }
 
 /// One Service of the last build: its name, where its objects are in that build's snapshot,
@@ -71,8 +77,23 @@ impl ModelCache {
             let m = &services[i].metadata;
             (namespace_of(m), m.name.as_deref().unwrap_or_default())
         };
-        let mut order: Vec<usize> = (0..services.len()).collect();
-        order.sort_by_key(|&i| key(i));
+        let last_key = |i: usize| {
+            let m = &self.last.as_ref()?.services[i].metadata;
+            Some((namespace_of(m), m.name.as_deref().unwrap_or_default()))
+        };
+        let same_places = self.last.as_ref().is_some_and(|last| {
+            last.services.len() == services.len()
+                && (0..services.len()).all(|i| {
+                    Arc::ptr_eq(&last.services[i], &services[i]) || last_key(i) == Some(key(i))
+                })
+        });
+        let order: Vec<usize> = if same_places {
+            std::mem::take(&mut self.service_order)
+        } else {
+            let mut order: Vec<usize> = (0..services.len()).collect();
+            order.sort_by_key(|&i| key(i));
+            order
+        };
         self.reused = 0;
         // Two Services of one name only come from hand-written manifests: build those
         // snapshots from scratch, which reports them, rather than keep entries for them.
@@ -86,15 +107,36 @@ impl ModelCache {
         let slice_key = |i: usize| {
             named_service(&slices[i]).map(|name| (namespace_of(&slices[i].metadata), name))
         };
-        let mut orphans = Vec::new();
-        let mut named: Vec<usize> = Vec::with_capacity(slices.len());
-        for i in 0..slices.len() {
-            match slice_key(i) {
-                Some(_) => named.push(i),
-                None => orphans.push(i),
+        let last_slice_key = |i: usize| {
+            let s = &self.last.as_ref()?.slices[i];
+            Some(named_service(s).map(|name| (namespace_of(&s.metadata), name)))
+        };
+        let same_slice_places = self.last.as_ref().is_some_and(|last| {
+            last.slices.len() == slices.len()
+                && (0..slices.len()).all(|i| {
+                    Arc::ptr_eq(&last.slices[i], &slices[i])
+                        || last_slice_key(i) == Some(slice_key(i))
+                })
+        });
+        let (named, mut orphans) = if same_slice_places {
+            (
+                std::mem::take(&mut self.slice_order),
+                std::mem::take(&mut self.slice_orphans),
+            )
+        } else {
+            let mut orphans = Vec::new();
+            let mut named: Vec<usize> = Vec::with_capacity(slices.len());
+            for i in 0..slices.len() {
+                match slice_key(i) {
+                    Some(_) => named.push(i),
+                    None => orphans.push(i),
+                }
             }
-        }
-        named.sort_by_key(|&i| slice_key(i));
+            named.sort_by_key(|&i| slice_key(i));
+            (named, orphans)
+        };
+        self.slice_order.clone_from(&named);
+        self.slice_orphans.clone_from(&orphans);
         let mut named = named.into_iter().peekable();
 
         let last = self.last.take().filter(|_| self.ctx == *ctx);
@@ -184,6 +226,7 @@ impl ModelCache {
         }
         self.last = Some(snapshot.clone());
         self.ctx = ctx.clone();
+        self.service_order = order;
         settle(&built, ctx, &mut errors)
     }
 }
@@ -244,6 +287,19 @@ mod tests {
                 vec![
                     slice("a-1", "a", &["10.0.0.1", "10.0.0.2"]),
                     slice("b-1", "b", &["10.0.0.3"]),
+                ],
+                node("n1"),
+            ),
+            // The same objects in the other order (the cache keeps the last sort only while
+            // every position holds the same name).
+            (
+                vec![
+                    svc("b", "10.96.0.2", np.clone()),
+                    svc("a", "10.96.0.1", json!({})),
+                ],
+                vec![
+                    slice("b-1", "b", &["10.0.0.3"]),
+                    slice("a-1", "a", &["10.0.0.1", "10.0.0.2"]),
                 ],
                 node("n1"),
             ),
@@ -344,9 +400,9 @@ mod tests {
             );
             reuses.push(reused);
         }
-        // What each step could keep from the one before: a's model in step 1 changed (its
-        // slice), b's did not; the node change in step 3 rebuilds all; after the duplicate,
-        // nothing is kept.
-        assert_eq!(reuses, vec![0, 1, 2, 0, 0, 0]);
+        // What each step could keep from the one before: both Services when only their order
+        // changed (step 1); a's model in step 2 changed (its slice), b's did not; the node
+        // change in step 4 rebuilds all; after the duplicate, nothing is kept.
+        assert_eq!(reuses, vec![0, 2, 1, 2, 0, 0, 0]);
     }
 }
