@@ -285,18 +285,6 @@ impl RuleSyncer {
             .is_some_and(|(c, i)| c == cfg && *i == self.ipt)
     }
 
-    /// kube-proxy's large-cluster mode for `desired`: endpoints summed over every service port.
-    fn large_cluster(&self, desired: &DesiredState, cfg: &PlanConfig) -> bool {
-        let reusable = self.reusable(cfg);
-        let total: usize = ports_of(desired, cfg)
-            .map(|info| match self.kept(info, reusable) {
-                Some((_, r)) => r.endpoints,
-                None => plan_port(info, cfg).endpoints.len(),
-            })
-            .sum();
-        total > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
-    }
-
     /// The restore input that brings the kernel from what was last committed to `desired`.
     /// `existing_nat_chains`: the nat table's chains now (kpr's stale ones among them are
     /// deleted); `None` skips the stale-chain cleanup (kube-proxy does so in large clusters
@@ -308,16 +296,40 @@ impl RuleSyncer {
         existing_nat_chains: Option<&BTreeSet<String>>,
     ) -> PreparedSync {
         let cfg = self.plan_cfg_for(desired);
-        let large = self.large_cluster(desired, &cfg);
+        // Each port is looked up (and compared) once: what was last programmed for it, if it
+        // is unchanged; the others are planned once, here, for the large-cluster count too.
+        let reusable = self.reusable(&cfg);
+        let looked_up: Vec<(&ServicePortInfo, Result<&Programmed, _>)> = ports_of(desired, &cfg)
+            .map(|info| match self.kept(info, reusable) {
+                Some(p) => (info, Ok(p)),
+                None => (info, Err(plan_port(info, &cfg))),
+            })
+            .collect();
+        // kube-proxy's large-cluster mode: endpoints summed over every service port.
+        let endpoints: usize = looked_up
+            .iter()
+            .map(|(_, l)| match l {
+                Ok((_, r)) => r.endpoints,
+                Err(plan) => plan.endpoints.len(),
+            })
+            .sum();
+        let large = endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD;
         let full = full || self.large != Some(large);
         // A change of the large-cluster mode changes every port's rules (their comments).
-        let reusable = self.reusable(&cfg) && self.large == Some(large);
+        let mode_kept = self.large == Some(large);
         let mut programmed: Vec<Programmed> = Vec::new();
         let mut changed = Vec::new();
-        for info in ports_of(desired, &cfg) {
-            let entry = match self.kept(info, reusable) {
-                Some((i, r)) => (i.clone(), r.clone()),
-                None => (
+        for (info, l) in looked_up {
+            // Kept: unchanged since the last sync. Not kept while the configuration is the
+            // same: changed. Otherwise (every port's rules rendered anew) the last sync says.
+            let changed_port = match &l {
+                Ok(_) => false,
+                Err(_) if reusable => true,
+                Err(_) => self.last(info).is_none_or(|(i, _)| **i != *info),
+            };
+            let entry = match l {
+                Ok((i, r)) if mode_kept => (i.clone(), r.clone()),
+                Ok(_) => (
                     Arc::new(info.clone()),
                     Arc::new(render::port_rules(
                         &plan_port(info, &cfg),
@@ -326,8 +338,12 @@ impl RuleSyncer {
                         large,
                     )),
                 ),
+                Err(plan) => (
+                    Arc::new(info.clone()),
+                    Arc::new(render::port_rules(&plan, &cfg, &self.ipt, large)),
+                ),
             };
-            changed.push(full || self.last(info).is_none_or(|(i, _)| **i != *info));
+            changed.push(full || changed_port);
             programmed.push(entry);
         }
         let rewritten = changed.iter().filter(|c| **c).count();
