@@ -80,13 +80,16 @@ pub fn load_dir_for(
     load_dir_cached(dir, node_name, &mut LoadedFiles::default())
 }
 
-/// What each file of a directory held when it was last read without errors: a file whose text
-/// is the same again gives the same objects (the same allocations), without parsing. One
-/// endpoint changed in a 10,000-Service directory then costs the parse of its own file, and
-/// the model's cache sees the other objects unchanged at a glance.
+/// What each file of a directory held when it was last read without errors: a file whose
+/// inode, mtime and size are the same again gives the same objects (the same allocations),
+/// without reading it. One endpoint changed in a 10,000-Service directory then costs the parse
+/// of its own file, and the model's cache sees the other objects unchanged at a glance. The
+/// directory poll notices changes by the same three ([`fingerprint`]): a rewrite that keeps
+/// all three (same size, within one tick of the file system's clock, in place) goes unseen
+/// either way; replacing a file (a new inode), as editors and ConfigMap volumes do, never does.
 #[derive(Default)]
 pub struct LoadedFiles {
-    files: std::collections::HashMap<PathBuf, (String, ClusterSnapshot)>,
+    files: std::collections::HashMap<PathBuf, (FileStat, ClusterSnapshot)>,
 }
 
 /// [`load_dir_for`], reusing what `cache` holds for files whose text is unchanged.
@@ -103,25 +106,26 @@ pub fn load_dir_cached(
     let mut errors = Vec::new();
     let mut loaded = LoadedFiles::default();
     for path in files {
-        match std::fs::metadata(&path) {
+        // Taken before the read: a write after it shows as a change next time.
+        let stat = match std::fs::metadata(&path) {
             // A directory that happens to be called `x.yaml`.
             Ok(meta) if !meta.is_file() => continue,
-            Ok(_) => {}
-            Err(source) => {
-                errors.push(ManifestError::ReadFile { path, source });
-                continue;
-            }
-        }
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
+            Ok(meta) => FileStat::of(&meta),
             Err(source) => {
                 errors.push(ManifestError::ReadFile { path, source });
                 continue;
             }
         };
         let part = match cache.files.remove(&path) {
-            Some((old, part)) if old == text => part,
+            Some((old, part)) if old == stat => part,
             _ => {
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(source) => {
+                        errors.push(ManifestError::ReadFile { path, source });
+                        continue;
+                    }
+                };
                 let (part, file_errors) = load_text(&path, &text, node_name);
                 if !file_errors.is_empty() {
                     // Read again next time, so that its errors are reported again.
@@ -133,7 +137,7 @@ pub fn load_dir_cached(
             }
         };
         snapshot.extend(&part);
-        loaded.files.insert(path, (text, part));
+        loaded.files.insert(path, (stat, part));
     }
     *cache = loaded;
     Ok((snapshot, errors))
@@ -367,11 +371,21 @@ fn yaml_message(e: &yaml_serde::Error, first_line: usize) -> String {
 #[derive(Debug, PartialEq, Eq)]
 struct Fingerprint(Vec<(PathBuf, Option<FileStat>)>);
 
-#[derive(Debug, PartialEq, Eq)]
-struct FileStat {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStat {
     inode: u64,
     mtime: (i64, i64),
     size: u64,
+}
+
+impl FileStat {
+    fn of(m: &std::fs::Metadata) -> Self {
+        FileStat {
+            inode: m.ino(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            size: m.size(),
+        }
+    }
 }
 
 fn fingerprint(dir: &Path) -> io::Result<Fingerprint> {
@@ -382,11 +396,7 @@ fn fingerprint(dir: &Path) -> io::Result<Fingerprint> {
             .map(|path| {
                 // A dangling link or a file deleted since the listing still counts as present,
                 // so that its appearing or disappearing is a change.
-                let stat = std::fs::metadata(&path).ok().map(|m| FileStat {
-                    inode: m.ino(),
-                    mtime: (m.mtime(), m.mtime_nsec()),
-                    size: m.size(),
-                });
+                let stat = std::fs::metadata(&path).ok().map(|m| FileStat::of(&m));
                 (path, stat)
             })
             .collect(),
@@ -629,10 +639,13 @@ endpoints:
         let (first, errors) = load_dir_cached(dir.path(), None, &mut cache).expect("dir");
         assert_eq!(summary(&errors), [("c.yaml".into(), 0, "UnknownKind")]);
 
+        // Rewritten in place with the same size, in the same clock tick as the first write,
+        // a file can keep its mtime: replace it as editors and ConfigMaps do (a new inode).
         write(
-            "b.yaml",
+            ".b.tmp",
             &format!("{}---\n{SLICE}", svc_named("web", "10.96.0.3")),
         );
+        fs::rename(dir.path().join(".b.tmp"), dir.path().join("b.yaml")).expect("rename");
         let (second, errors) = load_dir_cached(dir.path(), None, &mut cache).expect("dir");
         // A file with errors is read again each time, so they are reported each time.
         assert_eq!(summary(&errors), [("c.yaml".into(), 0, "UnknownKind")]);
