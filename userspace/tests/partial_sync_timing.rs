@@ -3,6 +3,9 @@
 //! measurement, not a test (ignored); run it in release:
 //!
 //!     cargo test --release -p kpr --test partial_sync_timing -- --ignored --nocapture
+//!
+//! `KPR_TIMING_SERVICES=N` measures at N Services instead; the process's resident memory is
+//! printed after each step, to show what holds it.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -18,17 +21,19 @@ use kpr::netfilter::plan::PlanConfig;
 fn services(n: usize, target_endpoints: usize) -> String {
     let mut y = String::new();
     for i in 0..n {
+        // 250 per /24 from 10.100.0.1 (Services) and 10.245.0.1 (endpoints) on.
         let (hi, lo) = (i / 250, i % 250 + 1);
+        let (b, c, eb) = (100 + hi / 256, hi % 256, 245 + hi / 256);
         let endpoints = if i == 0 { target_endpoints } else { 1 };
         let _ = write!(
             y,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
-             spec:\n  clusterIP: 10.100.{hi}.{lo}\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
+             spec:\n  clusterIP: 10.{b}.{c}.{lo}\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\n\
              addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
         );
         for e in 0..endpoints {
-            let _ = writeln!(y, "  - addresses: [10.245.{hi}.{}]", lo + e);
+            let _ = writeln!(y, "  - addresses: [10.{eb}.{c}.{}]", lo + e);
         }
         y.push_str("---\n");
     }
@@ -38,9 +43,14 @@ fn services(n: usize, target_endpoints: usize) -> String {
 #[test]
 #[ignore]
 fn partial_sync_timing() {
-    let n = 10_000;
+    let n: usize = std::env::var("KPR_TIMING_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    println!("resident at start: {}", rss());
     let (before, _) = kpr::source::manifest::load_text(Path::new("m.yaml"), &services(n, 3), None);
     let (after, _) = kpr::source::manifest::load_text(Path::new("m.yaml"), &services(n, 2), None);
+    println!("resident with both snapshots' objects: {}", rss());
     let ctx = NodeContext::default();
     let t = Instant::now();
     let (d0, _) = build_for_node(&before.services, &before.slices, &ctx);
@@ -48,6 +58,7 @@ fn partial_sync_timing() {
     let t = Instant::now();
     let (d1, _) = build_for_node(&after.services, &after.slices, &ctx);
     println!("model again: {:?}", t.elapsed());
+    println!("resident with two desired states too: {}", rss());
     // A source keeps the objects that did not change (the same allocations): `shared` is
     // `after` as the API or manifest source would publish it after `before`.
     let mut shared = before.clone();
@@ -92,6 +103,7 @@ fn partial_sync_timing() {
     );
     let p = ipt.prepare(&d0, true, None);
     ipt.commit(p);
+    println!("resident with the iptables writer's state: {}", rss());
     let t = Instant::now();
     let p = ipt.prepare(&d1, false, None);
     println!(
@@ -104,8 +116,21 @@ fn partial_sync_timing() {
     let mut nft = NftSyncer::new(PlanConfig::default(), false, Default::default());
     let p = nft.prepare(&d0, true, Instant::now());
     nft.commit(p);
+    println!("resident with the nftables writer's state: {}", rss());
     let t = Instant::now();
     let p = nft.prepare(&d1, false, Instant::now());
     println!("nftables partial prepare: {:?}", t.elapsed());
     drop(p);
+}
+
+/// VmRSS of this process, as /proc reports it.
+fn rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l["VmRSS:".len()..].trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
 }
