@@ -133,9 +133,7 @@ impl Kpr {
         name: &str,
         extra: &[&str],
     ) -> Result<Kpr> {
-        let mut args: Vec<&OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
-        args.extend(extra.iter().map(OsStr::new));
-        Self::start_with(lab, bin, name, &args)
+        Self::start_within(lab, bin, manifests, name, extra, FIRST_SYNC_TIMEOUT)
     }
 
     /// [`Kpr::start`], waiting up to `timeout` for the first sync (large benchmarks); a
@@ -408,13 +406,13 @@ impl Kpr {
         &self.log_file
     }
 
-    /// The file kpr writes its status to (`--status-file`).
     /// The agent's admin socket (`--admin-socket`), which `kpr status`, `kpr trace` and
     /// `kpr diff` ask.
     pub fn admin_socket(&self) -> &Path {
         &self.admin_socket
     }
 
+    /// The file kpr writes its status to (`--status-file`).
     pub fn status_path(&self) -> &Path {
         &self.status_file
     }

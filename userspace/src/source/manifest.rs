@@ -92,7 +92,8 @@ pub struct LoadedFiles {
     files: std::collections::HashMap<PathBuf, (FileStat, ClusterSnapshot)>,
 }
 
-/// [`load_dir_for`], reusing what `cache` holds for files whose text is unchanged.
+/// [`load_dir_for`], reusing what `cache` holds for files whose inode, mtime and size are
+/// unchanged.
 pub fn load_dir_cached(
     dir: &Path,
     node_name: Option<&str>,
@@ -531,11 +532,11 @@ fn publish(
         dir.display()
     );
     // A touched but unchanged file should not cost the dataplane a sync.
-    let unchanged = tx.borrow().as_deref().is_some_and(|old| {
-        super::same_objects(&old.services, &snapshot.services)
-            && super::same_objects(&old.slices, &snapshot.slices)
-            && old.node == snapshot.node
-    });
+    // (A manifest snapshot rejects nothing: what does not parse is in `errors`.)
+    let unchanged = tx
+        .borrow()
+        .as_deref()
+        .is_some_and(|old| old.same_as(&snapshot));
     if unchanged {
         return !tx.is_closed();
     }
